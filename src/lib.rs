@@ -1,0 +1,7 @@
+//! lorascope: profile LoRA/QLoRA fine-tuning of LLMs (tokens/s, peak VRAM, J/token).
+//!
+//! The crate is a library with a thin binary (`src/main.rs`). Data flows one way:
+//! profile -> grid -> orchestrator -> worker (`lorascope train --json`, the [`engine`])
+//! -> store -> report / ui.
+
+pub mod engine;
