@@ -5,3 +5,4 @@
 //! -> store -> report / ui.
 
 pub mod engine;
+pub mod worker;

@@ -1,4 +1,93 @@
 //! The training engine: a decoder-only transformer with LoRA adapters, trained with candle.
 //! It knows nothing of queues or terminals.
 
+pub mod config;
 pub mod data;
+pub mod lora;
+pub mod loss;
+pub mod model;
+pub mod ops;
+pub mod optim;
+pub mod train;
+pub mod weights;
+
+/// Errors of the engine. Every message is one line naming the file or item at fault and what was
+/// expected, so the binary can print it as is.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// A model config (`config.json` or preset) is unusable.
+    #[error("{file}: {msg}")]
+    Config {
+        /// The config file or preset name.
+        file: String,
+        /// What is wrong and what was expected.
+        msg: String,
+    },
+    /// A weight file is missing, truncated, or holds a tensor of the wrong shape or dtype.
+    #[error("{file}: {msg}")]
+    Weights {
+        /// The safetensors file (or index).
+        file: String,
+        /// What is wrong and what was expected.
+        msg: String,
+    },
+    /// A dataset problem.
+    #[error(transparent)]
+    Data(#[from] data::DataError),
+    /// A run option is out of range or unsupported.
+    #[error("{0}")]
+    Invalid(String),
+    /// The device ran out of memory.
+    #[error("out of memory while {what}: {detail}")]
+    OutOfMemory {
+        /// What was being allocated or computed.
+        what: String,
+        /// Backend message (with free/total memory where known).
+        detail: String,
+    },
+    /// Any other tensor-library error, with context.
+    #[error("{context}: {source}")]
+    Candle {
+        /// What the engine was doing.
+        context: String,
+        /// The candle error.
+        source: candle_core::Error,
+    },
+    /// I/O error on a named path.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path involved.
+        path: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Attach context to a candle result, classifying out-of-memory errors.
+pub(crate) trait CandleContext<T> {
+    /// Wrap the error with what the engine was doing.
+    fn ctx(self, context: &str) -> Result<T, EngineError>;
+}
+
+impl<T> CandleContext<T> for candle_core::Result<T> {
+    fn ctx(self, context: &str) -> Result<T, EngineError> {
+        self.map_err(|e| classify(e, context))
+    }
+}
+
+/// Turn a candle error into an [`EngineError`], recognising CUDA out-of-memory.
+pub(crate) fn classify(e: candle_core::Error, context: &str) -> EngineError {
+    let text = e.to_string();
+    let first_line = text.lines().next().unwrap_or("").to_string();
+    if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
+        EngineError::OutOfMemory {
+            what: context.to_string(),
+            detail: first_line,
+        }
+    } else {
+        EngineError::Candle {
+            context: context.to_string(),
+            source: e,
+        }
+    }
+}

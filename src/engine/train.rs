@@ -1,0 +1,405 @@
+//! The training loop: builds the model and data, runs `steps` optimizer steps and reports a
+//! [`StepRecord`] per step and a [`Summary`] at the end.
+
+use super::config::ModelSource;
+use super::data::{Batcher, DataFormat, Packing, Record, Tokenizer, bundled_sample, load_records};
+use super::lora::LoraConfig;
+use super::model::{Model, ParamCounts};
+use super::optim::{AdamW, AdamWConfig, Schedule, lr_at};
+use super::weights::WeightSource;
+use super::{CandleContext, EngineError};
+use candle_core::{DType, Device};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// Compute precision of the base weights and activations (`--precision`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// IEEE float32 everywhere.
+    Fp32,
+    /// float16 compute with dynamic loss scaling (not implemented yet: refused).
+    Fp16,
+    /// bfloat16 compute, f32 master weights and optimizer state.
+    Bf16,
+}
+
+impl Precision {
+    /// The candle dtype of the compute path.
+    pub fn dtype(self) -> DType {
+        match self {
+            Precision::Fp32 => DType::F32,
+            Precision::Fp16 => DType::F16,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// Everything a training run needs.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOptions {
+    /// `--model`: preset name or HF model directory.
+    pub model: String,
+    /// `--data`: dataset path, or `sample` for the bundled sample.
+    pub data: String,
+    /// Dataset format.
+    #[serde(skip)]
+    pub format: DataFormat,
+    /// Pack examples into full rows (true) or pad one example per row.
+    pub packing: bool,
+    /// Sequences per step.
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    pub seq_len: usize,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Linear warm-up steps (also the steps excluded from throughput by the sweep).
+    pub warmup_steps: usize,
+    /// LR schedule after warm-up.
+    pub schedule: Schedule,
+    /// LoRA settings.
+    pub lora: LoraConfig,
+    /// AdamW settings.
+    pub adamw: AdamWConfig,
+    /// Clip the global gradient norm to this (HF Trainer's `max_grad_norm`); 0 disables.
+    pub max_grad_norm: f64,
+    /// Seed for data order, adapter init, dropout and synthetic weights.
+    pub seed: u64,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Save the trained adapters (PEFT format) here at the end.
+    pub save_adapter: Option<PathBuf>,
+}
+
+/// One optimizer step, as printed under `--json` (`"type": "step"`).
+#[derive(Debug, Clone, Serialize)]
+pub struct StepRecord {
+    /// 1-based step.
+    pub step: usize,
+    /// Real (non-pad) input tokens in the batch.
+    pub tokens: usize,
+    /// All input positions (batch x seq), pads included.
+    pub padded_tokens: usize,
+    /// Tokens that carry a loss target.
+    pub target_tokens: usize,
+    /// Wall time of the step (forward, backward, optimizer), seconds, device synchronised.
+    pub step_seconds: f64,
+    /// Mean cross-entropy over target tokens (nats).
+    pub loss: f64,
+    /// Learning rate used for this step.
+    pub lr: f64,
+    /// Global gradient L2 norm before clipping.
+    pub grad_norm: f64,
+    /// fp16 loss scale (null unless fp16).
+    pub loss_scale: Option<f64>,
+    /// The update was skipped (fp16 overflow).
+    pub skipped: bool,
+}
+
+/// Run header, printed before the first step (`"type": "header"`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Header {
+    /// Model name (preset or directory).
+    pub model: String,
+    /// True when base weights are random (no weight files): speed, memory and energy are
+    /// representative, loss values are not.
+    pub synthetic_weights: bool,
+    /// Parameter counts.
+    pub params_total: usize,
+    /// Trainable (adapter) parameters.
+    pub params_trainable: usize,
+    /// Base weight bytes in the compute dtype.
+    pub weight_bytes: usize,
+    /// Adapter master weights + optimizer state bytes.
+    pub adapter_and_optimizer_bytes: usize,
+    /// Device string.
+    pub device: String,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Tokenizer in use.
+    pub tokenizer: String,
+    /// Examples in the dataset.
+    pub examples: usize,
+    /// The full options.
+    pub options: TrainOptions,
+}
+
+/// End-of-run summary (`"type": "summary"`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// `ok` when every step ran.
+    pub status: &'static str,
+    /// Steps run.
+    pub steps: usize,
+    /// Loss of the last step.
+    pub final_loss: f64,
+    /// Loss of the first step.
+    pub first_loss: f64,
+    /// Real tokens over all steps.
+    pub tokens: usize,
+    /// Seconds over all steps.
+    pub seconds: f64,
+    /// Real tokens per second over steps after warm-up (all steps if none remain).
+    pub tokens_per_s: f64,
+    /// fp16 steps skipped for overflow.
+    pub skipped_steps: usize,
+    /// Peak resident set size of this process, bytes (Linux VmHWM), if known.
+    pub peak_rss_bytes: Option<u64>,
+    /// Where adapters were saved.
+    pub adapter_dir: Option<String>,
+}
+
+/// Events of a run, in order: one header, `steps` steps, one summary.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum TrainEvent {
+    /// Before the first step.
+    Header(Box<Header>),
+    /// After each step.
+    Step(StepRecord),
+    /// After the last step.
+    Summary(Summary),
+}
+
+/// Parse `cpu` / `cuda` / `cuda:N`.
+///
+/// Errors: another string, or `cuda` in a build without the `cuda` feature.
+pub fn parse_device(s: &str) -> Result<Device, EngineError> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => rest
+            .strip_prefix(':')
+            .and_then(|n| n.parse::<usize>().ok())
+            .ok_or_else(|| {
+                EngineError::Invalid(format!("--device `{s}`: expected cpu or cuda:N"))
+            })?,
+        None => {
+            return Err(EngineError::Invalid(format!(
+                "--device `{s}`: expected cpu or cuda:N"
+            )));
+        }
+    };
+    if !candle_core::utils::cuda_is_available() {
+        return Err(EngineError::Invalid(format!(
+            "--device {s}: this lorascope was built without CUDA; rebuild with `cargo build --release --features cuda`"
+        )));
+    }
+    Device::new_cuda(ordinal).map_err(|e| {
+        EngineError::Invalid(format!(
+            "--device {s}: cannot open the GPU ({}); check the driver and CUDA_VISIBLE_DEVICES",
+            e.to_string().lines().next().unwrap_or("")
+        ))
+    })
+}
+
+/// Peak resident set size (VmHWM) of this process in bytes, on Linux.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Everything built before the first step.
+pub struct Prepared {
+    /// The model.
+    pub model: Model,
+    /// The batch source.
+    pub batcher: Batcher,
+    /// The run header.
+    pub header: Header,
+}
+
+/// Validate options, load data and tokenizer, build the model.
+///
+/// Errors: bad options, data or weights ([`EngineError`]), each one line.
+pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
+    let src = ModelSource::resolve(&opts.model)?;
+    let cfg = &src.config;
+    if opts.batch_size == 0 || opts.seq_len < 2 || opts.steps == 0 {
+        return Err(EngineError::Invalid(format!(
+            "--batch-size {} / --seq-len {} / --steps {}: need batch >= 1, seq >= 2, steps >= 1",
+            opts.batch_size, opts.seq_len, opts.steps
+        )));
+    }
+    if opts.seq_len > cfg.max_position_embeddings {
+        return Err(EngineError::Invalid(format!(
+            "--seq-len {} is above the model's max_position_embeddings ({}) in {}",
+            opts.seq_len, cfg.max_position_embeddings, src.name
+        )));
+    }
+    if opts.precision == Precision::Fp16 {
+        return Err(EngineError::Invalid(
+            "--precision fp16 needs dynamic loss scaling, which this build does not have yet; use bf16 or fp32".into(),
+        ));
+    }
+    let device = parse_device(&opts.device)?;
+    let tokenizer = Tokenizer::from_model_dir(src.dir.as_deref())?;
+    if tokenizer.min_vocab_size() > cfg.vocab_size {
+        return Err(EngineError::Invalid(format!(
+            "tokenizer {} needs a vocabulary of {} but {} has vocab_size {}",
+            tokenizer.name(),
+            tokenizer.min_vocab_size(),
+            src.name,
+            cfg.vocab_size
+        )));
+    }
+    let records: Vec<Record> = if opts.data == "sample" {
+        bundled_sample()
+    } else {
+        load_records(std::path::Path::new(&opts.data), opts.format)?
+    };
+    let packing = if opts.packing {
+        Packing::Packed
+    } else {
+        Packing::Padded
+    };
+    let batcher = Batcher::new(
+        &records,
+        &tokenizer,
+        opts.seq_len,
+        opts.batch_size,
+        packing,
+        opts.seed,
+    )?;
+    let weights = match src.dir.as_deref() {
+        Some(dir) => WeightSource::open_dir(dir)?,
+        None => None,
+    }
+    .unwrap_or(WeightSource::Synthetic { seed: opts.seed });
+    let dtype = opts.precision.dtype();
+    let model = Model::new(cfg, &opts.lora, &weights, dtype, &device, opts.seed)?;
+    let counts: ParamCounts = model.param_counts();
+    let header = Header {
+        model: src.name.clone(),
+        synthetic_weights: weights.is_synthetic(),
+        params_total: counts.total,
+        params_trainable: counts.trainable,
+        weight_bytes: model.base_weight_bytes(),
+        adapter_and_optimizer_bytes: counts.trainable * 4 * 3,
+        device: opts.device.clone(),
+        precision: opts.precision,
+        tokenizer: tokenizer.name(),
+        examples: batcher.num_examples(),
+        options: opts.clone(),
+    };
+    Ok(Prepared {
+        model,
+        batcher,
+        header,
+    })
+}
+
+/// Run training, calling `emit` for the header, every step and the summary.
+///
+/// Errors: anything from [`prepare`], out of memory during a step, a non-finite loss.
+pub fn train(
+    opts: &TrainOptions,
+    mut emit: impl FnMut(&TrainEvent),
+) -> Result<Summary, EngineError> {
+    let Prepared {
+        model,
+        mut batcher,
+        header,
+    } = prepare(opts)?;
+    emit(&TrainEvent::Header(Box::new(header)));
+    let mut opt = AdamW::new(model.trainable_vars(), opts.adamw).ctx("creating AdamW")?;
+    let device = model.device().clone();
+    let (b, t) = (opts.batch_size, opts.seq_len);
+    let mut first_loss = f64::NAN;
+    let mut last_loss = f64::NAN;
+    let (mut tokens, mut seconds) = (0usize, 0f64);
+    let (mut timed_tokens, mut timed_seconds) = (0usize, 0f64);
+    for step in 1..=opts.steps {
+        let batch = batcher.next_batch();
+        let start = Instant::now();
+        let lr = lr_at(
+            opts.adamw.lr,
+            step,
+            opts.warmup_steps,
+            opts.steps,
+            opts.schedule,
+        );
+        let loss = model
+            .loss(&batch.input_ids, &batch.targets, b, t, true)
+            .ctx("forward pass")?;
+        let grads = loss.backward().ctx("backward pass")?;
+        let loss_v = loss
+            .to_dtype(DType::F64)
+            .and_then(|l| l.to_scalar::<f64>())
+            .ctx("reading the loss")?;
+        if !loss_v.is_finite() {
+            return Err(EngineError::Invalid(format!(
+                "loss became {loss_v} at step {step}; lower --lr or use --precision fp32"
+            )));
+        }
+        let grad_norm = opt.grad_norm(&grads).ctx("gradient norm")?;
+        let clip = if opts.max_grad_norm > 0.0 && grad_norm > opts.max_grad_norm {
+            opts.max_grad_norm / (grad_norm + 1e-6)
+        } else {
+            1.0
+        };
+        opt.step(&grads, lr, clip).ctx("optimizer step")?;
+        drop(grads);
+        device.synchronize().ctx("synchronising the device")?;
+        let dt = start.elapsed().as_secs_f64();
+        if step == 1 {
+            first_loss = loss_v;
+        }
+        last_loss = loss_v;
+        tokens += batch.real_tokens;
+        seconds += dt;
+        if step > opts.warmup_steps {
+            timed_tokens += batch.real_tokens;
+            timed_seconds += dt;
+        }
+        emit(&TrainEvent::Step(StepRecord {
+            step,
+            tokens: batch.real_tokens,
+            padded_tokens: batch.padded_tokens,
+            target_tokens: batch.target_tokens,
+            step_seconds: dt,
+            loss: loss_v,
+            lr,
+            grad_norm,
+            loss_scale: None,
+            skipped: false,
+        }));
+    }
+    if timed_seconds == 0.0 {
+        timed_tokens = tokens;
+        timed_seconds = seconds;
+    }
+    let adapter_dir = match &opts.save_adapter {
+        Some(dir) => {
+            super::lora::save_peft(dir, &model.adapters(), &opts.lora, &opts.model).map_err(
+                |e| EngineError::Io {
+                    path: dir.display().to_string(),
+                    source: std::io::Error::other(e.to_string()),
+                },
+            )?;
+            Some(dir.display().to_string())
+        }
+        None => None,
+    };
+    let summary = Summary {
+        status: "ok",
+        steps: opts.steps,
+        final_loss: last_loss,
+        first_loss,
+        tokens,
+        seconds,
+        tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
+        skipped_steps: 0,
+        peak_rss_bytes: peak_rss_bytes(),
+        adapter_dir,
+    };
+    emit(&TrainEvent::Summary(summary.clone()));
+    Ok(summary)
+}

@@ -1,0 +1,344 @@
+//! Base-model weights: Hugging Face safetensors (single file or sharded through
+//! `model.safetensors.index.json`), or deterministic random initialisation of the real shape
+//! ("synthetic weights": speed, memory and energy do not depend on weight values).
+
+use super::EngineError;
+use super::config::ModelConfig;
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Tensor};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Every base tensor of a model as `(HF name, shape)`, in load order.
+pub fn tensor_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    use super::lora::Target;
+    let h = cfg.hidden_size;
+    let mut v = vec![(
+        "model.embed_tokens.weight".to_string(),
+        vec![cfg.vocab_size, h],
+    )];
+    for i in 0..cfg.num_hidden_layers {
+        let p = format!("model.layers.{i}");
+        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        for t in Target::ALL {
+            let (o, n) = cfg.projection_shape(t);
+            v.push((format!("{p}.{}.weight", t.module_path()), vec![o, n]));
+            if cfg.attention_bias && matches!(t, Target::Q | Target::K | Target::V) {
+                v.push((format!("{p}.{}.bias", t.module_path()), vec![o]));
+            }
+        }
+        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+    }
+    v.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+    }
+    v
+}
+
+/// Where base weights come from.
+pub enum WeightSource {
+    /// Random initialisation: linear/embedding weights ~ N(0, initializer_range), norms 1,
+    /// biases 0; deterministic given the seed and the tensor name.
+    Synthetic {
+        /// Seed.
+        seed: u64,
+    },
+    /// Memory-mapped safetensors files.
+    Safetensors {
+        /// The opened files.
+        files: Box<MmapedSafetensors>,
+        /// For messages: the file (or index) the weights come from.
+        origin: String,
+        /// tensor name -> file, for messages.
+        owner: HashMap<String, PathBuf>,
+    },
+}
+
+impl WeightSource {
+    /// Open the weights in `dir`: `model.safetensors.index.json` (sharded), else
+    /// `model.safetensors`, else every `*.safetensors`; `Ok(None)` when `dir` has none.
+    ///
+    /// Errors: an unreadable index, a listed shard that is missing, a truncated or corrupt file.
+    pub fn open_dir(dir: &Path) -> Result<Option<Self>, EngineError> {
+        let index = dir.join("model.safetensors.index.json");
+        let mut owner = HashMap::new();
+        let (paths, origin): (Vec<PathBuf>, String) = if index.exists() {
+            let werr = |msg: String| EngineError::Weights {
+                file: index.display().to_string(),
+                msg,
+            };
+            let text =
+                std::fs::read_to_string(&index).map_err(|e| werr(format!("cannot read ({e})")))?;
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+                werr(format!(
+                    "not valid JSON ({e}); expected {{\"weight_map\": {{name: file}}}}"
+                ))
+            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| {
+                    werr("missing `weight_map` object (expected {name: shard file})".into())
+                })?;
+            let mut files: Vec<PathBuf> = Vec::new();
+            for (name, f) in map {
+                let f = f
+                    .as_str()
+                    .ok_or_else(|| werr(format!("weight_map entry `{name}` is not a file name")))?;
+                let p = dir.join(f);
+                if !files.contains(&p) {
+                    files.push(p.clone());
+                }
+                owner.insert(name.clone(), p);
+            }
+            for p in &files {
+                if !p.exists() {
+                    return Err(werr(format!(
+                        "shard {} is listed but missing (download every shard the index names)",
+                        p.display()
+                    )));
+                }
+            }
+            (files, index.display().to_string())
+        } else {
+            let single = dir.join("model.safetensors");
+            if single.exists() {
+                (vec![single.clone()], single.display().to_string())
+            } else {
+                let mut all: Vec<PathBuf> = std::fs::read_dir(dir)
+                    .map_err(|e| EngineError::Io {
+                        path: dir.display().to_string(),
+                        source: e,
+                    })?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                    .collect();
+                all.sort();
+                if all.is_empty() {
+                    return Ok(None);
+                }
+                (all, dir.display().to_string())
+            }
+        };
+        for p in &paths {
+            check_header(p)?;
+        }
+        // SAFETY: the files are memory-mapped read-only; lorascope does not modify them while
+        // a run is in progress (same contract as candle's and HF's loaders).
+        let files =
+            unsafe { MmapedSafetensors::multi(&paths) }.map_err(|e| EngineError::Weights {
+                file: origin.clone(),
+                msg: format!(
+                    "cannot read safetensors ({}); the file may be truncated: download it again",
+                    first_line(&e.to_string())
+                ),
+            })?;
+        if owner.is_empty() {
+            for (name, _) in files.tensors() {
+                owner.insert(name, PathBuf::from(&origin));
+            }
+        }
+        Ok(Some(Self::Safetensors {
+            files: Box::new(files),
+            origin,
+            owner,
+        }))
+    }
+
+    /// True for random initialisation.
+    pub fn is_synthetic(&self) -> bool {
+        matches!(self, Self::Synthetic { .. })
+    }
+
+    /// Load one tensor with the expected `shape`, converted to `dtype` on `device`.
+    ///
+    /// Errors: the tensor is absent, has another shape, or is not bf16/f16/f32.
+    pub fn get(
+        &self,
+        name: &str,
+        shape: &[usize],
+        cfg: &ModelConfig,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor, EngineError> {
+        match self {
+            Self::Synthetic { seed } => synth(name, shape, cfg, *seed, dtype, device),
+            Self::Safetensors {
+                files,
+                origin,
+                owner,
+            } => {
+                let file = owner
+                    .get(name)
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_else(|| origin.clone());
+                let werr = |msg: String| EngineError::Weights {
+                    file: file.clone(),
+                    msg,
+                };
+                let view = files.get(name).map_err(|_| {
+                    werr(format!(
+                        "tensor `{name}` is missing (expected shape {shape:?}; is this a {} checkpoint?)",
+                        match cfg.family {
+                            super::config::Family::Qwen2 => "Qwen2",
+                            super::config::Family::Llama => "Llama",
+                        }
+                    ))
+                })?;
+                if view.shape() != shape {
+                    return Err(werr(format!(
+                        "tensor `{name}` has shape {:?}, expected {shape:?} (config.json and weights disagree)",
+                        view.shape()
+                    )));
+                }
+                use safetensors::Dtype as S;
+                if !matches!(view.dtype(), S::BF16 | S::F16 | S::F32) {
+                    return Err(werr(format!(
+                        "tensor `{name}` has dtype {:?}, expected bf16, f16 or f32",
+                        view.dtype()
+                    )));
+                }
+                let t = files.load(name, &Device::Cpu).map_err(|e| {
+                    werr(format!("tensor `{name}`: {}", first_line(&e.to_string())))
+                })?;
+                t.to_dtype(dtype)
+                    .and_then(|t| t.to_device(device))
+                    .map_err(|e| super::classify(e, &format!("loading `{name}`")))
+            }
+        }
+    }
+}
+
+fn first_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").to_string()
+}
+
+/// Check that a safetensors file's header parses and its data section is as long as the header
+/// says (a truncated download fails here with a clear message rather than inside mmap code).
+fn check_header(path: &Path) -> Result<(), EngineError> {
+    let werr = |msg: String| EngineError::Weights {
+        file: path.display().to_string(),
+        msg,
+    };
+    let meta = std::fs::metadata(path).map_err(|e| werr(format!("cannot open ({e})")))?;
+    let len = meta.len();
+    let mut f = std::fs::File::open(path).map_err(|e| werr(format!("cannot open ({e})")))?;
+    use std::io::Read;
+    let mut n = [0u8; 8];
+    f.read_exact(&mut n).map_err(|_| {
+        werr(
+            "truncated: shorter than the 8-byte safetensors header length; download it again"
+                .into(),
+        )
+    })?;
+    let hlen = u64::from_le_bytes(n);
+    if hlen > 100_000_000 || 8 + hlen > len {
+        return Err(werr(format!(
+            "truncated or not safetensors: header says {hlen} bytes but the file has {len}; download it again"
+        )));
+    }
+    let mut h = vec![0u8; hlen as usize];
+    f.read_exact(&mut h)
+        .map_err(|e| werr(format!("cannot read header ({e})")))?;
+    let header: serde_json::Value = serde_json::from_slice(&h).map_err(|e| {
+        werr(format!(
+            "bad safetensors header ({e}); the file may be corrupt"
+        ))
+    })?;
+    let need = header
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .filter(|(k, _)| k.as_str() != "__metadata__")
+                .filter_map(|(_, v)| v.get("data_offsets")?.get(1)?.as_u64())
+                .max()
+                .unwrap_or(0)
+        })
+        .ok_or_else(|| werr("bad safetensors header (expected a JSON object)".into()))?;
+    if 8 + hlen + need > len {
+        return Err(werr(format!(
+            "truncated: tensors need {} bytes, the file has {len}; download it again",
+            8 + hlen + need
+        )));
+    }
+    Ok(())
+}
+
+fn name_seed(seed: u64, name: &str) -> u64 {
+    // FNV-1a over the name, mixed with the seed: stable across runs and platforms.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ seed;
+    for b in name.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn synth(
+    name: &str,
+    shape: &[usize],
+    cfg: &ModelConfig,
+    seed: u64,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor, EngineError> {
+    let ctx = |e| super::classify(e, &format!("initialising `{name}`"));
+    if name.ends_with("norm.weight") {
+        return Tensor::ones(shape, dtype, device).map_err(ctx);
+    }
+    if name.ends_with(".bias") {
+        return Tensor::zeros(shape, dtype, device).map_err(ctx);
+    }
+    let n: usize = shape.iter().product();
+    if device.is_cpu() {
+        let mut rng = ChaCha8Rng::seed_from_u64(name_seed(seed, name));
+        let dist = Normal::new(0.0f32, cfg.initializer_range as f32)
+            .map_err(|e| EngineError::Invalid(format!("initializer_range: {e}")))?;
+        let v: Vec<f32> = (0..n).map(|_| dist.sample(&mut rng)).collect();
+        Tensor::from_vec(v, shape, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(ctx)
+    } else {
+        device.set_seed(name_seed(seed, name)).map_err(ctx)?;
+        Tensor::randn(0f32, cfg.initializer_range as f32, shape, device)
+            .and_then(|t| t.to_dtype(dtype))
+            .map_err(ctx)
+    }
+}
+
+/// Write `tensors` as a HF checkpoint in `dir`: one `model.safetensors`, or with `shards > 1`,
+/// `model-0000i-of-0000n.safetensors` files plus `model.safetensors.index.json`.
+///
+/// Errors: I/O.
+pub fn save_checkpoint(
+    dir: &Path,
+    tensors: &[(String, Tensor)],
+    shards: usize,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    if shards <= 1 {
+        let m: HashMap<String, Tensor> = tensors.iter().cloned().collect();
+        candle_core::safetensors::save(&m, dir.join("model.safetensors"))?;
+        return Ok(());
+    }
+    let per = tensors.len().div_ceil(shards);
+    let mut weight_map = serde_json::Map::new();
+    for (i, chunk) in tensors.chunks(per).enumerate() {
+        let file = format!("model-{:05}-of-{:05}.safetensors", i + 1, shards);
+        let m: HashMap<String, Tensor> = chunk.iter().cloned().collect();
+        candle_core::safetensors::save(&m, dir.join(&file))?;
+        for (name, _) in chunk {
+            weight_map.insert(name.clone(), serde_json::Value::String(file.clone()));
+        }
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(
+        dir.join("model.safetensors.index.json"),
+        serde_json::to_string_pretty(&index)?,
+    )?;
+    Ok(())
+}

@@ -1,0 +1,274 @@
+//! `lorascope train`: one training run as a command-line program. Under `--json`, stdout carries
+//! only JSON lines (one header, one object per step, one summary) for the orchestrator; human
+//! progress goes to stderr otherwise. Exit status: 0 ok, 3 out of memory, 1 any other failure,
+//! with a one-line cause on stderr.
+
+use crate::engine::EngineError;
+use crate::engine::data::DataFormat;
+use crate::engine::lora::{LoraConfig, Target};
+use crate::engine::optim::{AdamWConfig, Schedule};
+use crate::engine::train::{Precision, TrainEvent, TrainOptions, train};
+use std::io::Write;
+use std::path::PathBuf;
+
+/// Exit status for CUDA (or host) out of memory, so the orchestrator can record `oom`.
+pub const EXIT_OOM: i32 = 3;
+
+/// Arguments of `lorascope train`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TrainArgs {
+    /// Model: a preset (tiny, qwen2.5-1.5b) or a Hugging Face model directory (config.json,
+    /// optional *.safetensors and tokenizer.json).
+    #[arg(long, default_value = "tiny")]
+    pub model: String,
+    /// Dataset file (.json/.jsonl Alpaca, .jsonl {"text"}, .txt), or `sample` for the bundled
+    /// sample.
+    #[arg(long, default_value = "sample")]
+    pub data: String,
+    /// Dataset format.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub format: FormatArg,
+    /// One example per row, padded, instead of packing examples into full rows.
+    #[arg(long)]
+    pub no_packing: bool,
+    /// Sequences per optimizer step.
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    /// Tokens per sequence.
+    #[arg(long, default_value_t = 128)]
+    pub seq_len: usize,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Linear learning-rate warm-up steps (excluded from tokens/s).
+    #[arg(long, default_value_t = 2)]
+    pub warmup_steps: usize,
+    /// Schedule after warm-up.
+    #[arg(long, value_enum, default_value = "constant")]
+    pub schedule: Schedule,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
+    /// LoRA alpha (update scaled by alpha/r).
+    #[arg(long, default_value_t = 32.0)]
+    pub lora_alpha: f64,
+    /// LoRA dropout on the adapter input.
+    #[arg(long, default_value_t = 0.0)]
+    pub lora_dropout: f64,
+    /// Projections with adapters, comma-separated from q,k,v,o,gate,up,down.
+    #[arg(long, default_value = "q,k,v,o,gate,up,down")]
+    pub lora_targets: String,
+    /// Seed for data order, adapter init, dropout and synthetic weights.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// cpu or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Compute precision.
+    #[arg(long, value_enum, default_value = "fp32")]
+    pub precision: Precision,
+    /// Base-weight quantisation: none (nf4 comes with the QLoRA issue).
+    #[arg(long, default_value = "none")]
+    pub quant: String,
+    /// Optimizer: adamw (8-bit and paged variants come later).
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// Recompute each decoder layer in backward (not implemented yet).
+    #[arg(long)]
+    pub grad_checkpointing: bool,
+    /// Emulate a smaller card (not implemented yet).
+    #[arg(long)]
+    pub vram_limit: Option<String>,
+    /// Save the trained adapters in PEFT format to this directory.
+    #[arg(long)]
+    pub save_adapter: Option<PathBuf>,
+    /// Print JSON lines on stdout (for the orchestrator) instead of human-readable progress.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `--format` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum FormatArg {
+    /// By extension and content.
+    Auto,
+    /// instruction / input / output records.
+    Alpaca,
+    /// {"text": ...} JSON lines.
+    Text,
+    /// One document per line.
+    Plain,
+}
+
+impl TrainArgs {
+    /// Validate and convert to engine options.
+    ///
+    /// Errors: an option the engine does not support yet, or a malformed value.
+    pub fn to_options(&self) -> Result<TrainOptions, EngineError> {
+        if self.quant != "none" {
+            return Err(EngineError::Invalid(format!(
+                "--quant {}: NF4 quantisation is not implemented yet (use --quant none)",
+                self.quant
+            )));
+        }
+        if self.optimizer != "adamw" {
+            return Err(EngineError::Invalid(format!(
+                "--optimizer {}: only adamw is implemented so far",
+                self.optimizer
+            )));
+        }
+        if self.grad_checkpointing {
+            return Err(EngineError::Invalid(
+                "--grad-checkpointing is not implemented yet".into(),
+            ));
+        }
+        if let Some(v) = &self.vram_limit {
+            return Err(EngineError::Invalid(format!(
+                "--vram-limit {v}: VRAM limits are not implemented yet"
+            )));
+        }
+        let mut targets = Vec::new();
+        for t in self
+            .lora_targets
+            .split(',')
+            .filter(|s| !s.trim().is_empty())
+        {
+            let t: Target = t.parse().map_err(EngineError::Invalid)?;
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
+        if targets.is_empty() {
+            return Err(EngineError::Invalid(
+                "--lora-targets is empty (expected any of q,k,v,o,gate,up,down)".into(),
+            ));
+        }
+        Ok(TrainOptions {
+            model: self.model.clone(),
+            data: self.data.clone(),
+            format: match self.format {
+                FormatArg::Auto => DataFormat::Auto,
+                FormatArg::Alpaca => DataFormat::Alpaca,
+                FormatArg::Text => DataFormat::TextJsonl,
+                FormatArg::Plain => DataFormat::PlainText,
+            },
+            packing: !self.no_packing,
+            batch_size: self.batch_size,
+            seq_len: self.seq_len,
+            steps: self.steps,
+            warmup_steps: self.warmup_steps,
+            schedule: self.schedule,
+            lora: LoraConfig {
+                rank: self.lora_rank,
+                alpha: self.lora_alpha,
+                dropout: self.lora_dropout,
+                targets,
+            },
+            adamw: AdamWConfig {
+                lr: self.lr,
+                weight_decay: self.weight_decay,
+                ..AdamWConfig::default()
+            },
+            max_grad_norm: self.max_grad_norm,
+            seed: self.seed,
+            device: self.device.clone(),
+            precision: self.precision,
+            save_adapter: self.save_adapter.clone(),
+        })
+    }
+}
+
+fn human(ev: &TrainEvent) {
+    match ev {
+        TrainEvent::Header(h) => {
+            let weights = if h.synthetic_weights {
+                "synthetic weights (random init of the real shape: speed/memory/energy are representative, loss is not)"
+            } else {
+                "weights from safetensors"
+            };
+            eprintln!(
+                "lorascope train: {} on {} ({:?}), {weights}",
+                h.model, h.device, h.precision
+            );
+            eprintln!(
+                "  parameters: {} total, {} trainable (LoRA r={} alpha={} on {:?})",
+                h.params_total,
+                h.params_trainable,
+                h.options.lora.rank,
+                h.options.lora.alpha,
+                h.options.lora.targets
+            );
+            eprintln!(
+                "  memory: base weights {:.1} MiB, adapters+AdamW state {:.1} MiB; tokenizer: {}; {} examples",
+                h.weight_bytes as f64 / 1048576.0,
+                h.adapter_and_optimizer_bytes as f64 / 1048576.0,
+                h.tokenizer,
+                h.examples
+            );
+        }
+        TrainEvent::Step(s) => eprintln!(
+            "step {:>4}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s  ({:.3} s)",
+            s.step,
+            s.loss,
+            s.lr,
+            s.grad_norm,
+            s.tokens as f64 / s.step_seconds.max(1e-12),
+            s.step_seconds
+        ),
+        TrainEvent::Summary(s) => {
+            eprintln!(
+                "done: {} steps, loss {:.4} -> {:.4}, {:.1} tokens/s after warm-up, peak RSS {}",
+                s.steps,
+                s.first_loss,
+                s.final_loss,
+                s.tokens_per_s,
+                s.peak_rss_bytes
+                    .map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
+                    .unwrap_or_else(|| "unknown".into())
+            );
+            if let Some(d) = &s.adapter_dir {
+                eprintln!("adapters saved to {d} (PEFT format)");
+            }
+        }
+    }
+}
+
+/// Run `lorascope train`; returns the process exit status.
+pub fn run(args: &TrainArgs) -> i32 {
+    let result = args.to_options().and_then(|opts| {
+        let stdout = std::io::stdout();
+        train(&opts, |ev| {
+            if args.json {
+                let mut out = stdout.lock();
+                if let Ok(line) = serde_json::to_string(ev) {
+                    let _ = writeln!(out, "{line}");
+                    let _ = out.flush();
+                }
+            } else {
+                human(ev);
+            }
+        })
+    });
+    match result {
+        Ok(_) => 0,
+        Err(e) => {
+            let msg = e.to_string();
+            let line = msg.lines().next().unwrap_or("unknown error");
+            eprintln!("lorascope train: error: {line}");
+            if matches!(e, EngineError::OutOfMemory { .. }) {
+                EXIT_OOM
+            } else {
+                1
+            }
+        }
+    }
+}

@@ -1,0 +1,246 @@
+//! `lorascope train` as a user (and the orchestrator) runs it: JSON lines on stdout, and one-line
+//! errors with a non-zero exit for bad input, never a panic.
+
+use std::path::Path;
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_lorascope");
+
+struct Out {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn train(args: &[&str]) -> Out {
+    let o = Command::new(BIN)
+        .arg("train")
+        .args(["--steps", "2", "--seq-len", "32", "--batch-size", "1"])
+        .args(args)
+        .output()
+        .expect("run lorascope");
+    Out {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into(),
+        stderr: String::from_utf8_lossy(&o.stderr).into(),
+    }
+}
+
+/// Assert a failure with exactly one stderr line containing every `needle`.
+fn assert_one_line_error(o: &Out, needles: &[&str]) {
+    assert_ne!(o.code, 0, "expected failure, stderr: {}", o.stderr);
+    assert!(!o.stderr.contains("panicked"), "panic: {}", o.stderr);
+    assert!(!o.stderr.contains("stack backtrace"), "{}", o.stderr);
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {}", o.stderr);
+    for n in needles {
+        assert!(lines[0].contains(n), "`{n}` not in: {}", lines[0]);
+    }
+    assert!(o.stdout.is_empty() || o.stdout.lines().all(|l| l.starts_with('{')));
+}
+
+#[test]
+fn json_output_is_header_steps_summary() {
+    let o = train(&["--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+        .collect();
+    assert_eq!(lines.len(), 4);
+    assert_eq!(lines[0]["type"], "header");
+    assert_eq!(lines[0]["synthetic_weights"], true);
+    assert_eq!(lines[1]["type"], "step");
+    assert_eq!(lines[1]["step"], 1);
+    for k in ["tokens", "padded_tokens", "step_seconds", "loss", "lr"] {
+        assert!(lines[1].get(k).is_some(), "missing {k}");
+    }
+    assert_eq!(lines[3]["type"], "summary");
+    assert_eq!(lines[3]["status"], "ok");
+}
+
+#[test]
+fn human_output_says_synthetic_weights() {
+    let o = train(&[]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.is_empty());
+    assert!(o.stderr.contains("synthetic weights"), "{}", o.stderr);
+}
+
+fn model_dir(dir: &Path, config: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("config.json"), config).unwrap();
+}
+
+const TINY: &str = include_str!("../src/engine/presets/tiny.json");
+
+#[test]
+fn unknown_model_type() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path(), &TINY.replace("\"qwen2\"", "\"mamba\""));
+    let o = train(&["--model", d.path().to_str().unwrap()]);
+    assert_one_line_error(&o, &["config.json", "mamba", "qwen2"]);
+}
+
+#[test]
+fn missing_model_directory() {
+    let o = train(&["--model", "/nonexistent/model"]);
+    assert_one_line_error(&o, &["/nonexistent/model", "preset"]);
+}
+
+/// Write a real tiny checkpoint with `lorascope`'s own saver through a short training run is not
+/// possible from the CLI, so build one by hand with the safetensors crate.
+fn write_checkpoint(
+    dir: &Path,
+    f: impl Fn(&str, &[usize]) -> Option<(safetensors::Dtype, Vec<usize>)>,
+) {
+    use lorascope::engine::config::ModelConfig;
+    use lorascope::engine::weights::tensor_names;
+    let cfg = ModelConfig::from_json(TINY, "tiny").unwrap();
+    let mut bufs: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, shape) in tensor_names(&cfg) {
+        let Some((dt, shape)) = f(&name, &shape) else {
+            continue;
+        };
+        let n: usize = shape.iter().product();
+        let bytes = vec![0u8; n * dt.bitsize() / 8];
+        bufs.push((name, dt, shape, bytes));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bufs
+        .iter()
+        .map(|(n, dt, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, s.clone(), b).unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn truncated_safetensors() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path(), TINY);
+    write_checkpoint(d.path(), |_, s| Some((safetensors::Dtype::F32, s.to_vec())));
+    let p = d.path().join("model.safetensors");
+    let len = std::fs::metadata(&p).unwrap().len();
+    let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
+    f.set_len(len / 2).unwrap();
+    let o = train(&["--model", d.path().to_str().unwrap()]);
+    assert_one_line_error(&o, &["model.safetensors", "truncated"]);
+}
+
+#[test]
+fn missing_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path(), TINY);
+    write_checkpoint(d.path(), |n, s| {
+        (n != "model.layers.2.mlp.up_proj.weight").then(|| (safetensors::Dtype::F32, s.to_vec()))
+    });
+    let o = train(&["--model", d.path().to_str().unwrap()]);
+    assert_one_line_error(
+        &o,
+        &[
+            "model.safetensors",
+            "model.layers.2.mlp.up_proj.weight",
+            "missing",
+        ],
+    );
+}
+
+#[test]
+fn wrong_shape_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path(), TINY);
+    write_checkpoint(d.path(), |n, s| {
+        let mut s = s.to_vec();
+        if n == "model.layers.0.self_attn.k_proj.weight" {
+            s[0] += 1;
+        }
+        Some((safetensors::Dtype::F32, s))
+    });
+    let o = train(&["--model", d.path().to_str().unwrap()]);
+    assert_one_line_error(&o, &["k_proj.weight", "[65, 256]", "expected [64, 256]"]);
+}
+
+#[test]
+fn wrong_dtype_tensor() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path(), TINY);
+    write_checkpoint(d.path(), |n, s| {
+        let dt = if n == "model.norm.weight" {
+            safetensors::Dtype::I64
+        } else {
+            safetensors::Dtype::BF16
+        };
+        Some((dt, s.to_vec()))
+    });
+    let o = train(&["--model", d.path().to_str().unwrap()]);
+    assert_one_line_error(&o, &["model.norm.weight", "I64", "bf16, f16 or f32"]);
+}
+
+#[test]
+fn missing_shard() {
+    let d = tempfile::tempdir().unwrap();
+    model_dir(d.path(), TINY);
+    std::fs::write(
+        d.path().join("model.safetensors.index.json"),
+        r#"{"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}"#,
+    )
+    .unwrap();
+    let o = train(&["--model", d.path().to_str().unwrap()]);
+    assert_one_line_error(&o, &["model-00001-of-00002.safetensors", "missing"]);
+}
+
+#[test]
+fn dataset_line_not_json() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("bad.jsonl");
+    std::fs::write(&p, "{\"text\": \"ok\"}\n{not json\n").unwrap();
+    let o = train(&["--data", p.to_str().unwrap()]);
+    assert_one_line_error(&o, &["bad.jsonl", "line 2"]);
+}
+
+#[test]
+fn dataset_missing_field() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("a.json");
+    std::fs::write(
+        &p,
+        r#"[{"instruction": "x", "output": "y"}, {"instruction": "z"}]"#,
+    )
+    .unwrap();
+    let o = train(&["--data", p.to_str().unwrap()]);
+    assert_one_line_error(&o, &["a.json", "output"]);
+}
+
+#[test]
+fn dataset_empty() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("empty.jsonl");
+    std::fs::write(&p, "\n").unwrap();
+    let o = train(&["--data", p.to_str().unwrap()]);
+    assert_one_line_error(&o, &["empty.jsonl", "empty"]);
+}
+
+#[test]
+fn dataset_missing_file() {
+    let o = train(&["--data", "/no/such/data.jsonl"]);
+    assert_one_line_error(&o, &["/no/such/data.jsonl"]);
+}
+
+#[test]
+fn seq_len_above_max_positions() {
+    let o = train(&["--seq-len", "4096"]);
+    assert_one_line_error(&o, &["4096", "max_position_embeddings", "2048"]);
+}
+
+#[test]
+fn unsupported_option_is_refused_clearly() {
+    let o = train(&["--quant", "nf4"]);
+    assert_one_line_error(&o, &["nf4"]);
+    let o = train(&["--device", "cuda:0"]);
+    assert_one_line_error(&o, &["cuda"]);
+}
