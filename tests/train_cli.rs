@@ -13,12 +13,14 @@ struct Out {
 }
 
 fn train(args: &[&str]) -> Out {
-    let o = Command::new(BIN)
-        .arg("train")
-        .args(["--steps", "2", "--seq-len", "32", "--batch-size", "1"])
-        .args(args)
-        .output()
-        .expect("run lorascope");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("train");
+    for (flag, value) in [("--steps", "2"), ("--seq-len", "32"), ("--batch-size", "1")] {
+        if !args.contains(&flag) {
+            cmd.args([flag, value]);
+        }
+    }
+    let o = cmd.args(args).output().expect("run lorascope");
     Out {
         code: o.status.code().unwrap_or(-1),
         stdout: String::from_utf8_lossy(&o.stdout).into(),

@@ -125,13 +125,13 @@ impl ModelConfig {
         }
         let heads = raw.num_attention_heads;
         let kv = raw.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv == 0 || heads % kv != 0 {
+        if heads == 0 || kv == 0 || !heads.is_multiple_of(kv) {
             return Err(cfg_err(format!(
                 "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv})"
             )));
         }
         let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim == 0 || head_dim % 2 != 0 {
+        if head_dim == 0 || !head_dim.is_multiple_of(2) {
             return Err(cfg_err(format!(
                 "head_dim {head_dim} must be a positive even number (RoPE rotates pairs)"
             )));
