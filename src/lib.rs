@@ -3,5 +3,6 @@
 //! The crate is a library with a thin binary (`src/main.rs`). Data flows one way:
 //! profile -> grid -> orchestrator -> worker (`lorascope train --json`, the [`engine`])
 //! -> store -> report / ui.
-
 pub mod engine;
+pub mod grid;
+pub mod profile;
