@@ -6,3 +6,6 @@
 pub mod engine;
 pub mod grid;
 pub mod profile;
+pub mod store;
+pub mod summary;
+pub mod telemetry;
