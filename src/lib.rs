@@ -5,6 +5,7 @@
 //! -> store -> report / ui.
 pub mod engine;
 pub mod grid;
+pub mod orchestrator;
 pub mod profile;
 pub mod store;
 pub mod summary;
