@@ -3,10 +3,13 @@
 //! The crate is a library with a thin binary (`src/main.rs`). Data flows one way:
 //! profile -> grid -> orchestrator -> worker (`lorascope train --json`, the [`engine`])
 //! -> store -> report / ui.
+
+pub mod cli;
 pub mod engine;
 pub mod grid;
 pub mod orchestrator;
 pub mod profile;
+pub mod report;
 pub mod store;
 pub mod summary;
 pub mod telemetry;
