@@ -44,6 +44,8 @@ pub struct PointRow {
     pub max_w: Option<f64>,
     pub energy_j: Option<Spread>,
     pub j_per_token: Option<Spread>,
+    /// Energy from integrated power (J), to check against the counter.
+    pub energy_j_integrated: Option<Spread>,
     /// `counter` or `integrated`.
     pub energy_source: Option<String>,
     pub final_loss: Option<Spread>,
@@ -125,6 +127,7 @@ fn point_row(index: usize, spec_id: String, rs: &[&RunRow]) -> PointRow {
         max_w: ok.iter().filter_map(|s| s.max_w).reduce(f64::max),
         energy_j: spread(|s| s.energy_j),
         j_per_token: spread(|s| s.j_per_token),
+        energy_j_integrated: spread(|s| s.energy_j_integrated),
         energy_source: ok.iter().find_map(|s| s.energy_source.clone()),
         final_loss: spread(|s| s.final_loss),
         skipped_steps: ok.iter().map(|s| s.skipped_steps).sum(),
@@ -228,7 +231,7 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
             let mut out = String::from(
                 "index,id,point,runs,status,cause,tokens_per_s,tokens_per_s_min,tokens_per_s_max,\
                  padded_tokens_per_s,s_per_10k_tokens,peak_mem_bytes,peak_mem_kind,mean_w,max_w,\
-                 energy_j,j_per_token,energy_source,final_loss,skipped_steps\n",
+                 energy_j,energy_j_integrated,j_per_token,energy_source,final_loss,skipped_steps\n",
             );
             let f = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
             let med = |s: &Option<Spread>| f(s.map(|s| s.median));
@@ -250,6 +253,7 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                     med(&r.mean_w),
                     f(r.max_w),
                     med(&r.energy_j),
+                    med(&r.energy_j_integrated),
                     med(&r.j_per_token),
                     r.energy_source.clone().unwrap_or_default(),
                     med(&r.final_loss),

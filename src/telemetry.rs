@@ -246,6 +246,21 @@ mod tests {
         assert!(samples.len() >= 2);
     }
 
+    /// On a GPU machine: NVML fields are read (run with `--nocapture` to see a sample).
+    #[test]
+    fn gpu_sample_with_nvml() {
+        if nvml_status().is_err() {
+            return;
+        }
+        let (s, notes) = sample_once(Device::Cuda(0), std::process::id(), 0.0);
+        println!("{s:?} {notes:?}");
+        assert!(s.power_w.is_some_and(|w| w > 0.0));
+        assert!(s.mem_used_bytes.is_some());
+        assert!(s.power_limit_w.is_some());
+        assert!(s.sm_clock_mhz.is_some());
+        assert!(s.temp_c.is_some());
+    }
+
     #[test]
     fn gpu_fields_null_without_nvml() {
         if nvml_status().is_ok() {

@@ -166,6 +166,7 @@ pub async fn execute(
     let mut stderr = child.stderr.take().map(|s| BufReader::new(s).lines());
     let mut result = RunResult::default();
     let mut last_stderr: Option<String> = None;
+    let mut last_error_line: Option<String> = None;
     let mut exit: Option<std::process::ExitStatus> = None;
     let mut kill = Some(kill);
     let mut kill_deadline: Option<tokio::time::Instant> = None;
@@ -198,8 +199,12 @@ pub async fn execute(
             line = async { stderr.as_mut().unwrap().next_line().await }, if stderr.is_some() => {
                 match line {
                     Ok(Some(line)) => {
-                        if !line.trim().is_empty() {
-                            last_stderr = Some(line.trim().to_string());
+                        let line = line.trim();
+                        if !line.is_empty() {
+                            last_stderr = Some(line.to_string());
+                        }
+                        if line.starts_with("error:") {
+                            last_error_line = Some(line.to_string());
                         }
                     }
                     Ok(None) | Err(_) => stderr = None,
@@ -236,7 +241,10 @@ pub async fn execute(
     result.samples = samples;
     use std::os::unix::process::ExitStatusExt;
     let (code, signal) = exit.map(|e| (e.code(), e.signal())).unwrap_or((None, None));
-    let (status, cause) = classify_exit(code, signal, last_stderr.as_deref());
+    // The cause is the last stderr line, unless an `error: ...` line came earlier (e.g. a
+    // usage message follows it): then the last such line.
+    let cause_line = last_error_line.or(last_stderr);
+    let (status, cause) = classify_exit(code, signal, cause_line.as_deref());
     let outcome = RunOutcome {
         status: Some(status),
         cause,
