@@ -79,6 +79,9 @@ pub enum ProfileCommand {
     Check {
         /// The profile (TOML).
         profile: PathBuf,
+        /// Also print each point's worker command line (`train ... --json`).
+        #[arg(long)]
+        argv: bool,
     },
 }
 
@@ -88,12 +91,12 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
         SweepCommand::Run(args) => run(args),
         SweepCommand::Report(args) => report_cmd(args),
         SweepCommand::Profile {
-            command: ProfileCommand::Check { profile },
-        } => check(&profile),
+            command: ProfileCommand::Check { profile, argv },
+        } => check(&profile, argv),
     }
 }
 
-fn check(path: &Path) -> Result<()> {
+fn check(path: &Path, argv: bool) -> Result<()> {
     let lp = profile::load(path)?;
     let specs = grid::expand(&lp);
     let p = &lp.profile;
@@ -121,6 +124,9 @@ fn check(path: &Path) -> Result<()> {
     writeln!(out, "{:>4}  {:<12}  point", "#", "id")?;
     for s in &specs {
         writeln!(out, "{:>4}  {:<12}  {}", s.index + 1, s.id, s.label())?;
+        if argv {
+            writeln!(out, "      lorascope {}", s.train_args().join(" "))?;
+        }
     }
     Ok(())
 }

@@ -237,3 +237,92 @@ fn kill_9_mid_sweep_then_resume_loses_and_repeats_nothing() {
     assert!(out.status.success());
     assert_eq!(common::calls(dir.path()).len(), sizes.len() + 1);
 }
+
+#[test]
+fn sigint_interrupts_then_resume_completes_and_repeats_are_summarised() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = common::fake_worker(dir.path(), 0.05);
+    let profile = write(
+        dir.path(),
+        "p.toml",
+        &common::profile(&[1, 2], 5, "repeats = 2"),
+    );
+    let db = dir.path().join("r.db");
+    let child = bin()
+        .arg("run")
+        .arg(&profile)
+        .arg("--db")
+        .arg(&db)
+        .env("LORASCOPE_WORKER", &worker)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    loop {
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "sweep did not progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        if !db.exists() {
+            continue;
+        }
+        let (latest, _) = db_state(&db);
+        if latest.values().any(|s| *s == RunStatus::Running) {
+            break;
+        }
+    }
+    // SAFETY: signalling our own child process.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.lines().last().unwrap().contains("--resume"),
+        "{stderr}"
+    );
+    let store = Store::open(&db).unwrap();
+    let sw = store.latest_sweep().unwrap().unwrap();
+    assert!(sw.finished_at.is_none());
+    let runs = store.runs(sw.id).unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].status, RunStatus::Interrupted);
+    drop(store);
+
+    let out = bin()
+        .arg("run")
+        .arg(&profile)
+        .arg("--db")
+        .arg(&db)
+        .arg("--resume")
+        .env("LORASCOPE_WORKER", &worker)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let calls = common::calls(dir.path());
+    assert_eq!(
+        calls.len(),
+        5,
+        "4 runs (2 points x 2 repeats) + the interrupted one"
+    );
+    let o = bin()
+        .args(["report", "--format", "json", "--db"])
+        .arg(&db)
+        .output()
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let rows = json.as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for r in rows {
+        assert_eq!(r["runs"], 2);
+        assert_eq!(r["status"], "ok");
+        assert_eq!(r["tokens_per_s"]["n"], 2);
+    }
+}

@@ -200,7 +200,9 @@ pub async fn execute(
                 match line {
                     Ok(Some(line)) => {
                         let line = line.trim();
-                        if !line.is_empty() {
+                        // Rust's panic epilogue is not a cause.
+                        let epilogue = line.starts_with("note: run with `RUST_BACKTRACE");
+                        if !line.is_empty() && !epilogue {
                             last_stderr = Some(line.to_string());
                         }
                         if line.starts_with("error:") {
