@@ -1,5 +1,9 @@
 //! The sweep half of the command line: `run`, `report` and `profile check`.
 //! `main.rs` flattens [`SweepCommand`] into its subcommands and calls [`execute`].
+//!
+//! `run` prints progress lines to stderr and the comparison table to stdout, so
+//! `lorascope run p.toml > table.txt` keeps the table alone. Ctrl-C stops the runs in flight
+//! (recorded `interrupted`) and exits non-zero; `--resume` continues.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -70,6 +74,9 @@ pub struct ReportArgs {
     pub db: PathBuf,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// List the recorded sweeps instead.
+    #[arg(long, conflicts_with = "sweep")]
+    pub list: bool,
 }
 
 /// `lorascope profile ...`.
@@ -143,6 +150,28 @@ fn report_cmd(args: ReportArgs) -> Result<()> {
         );
     }
     let store = open_store(&args.db)?;
+    if args.list {
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "{:>5}  {:<24}  {:>5}  state     profile",
+            "sweep", "name", "runs"
+        )?;
+        for sw in store.sweeps()? {
+            let runs = store.runs(sw.id)?.len();
+            let state = if sw.finished_at.is_some() {
+                "finished"
+            } else {
+                "partial "
+            };
+            writeln!(
+                out,
+                "{:>5}  {:<24}  {:>5}  {state}  {}",
+                sw.id, sw.name, runs, sw.profile_path
+            )?;
+        }
+        return Ok(());
+    }
     let sweep = match args.sweep {
         Some(id) => store
             .sweep(id)?

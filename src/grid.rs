@@ -14,6 +14,10 @@
 //! (cpu/cuda) and the point's axis values. It leaves out what does not: the profile's name,
 //! `repeats`, which GPU index runs it, and the point's position in the grid. So the same point
 //! has the same id across sweeps, profiles and machines.
+//!
+//! Known limits: the *contents* of a data file or model directory are not hashed (only the
+//! path as written), nor is the lorascope version — the same id across engine versions is
+//! what lets a benchmark be compared before and after an engine change.
 
 use std::path::{Path, PathBuf};
 
