@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::profile::Device;
@@ -73,6 +73,19 @@ fn signal_group(pid: u32, sig: libc::c_int) {
     unsafe {
         libc::kill(-(pid as libc::pid_t), sig);
     }
+}
+
+/// Reads one line (without its newline), replacing invalid UTF-8, so that odd bytes never
+/// stop the reading (a pipe nobody reads would block the worker). `None` at end of stream.
+async fn next_line_lossy<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<Option<String>> {
+    let mut buf = Vec::new();
+    if r.read_until(b'\n', &mut buf).await? == 0 {
+        return Ok(None);
+    }
+    while buf.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
+        buf.pop();
+    }
+    Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
 /// Classifies an exit: 0 = ok, 3 = oom, other = failed (cause = last stderr line).
@@ -162,8 +175,8 @@ pub async fn execute(
             }),
         )
     };
-    let mut stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
-    let mut stderr = child.stderr.take().map(|s| BufReader::new(s).lines());
+    let mut stdout = child.stdout.take().map(BufReader::new);
+    let mut stderr = child.stderr.take().map(BufReader::new);
     let mut result = RunResult::default();
     let mut last_stderr: Option<String> = None;
     let mut last_error_line: Option<String> = None;
@@ -179,7 +192,7 @@ pub async fn execute(
             break;
         }
         tokio::select! {
-            line = async { stdout.as_mut().unwrap().next_line().await }, if stdout.is_some() => {
+            line = async { next_line_lossy(stdout.as_mut().unwrap()).await }, if stdout.is_some() => {
                 match line {
                     Ok(Some(line)) if line.trim().is_empty() => {}
                     Ok(Some(line)) => match parse_worker_line(&line) {
@@ -196,7 +209,7 @@ pub async fn execute(
                     Ok(None) | Err(_) => stdout = None,
                 }
             }
-            line = async { stderr.as_mut().unwrap().next_line().await }, if stderr.is_some() => {
+            line = async { next_line_lossy(stderr.as_mut().unwrap()).await }, if stderr.is_some() => {
                 match line {
                     Ok(Some(line)) => {
                         let line = line.trim();
@@ -262,6 +275,25 @@ pub async fn execute(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn lines_survive_invalid_utf8() {
+        let data: &[u8] = b"ok\n\xff\xfe bad\r\nlast";
+        let mut r = tokio::io::BufReader::new(data);
+        assert_eq!(
+            next_line_lossy(&mut r).await.unwrap().as_deref(),
+            Some("ok")
+        );
+        assert_eq!(
+            next_line_lossy(&mut r).await.unwrap().as_deref(),
+            Some("\u{fffd}\u{fffd} bad")
+        );
+        assert_eq!(
+            next_line_lossy(&mut r).await.unwrap().as_deref(),
+            Some("last")
+        );
+        assert_eq!(next_line_lossy(&mut r).await.unwrap(), None);
+    }
 
     #[test]
     fn exit_classification() {
