@@ -4,5 +4,13 @@
 //! profile -> grid -> orchestrator -> worker (`lorascope train --json`, the [`engine`])
 //! -> store -> report / ui.
 
+pub mod cli;
 pub mod engine;
+pub mod grid;
+pub mod orchestrator;
+pub mod profile;
+pub mod report;
+pub mod store;
+pub mod summary;
+pub mod telemetry;
 pub mod worker;

@@ -1,4 +1,5 @@
-//! The `lorascope` command line.
+//! The `lorascope` command line: `run` (sweep a profile), `report`, `profile check`, and
+//! `train` (one run; the worker the orchestrator launches).
 
 use clap::{Parser, Subcommand};
 
@@ -7,19 +8,30 @@ use clap::{Parser, Subcommand};
 #[command(name = "lorascope", version, about)]
 struct Cli {
     #[command(subcommand)]
-    command: Command,
+    command: Commands,
 }
 
 #[derive(Debug, Subcommand)]
-enum Command {
+enum Commands {
     /// Run one LoRA fine-tuning run (the worker the sweep orchestrator launches).
     Train(Box<lorascope::worker::TrainArgs>),
+    #[command(flatten)]
+    Sweep(lorascope::cli::SweepCommand),
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Train(args) => lorascope::worker::run(&args),
+        Commands::Train(args) => lorascope::worker::run(&args),
+        Commands::Sweep(cmd) => match lorascope::cli::execute(cmd) {
+            Ok(()) => 0,
+            Err(e) => {
+                // One line for people: the context chain joined, no backtrace.
+                let msg = format!("{e:#}");
+                eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
+                1
+            }
+        },
     };
     std::process::exit(code);
 }

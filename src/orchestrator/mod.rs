@@ -1,0 +1,437 @@
+//! The orchestrator: runs a sweep's queue of [`RunSpec`]s as child processes, one at a time
+//! per device slot (one slot per entry of `run.devices`; CUDA children get
+//! `CUDA_VISIBLE_DEVICES` set to their GPU), takes [`Command`]s and emits [`Event`]s.
+//! Both are serde enums so they can later cross a Unix socket as JSON.
+//!
+//! Each finished run is written to the [`Store`] in one transaction before its slot starts
+//! the next run.
+
+pub mod process;
+pub mod queue;
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+pub use process::{RunRequest, RunResult, WorkerCommand};
+pub use queue::{Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueError, QueueSnapshot};
+
+use crate::grid::RunSpec;
+use crate::profile::Device;
+use crate::store::{FinishedRun, Store, StoreError};
+use crate::summary::{RunStatus, RunSummary, StepRecord};
+use crate::telemetry::TelemetrySample;
+
+/// Where `Move` puts a queued run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MoveTo {
+    Up,
+    Down,
+    Top,
+}
+
+/// Commands to a running sweep. JSON: `{"cmd":"move","id":"3f2a9c01b2d4","to":"top"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Command {
+    /// Start nothing new (running runs continue).
+    Pause,
+    Resume,
+    /// Reorder a queued run.
+    Move {
+        id: EntryId,
+        to: MoveTo,
+    },
+    /// Drop a queued run (recorded as `skipped`; `--resume` runs it).
+    Skip {
+        id: EntryId,
+    },
+    /// Stop the running run (SIGTERM, SIGKILL after the grace period): `cancelled`.
+    /// On a queued run, same as `Skip`.
+    Cancel {
+        id: EntryId,
+    },
+    /// Queue a finished run again (at the end).
+    Retry {
+        id: EntryId,
+    },
+    /// Stop: running runs are killed and recorded `interrupted`; nothing new starts.
+    Shutdown,
+}
+
+/// Events from a running sweep. JSON: `{"event":"run_started",...}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    SweepStarted {
+        sweep_id: i64,
+        /// Entries to run in this invocation.
+        queued: usize,
+        /// Entries already finished in the store (`--resume`), not re-run.
+        already_done: usize,
+    },
+    RunQueued {
+        id: EntryId,
+        spec_id: String,
+        label: String,
+    },
+    RunStarted {
+        id: EntryId,
+        run_id: i64,
+        label: String,
+        device: String,
+        attempt: u32,
+    },
+    Step {
+        id: EntryId,
+        record: StepRecord,
+    },
+    Telemetry {
+        id: EntryId,
+        sample: TelemetrySample,
+    },
+    Warning {
+        id: Option<EntryId>,
+        message: String,
+    },
+    RunFinished {
+        id: EntryId,
+        run_id: Option<i64>,
+        label: String,
+        summary: Box<RunSummary>,
+    },
+    QueueChanged {
+        queue: QueueSnapshot,
+    },
+    CommandRejected {
+        command: Command,
+        reason: String,
+    },
+    SweepFinished {
+        sweep_id: i64,
+        /// Runs per final status in this invocation.
+        counts: BTreeMap<String, usize>,
+        /// Ended by `Shutdown` (some points not run).
+        shutdown: bool,
+    },
+}
+
+/// One entry to run: `specs[spec_index]`, repeat `repeat` (0-based).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PlannedRun {
+    pub spec_index: usize,
+    pub repeat: u32,
+}
+
+/// A sweep ready to run.
+#[derive(Debug, Clone)]
+pub struct SweepPlan {
+    pub sweep_id: i64,
+    pub specs: Vec<RunSpec>,
+    /// Repeats per point (for entry ids).
+    pub repeats: u32,
+    /// What to run, in launch order.
+    pub runs: Vec<PlannedRun>,
+    /// Finished entries skipped (resume), for the `SweepStarted` event.
+    pub already_done: usize,
+    pub devices: Vec<Device>,
+}
+
+/// Orchestrator settings.
+#[derive(Debug, Clone)]
+pub struct OrchestratorConfig {
+    pub worker: WorkerCommand,
+    /// SIGTERM -> SIGKILL grace period.
+    pub grace: Duration,
+    pub telemetry_period: Duration,
+}
+
+/// Entry id of a spec and repeat: the spec id, or `<id>.<n>` (1-based) when repeats > 1.
+pub fn entry_id(spec_id: &str, repeat: u32, repeats: u32) -> EntryId {
+    if repeats > 1 {
+        format!("{spec_id}.{}", repeat + 1)
+    } else {
+        spec_id.to_string()
+    }
+}
+
+enum Internal {
+    Msg(EntryId, process::RunMsg),
+    Done(EntryId, Box<RunResult>),
+}
+
+struct InFlight {
+    run_id: i64,
+    kill: Option<oneshot::Sender<()>>,
+}
+
+/// The outcome of [`run_sweep`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SweepOutcome {
+    pub counts: BTreeMap<String, usize>,
+    /// True when ended by `Shutdown` (or the command channel's owner asked to stop).
+    pub shutdown: bool,
+}
+
+/// Runs the plan to completion (or `Shutdown`). Commands arrive on `commands`; events go to
+/// `events` (send errors are ignored: nobody listening is fine). Store errors abort the sweep
+/// after killing running children.
+pub async fn run_sweep(
+    plan: SweepPlan,
+    store: &mut Store,
+    cfg: &OrchestratorConfig,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedSender<Event>,
+) -> Result<SweepOutcome, StoreError> {
+    let entries: Vec<Entry> = plan
+        .runs
+        .iter()
+        .map(|r| Entry {
+            id: entry_id(&plan.specs[r.spec_index].id, r.repeat, plan.repeats),
+            spec_index: r.spec_index,
+            repeat: r.repeat,
+            state: EntryState::Queued,
+            attempts: 0,
+        })
+        .collect();
+    let devices = if plan.devices.is_empty() {
+        vec![Device::Cpu]
+    } else {
+        plan.devices.clone()
+    };
+    let mut queue = Queue::new(entries.clone(), devices.len());
+    let emit = |e: Event| {
+        let _ = events.send(e);
+    };
+    emit(Event::SweepStarted {
+        sweep_id: plan.sweep_id,
+        queued: entries.len(),
+        already_done: plan.already_done,
+    });
+    for e in &entries {
+        let spec = &plan.specs[e.spec_index];
+        emit(Event::RunQueued {
+            id: e.id.clone(),
+            spec_id: spec.id.clone(),
+            label: spec.label(),
+        });
+    }
+    let (itx, mut irx) = mpsc::unbounded_channel::<Internal>();
+    let mut in_flight: HashMap<EntryId, InFlight> = HashMap::new();
+    let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+    let mut commands_open = true;
+    let mut store_error: Option<StoreError> = None;
+
+    loop {
+        // Take every command already waiting before launching (e.g. a pause sent up front).
+        while commands_open {
+            match commands.try_recv() {
+                Ok(cmd) => {
+                    if let Some(e) =
+                        handle_command(cmd, &mut queue, &mut in_flight, store, &plan, &events)
+                    {
+                        store_error.get_or_insert(e);
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => commands_open = false,
+            }
+        }
+        // Launch what can be launched.
+        while store_error.is_none() {
+            let Some((slot, id)) = queue.next_launch() else {
+                break;
+            };
+            let Some(entry) = queue.entry(&id).cloned() else {
+                break;
+            };
+            let spec = &plan.specs[entry.spec_index];
+            let device = devices[slot];
+            let argv = spec.train_args();
+            let run_id = match store.start_run(
+                plan.sweep_id,
+                spec,
+                entry.repeat,
+                &device.to_string(),
+                &argv,
+            ) {
+                Ok(r) => r,
+                Err(e) => {
+                    store_error = Some(e);
+                    queue.finish(&id, RunStatus::Interrupted);
+                    break;
+                }
+            };
+            emit(Event::RunStarted {
+                id: id.clone(),
+                run_id,
+                label: spec.label(),
+                device: device.to_string(),
+                attempt: entry.attempts,
+            });
+            let (ktx, krx) = oneshot::channel();
+            in_flight.insert(
+                id.clone(),
+                InFlight {
+                    run_id,
+                    kill: Some(ktx),
+                },
+            );
+            let req = RunRequest {
+                worker: cfg.worker.clone(),
+                argv,
+                device,
+                warmup_steps: spec.config.warmup_steps,
+                grace: cfg.grace,
+                telemetry_period: cfg.telemetry_period,
+            };
+            let itx = itx.clone();
+            tokio::spawn(async move {
+                let (mtx, mut mrx) = mpsc::unbounded_channel();
+                let fwd = {
+                    let itx = itx.clone();
+                    let id = id.clone();
+                    tokio::spawn(async move {
+                        while let Some(m) = mrx.recv().await {
+                            let _ = itx.send(Internal::Msg(id.clone(), m));
+                        }
+                    })
+                };
+                let result = process::execute(req, krx, mtx).await;
+                let _ = fwd.await;
+                let _ = itx.send(Internal::Done(id, Box::new(result)));
+            });
+            emit(Event::QueueChanged {
+                queue: queue.snapshot(),
+            });
+        }
+        if store_error.is_some() && !queue.is_shutting_down() {
+            for eff in queue.apply(&Command::Shutdown).unwrap_or_default() {
+                let _ = apply_effect(eff, &mut in_flight, store, &plan, &queue);
+            }
+        }
+        if queue.is_finished() {
+            break;
+        }
+        tokio::select! {
+            cmd = commands.recv(), if commands_open => {
+                let Some(cmd) = cmd else {
+                    // Nobody can send commands any more: keep running the queue.
+                    commands_open = false;
+                    continue;
+                };
+                if let Some(e) = handle_command(cmd, &mut queue, &mut in_flight, store, &plan, &events) {
+                    store_error.get_or_insert(e);
+                }
+            }
+            msg = irx.recv() => {
+                let Some(msg) = msg else { break };
+                match msg {
+                    Internal::Msg(id, process::RunMsg::Step(record)) => emit(Event::Step { id, record }),
+                    Internal::Msg(id, process::RunMsg::Telemetry(sample)) => emit(Event::Telemetry { id, sample }),
+                    Internal::Msg(id, process::RunMsg::Warning(message)) => emit(Event::Warning { id: Some(id), message }),
+                    Internal::Done(id, mut result) => {
+                        let raw = result.summary.status.unwrap_or(RunStatus::Failed);
+                        let status = queue.finish(&id, raw);
+                        if status != raw {
+                            result.summary.status = Some(status);
+                            result.summary.cause = Some(match status {
+                                RunStatus::Cancelled => "cancelled by user".to_string(),
+                                _ => "orchestrator shut down while the run was in flight".to_string(),
+                            });
+                        }
+                        *counts.entry(status.as_str().to_string()).or_default() += 1;
+                        let fl = in_flight.remove(&id);
+                        let run_id = fl.as_ref().map(|f| f.run_id);
+                        if let Some(run_id) = run_id {
+                            let fin = FinishedRun {
+                                summary: &result.summary,
+                                header: result.header.as_ref(),
+                                worker_summary: result.worker_summary.as_ref(),
+                                steps: &result.steps,
+                                samples: &result.samples,
+                            };
+                            if let Err(e) = store.finish_run(run_id, &fin) {
+                                store_error.get_or_insert(e);
+                            }
+                        }
+                        let label = queue
+                            .entry(&id)
+                            .map(|e| plan.specs[e.spec_index].label())
+                            .unwrap_or_default();
+                        emit(Event::RunFinished { id, run_id, label, summary: Box::new(result.summary.clone()) });
+                        emit(Event::QueueChanged { queue: queue.snapshot() });
+                    }
+                }
+            }
+        }
+    }
+    let shutdown = queue.is_shutting_down();
+    emit(Event::SweepFinished {
+        sweep_id: plan.sweep_id,
+        counts: counts.clone(),
+        shutdown,
+    });
+    match store_error {
+        Some(e) => Err(e),
+        None => Ok(SweepOutcome { counts, shutdown }),
+    }
+}
+
+/// Applies a command to the queue, carries out its effects and reports the result.
+fn handle_command(
+    cmd: Command,
+    queue: &mut Queue,
+    in_flight: &mut HashMap<EntryId, InFlight>,
+    store: &Store,
+    plan: &SweepPlan,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Option<StoreError> {
+    let mut err = None;
+    match queue.apply(&cmd) {
+        Ok(effects) => {
+            for eff in effects {
+                if let Some(e) = apply_effect(eff, in_flight, store, plan, queue) {
+                    err.get_or_insert(e);
+                }
+            }
+            let _ = events.send(Event::QueueChanged {
+                queue: queue.snapshot(),
+            });
+        }
+        Err(e) => {
+            let _ = events.send(Event::CommandRejected {
+                command: cmd,
+                reason: e.to_string(),
+            });
+        }
+    }
+    err
+}
+
+/// Carries out a queue effect; returns a store error if recording failed.
+fn apply_effect(
+    eff: Effect,
+    in_flight: &mut HashMap<EntryId, InFlight>,
+    store: &Store,
+    plan: &SweepPlan,
+    queue: &Queue,
+) -> Option<StoreError> {
+    match eff {
+        Effect::Kill { id, .. } => {
+            if let Some(k) = in_flight.get_mut(&id).and_then(|f| f.kill.take()) {
+                let _ = k.send(());
+            }
+            None
+        }
+        Effect::RecordSkipped { id } => {
+            let e = queue.entry(&id)?;
+            store
+                .record_skipped(plan.sweep_id, &plan.specs[e.spec_index], e.repeat)
+                .err()
+        }
+    }
+}

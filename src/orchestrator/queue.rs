@@ -1,0 +1,470 @@
+//! The sweep queue as a pure state machine: no processes, no I/O, no clock.
+//!
+//! The runtime ([`super::run_sweep`]) asks [`Queue::next_launch`] what to start, tells
+//! [`Queue::finish`] how a run ended, and forwards [`Command`]s to [`Queue::apply`], carrying
+//! out the [`Effect`]s it returns (kill a child, record a skip).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Command, MoveTo};
+use crate::summary::RunStatus;
+
+/// Queue entry id: the spec's stable id, or `<id>.<n>` (1-based repeat) when repeats > 1.
+pub type EntryId = String;
+
+/// Where an entry is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EntryState {
+    Queued,
+    Running { slot: usize },
+    Done { status: RunStatus },
+}
+
+/// One run to do: a spec (by index into the sweep's specs) and a repeat number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    pub id: EntryId,
+    pub spec_index: usize,
+    pub repeat: u32,
+    pub state: EntryState,
+    /// How many times it has been started.
+    pub attempts: u32,
+}
+
+/// Why a child is being killed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KillReason {
+    /// `Cancel`: the run ends `cancelled`.
+    Cancel,
+    /// `Shutdown`: the run ends `interrupted` (re-run on `--resume`).
+    Shutdown,
+}
+
+/// Something the runtime must do after a command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    Kill {
+        id: EntryId,
+        slot: usize,
+        reason: KillReason,
+    },
+    RecordSkipped {
+        id: EntryId,
+    },
+}
+
+/// A rejected command.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueueError {
+    #[error("no run with id {0}")]
+    Unknown(EntryId),
+    #[error("run {0} is not queued")]
+    NotQueued(EntryId),
+    #[error("run {0} is running: use cancel")]
+    Running(EntryId),
+    #[error("run {0} has not finished")]
+    NotDone(EntryId),
+    #[error("the sweep is shutting down")]
+    ShuttingDown,
+}
+
+/// A view of the queue for events and UIs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QueueSnapshot {
+    pub paused: bool,
+    pub shutting_down: bool,
+    /// Queued entries in launch order.
+    pub queued: Vec<EntryId>,
+    /// Every entry (running and done included), in original order.
+    pub entries: Vec<Entry>,
+}
+
+/// The queue.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    entries: Vec<Entry>,
+    order: Vec<EntryId>,
+    slots: Vec<Option<EntryId>>,
+    killing: Vec<(EntryId, KillReason)>,
+    paused: bool,
+    shutting_down: bool,
+}
+
+impl Queue {
+    /// A queue over `entries` (launch order = given order) with `n_slots` device slots.
+    /// Entries not in state `Queued` are kept for display only.
+    pub fn new(entries: Vec<Entry>, n_slots: usize) -> Queue {
+        let order = entries
+            .iter()
+            .filter(|e| e.state == EntryState::Queued)
+            .map(|e| e.id.clone())
+            .collect();
+        Queue {
+            entries,
+            order,
+            slots: vec![None; n_slots.max(1)],
+            killing: Vec::new(),
+            paused: false,
+            shutting_down: false,
+        }
+    }
+
+    pub fn entry(&self, id: &str) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    fn entry_mut(&mut self, id: &str) -> Result<&mut Entry, QueueError> {
+        self.entries
+            .iter_mut()
+            .find(|e| e.id == id)
+            .ok_or_else(|| QueueError::Unknown(id.to_string()))
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Queued ids in launch order.
+    pub fn queued(&self) -> &[EntryId] {
+        &self.order
+    }
+
+    /// Ids running now, by slot.
+    pub fn running(&self) -> Vec<(usize, EntryId)> {
+        self.slots
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.clone().map(|id| (i, id)))
+            .collect()
+    }
+
+    pub fn snapshot(&self) -> QueueSnapshot {
+        QueueSnapshot {
+            paused: self.paused,
+            shutting_down: self.shutting_down,
+            queued: self.order.clone(),
+            entries: self.entries.clone(),
+        }
+    }
+
+    /// The next run to start: a free slot and the first queued entry (unless paused or
+    /// shutting down). The entry becomes `Running` on that slot.
+    pub fn next_launch(&mut self) -> Option<(usize, EntryId)> {
+        if self.paused || self.shutting_down || self.order.is_empty() {
+            return None;
+        }
+        let slot = self.slots.iter().position(Option::is_none)?;
+        let id = self.order.remove(0);
+        self.slots[slot] = Some(id.clone());
+        if let Ok(e) = self.entry_mut(&id) {
+            e.state = EntryState::Running { slot };
+            e.attempts += 1;
+        }
+        Some((slot, id))
+    }
+
+    /// Records how a running entry ended and frees its slot. A run killed for `Cancel` ends
+    /// `cancelled` and one killed for `Shutdown` ends `interrupted`, whatever its exit said.
+    /// Returns the final status.
+    pub fn finish(&mut self, id: &str, status: RunStatus) -> RunStatus {
+        let status = match self.killing.iter().position(|(k, _)| k == id) {
+            Some(i) => match self.killing.remove(i).1 {
+                KillReason::Cancel => RunStatus::Cancelled,
+                KillReason::Shutdown => RunStatus::Interrupted,
+            },
+            None => status,
+        };
+        for s in self.slots.iter_mut() {
+            if s.as_deref() == Some(id) {
+                *s = None;
+            }
+        }
+        if let Ok(e) = self.entry_mut(id) {
+            e.state = EntryState::Done { status };
+        }
+        status
+    }
+
+    /// Whether nothing is running and nothing more will start.
+    pub fn is_finished(&self) -> bool {
+        self.slots.iter().all(Option::is_none) && (self.shutting_down || self.order.is_empty())
+    }
+
+    /// Whether a kill has been requested for `id`.
+    pub fn kill_reason(&self, id: &str) -> Option<KillReason> {
+        self.killing.iter().find(|(k, _)| k == id).map(|(_, r)| *r)
+    }
+
+    /// Applies a command. Errors leave the queue unchanged.
+    pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Effect>, QueueError> {
+        match cmd {
+            Command::Pause => {
+                self.paused = true;
+                Ok(vec![])
+            }
+            Command::Resume => {
+                self.paused = false;
+                Ok(vec![])
+            }
+            Command::Move { id, to } => {
+                self.entry_mut(id)?;
+                let pos = self
+                    .order
+                    .iter()
+                    .position(|x| x == id)
+                    .ok_or_else(|| QueueError::NotQueued(id.clone()))?;
+                match to {
+                    MoveTo::Up if pos > 0 => self.order.swap(pos, pos - 1),
+                    MoveTo::Down if pos + 1 < self.order.len() => self.order.swap(pos, pos + 1),
+                    MoveTo::Top => {
+                        let x = self.order.remove(pos);
+                        self.order.insert(0, x);
+                    }
+                    _ => {}
+                }
+                Ok(vec![])
+            }
+            Command::Skip { id } => {
+                let e = self.entry_mut(id)?;
+                match e.state {
+                    EntryState::Queued => {
+                        e.state = EntryState::Done {
+                            status: RunStatus::Skipped,
+                        };
+                        self.order.retain(|x| x != id);
+                        Ok(vec![Effect::RecordSkipped { id: id.clone() }])
+                    }
+                    EntryState::Running { .. } => Err(QueueError::Running(id.clone())),
+                    EntryState::Done { .. } => Err(QueueError::NotQueued(id.clone())),
+                }
+            }
+            Command::Cancel { id } => {
+                let state = self.entry_mut(id)?.state;
+                match state {
+                    // Cancelling a queued run skips it.
+                    EntryState::Queued => self.apply(&Command::Skip { id: id.clone() }),
+                    EntryState::Running { slot } => {
+                        if self.kill_reason(id).is_some() {
+                            return Ok(vec![]);
+                        }
+                        self.killing.push((id.clone(), KillReason::Cancel));
+                        Ok(vec![Effect::Kill {
+                            id: id.clone(),
+                            slot,
+                            reason: KillReason::Cancel,
+                        }])
+                    }
+                    EntryState::Done { .. } => Err(QueueError::NotQueued(id.clone())),
+                }
+            }
+            Command::Retry { id } => {
+                if self.shutting_down {
+                    return Err(QueueError::ShuttingDown);
+                }
+                let e = self.entry_mut(id)?;
+                match e.state {
+                    EntryState::Done { .. } => {
+                        e.state = EntryState::Queued;
+                        self.order.push(id.clone());
+                        Ok(vec![])
+                    }
+                    _ => Err(QueueError::NotDone(id.clone())),
+                }
+            }
+            Command::Shutdown => {
+                self.shutting_down = true;
+                let mut effects = Vec::new();
+                for (slot, id) in self.running() {
+                    match self.killing.iter_mut().find(|(k, _)| *k == id) {
+                        // Already being cancelled: keep the kill, but it is now a shutdown.
+                        Some(k) => k.1 = KillReason::Shutdown,
+                        None => {
+                            self.killing.push((id.clone(), KillReason::Shutdown));
+                            effects.push(Effect::Kill {
+                                id,
+                                slot,
+                                reason: KillReason::Shutdown,
+                            });
+                        }
+                    }
+                }
+                Ok(effects)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(n: usize, slots: usize) -> Queue {
+        let entries = (0..n)
+            .map(|i| Entry {
+                id: format!("e{i}"),
+                spec_index: i,
+                repeat: 0,
+                state: EntryState::Queued,
+                attempts: 0,
+            })
+            .collect();
+        Queue::new(entries, slots)
+    }
+
+    fn mv(id: &str, to: MoveTo) -> Command {
+        Command::Move { id: id.into(), to }
+    }
+
+    #[test]
+    fn launches_in_order_one_per_slot() {
+        let mut q = q(3, 2);
+        assert_eq!(q.next_launch(), Some((0, "e0".into())));
+        assert_eq!(q.next_launch(), Some((1, "e1".into())));
+        assert_eq!(q.next_launch(), None);
+        assert_eq!(q.finish("e1", RunStatus::Ok), RunStatus::Ok);
+        assert_eq!(q.next_launch(), Some((1, "e2".into())));
+        q.finish("e0", RunStatus::Oom);
+        q.finish("e2", RunStatus::Failed);
+        assert!(q.is_finished());
+        assert_eq!(
+            q.entry("e0").unwrap().state,
+            EntryState::Done {
+                status: RunStatus::Oom
+            }
+        );
+    }
+
+    #[test]
+    fn reorder() {
+        let mut q = q(4, 1);
+        q.apply(&mv("e3", MoveTo::Top)).unwrap();
+        assert_eq!(q.queued(), ["e3", "e0", "e1", "e2"]);
+        q.apply(&mv("e0", MoveTo::Down)).unwrap();
+        assert_eq!(q.queued(), ["e3", "e1", "e0", "e2"]);
+        q.apply(&mv("e2", MoveTo::Up)).unwrap();
+        assert_eq!(q.queued(), ["e3", "e1", "e2", "e0"]);
+        // At the edges: no-ops.
+        q.apply(&mv("e3", MoveTo::Up)).unwrap();
+        q.apply(&mv("e0", MoveTo::Down)).unwrap();
+        assert_eq!(q.queued(), ["e3", "e1", "e2", "e0"]);
+        assert_eq!(
+            q.apply(&mv("zz", MoveTo::Top)),
+            Err(QueueError::Unknown("zz".into()))
+        );
+        let (_, id) = q.next_launch().unwrap();
+        assert_eq!(id, "e3");
+        assert_eq!(
+            q.apply(&mv("e3", MoveTo::Top)),
+            Err(QueueError::NotQueued("e3".into()))
+        );
+    }
+
+    #[test]
+    fn pause_resume() {
+        let mut q = q(2, 1);
+        q.apply(&Command::Pause).unwrap();
+        assert_eq!(q.next_launch(), None);
+        assert!(!q.is_finished());
+        q.apply(&Command::Resume).unwrap();
+        assert_eq!(q.next_launch(), Some((0, "e0".into())));
+        // Pausing does not touch the running one.
+        q.apply(&Command::Pause).unwrap();
+        assert_eq!(q.running(), vec![(0, "e0".to_string())]);
+    }
+
+    #[test]
+    fn skip_and_cancel() {
+        let mut q = q(3, 1);
+        assert_eq!(
+            q.apply(&Command::Skip { id: "e1".into() }),
+            Ok(vec![Effect::RecordSkipped { id: "e1".into() }])
+        );
+        assert_eq!(q.queued(), ["e0", "e2"]);
+        q.next_launch();
+        assert_eq!(
+            q.apply(&Command::Skip { id: "e0".into() }),
+            Err(QueueError::Running("e0".into()))
+        );
+        assert_eq!(
+            q.apply(&Command::Cancel { id: "e0".into() }),
+            Ok(vec![Effect::Kill {
+                id: "e0".into(),
+                slot: 0,
+                reason: KillReason::Cancel
+            }])
+        );
+        // A second cancel does nothing more.
+        assert_eq!(q.apply(&Command::Cancel { id: "e0".into() }), Ok(vec![]));
+        // Killed: whatever the exit status, it ends cancelled.
+        assert_eq!(q.finish("e0", RunStatus::Failed), RunStatus::Cancelled);
+        // Cancel of a queued run = skip.
+        assert_eq!(
+            q.apply(&Command::Cancel { id: "e2".into() }),
+            Ok(vec![Effect::RecordSkipped { id: "e2".into() }])
+        );
+        assert!(q.is_finished());
+    }
+
+    #[test]
+    fn retry() {
+        let mut q = q(2, 1);
+        assert_eq!(
+            q.apply(&Command::Retry { id: "e0".into() }),
+            Err(QueueError::NotDone("e0".into()))
+        );
+        q.next_launch();
+        q.finish("e0", RunStatus::Failed);
+        q.apply(&Command::Retry { id: "e0".into() }).unwrap();
+        assert_eq!(q.queued(), ["e1", "e0"]);
+        q.next_launch();
+        q.finish("e1", RunStatus::Ok);
+        assert_eq!(q.next_launch(), Some((0, "e0".into())));
+        assert_eq!(q.entry("e0").unwrap().attempts, 2);
+    }
+
+    #[test]
+    fn shutdown_interrupts_running_and_stops_launching() {
+        let mut q = q(4, 2);
+        q.next_launch();
+        q.next_launch();
+        q.apply(&Command::Cancel { id: "e1".into() }).unwrap();
+        let effects = q.apply(&Command::Shutdown).unwrap();
+        assert_eq!(
+            effects,
+            vec![Effect::Kill {
+                id: "e0".into(),
+                slot: 0,
+                reason: KillReason::Shutdown
+            }]
+        );
+        assert_eq!(q.next_launch(), None);
+        assert_eq!(q.finish("e0", RunStatus::Ok), RunStatus::Interrupted);
+        assert_eq!(q.finish("e1", RunStatus::Failed), RunStatus::Interrupted);
+        assert!(q.is_finished());
+        assert_eq!(
+            q.apply(&Command::Retry { id: "e0".into() }),
+            Err(QueueError::ShuttingDown)
+        );
+    }
+
+    #[test]
+    fn commands_are_serde() {
+        let c = Command::Move {
+            id: "abc".into(),
+            to: MoveTo::Top,
+        };
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(j, r#"{"cmd":"move","id":"abc","to":"top"}"#);
+        assert_eq!(serde_json::from_str::<Command>(&j).unwrap(), c);
+        assert_eq!(
+            serde_json::from_str::<Command>(r#"{"cmd":"pause"}"#).unwrap(),
+            Command::Pause
+        );
+    }
+}

@@ -1,0 +1,489 @@
+//! The worker's JSON-lines protocol (what `lorascope train --json` prints) and the per-run
+//! summary computed from it plus telemetry.
+//!
+//! Throughput is computed here from the step records, not taken from the worker: the timed
+//! window is every step after the first `warmup_steps` (if `steps <= warmup_steps`, all steps,
+//! and [`RunSummary::note`] says so).
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::telemetry::TelemetrySample;
+
+/// How a run ended (or that it is still running / was skipped).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunStatus {
+    Running,
+    Ok,
+    Oom,
+    Failed,
+    Cancelled,
+    Interrupted,
+    Skipped,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Running => "running",
+            RunStatus::Ok => "ok",
+            RunStatus::Oom => "oom",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Interrupted => "interrupted",
+            RunStatus::Skipped => "skipped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<RunStatus> {
+        Some(match s {
+            "running" => RunStatus::Running,
+            "ok" => RunStatus::Ok,
+            "oom" => RunStatus::Oom,
+            "failed" => RunStatus::Failed,
+            "cancelled" => RunStatus::Cancelled,
+            "interrupted" => RunStatus::Interrupted,
+            "skipped" => RunStatus::Skipped,
+            _ => return None,
+        })
+    }
+
+    /// Whether `--resume` treats a point whose latest run has this status as done.
+    /// Policy: ok, oom, failed and cancelled are outcomes (a failure or OOM is deterministic;
+    /// a cancel was a person's choice) and are not re-run; interrupted, skipped and running
+    /// (a row left by a killed orchestrator) are re-run. `--retry-failed` also re-runs failed
+    /// and cancelled points.
+    pub fn is_finished(self, retry_failed: bool) -> bool {
+        match self {
+            RunStatus::Ok | RunStatus::Oom => true,
+            RunStatus::Failed | RunStatus::Cancelled => !retry_failed,
+            RunStatus::Running | RunStatus::Interrupted | RunStatus::Skipped => false,
+        }
+    }
+}
+
+impl std::fmt::Display for RunStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One `{"type":"step",...}` line. Unknown fields are ignored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: u64,
+    /// Real (non-padding) tokens in the batch.
+    pub tokens: u64,
+    #[serde(default)]
+    pub padded_tokens: Option<u64>,
+    #[serde(default)]
+    pub target_tokens: Option<u64>,
+    /// Wall time of the step measured by the worker (s).
+    pub step_seconds: f64,
+    #[serde(default)]
+    pub loss: Option<f64>,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
+    /// fp16 step skipped by the loss scaler (inf/nan gradients).
+    #[serde(default)]
+    pub skipped: bool,
+    /// Arrival time at the orchestrator, seconds since the child was spawned (not from the
+    /// worker).
+    #[serde(default)]
+    pub t: f64,
+}
+
+/// A classified stdout line of the worker.
+#[derive(Debug, Clone, PartialEq)]
+pub enum WorkerLine {
+    Header(Value),
+    Step(StepRecord),
+    Summary(Value),
+    /// A JSON object of another (or no) type: ignored.
+    Other(Value),
+    /// Not JSON, or a malformed step: kept as a warning.
+    Warning(String),
+}
+
+/// Classifies one stdout line (lenient: unknown fields and types are ignored).
+pub fn parse_worker_line(line: &str) -> WorkerLine {
+    let trimmed = line.trim();
+    let v: Value = match serde_json::from_str(trimmed) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return WorkerLine::Warning(format!("non-JSON worker output: {trimmed}")),
+    };
+    match v.get("type").and_then(Value::as_str) {
+        Some("header") => WorkerLine::Header(v),
+        Some("summary") => WorkerLine::Summary(v),
+        Some("step") => match serde_json::from_value::<StepRecord>(v) {
+            Ok(mut s) => {
+                s.t = 0.0;
+                WorkerLine::Step(s)
+            }
+            Err(e) => WorkerLine::Warning(format!("malformed step line ({e}): {trimmed}")),
+        },
+        _ => WorkerLine::Other(v),
+    }
+}
+
+/// The per-run result. Rates are over the timed window; peaks over the whole run.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    pub status: Option<RunStatus>,
+    /// Why it is not ok (the worker's last stderr line, "cancelled by user", ...).
+    pub cause: Option<String>,
+    pub exit_code: Option<i32>,
+    /// Step records received.
+    pub steps: u64,
+    /// Steps in the timed window.
+    pub timed_steps: u64,
+    /// Real tokens in the timed window.
+    pub tokens: u64,
+    pub padded_tokens: u64,
+    /// Sum of `step_seconds` over the timed window (s).
+    pub timed_seconds: f64,
+    pub tokens_per_s: Option<f64>,
+    pub padded_tokens_per_s: Option<f64>,
+    pub s_per_10k_tokens: Option<f64>,
+    /// The headline peak: process VRAM, else device VRAM, else peak RSS (bytes).
+    pub peak_mem_bytes: Option<u64>,
+    /// `vram_process`, `vram_device` or `rss`.
+    pub peak_mem_kind: Option<String>,
+    pub peak_vram_process_bytes: Option<u64>,
+    pub peak_vram_device_bytes: Option<u64>,
+    pub peak_rss_bytes: Option<u64>,
+    pub mean_w: Option<f64>,
+    pub max_w: Option<f64>,
+    /// Energy over the timed window (J), from `energy_source`.
+    pub energy_j: Option<f64>,
+    /// `counter` (NVML total-energy counter) or `integrated` (power samples, trapezoid rule).
+    pub energy_source: Option<String>,
+    /// Energy from integrated power, always computed when power was sampled (J).
+    pub energy_j_integrated: Option<f64>,
+    pub j_per_token: Option<f64>,
+    pub final_loss: Option<f64>,
+    /// fp16 steps skipped by the loss scaler (whole run).
+    pub skipped_steps: u64,
+    /// Wall time from spawn to exit (s).
+    pub wall_seconds: f64,
+    /// Notes: e.g. "steps <= warmup_steps: all steps timed", telemetry unavailability.
+    pub note: Option<String>,
+}
+
+fn push_note(note: &mut Option<String>, s: &str) {
+    match note {
+        Some(n) => {
+            n.push_str("; ");
+            n.push_str(s);
+        }
+        None => *note = Some(s.to_string()),
+    }
+}
+
+/// Linear interpolation of `(t, v)` samples (sorted by t) at time `t`, clamped at the ends.
+fn interp(pts: &[(f64, f64)], t: f64) -> Option<f64> {
+    let first = pts.first()?;
+    let last = pts.last()?;
+    if t <= first.0 {
+        return Some(first.1);
+    }
+    if t >= last.0 {
+        return Some(last.1);
+    }
+    let i = pts.partition_point(|p| p.0 <= t);
+    let (a, b) = (pts[i - 1], pts[i]);
+    if b.0 <= a.0 {
+        return Some(b.1);
+    }
+    Some(a.1 + (b.1 - a.1) * (t - a.0) / (b.0 - a.0))
+}
+
+/// Trapezoid integral of `(t, v)` over `[a, b]` (samples interpolated at the edges).
+fn integrate(pts: &[(f64, f64)], a: f64, b: f64) -> Option<f64> {
+    if pts.is_empty() || b <= a {
+        return None;
+    }
+    let mut xs: Vec<(f64, f64)> = vec![(a, interp(pts, a)?)];
+    xs.extend(pts.iter().copied().filter(|p| p.0 > a && p.0 < b));
+    xs.push((b, interp(pts, b)?));
+    Some(
+        xs.windows(2)
+            .map(|w| (w[1].0 - w[0].0) * (w[0].1 + w[1].1) / 2.0)
+            .sum(),
+    )
+}
+
+/// Inputs of [`summarize`] besides the records.
+#[derive(Debug, Clone, Default)]
+pub struct RunOutcome {
+    pub status: Option<RunStatus>,
+    pub cause: Option<String>,
+    pub exit_code: Option<i32>,
+    pub wall_seconds: f64,
+    /// The worker's `summary` line, if any.
+    pub worker_summary: Option<Value>,
+    /// Telemetry notes (e.g. "NVML unavailable: ...").
+    pub telemetry_note: Option<String>,
+}
+
+/// Computes the per-run summary from step records (with arrival times), telemetry samples
+/// (sorted by `t`) and the outcome.
+pub fn summarize(
+    steps: &[StepRecord],
+    samples: &[TelemetrySample],
+    warmup_steps: u32,
+    outcome: &RunOutcome,
+) -> RunSummary {
+    let mut s = RunSummary {
+        status: outcome.status,
+        cause: outcome.cause.clone(),
+        exit_code: outcome.exit_code,
+        steps: steps.len() as u64,
+        wall_seconds: outcome.wall_seconds,
+        ..Default::default()
+    };
+    let w = warmup_steps as usize;
+    let timed: &[StepRecord] = if steps.len() > w {
+        &steps[w..]
+    } else {
+        if !steps.is_empty() {
+            push_note(&mut s.note, "steps <= warmup_steps: all steps timed");
+        }
+        steps
+    };
+    s.timed_steps = timed.len() as u64;
+    s.tokens = timed.iter().map(|r| r.tokens).sum();
+    s.padded_tokens = timed
+        .iter()
+        .map(|r| r.padded_tokens.unwrap_or(r.tokens))
+        .sum();
+    s.timed_seconds = timed.iter().map(|r| r.step_seconds).sum();
+    if s.timed_seconds > 0.0 && s.tokens > 0 {
+        s.tokens_per_s = Some(s.tokens as f64 / s.timed_seconds);
+        s.padded_tokens_per_s = Some(s.padded_tokens as f64 / s.timed_seconds);
+        s.s_per_10k_tokens = Some(s.timed_seconds * 10_000.0 / s.tokens as f64);
+    }
+    s.final_loss = steps.iter().rev().find_map(|r| r.loss);
+    s.skipped_steps = steps.iter().filter(|r| r.skipped).count() as u64;
+
+    // Peaks over the whole run.
+    s.peak_vram_process_bytes = samples.iter().filter_map(|x| x.proc_mem_bytes).max();
+    s.peak_vram_device_bytes = samples.iter().filter_map(|x| x.mem_used_bytes).max();
+    let ws = outcome.worker_summary.as_ref();
+    let worker_u64 = |k: &str| ws.and_then(|v| v.get(k)).and_then(Value::as_u64);
+    s.peak_rss_bytes = samples
+        .iter()
+        .flat_map(|x| [x.rss_bytes, x.hwm_bytes])
+        .flatten()
+        .chain(worker_u64("peak_rss_bytes"))
+        .max();
+    if s.peak_vram_process_bytes.is_none() {
+        s.peak_vram_process_bytes = worker_u64("peak_vram_bytes");
+    }
+    (s.peak_mem_bytes, s.peak_mem_kind) = if let Some(v) = s.peak_vram_process_bytes {
+        (Some(v), Some("vram_process".into()))
+    } else if let Some(v) = s.peak_vram_device_bytes {
+        (Some(v), Some("vram_device".into()))
+    } else if let Some(v) = s.peak_rss_bytes {
+        (Some(v), Some("rss".into()))
+    } else {
+        (None, None)
+    };
+
+    // Power and energy over the timed window.
+    if let (Some(first), Some(last)) = (timed.first(), timed.last()) {
+        let t_start = if steps.len() > w && w > 0 {
+            steps[w - 1].t
+        } else {
+            (first.t - first.step_seconds).max(0.0)
+        };
+        let t_end = last.t;
+        let power: Vec<(f64, f64)> = samples
+            .iter()
+            .filter_map(|x| x.power_w.map(|p| (x.t, p)))
+            .collect();
+        let in_window: Vec<f64> = power
+            .iter()
+            .filter(|p| p.0 >= t_start && p.0 <= t_end)
+            .map(|p| p.1)
+            .collect();
+        let pw: Vec<f64> = if in_window.is_empty() {
+            power.iter().map(|p| p.1).collect()
+        } else {
+            in_window
+        };
+        if !pw.is_empty() {
+            s.mean_w = Some(pw.iter().sum::<f64>() / pw.len() as f64);
+            s.max_w = pw.iter().copied().reduce(f64::max);
+        }
+        s.energy_j_integrated = integrate(&power, t_start, t_end);
+        let counter: Vec<(f64, f64)> = samples
+            .iter()
+            .filter_map(|x| x.energy_mj.map(|e| (x.t, e)))
+            .collect();
+        let from_counter = if counter.len() >= 2 {
+            match (interp(&counter, t_start), interp(&counter, t_end)) {
+                (Some(a), Some(b)) if b >= a => Some((b - a) / 1000.0),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        (s.energy_j, s.energy_source) = match (from_counter, s.energy_j_integrated) {
+            (Some(e), _) => (Some(e), Some("counter".into())),
+            (None, Some(e)) => (Some(e), Some("integrated".into())),
+            _ => (None, None),
+        };
+        if let Some(e) = s.energy_j
+            && s.tokens > 0
+        {
+            s.j_per_token = Some(e / s.tokens as f64);
+        }
+    }
+    if let Some(n) = &outcome.telemetry_note {
+        push_note(&mut s.note, n);
+    }
+    s
+}
+
+/// Median, min and max of a set of values (for repeats).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+    pub n: usize,
+}
+
+impl Spread {
+    /// `None` for no values. The median of an even count is the mean of the middle two.
+    pub fn of(values: &[f64]) -> Option<Spread> {
+        let mut v: Vec<f64> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Some(Spread {
+            median,
+            min: v[0],
+            max: v[n - 1],
+            n,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn step(i: u64, t: f64, secs: f64, tokens: u64) -> StepRecord {
+        StepRecord {
+            step: i,
+            tokens,
+            padded_tokens: Some(tokens + 10),
+            target_tokens: None,
+            step_seconds: secs,
+            loss: Some(10.0 - i as f64),
+            lr: None,
+            loss_scale: None,
+            skipped: i == 2,
+            t,
+        }
+    }
+
+    #[test]
+    fn parse_lines() {
+        let l = r#"{"type":"step","step":1,"tokens":256,"padded_tokens":256,"target_tokens":200,"step_seconds":0.12,"loss":5.6,"lr":0.0001,"loss_scale":null,"skipped":false,"new_field":1}"#;
+        match parse_worker_line(l) {
+            WorkerLine::Step(s) => {
+                assert_eq!(s.tokens, 256);
+                assert_eq!(s.loss, Some(5.6));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(parse_worker_line("hello"), WorkerLine::Warning(_)));
+        assert!(matches!(
+            parse_worker_line(r#"{"type":"step","step":"x"}"#),
+            WorkerLine::Warning(_)
+        ));
+        assert!(matches!(
+            parse_worker_line(r#"{"type":"header","model":"tiny"}"#),
+            WorkerLine::Header(_)
+        ));
+        assert!(matches!(
+            parse_worker_line(r#"{"type":"eval"}"#),
+            WorkerLine::Other(_)
+        ));
+    }
+
+    #[test]
+    fn timed_window_and_energy() {
+        // 4 steps of 1 s each, 100 tokens; warm-up 1 => timed steps 2..4, window t=1..4.
+        let steps: Vec<StepRecord> = (1..=4).map(|i| step(i, i as f64, 1.0, 100)).collect();
+        // Constant 100 W, counter rising 100 J/s (in mJ).
+        let samples: Vec<TelemetrySample> = (0..=50)
+            .map(|i| {
+                let t = i as f64 * 0.1;
+                TelemetrySample {
+                    t,
+                    power_w: Some(100.0),
+                    energy_mj: Some(1e6 + t * 100_000.0),
+                    proc_mem_bytes: Some(1000 + i),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let s = summarize(&steps, &samples, 1, &RunOutcome::default());
+        assert_eq!(s.timed_steps, 3);
+        assert_eq!(s.tokens, 300);
+        assert_eq!(s.padded_tokens, 330);
+        assert!((s.tokens_per_s.unwrap() - 100.0).abs() < 1e-9);
+        assert!((s.s_per_10k_tokens.unwrap() - 100.0).abs() < 1e-9);
+        assert_eq!(s.energy_source.as_deref(), Some("counter"));
+        assert!((s.energy_j.unwrap() - 300.0).abs() < 1e-6);
+        assert!((s.energy_j_integrated.unwrap() - 300.0).abs() < 1e-6);
+        assert!((s.j_per_token.unwrap() - 1.0).abs() < 1e-9);
+        assert_eq!(s.peak_mem_bytes, Some(1050));
+        assert_eq!(s.peak_mem_kind.as_deref(), Some("vram_process"));
+        assert_eq!(s.final_loss, Some(6.0));
+        assert_eq!(s.skipped_steps, 1);
+        assert_eq!(s.note, None);
+    }
+
+    #[test]
+    fn all_steps_when_warmup_covers_run() {
+        let steps: Vec<StepRecord> = (1..=2).map(|i| step(i, i as f64, 0.5, 50)).collect();
+        let samples = vec![TelemetrySample {
+            t: 1.0,
+            rss_bytes: Some(10),
+            hwm_bytes: Some(20),
+            ..Default::default()
+        }];
+        let s = summarize(&steps, &samples, 5, &RunOutcome::default());
+        assert_eq!(s.timed_steps, 2);
+        assert!((s.tokens_per_s.unwrap() - 100.0).abs() < 1e-9);
+        assert_eq!(
+            s.note.as_deref(),
+            Some("steps <= warmup_steps: all steps timed")
+        );
+        assert_eq!(s.peak_mem_kind.as_deref(), Some("rss"));
+        assert_eq!(s.peak_mem_bytes, Some(20));
+        assert_eq!(s.energy_j, None);
+    }
+
+    #[test]
+    fn spread() {
+        assert_eq!(Spread::of(&[]), None);
+        let s = Spread::of(&[3.0, 1.0, 2.0, 10.0]).unwrap();
+        assert_eq!((s.median, s.min, s.max, s.n), (2.5, 1.0, 10.0, 4));
+    }
+}
