@@ -39,8 +39,9 @@ pub enum SweepCommand {
 /// `lorascope run`.
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
-    /// The profile (TOML), e.g. profiles/quickstart.toml.
-    pub profile: PathBuf,
+    /// The profile (TOML), e.g. profiles/h200-grid.toml. Without one, the embedded quick-start
+    /// profile runs (CPU, tiny preset, bundled sample).
+    pub profile: Option<PathBuf>,
     /// Progress lines instead of the dashboard (the only mode for now; automatic when stdout
     /// is not a terminal).
     #[arg(long)]
@@ -312,7 +313,10 @@ fn plan_runs(
 }
 
 fn run(args: RunArgs) -> Result<()> {
-    let lp = profile::load(&args.profile)?;
+    let lp = match &args.profile {
+        Some(p) => profile::load(p)?,
+        None => profile::load_embedded()?,
+    };
     let specs = grid::expand(&lp);
     let repeats = lp.profile.run.repeats;
     let devices: Vec<Device> = lp
@@ -322,8 +326,8 @@ fn run(args: RunArgs) -> Result<()> {
         .iter()
         .filter_map(|d| Device::parse(d))
         .collect();
-    let profile_key = std::fs::canonicalize(&args.profile)
-        .unwrap_or_else(|_| args.profile.clone())
+    let profile_key = std::fs::canonicalize(&lp.path)
+        .unwrap_or_else(|_| lp.path.clone())
         .display()
         .to_string();
     let mut store = open_store(&args.db)?;
@@ -354,7 +358,7 @@ fn run(args: RunArgs) -> Result<()> {
             if args.resume {
                 eprintln!(
                     "no earlier sweep of {}: starting a new one",
-                    args.profile.display()
+                    lp.path.display()
                 );
             }
             let id = store.create_sweep(&lp.name(), &profile_key, &lp.source)?;
@@ -430,7 +434,7 @@ fn run(args: RunArgs) -> Result<()> {
     if outcome.shutdown {
         bail!(
             "sweep {sweep_id} interrupted; continue with `lorascope run {} --resume`",
-            args.profile.display()
+            lp.path.display()
         );
     }
     Ok(())

@@ -403,6 +403,24 @@ impl LoadedProfile {
     }
 }
 
+/// The quick-start profile, embedded in the binary: `lorascope run` with no profile runs it.
+pub const EMBEDDED_QUICKSTART: &str = include_str!("../profiles/quickstart.toml");
+
+/// The embedded quick-start profile (CPU, `tiny` preset, bundled sample), as if loaded from
+/// `profiles/quickstart.toml` in the current directory.
+///
+/// Errors: none in a correct build (the text is validated by the tests).
+pub fn load_embedded() -> Result<LoadedProfile, ProfileError> {
+    let file = "profiles/quickstart.toml (embedded)";
+    let profile = parse_str(EMBEDDED_QUICKSTART, file)?;
+    Ok(LoadedProfile {
+        path: PathBuf::from(file),
+        base_dir: PathBuf::from("."),
+        source: EMBEDDED_QUICKSTART.to_string(),
+        profile,
+    })
+}
+
 /// Reads, parses and validates a profile file.
 pub fn load(path: &Path) -> Result<LoadedProfile, ProfileError> {
     let file = path.display().to_string();
@@ -897,5 +915,15 @@ seq_len = [64, 128]
     fn errors_are_one_line() {
         let e = err(&GOOD.replace("steps = 12", "steps = 12 13"));
         assert!(!e.contains('\n'), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod embedded_tests {
+    #[test]
+    fn embedded_quickstart_is_valid_and_has_four_points() {
+        let lp = super::load_embedded().expect("embedded quickstart parses");
+        assert_eq!(crate::grid::expand(&lp).len(), 4);
+        assert_eq!(lp.profile.run.devices, vec!["cpu".to_string()]);
     }
 }
