@@ -373,7 +373,8 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let cfg = OrchestratorConfig {
         worker,
-        grace: Duration::from_secs_f64(args.grace_secs.max(0.0)),
+        grace: Duration::try_from_secs_f64(args.grace_secs.clamp(0.0, 3600.0))
+            .unwrap_or(Duration::from_secs(5)),
         telemetry_period: crate::telemetry::SAMPLE_PERIOD,
     };
     let plan = SweepPlan {

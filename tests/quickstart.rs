@@ -17,7 +17,10 @@ fn embedded_quickstart_sweep_prints_the_table() {
     for col in ["tokens/s", "s/10k tok", "peak mem", "status"] {
         assert!(stdout.contains(col), "missing column {col}: {stdout}");
     }
-    let ok_rows = stdout.lines().filter(|l| l.trim_end().ends_with(" ok")).count();
+    let ok_rows = stdout
+        .lines()
+        .filter(|l| l.trim_end().ends_with(" ok"))
+        .count();
     assert_eq!(ok_rows, 4, "{stdout}");
     assert!(dir.path().join("lorascope.db").exists());
 }

@@ -274,5 +274,8 @@ fn qwen_1_5b_preset_runs_one_cpu_step() {
     assert_eq!(lines[0]["synthetic_weights"], true);
     let loss = lines[1]["loss"].as_f64().unwrap();
     // Near-uniform prediction over 151,936 tokens: ln(151936) = 11.93.
-    assert!(loss.is_finite() && (loss - 11.93).abs() < 1.5, "loss {loss}");
+    assert!(
+        loss.is_finite() && (loss - 11.93).abs() < 1.5,
+        "loss {loss}"
+    );
 }

@@ -43,6 +43,8 @@ struct RawConfig {
     hidden_act: Option<String>,
     #[serde(default = "default_init_range")]
     initializer_range: f64,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
 }
 
 fn default_rope_theta() -> f64 {
@@ -121,6 +123,11 @@ impl ModelConfig {
         {
             return Err(cfg_err(format!(
                 "hidden_act `{act}` is not supported (expected `silu`)"
+            )));
+        }
+        if let Some(rs) = raw.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+            return Err(cfg_err(format!(
+                "rope_scaling {rs} is not supported yet (only plain RoPE with rope_theta); remove it to profile the short-context shape"
             )));
         }
         let heads = raw.num_attention_heads;
@@ -268,6 +275,21 @@ mod tests {
             "{msg}"
         );
         assert!(!msg.contains('\n'));
+    }
+
+    #[test]
+    fn rope_scaling_is_refused_not_ignored() {
+        let text = TINY.replace(
+            "\"model_type\"",
+            "\"rope_scaling\": {\"rope_type\": \"llama3\", \"factor\": 8.0}, \"model_type\"",
+        );
+        let msg = ModelConfig::from_json(&text, "c.json")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("rope_scaling") && msg.contains("c.json"),
+            "{msg}"
+        );
     }
 
     #[test]

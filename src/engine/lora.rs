@@ -168,9 +168,16 @@ impl LoraLinear {
 }
 
 /// Inverted dropout: zero each element with probability `p`, scale the rest by 1/(1-p).
+/// On CPU the mask comes from the run's seeded ChaCha stream; on a GPU it is drawn on the
+/// device (cuRAND, seeded once per run by the weights/model setup) so no mask crosses the bus.
 fn dropout(x: &Tensor, p: f64, rng: &DropoutRng) -> Result<Tensor> {
     let n = x.elem_count();
     let keep = 1.0 - p;
+    if !x.device().is_cpu() {
+        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+        let m = u.ge(p)?.to_dtype(x.dtype())?.affine(1.0 / keep, 0.0)?;
+        return x * m;
+    }
     let mask: Vec<f32> = {
         let mut r = rng
             .0

@@ -71,6 +71,11 @@ impl Model {
                 lora.dropout
             )));
         }
+        if !device.is_cpu() {
+            // Seeds the device RNG used for LoRA dropout masks (and synthetic weights, which
+            // reseed per tensor) so GPU runs are repeatable for a given --seed.
+            device.set_seed(seed).ctx("seeding the device RNG")?;
+        }
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, cfg, dtype, device);
         let h = cfg.hidden_size;
         let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;

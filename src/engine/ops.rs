@@ -12,7 +12,9 @@
 //!   `dx` only (the norm weight is frozen).
 //! - [`causal_attention`]: softmax(QK^T / sqrt(d) + causal mask) V with grouped-query
 //!   attention; the (T x T) probabilities are recomputed in backward instead of being kept, so
-//!   activation memory is O(T d) per head rather than O(T^2).
+//!   the activations saved for backward are O(T d) per head rather than O(T^2). The forward
+//!   and backward still form the full (T x T) f32 scores transiently (one layer at a time);
+//!   tiling over queries is future work (issue 3).
 
 use candle_core::op::BackpropOp;
 use candle_core::{
@@ -301,8 +303,11 @@ impl Attention {
             .to_dtype(f)?
             .matmul(&k.to_dtype(f)?.t()?)?
             .affine(scale, 0.0)?;
-        let mask = causal_bias(t, g, q.device())?.to_dtype(f)?;
-        let s = s.broadcast_add(&mask)?;
+        let mask = causal_bias(t, f, q.device())?;
+        let s = s
+            .reshape((b, kvh, g, t, t))?
+            .broadcast_add(&mask)?
+            .reshape((b, kvh, g * t, t))?;
         let max = s.max_keepdim(D::Minus1)?;
         let e = s.broadcast_sub(&max)?.exp()?;
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
@@ -317,16 +322,12 @@ impl Attention {
     }
 }
 
-/// Additive causal mask (g*t, t) in f32: 0 where key <= query position, -1e30 above.
-fn causal_bias(t: usize, g: usize, dev: &candle_core::Device) -> Result<Tensor> {
-    let mut m = vec![0f32; t * t];
-    for i in 0..t {
-        for j in (i + 1)..t {
-            m[i * t + j] = -1e30;
-        }
-    }
-    let m = Tensor::from_vec(m, (1, t, t), dev)?;
-    m.broadcast_as((g, t, t))?.reshape((g * t, t))
+/// Additive causal mask (t, t) in `dtype`, built on the device: 0 where key <= query
+/// position, -1e30 above the diagonal.
+fn causal_bias(t: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
+    let r = Tensor::arange(0u32, t as u32, dev)?;
+    let above = r.unsqueeze(0)?.broadcast_gt(&r.unsqueeze(1)?)?;
+    above.to_dtype(dtype)?.affine(-1e30, 0.0)
 }
 
 impl CustomOp3 for Attention {

@@ -228,6 +228,16 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
             opts.batch_size, opts.seq_len, opts.steps
         )));
     }
+    if opts
+        .batch_size
+        .checked_mul(opts.seq_len)
+        .is_none_or(|n| n > 1 << 24)
+    {
+        return Err(EngineError::Invalid(format!(
+            "--batch-size {} x --seq-len {} is above 16 Mi tokens per step; use smaller values",
+            opts.batch_size, opts.seq_len
+        )));
+    }
     if opts.seq_len > cfg.max_position_embeddings {
         return Err(EngineError::Invalid(format!(
             "--seq-len {} is above the model's max_position_embeddings ({}) in {}",

@@ -259,10 +259,10 @@ fn check_header(path: &Path) -> Result<(), EngineError> {
                 .unwrap_or(0)
         })
         .ok_or_else(|| werr("bad safetensors header (expected a JSON object)".into()))?;
-    if 8 + hlen + need > len {
+    if (8 + hlen).checked_add(need).is_none_or(|end| end > len) {
         return Err(werr(format!(
             "truncated: tensors need {} bytes, the file has {len}; download it again",
-            8 + hlen + need
+            (8 + hlen).saturating_add(need)
         )));
     }
     Ok(())

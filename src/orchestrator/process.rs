@@ -134,6 +134,8 @@ pub async fn execute(
         .process_group(0);
     if let Device::Cuda(i) = req.device {
         cmd.env("CUDA_VISIBLE_DEVICES", i.to_string());
+        // NVML numbers GPUs in PCI bus order; make CUDA agree so telemetry watches the right card.
+        cmd.env("CUDA_DEVICE_ORDER", "PCI_BUS_ID");
     }
     #[cfg(target_os = "linux")]
     // SAFETY: prctl is async-signal-safe; runs in the child between fork and exec.

@@ -170,13 +170,16 @@ impl Queue {
     }
 
     /// Records how a running entry ended and frees its slot. A run killed for `Cancel` ends
-    /// `cancelled` and one killed for `Shutdown` ends `interrupted`, whatever its exit said.
+    /// `cancelled` and one killed for `Shutdown` ends `interrupted`, unless it had already
+    /// finished `ok` when the kill was requested (that result is kept).
     /// Returns the final status.
     pub fn finish(&mut self, id: &str, status: RunStatus) -> RunStatus {
         let status = match self.killing.iter().position(|(k, _)| k == id) {
-            Some(i) => match self.killing.remove(i).1 {
-                KillReason::Cancel => RunStatus::Cancelled,
-                KillReason::Shutdown => RunStatus::Interrupted,
+            // A run that finished `ok` before the signal landed keeps its result.
+            Some(i) => match (self.killing.remove(i).1, status) {
+                (_, RunStatus::Ok) => RunStatus::Ok,
+                (KillReason::Cancel, _) => RunStatus::Cancelled,
+                (KillReason::Shutdown, _) => RunStatus::Interrupted,
             },
             None => status,
         };
@@ -412,6 +415,17 @@ mod tests {
     }
 
     #[test]
+    fn a_run_that_finished_ok_before_the_kill_keeps_its_result() {
+        let mut q = q(2, 1);
+        q.next_launch();
+        q.apply(&Command::Cancel { id: "e0".into() }).unwrap();
+        assert_eq!(q.finish("e0", RunStatus::Ok), RunStatus::Ok);
+        q.next_launch();
+        q.apply(&Command::Shutdown).unwrap();
+        assert_eq!(q.finish("e1", RunStatus::Ok), RunStatus::Ok);
+    }
+
+    #[test]
     fn retry() {
         let mut q = q(2, 1);
         assert_eq!(
@@ -444,7 +458,7 @@ mod tests {
             }]
         );
         assert_eq!(q.next_launch(), None);
-        assert_eq!(q.finish("e0", RunStatus::Ok), RunStatus::Interrupted);
+        assert_eq!(q.finish("e0", RunStatus::Failed), RunStatus::Interrupted);
         assert_eq!(q.finish("e1", RunStatus::Failed), RunStatus::Interrupted);
         assert!(q.is_finished());
         assert_eq!(
