@@ -140,7 +140,9 @@ pub struct RunSection {
     pub repeats: u32,
     #[serde(default)]
     pub seed: u64,
-    /// e.g. `"8GiB"`: the worker refuses configurations whose VRAM use would exceed it.
+    /// e.g. `"8GiB"`: passed to the worker as `--vram-limit`, which emulates a card of that
+    /// size (issue 4). Until that lands the worker refuses the option and the point is
+    /// recorded `failed` with that cause.
     #[serde(default)]
     pub vram_limit: Option<String>,
     /// `["cpu"]` or `["cuda:0", "cuda:1", ...]`: one run at a time per device.
