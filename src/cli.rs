@@ -344,10 +344,15 @@ async fn run_with_dashboard(
         Some(r) => r,
         None => ui.await,
     };
+    // stderr may be a terminal that is gone: never panic on writing to it.
     match ui_result {
         Ok(Ok(_)) => {}
-        Ok(Err(e)) => eprintln!("dashboard: {e}"),
-        Err(e) => eprintln!("dashboard stopped: {e}"),
+        Ok(Err(e)) => {
+            let _ = writeln!(std::io::stderr(), "dashboard: {e}");
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "dashboard stopped: {e}");
+        }
     }
     Ok(outcome?)
 }

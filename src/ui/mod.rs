@@ -6,7 +6,7 @@
 //! - [`save`]: the sweep as a TOML profile, written atomically.
 //!
 //! [`run`] owns the terminal: raw mode and the alternate screen, restored by a guard on
-//! every exit path and by ratatui's chained panic hook. It redraws at most every
+//! every exit path and by a chained panic hook (restore, then the previous hook). It redraws at most every
 //! [`FRAME`] and only when the state changed. Key input is read on a thread that polls
 //! with a timeout and stops when the loop ends; a read error (the terminal went away),
 //! SIGHUP, SIGTERM or SIGINT shut the sweep down and leave the loop, so nothing keeps
@@ -59,11 +59,53 @@ enum Input {
     Lost,
 }
 
+/// Leaves raw mode and the alternate screen and shows the cursor. Errors are ignored: the
+/// terminal may be gone (and then nothing may be printed about it either — a failed
+/// `eprintln!` would panic).
+pub fn restore_terminal() {
+    let _ = ratatui::crossterm::terminal::disable_raw_mode();
+    let _ = ratatui::crossterm::execute!(
+        std::io::stdout(),
+        ratatui::crossterm::terminal::LeaveAlternateScreen,
+        ratatui::crossterm::cursor::Show
+    );
+}
+
+/// Restores the terminal before the previous panic hook prints the message (installed once).
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            prev(info);
+        }));
+    });
+}
+
+type Term = ratatui::Terminal<ratatui::backend::CrosstermBackend<std::io::Stdout>>;
+
+fn init_terminal() -> std::io::Result<Term> {
+    install_panic_hook();
+    ratatui::crossterm::terminal::enable_raw_mode()?;
+    let setup = ratatui::crossterm::execute!(
+        std::io::stdout(),
+        ratatui::crossterm::terminal::EnterAlternateScreen
+    )
+    .and_then(|()| {
+        ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout()))
+    });
+    if setup.is_err() {
+        restore_terminal();
+    }
+    setup
+}
+
 struct Restore;
 
 impl Drop for Restore {
     fn drop(&mut self) {
-        ratatui::restore();
+        restore_terminal();
     }
 }
 
@@ -98,7 +140,7 @@ pub async fn run(
     commands: mpsc::UnboundedSender<Command>,
     mut events: mpsc::UnboundedReceiver<Event>,
 ) -> std::io::Result<Exit> {
-    let mut terminal = match ratatui::try_init() {
+    let mut terminal = match init_terminal() {
         Ok(t) => t,
         Err(e) => {
             let _ = commands.send(Command::Shutdown);

@@ -351,7 +351,7 @@ fn queue_panel(f: &mut Frame, app: &App, t: Theme, area: Rect) {
         Constraint::Length(9),
         Constraint::Length(id_w),
         Constraint::Min(10),
-        Constraint::Length(7),
+        Constraint::Length(9),
         Constraint::Length(if wide { 16 } else { 12 }),
     ];
     let title = format!(
