@@ -42,8 +42,8 @@ pub struct RunArgs {
     /// The profile (TOML), e.g. profiles/h200-grid.toml. Without one, the embedded quick-start
     /// profile runs (CPU, tiny preset, bundled sample).
     pub profile: Option<PathBuf>,
-    /// Progress lines instead of the dashboard (the only mode for now; automatic when stdout
-    /// is not a terminal).
+    /// Progress lines on stderr instead of the dashboard (automatic when stdin or stdout is
+    /// not a terminal).
     #[arg(long)]
     pub headless: bool,
     /// Continue this profile's latest sweep: skip points whose latest run finished
@@ -312,6 +312,51 @@ fn plan_runs(
     (runs, already)
 }
 
+/// Runs the sweep with the dashboard on the terminal. If the dashboard ends first (the
+/// terminal went away, a signal, a panic) the sweep is shut down; otherwise the dashboard
+/// stays open after the sweep until the user quits.
+#[allow(clippy::too_many_arguments)]
+async fn run_with_dashboard(
+    app: crate::ui::App,
+    plan: SweepPlan,
+    store: &mut Store,
+    cfg: &OrchestratorConfig,
+    ctx: mpsc::UnboundedSender<Command>,
+    crx: mpsc::UnboundedReceiver<Command>,
+    etx: mpsc::UnboundedSender<Event>,
+    erx: mpsc::UnboundedReceiver<Event>,
+) -> Result<orchestrator::SweepOutcome> {
+    let mut ui = tokio::spawn(crate::ui::run(app, ctx.clone(), erx));
+    let sweep = orchestrator::run_sweep(plan, store, cfg, crx, etx);
+    tokio::pin!(sweep);
+    let mut ui_result = None;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut sweep => break r,
+            r = &mut ui, if ui_result.is_none() => {
+                let _ = ctx.send(Command::Shutdown);
+                ui_result = Some(r);
+            }
+        }
+    };
+    drop(ctx);
+    let ui_result = match ui_result {
+        Some(r) => r,
+        None => ui.await,
+    };
+    // stderr may be a terminal that is gone: never panic on writing to it.
+    match ui_result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            let _ = writeln!(std::io::stderr(), "dashboard: {e}");
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "dashboard stopped: {e}");
+        }
+    }
+    Ok(outcome?)
+}
+
 fn run(args: RunArgs) -> Result<()> {
     let lp = match &args.profile {
         Some(p) => profile::load(p)?,
@@ -386,6 +431,15 @@ fn run(args: RunArgs) -> Result<()> {
         devices,
     };
     let steps = lp.profile.run.steps;
+    let dashboard = !args.headless
+        && std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let app = dashboard.then(|| {
+        let mut app = crate::ui::App::new(lp.name(), lp.profile.clone(), plan.specs.clone());
+        app.mem_total = crate::ui::mem_total();
+        app.color = crate::ui::Theme::from_env().color;
+        app
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -394,6 +448,9 @@ fn run(args: RunArgs) -> Result<()> {
     let outcome = rt.block_on(async {
         let (ctx, crx) = mpsc::unbounded_channel::<Command>();
         let (etx, mut erx) = mpsc::unbounded_channel::<Event>();
+        if let Some(app) = app {
+            return run_with_dashboard(app, plan, &mut store, &cfg, ctx, crx, etx, erx).await;
+        }
         let ctrlc = {
             let ctx = ctx.clone();
             tokio::spawn(async move {
@@ -422,7 +479,7 @@ fn run(args: RunArgs) -> Result<()> {
         ctrlc.abort();
         drop(ctx);
         let _ = printer.await;
-        r
+        r.map_err(anyhow::Error::from)
     })?;
     if !outcome.shutdown {
         store.finish_sweep(sweep_id)?;

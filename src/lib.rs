@@ -13,4 +13,5 @@ pub mod report;
 pub mod store;
 pub mod summary;
 pub mod telemetry;
+pub mod ui;
 pub mod worker;

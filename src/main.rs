@@ -1,6 +1,8 @@
 //! The `lorascope` command line: `run` (sweep a profile), `report`, `profile check`, and
 //! `train` (one run; the worker the orchestrator launches).
 
+use std::io::Write;
+
 use clap::{Parser, Subcommand};
 
 /// Profile LoRA/QLoRA fine-tuning: tokens/s, peak memory and J/token across a grid.
@@ -28,7 +30,12 @@ fn main() {
             Err(e) => {
                 // One line for people: the context chain joined, no backtrace.
                 let msg = format!("{e:#}");
-                eprintln!("error: {}", msg.lines().next().unwrap_or("unknown error"));
+                // Not eprintln!: stderr may be a terminal that hung up.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "error: {}",
+                    msg.lines().next().unwrap_or("unknown error")
+                );
                 1
             }
         },

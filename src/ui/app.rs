@@ -1,0 +1,795 @@
+//! The dashboard's state: built from orchestrator [`Event`]s, changed by key presses, and
+//! rendered by [`super::view`]. Nothing here does I/O or reads a clock: the event loop sets
+//! [`App::now`] and carries out the [`Action`]s that keys return.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+
+use crate::grid::RunSpec;
+use crate::orchestrator::{Command, EntryId, EntryState, Event, MoveTo, QueueSnapshot};
+use crate::profile::Profile;
+use crate::summary::{RunStatus, RunSummary};
+use crate::telemetry::TelemetrySample;
+
+/// Most step points kept per run (older ones are dropped from the charts).
+pub const MAX_POINTS: usize = 4096;
+
+/// What the event loop must do after a key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send to the orchestrator.
+    Send(Command),
+    /// Save the sweep as a profile at this path.
+    Save(PathBuf),
+    /// Leave the dashboard (after `Shutdown` was sent, if the sweep was still running).
+    Quit,
+}
+
+/// The main views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum View {
+    Queue,
+    Live,
+    Table,
+    Detail,
+}
+
+/// A dialog on top of the view.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Modal {
+    Help,
+    ConfirmCancel(EntryId),
+    ConfirmQuit,
+    /// File name being typed.
+    SaveAs(String),
+}
+
+/// Columns of the comparison table (sortable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Column {
+    Point,
+    TokensPerS,
+    SPer10k,
+    PeakMem,
+    MeanW,
+    JPerToken,
+    Loss,
+    Status,
+}
+
+impl Column {
+    pub const ALL: [Column; 8] = [
+        Column::Point,
+        Column::TokensPerS,
+        Column::SPer10k,
+        Column::PeakMem,
+        Column::MeanW,
+        Column::JPerToken,
+        Column::Loss,
+        Column::Status,
+    ];
+
+    pub fn title(self) -> &'static str {
+        match self {
+            Column::Point => "point",
+            Column::TokensPerS => "tok/s",
+            Column::SPer10k => "s/10k",
+            Column::PeakMem => "peak mem",
+            Column::MeanW => "mean W",
+            Column::JPerToken => "J/tok",
+            Column::Loss => "loss",
+            Column::Status => "status",
+        }
+    }
+
+    /// The numeric value of a summary in this column, if any.
+    pub fn value(self, s: &RunSummary) -> Option<f64> {
+        match self {
+            Column::TokensPerS => s.tokens_per_s,
+            Column::SPer10k => s.s_per_10k_tokens,
+            Column::PeakMem => s.peak_mem_bytes.map(|b| b as f64),
+            Column::MeanW => s.mean_w,
+            Column::JPerToken => s.j_per_token,
+            Column::Loss => s.final_loss,
+            Column::Point | Column::Status => None,
+        }
+    }
+
+    /// Whether a larger value is better (tokens/s); else smaller is better.
+    pub fn higher_is_better(self) -> bool {
+        self == Column::TokensPerS
+    }
+}
+
+/// One step as the charts need it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepPoint {
+    pub step: u64,
+    pub tokens_per_s: f64,
+    pub loss: Option<f64>,
+    pub loss_scale: Option<f64>,
+    pub step_seconds: f64,
+}
+
+/// What the dashboard knows about one queue entry.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunView {
+    pub spec_index: usize,
+    pub device: Option<String>,
+    pub attempt: u32,
+    /// [`App::now`] when it started.
+    pub started_at: Option<f64>,
+    /// [`App::now`] when it finished.
+    pub finished_at: Option<f64>,
+    pub steps: Vec<StepPoint>,
+    pub power: Vec<f64>,
+    pub last_sample: Option<TelemetrySample>,
+    pub summary: Option<RunSummary>,
+}
+
+/// The dashboard state.
+#[derive(Debug, Clone)]
+pub struct App {
+    pub name: String,
+    /// The profile as loaded (to save the sweep).
+    pub profile: Profile,
+    pub specs: Vec<RunSpec>,
+    pub steps_total: u32,
+    pub vram_limit: Option<u64>,
+    /// Host memory (bytes), the scale of the RSS gauge on CPU.
+    pub mem_total: Option<u64>,
+    pub sweep_id: Option<i64>,
+    pub queue: QueueSnapshot,
+    pub runs: HashMap<EntryId, RunView>,
+    /// Entries in the order they (last) started.
+    pub start_order: Vec<EntryId>,
+    pub view: View,
+    pub selected: Option<EntryId>,
+    pub table_selected: Option<EntryId>,
+    pub sort: Column,
+    pub sort_desc: bool,
+    pub baseline: Option<EntryId>,
+    pub modal: Option<Modal>,
+    /// Status line message and whether it is an error.
+    pub message: Option<(String, bool)>,
+    pub sweep_finished: bool,
+    /// Quit requested; leave once the sweep has finished.
+    pub quitting: bool,
+    /// Seconds since the dashboard started (set by the event loop).
+    pub now: f64,
+    /// Whether anything changed since the last draw.
+    pub dirty: bool,
+    /// Colours on (false with `NO_COLOR`).
+    pub color: bool,
+}
+
+fn tokens_per_s(tokens: u64, secs: f64) -> f64 {
+    if secs > 0.0 {
+        tokens as f64 / secs
+    } else {
+        0.0
+    }
+}
+
+impl App {
+    /// A dashboard for `specs` (the grid of `profile`) named `name`.
+    pub fn new(name: String, profile: Profile, specs: Vec<RunSpec>) -> App {
+        let steps_total = profile.run.steps;
+        let vram_limit = profile
+            .run
+            .vram_limit
+            .as_deref()
+            .and_then(crate::profile::parse_bytes);
+        App {
+            name,
+            profile,
+            specs,
+            steps_total,
+            vram_limit,
+            mem_total: None,
+            sweep_id: None,
+            queue: QueueSnapshot {
+                paused: false,
+                shutting_down: false,
+                queued: vec![],
+                entries: vec![],
+            },
+            runs: HashMap::new(),
+            start_order: vec![],
+            view: View::Queue,
+            selected: None,
+            table_selected: None,
+            sort: Column::Point,
+            sort_desc: false,
+            baseline: None,
+            modal: None,
+            message: None,
+            sweep_finished: false,
+            quitting: false,
+            now: 0.0,
+            dirty: true,
+            color: true,
+        }
+    }
+
+    fn run_mut(&mut self, id: &str) -> &mut RunView {
+        self.runs.entry(id.to_string()).or_default()
+    }
+
+    /// Updates the state from an orchestrator event.
+    pub fn on_event(&mut self, e: &Event) {
+        self.dirty = true;
+        match e {
+            Event::SweepStarted { sweep_id, .. } => self.sweep_id = Some(*sweep_id),
+            Event::RunQueued { id, spec_id, .. } => {
+                let idx = self.specs.iter().position(|s| &s.id == spec_id);
+                let r = self.run_mut(id);
+                if let Some(i) = idx {
+                    r.spec_index = i;
+                }
+                if self.selected.is_none() {
+                    self.selected = Some(id.clone());
+                }
+            }
+            Event::RunStarted {
+                id,
+                device,
+                attempt,
+                ..
+            } => {
+                let now = self.now;
+                let r = self.run_mut(id);
+                r.device = Some(device.clone());
+                r.attempt = *attempt;
+                r.started_at = Some(now);
+                r.finished_at = None;
+                r.steps.clear();
+                r.power.clear();
+                r.last_sample = None;
+                r.summary = None;
+                self.start_order.retain(|x| x != id);
+                self.start_order.push(id.clone());
+            }
+            Event::Step { id, record } => {
+                let r = self.run_mut(id);
+                if r.steps.len() >= MAX_POINTS {
+                    r.steps.remove(0);
+                }
+                r.steps.push(StepPoint {
+                    step: record.step,
+                    tokens_per_s: tokens_per_s(record.tokens, record.step_seconds),
+                    loss: record.loss,
+                    loss_scale: record.loss_scale,
+                    step_seconds: record.step_seconds,
+                });
+            }
+            Event::Telemetry { id, sample } => {
+                let r = self.run_mut(id);
+                if let Some(w) = sample.power_w {
+                    if r.power.len() >= MAX_POINTS {
+                        r.power.remove(0);
+                    }
+                    r.power.push(w);
+                }
+                r.last_sample = Some(sample.clone());
+            }
+            Event::Warning { id, message } => {
+                let who = id.as_deref().map(|i| format!("{i}: ")).unwrap_or_default();
+                self.message = Some((format!("warning: {who}{message}"), true));
+            }
+            Event::RunFinished { id, summary, .. } => {
+                let now = self.now;
+                let r = self.run_mut(id);
+                r.summary = Some((**summary).clone());
+                r.finished_at = Some(now);
+                if self.baseline.is_none() && summary.status == Some(RunStatus::Ok) {
+                    self.baseline = Some(id.clone());
+                }
+            }
+            Event::QueueChanged { queue } => {
+                self.queue = queue.clone();
+                for e in &queue.entries {
+                    self.run_mut(&e.id).spec_index = e.spec_index;
+                }
+                if self.selected.is_none() {
+                    self.selected = self.rows().first().cloned();
+                }
+            }
+            Event::CommandRejected { reason, .. } => {
+                self.message = Some((format!("rejected: {reason}"), true));
+            }
+            Event::SweepFinished { shutdown, .. } => {
+                self.sweep_finished = true;
+                self.message = Some((
+                    if *shutdown {
+                        "sweep stopped".to_string()
+                    } else {
+                        "sweep finished: q to quit".to_string()
+                    },
+                    false,
+                ));
+            }
+        }
+    }
+
+    /// The state of an entry.
+    pub fn state(&self, id: &str) -> Option<EntryState> {
+        self.queue
+            .entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| e.state)
+    }
+
+    /// Queue panel rows: started entries in start order, then queued ones in launch order,
+    /// then skipped ones.
+    pub fn rows(&self) -> Vec<EntryId> {
+        let mut rows: Vec<EntryId> = self
+            .start_order
+            .iter()
+            .filter(|id| {
+                matches!(
+                    self.state(id),
+                    Some(EntryState::Running { .. }) | Some(EntryState::Done { .. })
+                ) && self.state(id)
+                    != Some(EntryState::Done {
+                        status: RunStatus::Skipped,
+                    })
+            })
+            .cloned()
+            .collect();
+        rows.extend(self.queue.queued.iter().cloned());
+        for e in &self.queue.entries {
+            if !rows.contains(&e.id) {
+                rows.push(e.id.clone());
+            }
+        }
+        rows
+    }
+
+    /// Entries running now.
+    pub fn running(&self) -> Vec<EntryId> {
+        self.queue
+            .entries
+            .iter()
+            .filter(|e| matches!(e.state, EntryState::Running { .. }))
+            .map(|e| e.id.clone())
+            .collect()
+    }
+
+    pub fn spec_of(&self, id: &str) -> Option<&RunSpec> {
+        let i = self.queue.entries.iter().find(|e| e.id == id)?.spec_index;
+        self.specs.get(i)
+    }
+
+    /// Finished entries with a summary (skipped excluded), sorted by the chosen column.
+    pub fn table_rows(&self) -> Vec<EntryId> {
+        let mut rows: Vec<EntryId> = self
+            .queue
+            .entries
+            .iter()
+            .filter(
+                |e| matches!(e.state, EntryState::Done { status } if status != RunStatus::Skipped),
+            )
+            .filter(|e| self.runs.get(&e.id).is_some_and(|r| r.summary.is_some()))
+            .map(|e| e.id.clone())
+            .collect();
+        let col = self.sort;
+        let summary = |id: &EntryId| self.runs.get(id).and_then(|r| r.summary.as_ref());
+        let index = |id: &EntryId| {
+            self.queue
+                .entries
+                .iter()
+                .position(|e| &e.id == id)
+                .unwrap_or(0)
+        };
+        rows.sort_by(|a, b| {
+            let ord = match col {
+                Column::Point => index(a).cmp(&index(b)),
+                Column::Status => {
+                    let st = |id: &EntryId| {
+                        summary(id)
+                            .and_then(|s| s.status)
+                            .map(|s| s.as_str())
+                            .unwrap_or("")
+                    };
+                    st(a).cmp(st(b))
+                }
+                _ => {
+                    let va = summary(a).and_then(|s| col.value(s));
+                    let vb = summary(b).and_then(|s| col.value(s));
+                    match (va, vb) {
+                        // Missing values always sort last.
+                        (Some(x), Some(y)) => {
+                            let o = x.partial_cmp(&y).unwrap_or(std::cmp::Ordering::Equal);
+                            if self.sort_desc { o.reverse() } else { o }
+                        }
+                        (Some(_), None) => std::cmp::Ordering::Less,
+                        (None, Some(_)) => std::cmp::Ordering::Greater,
+                        (None, None) => std::cmp::Ordering::Equal,
+                    }
+                }
+            };
+            if matches!(col, Column::Point | Column::Status) && self.sort_desc {
+                ord.reverse()
+            } else {
+                ord
+            }
+        });
+        rows
+    }
+
+    /// The best value of a column over ok runs.
+    pub fn best(&self, col: Column) -> Option<f64> {
+        let vals = self
+            .runs
+            .values()
+            .filter_map(|r| r.summary.as_ref())
+            .filter(|s| s.status == Some(RunStatus::Ok))
+            .filter_map(|s| col.value(s));
+        if col.higher_is_better() {
+            vals.fold(None, |m, v| Some(m.map_or(v, |m: f64| m.max(v))))
+        } else {
+            vals.fold(None, |m, v| Some(m.map_or(v, |m: f64| m.min(v))))
+        }
+    }
+
+    /// Seconds left of a running run, from the mean of its last steps.
+    pub fn run_eta(&self, id: &str) -> Option<f64> {
+        let r = self.runs.get(id)?;
+        let last = r.steps.last()?;
+        let tail = &r.steps[r.steps.len().saturating_sub(10)..];
+        let mean = tail.iter().map(|s| s.step_seconds).sum::<f64>() / tail.len() as f64;
+        let left = u64::from(self.steps_total).saturating_sub(last.step);
+        Some(mean * left as f64)
+    }
+
+    /// Typical duration of one run: the mean wall time of finished ok runs, else the
+    /// projected total of a running one.
+    pub fn typical_run_seconds(&self) -> Option<f64> {
+        let ok: Vec<f64> = self
+            .runs
+            .values()
+            .filter_map(|r| r.summary.as_ref())
+            .filter(|s| s.status == Some(RunStatus::Ok))
+            .map(|s| s.wall_seconds)
+            .collect();
+        if !ok.is_empty() {
+            return Some(ok.iter().sum::<f64>() / ok.len() as f64);
+        }
+        self.running().iter().find_map(|id| {
+            let eta = self.run_eta(id)?;
+            let started = self.runs.get(id)?.started_at?;
+            Some(self.now - started + eta)
+        })
+    }
+
+    /// Seconds until a queued entry finishes (its ETA), assuming one slot per device.
+    pub fn queued_eta(&self, id: &str) -> Option<f64> {
+        let pos = self.queue.queued.iter().position(|x| x == id)?;
+        let per = self.typical_run_seconds()?;
+        let slots = self.profile.run.devices.len().max(1) as f64;
+        let running_left = self
+            .running()
+            .iter()
+            .filter_map(|r| self.run_eta(r))
+            .fold(0.0_f64, f64::max);
+        Some(running_left + per * ((pos / slots as usize) as f64 + 1.0))
+    }
+
+    /// Seconds until the whole queue is done.
+    pub fn sweep_eta(&self) -> Option<f64> {
+        match self.queue.queued.last() {
+            Some(id) => self.queued_eta(id),
+            None => self
+                .running()
+                .iter()
+                .filter_map(|r| self.run_eta(r))
+                .reduce(f64::max),
+        }
+    }
+
+    fn say(&mut self, msg: impl Into<String>, err: bool) {
+        self.message = Some((msg.into(), err));
+    }
+
+    fn move_selection(&mut self, rows: &[EntryId], delta: isize, table: bool) {
+        if rows.is_empty() {
+            return;
+        }
+        let cur = if table {
+            &self.table_selected
+        } else {
+            &self.selected
+        };
+        let pos = cur
+            .as_ref()
+            .and_then(|s| rows.iter().position(|r| r == s))
+            .unwrap_or(0) as isize;
+        let new = (pos + delta).clamp(0, rows.len() as isize - 1) as usize;
+        let id = Some(rows[new].clone());
+        if table {
+            self.table_selected = id;
+        } else {
+            self.selected = id;
+        }
+    }
+
+    /// The entry the queue commands act on: the table's selection in the table view.
+    pub fn target(&self) -> Option<EntryId> {
+        match self.view {
+            View::Table => self.table_selected.clone(),
+            _ => self.selected.clone(),
+        }
+    }
+
+    /// Handles a key press; returns what the event loop must do.
+    pub fn on_key(&mut self, key: KeyEvent) -> Option<Action> {
+        if key.kind == KeyEventKind::Release {
+            return None;
+        }
+        self.dirty = true;
+        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
+        if ctrl && matches!(key.code, KeyCode::Char('c')) {
+            return self.quit_now();
+        }
+        if let Some(modal) = self.modal.clone() {
+            return self.on_modal_key(modal, key);
+        }
+        self.message = None;
+        let table = self.view == View::Table;
+        let shift = key.modifiers.contains(KeyModifiers::SHIFT);
+        match key.code {
+            KeyCode::Char('?') => self.modal = Some(Modal::Help),
+            KeyCode::Char('q') => {
+                if self.sweep_finished {
+                    return self.quit_now();
+                }
+                self.modal = Some(Modal::ConfirmQuit);
+            }
+            KeyCode::Char('1') => self.view = View::Queue,
+            KeyCode::Char('2') => self.view = View::Live,
+            KeyCode::Char('3') => self.view = View::Table,
+            KeyCode::Tab => {
+                self.view = match self.view {
+                    View::Queue => View::Live,
+                    View::Live => View::Table,
+                    View::Table | View::Detail => View::Queue,
+                }
+            }
+            KeyCode::Enter | KeyCode::Char('d') => {
+                if self.target().is_some() {
+                    if table {
+                        self.selected = self.table_selected.clone();
+                    }
+                    self.view = View::Detail;
+                }
+            }
+            KeyCode::Esc => {
+                if self.view == View::Detail {
+                    self.view = View::Queue;
+                }
+            }
+            KeyCode::Up if shift => return self.move_cmd(MoveTo::Up),
+            KeyCode::Down if shift => return self.move_cmd(MoveTo::Down),
+            KeyCode::Char('K') => return self.move_cmd(MoveTo::Up),
+            KeyCode::Char('J') => return self.move_cmd(MoveTo::Down),
+            KeyCode::Char('t') => return self.move_cmd(MoveTo::Top),
+            KeyCode::Up | KeyCode::Char('k') => {
+                let rows = if table {
+                    self.table_rows()
+                } else {
+                    self.rows()
+                };
+                self.move_selection(&rows, -1, table);
+            }
+            KeyCode::Down | KeyCode::Char('j') => {
+                let rows = if table {
+                    self.table_rows()
+                } else {
+                    self.rows()
+                };
+                self.move_selection(&rows, 1, table);
+            }
+            KeyCode::Home | KeyCode::Char('g') => {
+                let rows = if table {
+                    self.table_rows()
+                } else {
+                    self.rows()
+                };
+                self.move_selection(&rows, -(rows.len() as isize), table);
+            }
+            KeyCode::End | KeyCode::Char('G') => {
+                let rows = if table {
+                    self.table_rows()
+                } else {
+                    self.rows()
+                };
+                self.move_selection(&rows, rows.len() as isize, table);
+            }
+            KeyCode::Char('p') => {
+                if self.sweep_finished {
+                    self.say("the sweep has finished", true);
+                    return None;
+                }
+                let cmd = if self.queue.paused {
+                    Command::Resume
+                } else {
+                    Command::Pause
+                };
+                return Some(Action::Send(cmd));
+            }
+            KeyCode::Char('s') => {
+                let id = self.target()?;
+                if self.state(&id) != Some(EntryState::Queued) {
+                    self.say("only a queued run can be skipped", true);
+                    return None;
+                }
+                return Some(Action::Send(Command::Skip { id }));
+            }
+            KeyCode::Char('c') => {
+                let id = self.target()?;
+                match self.state(&id) {
+                    Some(EntryState::Running { .. }) => {
+                        self.modal = Some(Modal::ConfirmCancel(id));
+                    }
+                    Some(EntryState::Queued) => {
+                        return Some(Action::Send(Command::Cancel { id }));
+                    }
+                    _ => self.say("only a running or queued run can be cancelled", true),
+                }
+            }
+            KeyCode::Char('r') => {
+                let id = self.target()?;
+                if !matches!(self.state(&id), Some(EntryState::Done { .. })) {
+                    self.say("only a finished run can be retried", true);
+                    return None;
+                }
+                if self.sweep_finished {
+                    self.say("the sweep has finished: run it again with --resume", true);
+                    return None;
+                }
+                return Some(Action::Send(Command::Retry { id }));
+            }
+            KeyCode::Char('w') => {
+                self.modal = Some(Modal::SaveAs(format!("{}-saved.toml", self.name)));
+            }
+            KeyCode::Left | KeyCode::Char('h') | KeyCode::Char('<') if table => {
+                let i = Column::ALL
+                    .iter()
+                    .position(|c| *c == self.sort)
+                    .unwrap_or(0);
+                self.sort = Column::ALL[(i + Column::ALL.len() - 1) % Column::ALL.len()];
+                self.sort_desc = self.sort.higher_is_better();
+            }
+            KeyCode::Right | KeyCode::Char('l') | KeyCode::Char('>') if table => {
+                let i = Column::ALL
+                    .iter()
+                    .position(|c| *c == self.sort)
+                    .unwrap_or(0);
+                self.sort = Column::ALL[(i + 1) % Column::ALL.len()];
+                self.sort_desc = self.sort.higher_is_better();
+            }
+            KeyCode::Char('o') if table => self.sort_desc = !self.sort_desc,
+            KeyCode::Char('b') => {
+                let id = self.target()?;
+                if self
+                    .runs
+                    .get(&id)
+                    .and_then(|r| r.summary.as_ref())
+                    .is_none()
+                {
+                    self.say("the baseline must be a finished run", true);
+                    return None;
+                }
+                self.say(format!("baseline: {id}"), false);
+                self.baseline = Some(id);
+            }
+            _ => self.dirty = false,
+        }
+        None
+    }
+
+    fn move_cmd(&mut self, to: MoveTo) -> Option<Action> {
+        let id = self.target()?;
+        if self.state(&id) != Some(EntryState::Queued) {
+            self.say("only a queued run can be moved", true);
+            return None;
+        }
+        Some(Action::Send(Command::Move { id, to }))
+    }
+
+    fn quit_now(&mut self) -> Option<Action> {
+        self.modal = None;
+        self.quitting = true;
+        if self.sweep_finished {
+            Some(Action::Quit)
+        } else {
+            self.say("stopping the sweep…", false);
+            Some(Action::Send(Command::Shutdown))
+        }
+    }
+
+    fn on_modal_key(&mut self, modal: Modal, key: KeyEvent) -> Option<Action> {
+        let yes = matches!(key.code, KeyCode::Char('y') | KeyCode::Char('Y'));
+        match modal {
+            Modal::Help => {
+                self.modal = None;
+                None
+            }
+            Modal::ConfirmQuit => {
+                self.modal = None;
+                if yes { self.quit_now() } else { None }
+            }
+            Modal::ConfirmCancel(id) => {
+                self.modal = None;
+                if yes {
+                    Some(Action::Send(Command::Cancel { id }))
+                } else {
+                    None
+                }
+            }
+            Modal::SaveAs(mut name) => match key.code {
+                KeyCode::Esc => {
+                    self.modal = None;
+                    None
+                }
+                KeyCode::Enter => {
+                    self.modal = None;
+                    let name = name.trim().to_string();
+                    if name.is_empty() {
+                        self.say("save cancelled: no file name", true);
+                        return None;
+                    }
+                    Some(Action::Save(PathBuf::from(name)))
+                }
+                KeyCode::Backspace => {
+                    name.pop();
+                    self.modal = Some(Modal::SaveAs(name));
+                    None
+                }
+                KeyCode::Char('u') if key.modifiers.contains(KeyModifiers::CONTROL) => {
+                    self.modal = Some(Modal::SaveAs(String::new()));
+                    None
+                }
+                KeyCode::Char(c) if !c.is_control() => {
+                    name.push(c);
+                    self.modal = Some(Modal::SaveAs(name));
+                    None
+                }
+                _ => {
+                    self.modal = Some(Modal::SaveAs(name));
+                    None
+                }
+            },
+        }
+    }
+
+    /// Spec indices in run order (started, running, queued) and the skipped ones, for
+    /// [`super::save::profile_text`].
+    pub fn save_order(&self) -> (Vec<usize>, Vec<usize>) {
+        let mut order = Vec::new();
+        let mut skipped = Vec::new();
+        for id in self.rows() {
+            let Some(e) = self.queue.entries.iter().find(|e| e.id == id) else {
+                continue;
+            };
+            if e.state
+                == (EntryState::Done {
+                    status: RunStatus::Skipped,
+                })
+            {
+                if !skipped.contains(&e.spec_index) {
+                    skipped.push(e.spec_index);
+                }
+            } else if !order.contains(&e.spec_index) {
+                order.push(e.spec_index);
+            }
+        }
+        // A point skipped in one repeat but run in another is kept.
+        skipped.retain(|i| !order.contains(i));
+        (order, skipped)
+    }
+}

@@ -1,0 +1,253 @@
+//! The terminal dashboard of `lorascope run` (ratatui + crossterm on a tokio event loop).
+//!
+//! - [`app`]: the state, built from orchestrator [`Event`]s; keys become [`Command`]s.
+//! - [`view`]: rendering (queue, live, comparison table, run detail, help).
+//! - [`theme`]: 16-colour styles, `NO_COLOR`.
+//! - [`save`]: the sweep as a TOML profile, written atomically.
+//!
+//! [`run`] owns the terminal: raw mode and the alternate screen, restored by a guard on
+//! every exit path and by a chained panic hook (restore, then the previous hook). It redraws at most every
+//! [`FRAME`] and only when the state changed. Key input is read on a thread that polls
+//! with a timeout and stops when the loop ends; a read error (the terminal went away),
+//! SIGHUP, SIGTERM or SIGINT shut the sweep down and leave the loop, so nothing keeps
+//! spinning without a terminal.
+
+pub mod app;
+pub mod save;
+pub mod theme;
+pub mod view;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self as ct, KeyEvent};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+pub use app::{Action, App, Column, Modal, View};
+pub use theme::Theme;
+
+use crate::orchestrator::{Command, Event};
+
+/// The shortest time between two redraws (at most ~10 per second).
+pub const FRAME: Duration = Duration::from_millis(100);
+
+/// Host memory from `/proc/meminfo` (bytes): the scale of the RSS gauge on CPU.
+pub fn mem_total() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// How the dashboard ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    /// The user quit (after the sweep finished or was shut down).
+    Quit,
+    /// The terminal went away (read/draw error or SIGHUP): the sweep was told to shut down.
+    Lost,
+    /// SIGTERM or SIGINT: the sweep was told to shut down.
+    Signal,
+}
+
+enum Input {
+    Key(KeyEvent),
+    Resize,
+    Lost,
+}
+
+/// Leaves raw mode and the alternate screen and shows the cursor. Errors are ignored: the
+/// terminal may be gone (and then nothing may be printed about it either — a failed
+/// `eprintln!` would panic).
+pub fn restore_terminal() {
+    let _ = ratatui::crossterm::terminal::disable_raw_mode();
+    let _ = ratatui::crossterm::execute!(
+        std::io::stdout(),
+        ratatui::crossterm::terminal::LeaveAlternateScreen,
+        ratatui::crossterm::cursor::Show
+    );
+}
+
+/// Restores the terminal before the previous panic hook prints the message (installed once).
+fn install_panic_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let prev = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            restore_terminal();
+            prev(info);
+        }));
+    });
+}
+
+type Term = ratatui::Terminal<ratatui::backend::CrosstermBackend<std::io::Stdout>>;
+
+fn init_terminal() -> std::io::Result<Term> {
+    install_panic_hook();
+    ratatui::crossterm::terminal::enable_raw_mode()?;
+    let setup = ratatui::crossterm::execute!(
+        std::io::stdout(),
+        ratatui::crossterm::terminal::EnterAlternateScreen
+    )
+    .and_then(|()| {
+        ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(std::io::stdout()))
+    });
+    if setup.is_err() {
+        restore_terminal();
+    }
+    setup
+}
+
+struct Restore;
+
+impl Drop for Restore {
+    fn drop(&mut self) {
+        restore_terminal();
+    }
+}
+
+fn spawn_input(stop: Arc<AtomicBool>, tx: mpsc::UnboundedSender<Input>) {
+    std::thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let msg = match ct::poll(FRAME) {
+                Ok(false) => continue,
+                Ok(true) => match ct::read() {
+                    Ok(ct::Event::Key(k)) => Input::Key(k),
+                    Ok(ct::Event::Resize(..)) => Input::Resize,
+                    Ok(_) => continue,
+                    Err(_) => Input::Lost,
+                },
+                Err(_) => Input::Lost,
+            };
+            let lost = matches!(msg, Input::Lost);
+            if tx.send(msg).is_err() || lost {
+                break;
+            }
+        }
+    });
+}
+
+/// Runs the dashboard until the user quits (the sweep finished, or was shut down at the
+/// user's request), the terminal is lost, or a signal arrives. Key presses go to `commands`;
+/// `events` update the state. Saving writes on a blocking thread, never in the loop.
+///
+/// Errors: the terminal cannot be set up (then `Shutdown` has been sent).
+pub async fn run(
+    mut app: App,
+    commands: mpsc::UnboundedSender<Command>,
+    mut events: mpsc::UnboundedReceiver<Event>,
+) -> std::io::Result<Exit> {
+    let mut terminal = match init_terminal() {
+        Ok(t) => t,
+        Err(e) => {
+            let _ = commands.send(Command::Shutdown);
+            return Err(e);
+        }
+    };
+    let _restore = Restore;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (itx, mut irx) = mpsc::unbounded_channel();
+    spawn_input(stop.clone(), itx);
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sighup = signal(SignalKind::hangup())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let (stx, mut srx) = mpsc::unbounded_channel::<Result<PathBuf, String>>();
+    let mut tick = tokio::time::interval(FRAME);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let start = Instant::now();
+    let mut events_open = true;
+    let mut last_second = 0u64;
+    let exit = loop {
+        tokio::select! {
+            e = events.recv(), if events_open => match e {
+                Some(e) => {
+                    app.on_event(&e);
+                    // Take whatever else is waiting: one redraw per batch.
+                    while let Ok(e) = events.try_recv() {
+                        app.on_event(&e);
+                    }
+                }
+                None => {
+                    events_open = false;
+                    app.sweep_finished = true;
+                    app.dirty = true;
+                }
+            },
+            m = irx.recv() => match m {
+                Some(Input::Key(k)) => match app.on_key(k) {
+                    Some(Action::Send(cmd)) => {
+                        let _ = commands.send(cmd);
+                    }
+                    Some(Action::Save(path)) => {
+                        let (order, skipped) = app.save_order();
+                        match save::profile_text(&app.profile, &app.specs, &order, &skipped) {
+                            Ok(text) => {
+                                let stx = stx.clone();
+                                tokio::task::spawn_blocking(move || {
+                                    let r = save::write_atomic(&path, &text)
+                                        .map(|()| path)
+                                        .map_err(|e| e.to_string());
+                                    let _ = stx.send(r);
+                                });
+                                app.message = Some(("saving…".into(), false));
+                            }
+                            Err(e) => app.message = Some((e.to_string(), true)),
+                        }
+                    }
+                    Some(Action::Quit) => break Exit::Quit,
+                    None => {}
+                },
+                Some(Input::Resize) => app.dirty = true,
+                Some(Input::Lost) | None => {
+                    let _ = commands.send(Command::Shutdown);
+                    break Exit::Lost;
+                }
+            },
+            r = srx.recv() => {
+                if let Some(r) = r {
+                    app.message = Some(match r {
+                        Ok(p) => (format!("saved {} (run it with `lorascope run {}`)", p.display(), p.display()), false),
+                        Err(e) => (format!("save failed: {e}"), true),
+                    });
+                    app.dirty = true;
+                }
+            }
+            _ = sighup.recv() => {
+                let _ = commands.send(Command::Shutdown);
+                break Exit::Lost;
+            }
+            _ = sigterm.recv() => {
+                let _ = commands.send(Command::Shutdown);
+                break Exit::Signal;
+            }
+            _ = sigint.recv() => {
+                let _ = commands.send(Command::Shutdown);
+                break Exit::Signal;
+            }
+            _ = tick.tick() => {
+                app.now = start.elapsed().as_secs_f64();
+                // Elapsed times and ETAs move once a second while something runs.
+                let sec = app.now as u64;
+                if sec != last_second && !app.running().is_empty() {
+                    app.dirty = true;
+                }
+                last_second = sec;
+                if app.dirty {
+                    if terminal.draw(|f| view::render(f, &app)).is_err() {
+                        let _ = commands.send(Command::Shutdown);
+                        break Exit::Lost;
+                    }
+                    app.dirty = false;
+                }
+            }
+        }
+        if app.quitting && app.sweep_finished {
+            break Exit::Quit;
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    Ok(exit)
+}
