@@ -6,6 +6,7 @@ pub mod data;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod nf4;
 pub mod ops;
 pub mod optim;
 pub mod train;
