@@ -9,6 +9,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod scaler;
 pub mod train;
 pub mod weights;
 

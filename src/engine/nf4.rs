@@ -312,7 +312,11 @@ impl Dequant {
         let mut out = Vec::with_capacity(self.n);
         for k in 0..self.n {
             let byte = packed[k / 2];
-            let q = if k.is_multiple_of(2) { byte >> 4 } else { byte & 0x0f };
+            let q = if k.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
             out.push(NF4_CODE[q as usize] * absmax[k / NF4_BLOCK]);
         }
         out

@@ -100,11 +100,19 @@ impl AdamW {
 
     /// Global L2 norm of the gradients of the optimizer's variables (absent grads count 0).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
+        self.grad_norm_scaled(grads, 1.0)
+    }
+
+    /// Global L2 norm of the gradients each multiplied by `factor` first (e.g. `1/loss_scale`,
+    /// so large scaled gradients do not overflow the sum of squares). Inf or NaN in any
+    /// gradient gives a non-finite result.
+    pub fn grad_norm_scaled(&self, grads: &GradStore, factor: f64) -> Result<f64> {
         let mut sq = 0f64;
         for var in &self.vars {
             if let Some(g) = grads.get(var.as_tensor()) {
                 sq += g
                     .to_dtype(DType::F32)?
+                    .affine(factor, 0.0)?
                     .sqr()?
                     .sum_all()?
                     .to_scalar::<f32>()? as f64;
