@@ -7,7 +7,7 @@ use crate::engine::EngineError;
 use crate::engine::data::DataFormat;
 use crate::engine::lora::{LoraConfig, Target};
 use crate::engine::nf4::Quant;
-use crate::engine::optim::{AdamWConfig, Schedule};
+use crate::engine::optim::{AdamWConfig, OptimizerKind, Schedule};
 use crate::engine::train::{Precision, TrainEvent, TrainOptions, train};
 use std::io::Write;
 use std::path::PathBuf;
@@ -81,7 +81,8 @@ pub struct TrainArgs {
     /// NormalFloat, block 64, double-quantised statistics).
     #[arg(long, default_value = "none")]
     pub quant: String,
-    /// Optimizer: adamw (8-bit and paged variants come later).
+    /// Optimizer: adamw (f32 moments) or adamw8bit (bitsandbytes block-wise 8-bit moments;
+    /// paged variants come later).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// Keep only each decoder layer's input and recompute the layer in backward.
@@ -125,12 +126,15 @@ impl TrainArgs {
                 )));
             }
         };
-        if self.optimizer != "adamw" {
-            return Err(EngineError::Invalid(format!(
-                "--optimizer {}: only adamw is implemented so far",
-                self.optimizer
-            )));
-        }
+        let optimizer = match self.optimizer.as_str() {
+            "adamw" => OptimizerKind::AdamW,
+            "adamw8bit" => OptimizerKind::AdamW8bit,
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "--optimizer {other}: only adamw and adamw8bit are implemented so far"
+                )));
+            }
+        };
         if let Some(v) = &self.vram_limit {
             return Err(EngineError::Invalid(format!(
                 "--vram-limit {v}: VRAM limits are not implemented yet"
@@ -178,6 +182,7 @@ impl TrainArgs {
                 weight_decay: self.weight_decay,
                 ..AdamWConfig::default()
             },
+            optimizer,
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
             device: self.device.clone(),
@@ -211,7 +216,7 @@ fn human(ev: &TrainEvent) {
                 h.options.lora.targets
             );
             eprintln!(
-                "  memory: base weights {:.1} MiB ({:?}{}), adapters+AdamW state {:.1} MiB; tokenizer: {}; {} examples",
+                "  memory: base weights {:.1} MiB ({:?}{}), adapters+optimizer state {:.1} MiB; tokenizer: {}; {} examples",
                 h.weight_bytes as f64 / 1048576.0,
                 h.quant,
                 if h.options.grad_checkpointing {

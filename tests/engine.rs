@@ -328,6 +328,7 @@ fn opts(data: &str, steps: usize) -> TrainOptions {
             lr: 2e-3,
             ..Default::default()
         },
+        optimizer: lorascope::engine::optim::OptimizerKind::AdamW,
         max_grad_norm: 1.0,
         seed: 1,
         device: "cpu".into(),
@@ -756,4 +757,24 @@ fn forced_overflow_skips_and_backs_off() {
     }
     assert_eq!(skipped, 4);
     assert_eq!(summary_skipped, Some(4));
+}
+
+/// adamw8bit on the tiny preset follows fp32 AdamW: same first loss, and the mean loss of the
+/// last 5 of 30 steps within 5% of AdamW's.
+#[test]
+fn adamw8bit_tracks_adamw_on_tiny() {
+    let mut o = opts("sample", 30);
+    o.batch_size = 2;
+    o.seq_len = 64;
+    let (la, _) = losses_of(&o);
+    o.optimizer = lorascope::engine::optim::OptimizerKind::AdamW8bit;
+    let (lb, _) = losses_of(&o);
+    assert_eq!(la[0], lb[0]);
+    let tail = |l: &[f64]| l[25..].iter().sum::<f64>() / 5.0;
+    let (a, b) = (tail(&la), tail(&lb));
+    assert!(
+        (a - b).abs() <= 0.05 * a,
+        "adamw {a:.4} vs adamw8bit {b:.4}"
+    );
+    assert!(b < 0.9 * lb[0], "adamw8bit did not learn: {} -> {b}", lb[0]);
 }

@@ -6,7 +6,7 @@ use super::data::{Batcher, DataFormat, Packing, Record, Tokenizer, bundled_sampl
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
 use super::nf4::Quant;
-use super::optim::{AdamW, AdamWConfig, Schedule, lr_at};
+use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
 use super::scaler::{LossScaler, LossScalerConfig};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
@@ -63,8 +63,10 @@ pub struct TrainOptions {
     pub schedule: Schedule,
     /// LoRA settings.
     pub lora: LoraConfig,
-    /// AdamW settings.
+    /// AdamW settings (shared by every optimizer kind).
     pub adamw: AdamWConfig,
+    /// Optimizer: AdamW with f32 or 8-bit block-wise moments.
+    pub optimizer: OptimizerKind,
     /// Clip the global gradient norm to this (HF Trainer's `max_grad_norm`); 0 disables.
     pub max_grad_norm: f64,
     /// Seed for data order, adapter init, dropout and synthetic weights.
@@ -128,6 +130,8 @@ pub struct Header {
     pub quant: Quant,
     /// Adapter master weights + optimizer state bytes.
     pub adapter_and_optimizer_bytes: usize,
+    /// Optimizer state bytes alone.
+    pub optimizer_state_bytes: usize,
     /// Device string.
     pub device: String,
     /// Compute precision.
@@ -223,6 +227,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct Prepared {
     /// The model.
     pub model: Model,
+    /// The optimizer over the model's adapters.
+    pub optimizer: AnyOptimizer,
     /// The batch source.
     pub batcher: Batcher,
     /// The run header.
@@ -287,6 +293,8 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     )?;
     model.set_grad_checkpointing(opts.grad_checkpointing);
     let counts: ParamCounts = model.param_counts();
+    let optimizer = AnyOptimizer::new(opts.optimizer, model.trainable_vars(), opts.adamw)
+        .ctx("creating the optimizer")?;
     let header = Header {
         model: src.name.clone(),
         synthetic_weights: weights.is_synthetic(),
@@ -294,7 +302,8 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         params_trainable: counts.trainable,
         weight_bytes: model.base_weight_bytes(),
         quant: opts.quant,
-        adapter_and_optimizer_bytes: counts.trainable * 4 * 3,
+        adapter_and_optimizer_bytes: counts.trainable * 4 + optimizer.state_bytes(),
+        optimizer_state_bytes: optimizer.state_bytes(),
         device: opts.device.clone(),
         precision: opts.precision,
         tokenizer: tokenizer.name(),
@@ -303,6 +312,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     };
     Ok(Prepared {
         model,
+        optimizer,
         batcher,
         header,
     })
@@ -317,11 +327,11 @@ pub fn train(
 ) -> Result<Summary, EngineError> {
     let Prepared {
         model,
+        optimizer: mut opt,
         mut batcher,
         header,
     } = prepare(opts)?;
     emit(&TrainEvent::Header(Box::new(header)));
-    let mut opt = AdamW::new(model.trainable_vars(), opts.adamw).ctx("creating AdamW")?;
     let device = model.device().clone();
     let (b, t) = (opts.batch_size, opts.seq_len);
     let mut first_loss = f64::NAN;
