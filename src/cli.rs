@@ -363,6 +363,10 @@ fn run(args: RunArgs) -> Result<()> {
         None => profile::load_embedded()?,
     };
     let specs = grid::expand(&lp);
+    if args.worker.is_none() {
+        // Only the real engine has these constraints (test workers stand in for it).
+        preflight(&lp)?;
+    }
     let repeats = lp.profile.run.repeats;
     let devices: Vec<Device> = lp
         .profile
@@ -492,6 +496,35 @@ fn run(args: RunArgs) -> Result<()> {
     if outcome.shutdown {
         bail!(
             "sweep {sweep_id} interrupted; continue with `lorascope run {} --resume`",
+            lp.path.display()
+        );
+    }
+    if !rows.is_empty() && rows.iter().all(|r| !r.status.starts_with("ok")) {
+        bail!(
+            "no point of sweep {sweep_id} finished ok; see each run's cause above (`lorascope report --sweep {sweep_id}`)"
+        );
+    }
+    Ok(())
+}
+
+/// Checks, before any run starts, what would make every point fail the same way: a missing
+/// data file, or CUDA devices in a build without CUDA.
+fn preflight(lp: &profile::LoadedProfile) -> Result<()> {
+    let data = &lp.profile.data.path;
+    if data != "sample" {
+        let p = lp.base_dir.join(data);
+        if !p.exists() {
+            bail!(
+                "{}: data.path `{data}` not found (resolved to {}; paths are relative to the profile)",
+                lp.path.display(),
+                p.display()
+            );
+        }
+    }
+    let wants_cuda = lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
+    if wants_cuda && !candle_core::utils::cuda_is_available() {
+        bail!(
+            "{}: run.devices asks for a GPU but this lorascope was built without CUDA; rebuild with `cargo build --release --features cuda` or use devices = [\"cpu\"]",
             lp.path.display()
         );
     }

@@ -361,11 +361,13 @@ fn k(s: &str) -> KeySeg {
 /// `profiles/x.toml:12:11: grid.seq_len[1]: seq_len must be > 0`.
 #[derive(Debug, thiserror::Error)]
 pub enum ProfileError {
-    #[error("{file}: cannot read profile: {source}")]
+    /// The profile file cannot be read.
+    #[error("{file}: cannot read profile: {err}")]
     Io {
+        /// The profile path as given.
         file: String,
-        #[source]
-        source: std::io::Error,
+        /// The OS error.
+        err: std::io::Error,
     },
     #[error("{file}:{line}:{column}: {}{message}", key.as_ref().map(|k| format!("{k}: ")).unwrap_or_default())]
     Invalid {
@@ -428,7 +430,7 @@ pub fn load(path: &Path) -> Result<LoadedProfile, ProfileError> {
     let file = path.display().to_string();
     let source = std::fs::read_to_string(path).map_err(|source| ProfileError::Io {
         file: file.clone(),
-        source,
+        err: source,
     })?;
     let profile = parse_str(&source, &file)?;
     let base_dir = path

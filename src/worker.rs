@@ -6,7 +6,8 @@
 use crate::engine::EngineError;
 use crate::engine::data::DataFormat;
 use crate::engine::lora::{LoraConfig, Target};
-use crate::engine::optim::{AdamWConfig, Schedule};
+use crate::engine::nf4::Quant;
+use crate::engine::optim::{AdamWConfig, OptimizerKind, Schedule};
 use crate::engine::train::{Precision, TrainEvent, TrainOptions, train};
 use std::io::Write;
 use std::path::PathBuf;
@@ -76,13 +77,15 @@ pub struct TrainArgs {
     /// Compute precision.
     #[arg(long, value_enum, default_value = "fp32")]
     pub precision: Precision,
-    /// Base-weight quantisation: none (nf4 comes with the QLoRA issue).
+    /// Base-weight quantisation of the decoder projections: none or nf4 (QLoRA: 4-bit
+    /// NormalFloat, block 64, double-quantised statistics).
     #[arg(long, default_value = "none")]
     pub quant: String,
-    /// Optimizer: adamw (8-bit and paged variants come later).
+    /// Optimizer: adamw (f32 moments) or adamw8bit (bitsandbytes block-wise 8-bit moments;
+    /// paged variants come later).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
-    /// Recompute each decoder layer in backward (not implemented yet).
+    /// Keep only each decoder layer's input and recompute the layer in backward.
     #[arg(long)]
     pub grad_checkpointing: bool,
     /// Emulate a smaller card (not implemented yet).
@@ -114,23 +117,24 @@ impl TrainArgs {
     ///
     /// Errors: an option the engine does not support yet, or a malformed value.
     pub fn to_options(&self) -> Result<TrainOptions, EngineError> {
-        if self.quant != "none" {
-            return Err(EngineError::Invalid(format!(
-                "--quant {}: NF4 quantisation is not implemented yet (use --quant none)",
-                self.quant
-            )));
-        }
-        if self.optimizer != "adamw" {
-            return Err(EngineError::Invalid(format!(
-                "--optimizer {}: only adamw is implemented so far",
-                self.optimizer
-            )));
-        }
-        if self.grad_checkpointing {
-            return Err(EngineError::Invalid(
-                "--grad-checkpointing is not implemented yet".into(),
-            ));
-        }
+        let quant = match self.quant.as_str() {
+            "none" => Quant::None,
+            "nf4" => Quant::Nf4,
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "--quant {other}: expected none or nf4"
+                )));
+            }
+        };
+        let optimizer = match self.optimizer.as_str() {
+            "adamw" => OptimizerKind::AdamW,
+            "adamw8bit" => OptimizerKind::AdamW8bit,
+            other => {
+                return Err(EngineError::Invalid(format!(
+                    "--optimizer {other}: only adamw and adamw8bit are implemented so far"
+                )));
+            }
+        };
         if let Some(v) = &self.vram_limit {
             return Err(EngineError::Invalid(format!(
                 "--vram-limit {v}: VRAM limits are not implemented yet"
@@ -178,10 +182,14 @@ impl TrainArgs {
                 weight_decay: self.weight_decay,
                 ..AdamWConfig::default()
             },
+            optimizer,
             max_grad_norm: self.max_grad_norm,
             seed: self.seed,
             device: self.device.clone(),
             precision: self.precision,
+            quant,
+            grad_checkpointing: self.grad_checkpointing,
+            loss_scaling: None,
             save_adapter: self.save_adapter.clone(),
         })
     }
@@ -208,21 +216,35 @@ fn human(ev: &TrainEvent) {
                 h.options.lora.targets
             );
             eprintln!(
-                "  memory: base weights {:.1} MiB, adapters+AdamW state {:.1} MiB; tokenizer: {}; {} examples",
+                "  memory: base weights {:.1} MiB ({:?}{}), adapters+optimizer state {:.1} MiB; tokenizer: {}; {} examples",
                 h.weight_bytes as f64 / 1048576.0,
+                h.quant,
+                if h.options.grad_checkpointing {
+                    ", gradient checkpointing"
+                } else {
+                    ""
+                },
                 h.adapter_and_optimizer_bytes as f64 / 1048576.0,
                 h.tokenizer,
                 h.examples
             );
         }
         TrainEvent::Step(s) => eprintln!(
-            "step {:>4}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s  ({:.3} s)",
+            "step {:>4}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s  ({:.3} s){}{}",
             s.step,
             s.loss,
             s.lr,
             s.grad_norm,
             s.tokens as f64 / s.step_seconds.max(1e-12),
-            s.step_seconds
+            s.step_seconds,
+            s.loss_scale
+                .map(|v| format!("  scale {v}"))
+                .unwrap_or_default(),
+            if s.skipped {
+                "  skipped (inf/NaN gradients)"
+            } else {
+                ""
+            }
         ),
         TrainEvent::Summary(s) => {
             eprintln!(

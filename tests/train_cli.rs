@@ -241,8 +241,8 @@ fn seq_len_above_max_positions() {
 
 #[test]
 fn unsupported_option_is_refused_clearly() {
-    let o = train(&["--quant", "nf4"]);
-    assert_one_line_error(&o, &["nf4"]);
+    let o = train(&["--quant", "int3"]);
+    assert_one_line_error(&o, &["int3", "nf4"]);
     let o = train(&["--device", "cuda:0"]);
     assert_one_line_error(&o, &["cuda"]);
 }

@@ -2,8 +2,10 @@
 //! Hugging Face PEFT's `LoraLayer`: `y = W x + b + (alpha / r) * B A dropout(x)`, `A` (r, in)
 //! Kaiming-uniform (`a = sqrt(5)`, i.e. U(-1/sqrt(in), 1/sqrt(in))), `B` (out, r) zeros.
 //! Adapter weights are f32 master copies ([`candle_core::Var`]) cast to the compute dtype in
-//! forward; the base projection is a [`FrozenLinear`] and gets no gradient.
+//! forward; the base projection is a [`BaseLinear`] (dense [`FrozenLinear`] or 4-bit
+//! [`Nf4Linear`]) and gets no gradient.
 
+use super::nf4::Nf4Linear;
 use super::ops::FrozenLinear;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -130,10 +132,68 @@ pub struct LoraAdapter {
     pub dropout: f64,
 }
 
+/// The frozen base of a projection: dense in the compute dtype, or NF4 (QLoRA).
+#[derive(Debug, Clone)]
+pub enum BaseLinear {
+    /// Weight (out, in) and bias in the compute dtype.
+    Dense(FrozenLinear),
+    /// NF4 weight with double-quantised statistics; bias in the compute dtype.
+    Nf4(Nf4Linear),
+}
+
+impl BaseLinear {
+    /// Apply to `x` (..., in) -> (..., out); backward returns only `dx`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.forward(x),
+            Self::Nf4(l) => l.forward(x),
+        }
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        match self {
+            Self::Dense(l) => l.shape(),
+            Self::Nf4(l) => l.shape(),
+        }
+    }
+
+    /// The bias, (out), if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        match self {
+            Self::Dense(l) => l.bias(),
+            Self::Nf4(l) => l.bias(),
+        }
+    }
+
+    /// The weight (out, in) in `dtype`: the stored tensor when dense (cast if needed), a fresh
+    /// dequantised copy when NF4.
+    ///
+    /// Errors: a device error while dequantising or casting.
+    pub fn weight(&self, dtype: DType) -> Result<Tensor> {
+        match self {
+            Self::Dense(l) => l.weight().to_dtype(dtype),
+            Self::Nf4(l) => l.weight().dequantize(dtype),
+        }
+    }
+
+    /// Bytes held by the weight and bias (NF4: packed codes and statistics).
+    pub fn bytes(&self) -> usize {
+        let bias = self
+            .bias()
+            .map(|b| b.elem_count() * b.dtype().size_in_bytes())
+            .unwrap_or(0);
+        bias + match self {
+            Self::Dense(l) => l.weight().elem_count() * l.weight().dtype().size_in_bytes(),
+            Self::Nf4(l) => l.weight().bytes(),
+        }
+    }
+}
+
 /// A frozen projection with an optional adapter.
 pub struct LoraLinear {
     /// The frozen base projection.
-    pub base: FrozenLinear,
+    pub base: BaseLinear,
     /// The adapter, when this projection is a target.
     pub adapter: Option<LoraAdapter>,
 }
@@ -151,6 +211,17 @@ impl DropoutRng {
 impl LoraLinear {
     /// Apply to `x` (tokens, in) -> (tokens, out). `train` enables dropout.
     pub fn forward(&self, x: &Tensor, train: Option<&DropoutRng>) -> Result<Tensor> {
+        self.forward_with(x, train, false)
+    }
+
+    /// As [`LoraLinear::forward`]; with `detach`, the adapter weights enter as constants
+    /// (no graph node), as in the untracked first pass of gradient checkpointing.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        train: Option<&DropoutRng>,
+        detach: bool,
+    ) -> Result<Tensor> {
         let y = self.base.forward(x)?;
         let Some(ad) = &self.adapter else {
             return Ok(y);
@@ -160,8 +231,13 @@ impl LoraLinear {
             Some(rng) if ad.dropout > 0.0 => dropout(x, ad.dropout, rng)?,
             _ => x.clone(),
         };
-        let a = ad.a.as_tensor().to_dtype(dt)?;
-        let b = ad.b.as_tensor().to_dtype(dt)?;
+        let (a, b) = if detach {
+            (ad.a.as_tensor().detach(), ad.b.as_tensor().detach())
+        } else {
+            (ad.a.as_tensor().clone(), ad.b.as_tensor().clone())
+        };
+        let a = a.to_dtype(dt)?;
+        let b = b.to_dtype(dt)?;
         let upd = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
         y + upd.affine(ad.scale, 0.0)?
     }

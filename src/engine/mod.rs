@@ -6,8 +6,10 @@ pub mod data;
 pub mod lora;
 pub mod loss;
 pub mod model;
+pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod scaler;
 pub mod train;
 pub mod weights;
 

@@ -6,16 +6,27 @@
 //! (private fields) and its fused RoPE/softmax/RMSNorm record no backward, so gradients stop
 //! silently. Every op here is differentiable with respect to the LoRA weights (checked against
 //! finite differences in the tests), and no gradient is computed for base weights.
+//!
+//! Options: target projections may be stored as NF4 ([`Quant::Nf4`], QLoRA), and decoder
+//! layers may be checkpointed ([`Model::set_grad_checkpointing`]): only each layer's input is
+//! kept, and the layer is recomputed in backward. Gradients must then be taken with
+//! [`Model::backward`], which merges the adapter gradients found during recomputation.
 
 use super::config::ModelConfig;
-use super::lora::{DropoutRng, LoraAdapter, LoraConfig, LoraLinear, Target, new_adapter};
+use super::lora::{
+    BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, Target, new_adapter,
+};
 use super::loss::ChunkedCrossEntropy;
+use super::nf4::{Nf4Linear, Nf4Weight, Quant};
 use super::ops::{FrozenLinear, RmsNorm, apply_rope, causal_attention, rope_tables};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
-use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_core::backprop::GradStore;
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 /// One decoder layer.
 pub struct DecoderLayer {
@@ -30,12 +41,45 @@ pub struct Model {
     cfg: ModelConfig,
     lora: LoraConfig,
     embed: Tensor,
-    layers: Vec<DecoderLayer>,
+    layers: Vec<Arc<DecoderLayer>>,
     norm: RmsNorm,
     lm_head: Tensor,
     dtype: DType,
     device: Device,
-    dropout_rng: DropoutRng,
+    dropout_rng: Arc<DropoutRng>,
+    quant: Quant,
+    grad_checkpointing: bool,
+    stash: Arc<GradStash>,
+}
+
+/// Adapter gradients computed while recomputing checkpointed layers in backward, keyed by the
+/// adapter variable's id, waiting to be merged into the main [`GradStore`].
+#[derive(Default)]
+struct GradStash(Mutex<HashMap<candle_core::TensorId, Tensor>>);
+
+impl GradStash {
+    fn add(&self, id: candle_core::TensorId, g: Tensor) -> Result<()> {
+        let mut m = self
+            .0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("gradient stash poisoned".into()))?;
+        let g = match m.remove(&id) {
+            Some(prev) => (prev + g)?,
+            None => g,
+        };
+        m.insert(id, g);
+        Ok(())
+    }
+
+    fn take(&self, id: candle_core::TensorId) -> Option<Tensor> {
+        self.0.lock().ok()?.remove(&id)
+    }
+
+    fn clear(&self) {
+        if let Ok(mut m) = self.0.lock() {
+            m.clear();
+        }
+    }
 }
 
 /// Parameter counts.
@@ -49,7 +93,8 @@ pub struct ParamCounts {
 
 impl Model {
     /// Build the model: load (or synthesise) base weights in `dtype` on `device`, create LoRA
-    /// adapters (seeded by `seed`) on every projection in `lora.targets`.
+    /// adapters (seeded by `seed`) on every projection in `lora.targets`. Same as
+    /// [`Model::new_quantized`] with [`Quant::None`].
     ///
     /// Errors: missing/mis-shaped weights ([`EngineError::Weights`]), out of memory.
     pub fn new(
@@ -59,6 +104,23 @@ impl Model {
         dtype: DType,
         device: &Device,
         seed: u64,
+    ) -> std::result::Result<Self, EngineError> {
+        Self::new_quantized(cfg, lora, weights, dtype, device, seed, Quant::None)
+    }
+
+    /// As [`Model::new`], with the seven projections of every decoder layer quantised at load
+    /// when `quant` is [`Quant::Nf4`] (each weight is loaded in `dtype`, quantised, and the
+    /// dense copy dropped); embeddings, norms, biases and `lm_head` stay in `dtype`.
+    ///
+    /// Errors: as [`Model::new`].
+    pub fn new_quantized(
+        cfg: &ModelConfig,
+        lora: &LoraConfig,
+        weights: &WeightSource,
+        dtype: DType,
+        device: &Device,
+        seed: u64,
+        quant: Quant,
     ) -> std::result::Result<Self, EngineError> {
         if lora.rank == 0 {
             return Err(EngineError::Invalid(
@@ -111,20 +173,24 @@ impl Model {
                 } else {
                     None
                 };
-                proj.push(LoraLinear {
-                    base: FrozenLinear::new(w, b),
-                    adapter,
-                });
+                let base = match quant {
+                    Quant::None => BaseLinear::Dense(FrozenLinear::new(w, b)),
+                    Quant::Nf4 => BaseLinear::Nf4(Nf4Linear::new(
+                        Nf4Weight::quantize(&w).ctx("quantising to NF4")?,
+                        b,
+                    )),
+                };
+                proj.push(LoraLinear { base, adapter });
             }
             let post_norm = RmsNorm::new(
                 get(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
                 cfg.rms_norm_eps,
             );
-            layers.push(DecoderLayer {
+            layers.push(Arc::new(DecoderLayer {
                 input_norm,
                 post_norm,
                 proj,
-            });
+            }));
         }
         let norm = RmsNorm::new(get("model.norm.weight", &[h])?, cfg.rms_norm_eps);
         let lm_head = if cfg.tie_word_embeddings {
@@ -141,8 +207,47 @@ impl Model {
             lm_head,
             dtype,
             device: device.clone(),
-            dropout_rng: DropoutRng::new(seed),
+            dropout_rng: Arc::new(DropoutRng::new(seed)),
+            quant,
+            grad_checkpointing: false,
+            stash: Arc::new(GradStash::default()),
         })
+    }
+
+    /// Base-weight quantisation in use.
+    pub fn quant(&self) -> Quant {
+        self.quant
+    }
+
+    /// Turn gradient checkpointing of decoder layers on or off.
+    pub fn set_grad_checkpointing(&mut self, on: bool) {
+        self.grad_checkpointing = on;
+    }
+
+    /// Whether decoder layers are checkpointed.
+    pub fn grad_checkpointing(&self) -> bool {
+        self.grad_checkpointing
+    }
+
+    /// Backward from a scalar `loss` built by this model: `loss.backward()` plus the adapter
+    /// gradients computed while recomputing checkpointed layers. Use this rather than
+    /// `loss.backward()` whenever checkpointing may be on.
+    ///
+    /// Errors: from candle's backward pass (including out of memory).
+    pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
+        self.stash.clear();
+        let mut grads = loss.backward()?;
+        for var in self.trainable_vars() {
+            if let Some(g) = self.stash.take(var.as_tensor().id()) {
+                let g = match grads.remove(var.as_tensor()) {
+                    Some(prev) => (prev + g)?,
+                    None => g,
+                };
+                grads.insert(var.as_tensor(), g);
+            }
+        }
+        self.stash.clear();
+        Ok(grads)
     }
 
     /// The configuration.
@@ -194,13 +299,26 @@ impl Model {
         }
     }
 
-    /// Bytes held by base weights (embedding counted once when tied).
+    /// Bytes held by base weights (embedding counted once when tied): dense tensors at their
+    /// dtype's size, NF4 projections as packed codes plus statistics.
     pub fn base_weight_bytes(&self) -> usize {
-        self.cfg.num_parameters() * self.dtype.size_in_bytes()
+        let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+        let mut n = size(&self.embed) + size(self.norm.weight());
+        if !self.cfg.tie_word_embeddings {
+            n += size(&self.lm_head);
+        }
+        for l in &self.layers {
+            n += size(l.input_norm.weight()) + size(l.post_norm.weight());
+            n += l.proj.iter().map(|p| p.base.bytes()).sum::<usize>();
+        }
+        n
     }
 
-    /// Named base tensors as HF names (for checkpoint round trips).
-    pub fn base_tensors(&self) -> Vec<(String, Tensor)> {
+    /// Named base tensors as HF names (for checkpoint round trips). NF4 projections are
+    /// returned dequantised in the compute dtype.
+    ///
+    /// Errors: a device error while dequantising.
+    pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
         let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
         for (i, l) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
@@ -211,7 +329,7 @@ impl Model {
             for (t, lin) in Target::ALL.iter().zip(&l.proj) {
                 v.push((
                     format!("{p}.{}.weight", t.module_path()),
-                    lin.base.weight().clone(),
+                    lin.base.weight(self.dtype)?,
                 ));
                 if let Some(b) = lin.base.bias() {
                     v.push((format!("{p}.{}.bias", t.module_path()), b.clone()));
@@ -226,7 +344,7 @@ impl Model {
         if !self.cfg.tie_word_embeddings {
             v.push(("lm_head.weight".to_string(), self.lm_head.clone()));
         }
-        v
+        Ok(v)
     }
 
     /// Final hidden states (after the last RMSNorm) for `input_ids` (batch x seq, row-major),
@@ -242,43 +360,42 @@ impl Model {
         let mut x = self.embed.index_select(&ids, 0)?;
         let (cos, sin) = rope_tables(seq, self.cfg.head_dim, self.cfg.rope_theta, &self.device)?;
         let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
-        let rng = train.then_some(&self.dropout_rng);
-        for layer in &self.layers {
-            x = self.layer_forward(layer, &x, batch, seq, &cos, &sin, rng)?;
+        let rng = train.then_some(&*self.dropout_rng);
+        if self.grad_checkpointing && !self.adapters().is_empty() {
+            // The op needs a tracked input to be recorded; the embedding output is not.
+            if !x.track_op() {
+                x = Var::from_tensor(&x)?.as_tensor().clone();
+            }
+            for layer in &self.layers {
+                let snapshot = match rng {
+                    Some(r) => Some(
+                        r.0.lock()
+                            .map_err(|_| candle_core::Error::Msg("rng poisoned".into()))?
+                            .clone(),
+                    ),
+                    None => None,
+                };
+                let op = LayerCheckpoint {
+                    ctx: LayerCtx {
+                        cfg: self.cfg.clone(),
+                        layer: layer.clone(),
+                        batch,
+                        seq,
+                        cos: cos.clone(),
+                        sin: sin.clone(),
+                    },
+                    rng: train.then(|| self.dropout_rng.clone()),
+                    snapshot,
+                    stash: self.stash.clone(),
+                };
+                x = x.contiguous()?.apply_op1(op)?;
+            }
+        } else {
+            for layer in &self.layers {
+                x = layer_forward(&self.cfg, layer, &x, batch, seq, &cos, &sin, rng, false)?;
+            }
         }
         self.norm.forward(&x)
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    fn layer_forward(
-        &self,
-        l: &DecoderLayer,
-        x: &Tensor,
-        b: usize,
-        t: usize,
-        cos: &Tensor,
-        sin: &Tensor,
-        rng: Option<&DropoutRng>,
-    ) -> Result<Tensor> {
-        let c = &self.cfg;
-        let (qh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
-        let h = l.input_norm.forward(x)?;
-        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
-            y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
-        };
-        let q = heads(l.proj[0].forward(&h, rng)?, qh)?;
-        let k = heads(l.proj[1].forward(&h, rng)?, kvh)?;
-        let v = heads(l.proj[2].forward(&h, rng)?, kvh)?;
-        let q = apply_rope(&q, cos, sin)?;
-        let k = apply_rope(&k, cos, sin)?;
-        let a = causal_attention(&q, &k, &v)?;
-        let a = a.transpose(1, 2)?.reshape((b * t, qh * d))?;
-        let x = (x + l.proj[3].forward(&a, rng)?)?;
-        let h = l.post_norm.forward(&x)?;
-        let gate = l.proj[4].forward(&h, rng)?;
-        let up = l.proj[5].forward(&h, rng)?;
-        let m = l.proj[6].forward(&(gate.silu()? * up)?, rng)?;
-        x + m
     }
 
     /// Logits (batch*seq, vocab) in f32. Materialises the full matrix: for tests and small
@@ -300,5 +417,123 @@ impl Model {
     ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, batch, seq, train)?;
         ChunkedCrossEntropy::new(&self.lm_head, targets, &self.device)?.forward(&h)
+    }
+}
+
+/// One decoder layer: `x + attn(norm(x))`, then `+ mlp(norm(.))`. `x`: (b*t, hidden).
+/// `detach` makes adapter weights constants (untracked first pass of checkpointing).
+#[allow(clippy::too_many_arguments)]
+fn layer_forward(
+    c: &ModelConfig,
+    l: &DecoderLayer,
+    x: &Tensor,
+    b: usize,
+    t: usize,
+    cos: &Tensor,
+    sin: &Tensor,
+    rng: Option<&DropoutRng>,
+    detach: bool,
+) -> Result<Tensor> {
+    let (qh, kvh, d) = (c.num_attention_heads, c.num_key_value_heads, c.head_dim);
+    let proj = |i: usize, h: &Tensor| l.proj[i].forward_with(h, rng, detach);
+    let h = l.input_norm.forward(x)?;
+    let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+        y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
+    };
+    let q = heads(proj(0, &h)?, qh)?;
+    let k = heads(proj(1, &h)?, kvh)?;
+    let v = heads(proj(2, &h)?, kvh)?;
+    let q = apply_rope(&q, cos, sin)?;
+    let k = apply_rope(&k, cos, sin)?;
+    let a = causal_attention(&q, &k, &v)?;
+    let a = a.transpose(1, 2)?.reshape((b * t, qh * d))?;
+    let x = (x + proj(3, &a)?)?;
+    let h = l.post_norm.forward(&x)?;
+    let gate = proj(4, &h)?;
+    let up = proj(5, &h)?;
+    let m = proj(6, &(gate.silu()? * up)?)?;
+    x + m
+}
+
+/// What a checkpointed layer needs to run again.
+struct LayerCtx {
+    cfg: ModelConfig,
+    layer: Arc<DecoderLayer>,
+    batch: usize,
+    seq: usize,
+    cos: Tensor,
+    sin: Tensor,
+}
+
+/// Gradient checkpointing of one decoder layer as a custom op over the layer input
+/// (`torch.utils.checkpoint` semantics): forward runs the layer without recording a graph
+/// (adapters detached), so only the input stays alive for backward; backward runs the layer
+/// again on a fresh copy of the input with the adapters tracked, back-propagates the incoming
+/// gradient through it, returns the input gradient and stashes the adapter gradients for
+/// [`Model::backward`]. Dropout masks are reproduced from a snapshot of the generator taken
+/// before the forward pass.
+struct LayerCheckpoint {
+    ctx: LayerCtx,
+    rng: Option<Arc<DropoutRng>>,
+    snapshot: Option<ChaCha8Rng>,
+    stash: Arc<GradStash>,
+}
+
+impl LayerCheckpoint {
+    fn run(&self, x: &Tensor) -> Result<Tensor> {
+        let c = &self.ctx;
+        layer_forward(
+            &c.cfg,
+            &c.layer,
+            x,
+            c.batch,
+            c.seq,
+            &c.cos,
+            &c.sin,
+            self.rng.as_deref(),
+            true,
+        )
+    }
+}
+
+impl CustomOp1 for LayerCheckpoint {
+    fn name(&self) -> &'static str {
+        "checkpointed-decoder-layer"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        super::ops::cpu_out(self.run(&super::ops::cpu_in(s, l)?)?)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::ops::cuda_out(self.run(&super::ops::cuda_in(s, l)?)?)
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let c = &self.ctx;
+        let xv = Var::from_tensor(&x.detach())?;
+        let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));
+        let out = layer_forward(
+            &c.cfg,
+            &c.layer,
+            xv.as_tensor(),
+            c.batch,
+            c.seq,
+            &c.cos,
+            &c.sin,
+            rng.as_ref(),
+            false,
+        )?;
+        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        for ad in c.layer.proj.iter().filter_map(|p| p.adapter.as_ref()) {
+            for v in [&ad.a, &ad.b] {
+                if let Some(g) = grads.get(v.as_tensor()) {
+                    self.stash.add(v.as_tensor().id(), g.clone())?;
+                }
+            }
+        }
+        Ok(grads.get(xv.as_tensor()).cloned())
     }
 }

@@ -1,4 +1,5 @@
-//! AdamW with f32 state on the adapter weights, and the learning-rate schedule.
+//! AdamW with f32 state on the adapter weights, its 8-bit block-wise variant (bitsandbytes
+//! `AdamW8bit`), and the learning-rate schedule.
 
 use candle_core::{DType, Result, Tensor, Var, backprop::GradStore};
 
@@ -103,17 +104,14 @@ impl AdamW {
 
     /// Global L2 norm of the gradients of the optimizer's variables (absent grads count 0).
     pub fn grad_norm(&self, grads: &GradStore) -> Result<f64> {
-        let mut sq = 0f64;
-        for var in &self.vars {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                sq += g
-                    .to_dtype(DType::F32)?
-                    .sqr()?
-                    .sum_all()?
-                    .to_scalar::<f32>()? as f64;
-            }
-        }
-        Ok(sq.sqrt())
+        self.grad_norm_scaled(grads, 1.0)
+    }
+
+    /// Global L2 norm of the gradients each multiplied by `factor` first (e.g. `1/loss_scale`,
+    /// so large scaled gradients do not overflow the sum of squares). Inf or NaN in any
+    /// gradient gives a non-finite result.
+    pub fn grad_norm_scaled(&self, grads: &GradStore, factor: f64) -> Result<f64> {
+        grad_norm_of(&self.vars, grads, factor)
     }
 
     /// One update with learning rate `lr`, gradients multiplied by `grad_scale` first (for
@@ -142,8 +140,321 @@ impl AdamW {
     }
 }
 
+/// Tensors with fewer elements than this keep f32 optimizer state under [`AdamW8bit`]
+/// (bitsandbytes' `min_8bit_size = 4096`).
+pub const MIN_8BIT_SIZE: usize = 4096;
+
+/// Elements per quantisation block of 8-bit optimizer state (bitsandbytes' blockwise
+/// optimizers use 256).
+pub const STATE_BLOCK: usize = 256;
+
+/// One moment buffer of [`AdamW8bit`]: 8-bit codes with one f32 absmax per 256 elements, or
+/// plain f32 for small tensors.
+enum Moment {
+    /// f32 values.
+    F32(Vec<f32>),
+    /// Codes into a 256-entry map, one absmax per [`STATE_BLOCK`] elements.
+    Q8 { codes: Vec<u8>, absmax: Vec<f32> },
+}
+
+impl Moment {
+    fn new(n: usize) -> Self {
+        if n < MIN_8BIT_SIZE {
+            Self::F32(vec![0.0; n])
+        } else {
+            // Zero state: absmax 0 dequantises every code to 0.
+            Self::Q8 {
+                codes: vec![0; n],
+                absmax: vec![0.0; n.div_ceil(STATE_BLOCK)],
+            }
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            Self::F32(v) => 4 * v.len(),
+            Self::Q8 { codes, absmax } => codes.len() + 4 * absmax.len(),
+        }
+    }
+
+    fn load(&self, map: &[f32; 256]) -> Vec<f32> {
+        match self {
+            Self::F32(v) => v.clone(),
+            Self::Q8 { codes, absmax } => {
+                super::nf4::dequantize_blockwise(codes, absmax, map, STATE_BLOCK)
+            }
+        }
+    }
+
+    fn store(&mut self, v: Vec<f32>, map: &[f32; 256]) {
+        match self {
+            Self::F32(old) => *old = v,
+            Self::Q8 { codes, absmax } => {
+                let (c, a) = super::nf4::quantize_blockwise(&v, map, STATE_BLOCK);
+                *codes = c;
+                *absmax = a;
+            }
+        }
+    }
+}
+
+/// AdamW with 8-bit block-wise moments, as bitsandbytes' `AdamW8bit` (Dettmers et al. 2022,
+/// "8-bit Optimizers via Block-wise Quantization"): the first moment is stored as codes of
+/// the signed dynamic map, the second as codes of the unsigned dynamic map
+/// ([`super::nf4::dynamic_map`]), each with one f32 absmax per [`STATE_BLOCK`] elements;
+/// every step dequantises, applies the same update as [`AdamW`] with the un-requantised new
+/// moments, and requantises to the nearest code. Tensors under [`MIN_8BIT_SIZE`] elements
+/// keep f32 state.
+///
+/// The arithmetic runs on the host over the variables' values (a GPU kernel is future work),
+/// so on CUDA each step copies parameters and gradients through host memory.
+pub struct AdamW8bit {
+    cfg: AdamWConfig,
+    vars: Vec<Var>,
+    m: Vec<Moment>,
+    v: Vec<Moment>,
+    signed: Box<[f32; 256]>,
+    unsigned: Box<[f32; 256]>,
+    t: u64,
+}
+
+impl AdamW8bit {
+    /// Optimizer over `vars` (must be f32).
+    ///
+    /// Errors: a variable is not f32.
+    pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+        let mut m = Vec::with_capacity(vars.len());
+        let mut v = Vec::with_capacity(vars.len());
+        for var in &vars {
+            if var.dtype() != DType::F32 {
+                candle_core::bail!(
+                    "AdamW8bit master weights must be f32, got {:?}",
+                    var.dtype()
+                );
+            }
+            m.push(Moment::new(var.elem_count()));
+            v.push(Moment::new(var.elem_count()));
+        }
+        Ok(Self {
+            cfg,
+            vars,
+            m,
+            v,
+            signed: Box::new(super::nf4::dynamic_map(true)),
+            unsigned: Box::new(super::nf4::dynamic_map(false)),
+            t: 0,
+        })
+    }
+
+    /// Bytes of optimizer state: 1 byte per element plus 4 per 256-block for quantised
+    /// moments, 4 per element for f32 ones.
+    pub fn state_bytes(&self) -> usize {
+        self.m.iter().chain(&self.v).map(Moment::bytes).sum()
+    }
+
+    /// Whether variable `i`'s state is 8-bit (false: f32, the tensor is under
+    /// [`MIN_8BIT_SIZE`]).
+    pub fn is_quantized(&self, i: usize) -> bool {
+        matches!(self.m[i], Moment::Q8 { .. })
+    }
+
+    /// One update, as [`AdamW::step`].
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        self.t += 1;
+        let c = self.cfg;
+        let bc1 = 1.0 - c.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        for (i, var) in self.vars.iter().enumerate() {
+            let Some(g) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let g: Vec<f32> = g.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            let mut p: Vec<f32> = var.as_tensor().flatten_all()?.to_vec1()?;
+            let mut m = self.m[i].load(&self.signed);
+            let mut v = self.v[i].load(&self.unsigned);
+            for k in 0..p.len() {
+                let gk = g[k] as f64 * grad_scale;
+                let mk = c.beta1 * m[k] as f64 + (1.0 - c.beta1) * gk;
+                let vk = c.beta2 * v[k] as f64 + (1.0 - c.beta2) * gk * gk;
+                let upd = (mk / bc1) / ((vk / bc2).sqrt() + c.eps);
+                p[k] = (p[k] as f64 * (1.0 - lr * c.weight_decay) - lr * upd) as f32;
+                m[k] = mk as f32;
+                v[k] = vk as f32;
+            }
+            self.m[i].store(m, &self.signed);
+            self.v[i].store(v, &self.unsigned);
+            let dev = var.device().clone();
+            var.set(&Tensor::from_vec(p, var.shape(), &dev)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// The optimizers `--optimizer` can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    /// [`AdamW`], f32 moments.
+    #[default]
+    AdamW,
+    /// [`AdamW8bit`], block-wise 8-bit moments.
+    AdamW8bit,
+}
+
+/// An optimizer of either kind behind one interface.
+pub enum AnyOptimizer {
+    /// f32 moments.
+    AdamW(AdamW),
+    /// 8-bit moments.
+    AdamW8bit(AdamW8bit),
+}
+
+impl AnyOptimizer {
+    /// Build `kind` over `vars` (f32).
+    ///
+    /// Errors: a variable is not f32.
+    pub fn new(kind: OptimizerKind, vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+        Ok(match kind {
+            OptimizerKind::AdamW => Self::AdamW(AdamW::new(vars, cfg)?),
+            OptimizerKind::AdamW8bit => Self::AdamW8bit(AdamW8bit::new(vars, cfg)?),
+        })
+    }
+
+    /// Bytes of optimizer state.
+    pub fn state_bytes(&self) -> usize {
+        match self {
+            Self::AdamW(o) => o.state_bytes(),
+            Self::AdamW8bit(o) => o.state_bytes(),
+        }
+    }
+
+    /// Global gradient norm after multiplying by `factor` (see [`AdamW::grad_norm_scaled`]).
+    pub fn grad_norm_scaled(&self, grads: &GradStore, factor: f64) -> Result<f64> {
+        let vars = match self {
+            Self::AdamW(o) => &o.vars,
+            Self::AdamW8bit(o) => &o.vars,
+        };
+        grad_norm_of(vars, grads, factor)
+    }
+
+    /// One update (see [`AdamW::step`]).
+    pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        match self {
+            Self::AdamW(o) => o.step(grads, lr, grad_scale),
+            Self::AdamW8bit(o) => o.step(grads, lr, grad_scale),
+        }
+    }
+}
+
+fn grad_norm_of(vars: &[Var], grads: &GradStore, factor: f64) -> Result<f64> {
+    let mut sq = 0f64;
+    for var in vars {
+        if let Some(g) = grads.get(var.as_tensor()) {
+            sq += g
+                .to_dtype(DType::F32)?
+                .affine(factor, 0.0)?
+                .sqr()?
+                .sum_all()?
+                .to_scalar::<f32>()? as f64;
+        }
+    }
+    Ok(sq.sqrt())
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use candle_core::Device;
+    use rand::{Rng, SeedableRng};
+
+    /// On a quadratic `0.5 * sum(d_k (x_k - c_k)^2)` with 8192 + 100 parameters, 200 steps of
+    /// AdamW8bit (lr 1e-2) stay within 5% (relative L2) of fp32 AdamW's iterates (measured
+    /// 2.7%: Adam's own jitter near the optimum is of order lr) and reach a loss within 5% of
+    /// it; the 100-element tensor keeps f32 state and follows AdamW to 1e-5.
+    #[test]
+    fn adamw8bit_follows_adamw_on_a_quadratic() {
+        let dev = Device::Cpu;
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let sizes = [8192usize, 100];
+        let mk = |rng: &mut rand_chacha::ChaCha8Rng, n: usize, lo: f32, hi: f32| -> Vec<f32> {
+            (0..n).map(|_| rng.random_range(lo..hi)).collect()
+        };
+        let problems: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = sizes
+            .iter()
+            .map(|&n| {
+                (
+                    mk(&mut rng, n, -1.0, 1.0),
+                    mk(&mut rng, n, 0.1, 10.0),
+                    mk(&mut rng, n, -1.0, 1.0),
+                )
+            })
+            .collect();
+        let vars = |_: ()| -> Vec<Var> {
+            problems
+                .iter()
+                .map(|(x0, _, _)| Var::from_vec(x0.clone(), x0.len(), &dev).unwrap())
+                .collect()
+        };
+        let (va, vb) = (vars(()), vars(()));
+        let cfg = AdamWConfig {
+            lr: 1e-2,
+            ..AdamWConfig::default()
+        };
+        let mut a = AdamW::new(va.clone(), cfg).unwrap();
+        let mut b = AdamW8bit::new(vb.clone(), cfg).unwrap();
+        assert!(b.is_quantized(0));
+        assert!(!b.is_quantized(1));
+        assert_eq!(
+            b.state_bytes(),
+            2 * (8192 + 4 * 32) + 2 * 4 * 100,
+            "8-bit state: 1 B/elem + 4 B/256 elems; small tensor f32"
+        );
+        let loss_and_grads = |vs: &[Var]| -> (f64, GradStore) {
+            let mut total: Option<Tensor> = None;
+            for (v, (_, d, c)) in vs.iter().zip(&problems) {
+                let d = Tensor::from_vec(d.clone(), d.len(), &dev).unwrap();
+                let c = Tensor::from_vec(c.clone(), c.len(), &dev).unwrap();
+                let r = (v.as_tensor() - c).unwrap();
+                let l = ((r.sqr().unwrap() * d).unwrap().sum_all().unwrap() * 0.5).unwrap();
+                total = Some(match total {
+                    Some(t) => (t + l).unwrap(),
+                    None => l,
+                });
+            }
+            let total = total.unwrap();
+            let lv = total.to_scalar::<f32>().unwrap() as f64;
+            (lv, total.backward().unwrap())
+        };
+        let (l0, _) = loss_and_grads(&va);
+        let (mut la, mut lb) = (0.0, 0.0);
+        for _ in 0..200 {
+            let (l, g) = loss_and_grads(&va);
+            a.step(&g, cfg.lr, 1.0).unwrap();
+            la = l;
+            let (l, g) = loss_and_grads(&vb);
+            b.step(&g, cfg.lr, 1.0).unwrap();
+            lb = l;
+        }
+        assert!(la < 0.05 * l0, "AdamW did not converge: {l0} -> {la}");
+        assert!((lb - la).abs() <= 0.05 * la, "loss {lb} vs fp32 {la}");
+        for (k, (x, y)) in va.iter().zip(&vb).enumerate() {
+            let x: Vec<f32> = x.as_tensor().to_vec1().unwrap();
+            let y: Vec<f32> = y.as_tensor().to_vec1().unwrap();
+            let num: f64 = x
+                .iter()
+                .zip(&y)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum();
+            let den: f64 = x.iter().map(|a| (*a as f64).powi(2)).sum();
+            let rel = (num / den).sqrt();
+            let tol = if k == 0 { 0.05 } else { 1e-5 };
+            assert!(rel <= tol, "tensor {k}: relative L2 distance {rel}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod schedule_tests {
     use super::*;
 
     #[test]

@@ -5,7 +5,9 @@ use super::config::ModelSource;
 use super::data::{Batcher, DataFormat, Packing, Record, Tokenizer, bundled_sample, load_records};
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
-use super::optim::{AdamW, AdamWConfig, Schedule, lr_at};
+use super::nf4::Quant;
+use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
+use super::scaler::{LossScaler, LossScalerConfig};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use candle_core::{DType, Device};
@@ -19,7 +21,8 @@ use std::time::Instant;
 pub enum Precision {
     /// IEEE float32 everywhere.
     Fp32,
-    /// float16 compute with dynamic loss scaling (not implemented yet: refused).
+    /// float16 compute with dynamic loss scaling ([`LossScaler`]), f32 master weights and
+    /// optimizer state.
     Fp16,
     /// bfloat16 compute, f32 master weights and optimizer state.
     Bf16,
@@ -60,8 +63,10 @@ pub struct TrainOptions {
     pub schedule: Schedule,
     /// LoRA settings.
     pub lora: LoraConfig,
-    /// AdamW settings.
+    /// AdamW settings (shared by every optimizer kind).
     pub adamw: AdamWConfig,
+    /// Optimizer: AdamW with f32 or 8-bit block-wise moments.
+    pub optimizer: OptimizerKind,
     /// Clip the global gradient norm to this (HF Trainer's `max_grad_norm`); 0 disables.
     pub max_grad_norm: f64,
     /// Seed for data order, adapter init, dropout and synthetic weights.
@@ -70,6 +75,13 @@ pub struct TrainOptions {
     pub device: String,
     /// Compute precision.
     pub precision: Precision,
+    /// Base-weight quantisation of the decoder projections.
+    pub quant: Quant,
+    /// Recompute each decoder layer in backward instead of keeping its activations.
+    pub grad_checkpointing: bool,
+    /// Dynamic loss scaling: `None` uses GradScaler's defaults under fp16 and no scaling
+    /// otherwise; `Some` forces scaling with these settings at any precision.
+    pub loss_scaling: Option<LossScalerConfig>,
     /// Save the trained adapters (PEFT format) here at the end.
     pub save_adapter: Option<PathBuf>,
 }
@@ -91,11 +103,11 @@ pub struct StepRecord {
     pub loss: f64,
     /// Learning rate used for this step.
     pub lr: f64,
-    /// Global gradient L2 norm before clipping.
+    /// Global gradient L2 norm before clipping (unscaled; inf/NaN on an overflow step).
     pub grad_norm: f64,
-    /// fp16 loss scale (null unless fp16).
+    /// Loss scale used for this step's backward (null without loss scaling).
     pub loss_scale: Option<f64>,
-    /// The update was skipped (fp16 overflow).
+    /// The update was skipped because a gradient was inf or NaN (loss scaling only).
     pub skipped: bool,
 }
 
@@ -111,10 +123,15 @@ pub struct Header {
     pub params_total: usize,
     /// Trainable (adapter) parameters.
     pub params_trainable: usize,
-    /// Base weight bytes in the compute dtype.
+    /// Bytes of base weights as held: compute dtype, or NF4 codes plus statistics for
+    /// quantised projections.
     pub weight_bytes: usize,
+    /// Base-weight quantisation.
+    pub quant: Quant,
     /// Adapter master weights + optimizer state bytes.
     pub adapter_and_optimizer_bytes: usize,
+    /// Optimizer state bytes alone.
+    pub optimizer_state_bytes: usize,
     /// Device string.
     pub device: String,
     /// Compute precision.
@@ -210,6 +227,8 @@ pub fn peak_rss_bytes() -> Option<u64> {
 pub struct Prepared {
     /// The model.
     pub model: Model,
+    /// The optimizer over the model's adapters.
+    pub optimizer: AnyOptimizer,
     /// The batch source.
     pub batcher: Batcher,
     /// The run header.
@@ -243,11 +262,6 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
             "--seq-len {} is above the model's max_position_embeddings ({}) in {}",
             opts.seq_len, cfg.max_position_embeddings, src.name
         )));
-    }
-    if opts.precision == Precision::Fp16 {
-        return Err(EngineError::Invalid(
-            "--precision fp16 needs dynamic loss scaling, which this build does not have yet; use bf16 or fp32".into(),
-        ));
     }
     let device = parse_device(&opts.device)?;
     let tokenizer = Tokenizer::from_model_dir(src.dir.as_deref())?;
@@ -284,15 +298,22 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     }
     .unwrap_or(WeightSource::Synthetic { seed: opts.seed });
     let dtype = opts.precision.dtype();
-    let model = Model::new(cfg, &opts.lora, &weights, dtype, &device, opts.seed)?;
+    let mut model = Model::new_quantized(
+        cfg, &opts.lora, &weights, dtype, &device, opts.seed, opts.quant,
+    )?;
+    model.set_grad_checkpointing(opts.grad_checkpointing);
     let counts: ParamCounts = model.param_counts();
+    let optimizer = AnyOptimizer::new(opts.optimizer, model.trainable_vars(), opts.adamw)
+        .ctx("creating the optimizer")?;
     let header = Header {
         model: src.name.clone(),
         synthetic_weights: weights.is_synthetic(),
         params_total: counts.total,
         params_trainable: counts.trainable,
         weight_bytes: model.base_weight_bytes(),
-        adapter_and_optimizer_bytes: counts.trainable * 4 * 3,
+        quant: opts.quant,
+        adapter_and_optimizer_bytes: counts.trainable * 4 + optimizer.state_bytes(),
+        optimizer_state_bytes: optimizer.state_bytes(),
         device: opts.device.clone(),
         precision: opts.precision,
         tokenizer: tokenizer.name(),
@@ -301,6 +322,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     };
     Ok(Prepared {
         model,
+        optimizer,
         batcher,
         header,
     })
@@ -315,17 +337,23 @@ pub fn train(
 ) -> Result<Summary, EngineError> {
     let Prepared {
         model,
+        optimizer: mut opt,
         mut batcher,
         header,
     } = prepare(opts)?;
     emit(&TrainEvent::Header(Box::new(header)));
-    let mut opt = AdamW::new(model.trainable_vars(), opts.adamw).ctx("creating AdamW")?;
     let device = model.device().clone();
     let (b, t) = (opts.batch_size, opts.seq_len);
     let mut first_loss = f64::NAN;
     let mut last_loss = f64::NAN;
     let (mut tokens, mut seconds) = (0usize, 0f64);
     let (mut timed_tokens, mut timed_seconds) = (0usize, 0f64);
+    let mut scaler = match (opts.loss_scaling, opts.precision) {
+        (Some(cfg), _) => Some(LossScaler::new(cfg)),
+        (None, Precision::Fp16) => Some(LossScaler::new(LossScalerConfig::default())),
+        (None, _) => None,
+    };
+    let mut skipped_steps = 0usize;
     for step in 1..=opts.steps {
         let batch = batcher.next_batch();
         let start = Instant::now();
@@ -339,7 +367,12 @@ pub fn train(
         let loss = model
             .loss(&batch.input_ids, &batch.targets, b, t, true)
             .ctx("forward pass")?;
-        let grads = loss.backward().ctx("backward pass")?;
+        let loss_scale = scaler.as_ref().map(|s| s.scale());
+        let grads = match loss_scale {
+            Some(s) => model.backward(&loss.affine(s, 0.0).ctx("scaling the loss")?),
+            None => model.backward(&loss),
+        }
+        .ctx("backward pass")?;
         let loss_v = loss
             .to_dtype(DType::F64)
             .and_then(|l| l.to_scalar::<f64>())
@@ -349,13 +382,23 @@ pub fn train(
                 "loss became {loss_v} at step {step}; lower --lr or use --precision fp32"
             )));
         }
-        let grad_norm = opt.grad_norm(&grads).ctx("gradient norm")?;
-        let clip = if opts.max_grad_norm > 0.0 && grad_norm > opts.max_grad_norm {
-            opts.max_grad_norm / (grad_norm + 1e-6)
-        } else {
-            1.0
+        // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
+        let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
+        let grad_norm = opt.grad_norm_scaled(&grads, unscale).ctx("gradient norm")?;
+        let skipped = match scaler.as_mut() {
+            Some(s) => s.update(grad_norm.is_finite()),
+            None => false,
         };
-        opt.step(&grads, lr, clip).ctx("optimizer step")?;
+        if skipped {
+            skipped_steps += 1;
+        } else {
+            let clip = if opts.max_grad_norm > 0.0 && grad_norm > opts.max_grad_norm {
+                opts.max_grad_norm / (grad_norm + 1e-6)
+            } else {
+                1.0
+            };
+            opt.step(&grads, lr, clip * unscale).ctx("optimizer step")?;
+        }
         drop(grads);
         device.synchronize().ctx("synchronising the device")?;
         let dt = start.elapsed().as_secs_f64();
@@ -378,8 +421,8 @@ pub fn train(
             loss: loss_v,
             lr,
             grad_norm,
-            loss_scale: None,
-            skipped: false,
+            loss_scale,
+            skipped,
         }));
     }
     if timed_seconds == 0.0 {
@@ -406,7 +449,7 @@ pub fn train(
         tokens,
         seconds,
         tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
-        skipped_steps: 0,
+        skipped_steps,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_dir,
     };

@@ -1,0 +1,805 @@
+//! 4-bit NormalFloat (NF4) weights with double-quantised statistics, bit-compatible in layout
+//! with bitsandbytes' `quantize_4bit(..., quant_type="nf4", blocksize=64,
+//! compress_statistics=True)` (bitsandbytes `functional.py` and `backends/default/ops.py`):
+//!
+//! - the weight is flattened row-major and cut into blocks of [`NF4_BLOCK`] = 64 elements; each
+//!   block keeps its absolute maximum `absmax`;
+//! - each element is divided by its block's absmax and replaced by the index of the nearest of the
+//!   16 [`NF4_CODE`] values (Dettmers et al. 2023, "QLoRA", appendix E);
+//! - two indices share a byte, the first element in the high nibble (`packed = q[0::2] << 4 |
+//!   q[1::2]`); an odd element count is padded with the code of 0.0 in the last low nibble;
+//! - double quantisation: `offset = mean(absmax)`, then `absmax - offset` is quantised
+//!   block-wise to 8 bits with [`ABSMAX_BLOCK`] = 256 entries per block against bitsandbytes'
+//!   signed dynamic map ([`dynamic_map`]`(true)`), one f32 absmax per 256-block.
+//!
+//! Dequantisation is `NF4_CODE[q] * (DYN[qabsmax[b]] * absmax2[b / 256] + offset)` with
+//! `b = i / 64`, computed in f32 and cast to the requested dtype, as bitsandbytes'
+//! `dequantize_4bit` after `dequantize_blockwise(qabsmax, state2) + offset`.
+//!
+//! One deliberate difference: a block whose elements are all zero has absmax 0, and every element
+//! is stored as the code for 0.0 (bitsandbytes divides by zero there).
+//!
+//! The CPU path is plain loops over slices; the CUDA path (`--features cuda`) is a dequantise
+//! kernel compiled at run time with NVRTC.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
+use std::sync::OnceLock;
+
+/// Elements per NF4 block (bitsandbytes' default `blocksize=64` for 4-bit weights).
+pub const NF4_BLOCK: usize = 64;
+
+/// Block absmax values per 8-bit block in double quantisation (bitsandbytes uses 256).
+pub const ABSMAX_BLOCK: usize = 256;
+
+/// The 16 NormalFloat4 values, ascending, exactly as bitsandbytes' NF4 table (float32): the
+/// quantiles of N(0, 1) normalised to [-1, 1] with an exact zero (QLoRA appendix E).
+#[allow(clippy::excessive_precision)] // bitsandbytes' table, digit for digit
+pub const NF4_CODE: [f32; 16] = [
+    -1.0,
+    -0.696_192_800_998_687_7,
+    -0.525_073_051_452_636_7,
+    -0.394_917_488_098_144_53,
+    -0.284_441_381_692_886_35,
+    -0.184_773_430_228_233_34,
+    -0.091_050_036_251_544_95,
+    0.0,
+    0.079_580_299_556_255_34,
+    0.160_930_201_411_247_25,
+    0.246_112_301_945_686_34,
+    0.337_915_241_718_292_24,
+    0.440_709_829_330_444_34,
+    0.562_617_003_917_694_1,
+    0.722_956_836_223_602_3,
+    1.0,
+];
+
+/// Index of the NF4 value nearest to `x` (expected in [-1, 1]; values outside clamp to the
+/// ends, as bitsandbytes' `clamp(-1, 1)`). Ties go to the lower index (`argmin`'s rule).
+pub fn nearest_nf4(x: f32) -> u8 {
+    nearest_sorted(&NF4_CODE, x) as u8
+}
+
+/// Index of the entry of the ascending table `code` nearest to `x`; ties go to the lower index.
+/// NaN maps to the entry nearest 0.
+fn nearest_sorted(code: &[f32], x: f32) -> usize {
+    let x = if x.is_nan() { 0.0 } else { x };
+    let hi = code.partition_point(|&c| c < x);
+    if hi == 0 {
+        return 0;
+    }
+    if hi == code.len() {
+        return code.len() - 1;
+    }
+    let lo = hi - 1;
+    if (x - code[lo]) <= (code[hi] - x) {
+        lo
+    } else {
+        hi
+    }
+}
+
+/// bitsandbytes' `create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`: 256 ascending
+/// f32 values in [-1, 1] (signed) or [0, 1] (unsigned) made of a decimal exponent
+/// `10^(i-6)`, i = 0..6, times the midpoints of an even split of [0.1, 1] with `2^i` (signed)
+/// or `2^(i+1)` (unsigned) intervals, plus 0 and 1 (Dettmers 2015, "8-Bit Approximations for
+/// Parallelism in Deep Learning"). Computed in f32 as torch does (`linspace`, midpoints, scale),
+/// so entries agree with bitsandbytes' to within an f32 rounding.
+pub fn dynamic_map(signed: bool) -> [f32; 256] {
+    let max_exp = 7i32;
+    let mut data: Vec<f32> = Vec::with_capacity(256);
+    for i in 0..max_exp {
+        let items = if signed {
+            (1usize << i) + 1
+        } else {
+            (1usize << (i + 1)) + 1
+        };
+        let bounds = linspace_f32(0.1, 1.0, items);
+        let scale = 10f64.powi(i - (max_exp - 1)) as f32;
+        for w in bounds.windows(2) {
+            let mean = (w[0] + w[1]) / 2.0;
+            data.push(scale * mean);
+            if signed {
+                data.push(-scale * mean);
+            }
+        }
+    }
+    data.push(0.0);
+    data.push(1.0);
+    debug_assert_eq!(data.len(), 256);
+    data.sort_by(|a, b| a.total_cmp(b));
+    let mut out = [0f32; 256];
+    out.copy_from_slice(&data);
+    out
+}
+
+/// `torch.linspace(start, end, steps)` in f32: the first half stepped from `start`, the second
+/// half stepped back from `end`.
+fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
+    if steps == 1 {
+        return vec![start];
+    }
+    let step = (end - start) / (steps - 1) as f32;
+    let half = steps / 2;
+    (0..steps)
+        .map(|i| {
+            if i < half {
+                start + step * i as f32
+            } else {
+                end - step * (steps - 1 - i) as f32
+            }
+        })
+        .collect()
+}
+
+/// bitsandbytes' `quantize_blockwise(x, code, blocksize)`: per block of `block` elements, the
+/// absolute maximum, and each element divided by it and replaced by the index of the nearest
+/// `code` entry (`code` ascending, 256 entries). A final partial block has its own absmax. An
+/// all-zero block gets absmax 0 and the code index nearest 0.
+///
+/// Returns (codes, one per element; absmax, one f32 per block).
+pub fn quantize_blockwise(x: &[f32], code: &[f32; 256], block: usize) -> (Vec<u8>, Vec<f32>) {
+    let mut q = Vec::with_capacity(x.len());
+    let mut absmax = Vec::with_capacity(x.len().div_ceil(block));
+    for chunk in x.chunks(block) {
+        let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+        absmax.push(m);
+        let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+        q.extend(
+            chunk
+                .iter()
+                .map(|v| nearest_sorted(code, (v * inv).clamp(-1.0, 1.0)) as u8),
+        );
+    }
+    (q, absmax)
+}
+
+/// bitsandbytes' `dequantize_blockwise`: `code[q[i]] * absmax[i / block]`, f32.
+pub fn dequantize_blockwise(q: &[u8], absmax: &[f32], code: &[f32; 256], block: usize) -> Vec<f32> {
+    q.iter()
+        .enumerate()
+        .map(|(i, &c)| code[c as usize] * absmax[i / block])
+        .collect()
+}
+
+fn signed_map() -> &'static [f32; 256] {
+    static MAP: OnceLock<[f32; 256]> = OnceLock::new();
+    MAP.get_or_init(|| dynamic_map(true))
+}
+
+/// Base-weight quantisation of the target projections (`--quant`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Quant {
+    /// Keep base weights in the compute dtype.
+    #[default]
+    None,
+    /// NF4 with double-quantised statistics (QLoRA, bitsandbytes layout).
+    Nf4,
+}
+
+/// A weight matrix stored as NF4 with double-quantised block statistics.
+///
+/// All tensors live on the device the weight was quantised for. Memory: `ceil(n/2)` bytes of
+/// codes, one byte per 64 elements of quantised absmax, 4 bytes per 256 x 64 elements of
+/// second-level absmax, and the 4-byte offset: about 0.516 byte per parameter.
+#[derive(Debug, Clone)]
+pub struct Nf4Weight {
+    /// Packed 4-bit codes, u8, `ceil(n/2)` elements; element `2k` in the high nibble of byte
+    /// `k`, element `2k+1` in the low nibble.
+    pub packed: Tensor,
+    /// 8-bit codes of `absmax - offset` against [`dynamic_map`]`(true)`, u8, one per 64-block.
+    pub qabsmax: Tensor,
+    /// Absolute maximum of each 256-block of `absmax - offset`, f32.
+    pub absmax2: Tensor,
+    /// Mean of the first-level absmax values, added back after dequantising them.
+    pub offset: f32,
+    /// `(out_features, in_features)` of the original weight.
+    pub shape: (usize, usize),
+}
+
+impl Nf4Weight {
+    /// Quantise a 2-D weight (out, in) of any float dtype on any device. The arithmetic runs
+    /// on the host in f32; the result is placed on `w`'s device.
+    ///
+    /// Errors: `w` is not 2-D, or a device copy fails.
+    pub fn quantize(w: &Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        let x: Vec<f32> = w
+            .to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?;
+        let n = x.len();
+        let mut packed = vec![0u8; n.div_ceil(2)];
+        let mut absmax = Vec::with_capacity(n.div_ceil(NF4_BLOCK));
+        for (b, chunk) in x.chunks(NF4_BLOCK).enumerate() {
+            let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
+            absmax.push(m);
+            let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
+            for (j, v) in chunk.iter().enumerate() {
+                let k = b * NF4_BLOCK + j;
+                let q = nearest_nf4((v * inv).clamp(-1.0, 1.0));
+                if k.is_multiple_of(2) {
+                    packed[k / 2] |= q << 4;
+                } else {
+                    packed[k / 2] |= q;
+                }
+            }
+        }
+        // An odd count pads the last low nibble with the code of 0.0 (index 7), as
+        // bitsandbytes pads the scaled values with a zero before packing.
+        if !n.is_multiple_of(2) {
+            packed[n / 2] |= nearest_nf4(0.0);
+        }
+        let offset =
+            (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
+        let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
+        let (qabsmax, absmax2) = quantize_blockwise(&centred, signed_map(), ABSMAX_BLOCK);
+        let dev = w.device();
+        Ok(Self {
+            packed: Tensor::from_vec(packed, n.div_ceil(2), dev)?,
+            qabsmax: Tensor::from_vec(qabsmax, absmax.len(), dev)?,
+            absmax2: Tensor::from_vec(absmax2.clone(), absmax2.len(), dev)?,
+            offset,
+            shape: (o, i),
+        })
+    }
+
+    /// Number of weight elements.
+    pub fn elem_count(&self) -> usize {
+        self.shape.0 * self.shape.1
+    }
+
+    /// Bytes held: packed codes + quantised absmax + f32 second-level absmax + the f32 offset.
+    pub fn bytes(&self) -> usize {
+        self.packed.elem_count() + self.qabsmax.elem_count() + 4 * self.absmax2.elem_count() + 4
+    }
+
+    /// The first-level block absmax values after double quantisation (what dequantisation
+    /// uses), f32, one per 64-block, on the host.
+    ///
+    /// Errors: a device copy fails.
+    pub fn block_absmax(&self) -> Result<Vec<f32>> {
+        let q: Vec<u8> = self.qabsmax.to_device(&Device::Cpu)?.to_vec1()?;
+        let a2: Vec<f32> = self.absmax2.to_device(&Device::Cpu)?.to_vec1()?;
+        Ok(dequantize_blockwise(&q, &a2, signed_map(), ABSMAX_BLOCK)
+            .into_iter()
+            .map(|a| a + self.offset)
+            .collect())
+    }
+
+    /// Dequantise to a fresh (out, in) tensor of `dtype` (f32, f16, bf16 or f64) on the
+    /// weight's device. Values are computed in f32 and then rounded to `dtype`. The result is
+    /// untracked and owned by the caller: nothing is cached.
+    ///
+    /// Errors: an unsupported dtype, a device error (CUDA: kernel compile or launch).
+    pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
+        let op = Dequant {
+            n: self.elem_count(),
+            offset: self.offset,
+            dtype,
+        };
+        let flat = self
+            .packed
+            .apply_op3_no_bwd(&self.qabsmax, &self.absmax2, &op)?;
+        flat.reshape(self.shape)
+    }
+}
+
+/// Dequantisation as a candle op over (packed, qabsmax, absmax2), so that CPU and CUDA take
+/// the same entry point.
+struct Dequant {
+    n: usize,
+    offset: f32,
+    dtype: DType,
+}
+
+fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
+    let (a, b) = l
+        .contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg("nf4 buffers must be contiguous".into()))?;
+    Ok(&s.as_slice::<T>()?[a..b])
+}
+
+impl Dequant {
+    fn f32_values(&self, packed: &[u8], qabsmax: &[u8], absmax2: &[f32]) -> Vec<f32> {
+        let map = signed_map();
+        let absmax: Vec<f32> = qabsmax
+            .iter()
+            .enumerate()
+            .map(|(b, &q)| map[q as usize] * absmax2[b / ABSMAX_BLOCK] + self.offset)
+            .collect();
+        let mut out = Vec::with_capacity(self.n);
+        for k in 0..self.n {
+            let byte = packed[k / 2];
+            let q = if k.is_multiple_of(2) {
+                byte >> 4
+            } else {
+                byte & 0x0f
+            };
+            out.push(NF4_CODE[q as usize] * absmax[k / NF4_BLOCK]);
+        }
+        out
+    }
+}
+
+impl CustomOp3 for Dequant {
+    fn name(&self) -> &'static str {
+        "nf4-dequantize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let v = self.f32_values(
+            cpu_slice::<u8>(s1, l1)?,
+            cpu_slice::<u8>(s2, l2)?,
+            cpu_slice::<f32>(s3, l3)?,
+        );
+        let storage = match self.dtype {
+            DType::F32 => CpuStorage::F32(v),
+            DType::F64 => CpuStorage::F64(v.into_iter().map(f64::from).collect()),
+            DType::F16 => CpuStorage::F16(v.into_iter().map(half::f16::from_f32).collect()),
+            DType::BF16 => CpuStorage::BF16(v.into_iter().map(half::bf16::from_f32).collect()),
+            other => candle_core::bail!("nf4: cannot dequantise to {other:?}"),
+        };
+        Ok((storage, Shape::from(self.n)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::dequantize(self, (s1, l1), (s2, l2), (s3, l3))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The CUDA dequantise kernel: one thread per packed byte (two weights), NVRTC-compiled
+    //! once per process, with the NF4 and dynamic maps baked in as constants.
+    use super::{Dequant, NF4_BLOCK, NF4_CODE, signed_map};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Layout, Result, Shape};
+    use std::sync::OnceLock;
+
+    fn err(e: impl std::fmt::Display) -> candle_core::Error {
+        candle_core::Error::Msg(format!("nf4 cuda kernel: {e}"))
+    }
+
+    fn table(v: &[f32]) -> String {
+        v.iter()
+            .map(|x| format!("{x:e}f"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    fn source() -> String {
+        format!(
+            r#"
+__constant__ float NF4[16] = {{ {nf4} }};
+__constant__ float DYN[256] = {{ {dyn_} }};
+
+__device__ __forceinline__ unsigned short f32_to_bf16(float x) {{
+    unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (unsigned short)(u >> 16);
+}}
+__device__ __forceinline__ unsigned short f32_to_f16(float x) {{
+    unsigned short h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
+    return h;
+}}
+
+#define NF4_KERNEL(NAME, T, CONV)                                                        \
+extern "C" __global__ void NAME(const unsigned char* packed, const unsigned char* qabsmax, \
+                                const float* absmax2, float offset, T* out,              \
+                                unsigned long long n) {{                                  \
+    unsigned long long k = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;     \
+    unsigned long long e = 2 * k;                                                         \
+    if (e >= n) return;                                                                   \
+    unsigned long long b = e / {blk};                                                     \
+    float a = DYN[qabsmax[b]] * absmax2[b / {blk2}] + offset;                             \
+    unsigned char byte = packed[k];                                                       \
+    out[e] = CONV(NF4[byte >> 4] * a);                                                    \
+    if (e + 1 < n) out[e + 1] = CONV(NF4[byte & 15] * a);                                 \
+}}
+
+#define ID(x) (x)
+NF4_KERNEL(nf4_dequant_f32, float, ID)
+NF4_KERNEL(nf4_dequant_f16, unsigned short, f32_to_f16)
+NF4_KERNEL(nf4_dequant_bf16, unsigned short, f32_to_bf16)
+"#,
+            nf4 = table(&NF4_CODE),
+            dyn_ = table(signed_map()),
+            blk = NF4_BLOCK,
+            blk2 = super::ABSMAX_BLOCK,
+        )
+    }
+
+    fn ptx() -> Result<&'static str> {
+        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+        PTX.get_or_init(|| {
+            cudarc::nvrtc::compile_ptx(source())
+                .map(|p| p.to_src())
+                .map_err(|e| e.to_string())
+        })
+        .as_deref()
+        .map_err(err)
+    }
+
+    type In<'a> = (&'a CudaStorage, &'a Layout);
+
+    pub(super) fn dequantize(
+        op: &Dequant,
+        (p, pl): In,
+        (q, ql): In,
+        (a, al): In,
+    ) -> Result<(CudaStorage, Shape)> {
+        if pl.start_offset() != 0 || ql.start_offset() != 0 || al.start_offset() != 0 {
+            candle_core::bail!("nf4: buffers must start at offset 0");
+        }
+        let dev = p.device().clone();
+        let packed = p.as_cuda_slice::<u8>()?;
+        let qabsmax = q.as_cuda_slice::<u8>()?;
+        let absmax2 = a.as_cuda_slice::<f32>()?;
+        let n = op.n as u64;
+        let threads = op.n.div_ceil(2) as u32;
+        let cfg = LaunchConfig::for_num_elems(threads.max(1));
+        let name = match op.dtype {
+            DType::F32 => "nf4_dequant_f32",
+            DType::F16 => "nf4_dequant_f16",
+            DType::BF16 => "nf4_dequant_bf16",
+            other => candle_core::bail!("nf4: cannot dequantise to {other:?} on CUDA"),
+        };
+        let func = dev.get_or_load_custom_func(name, "lorascope_nf4", ptx()?)?;
+        let offset = op.offset;
+        macro_rules! launch {
+            ($t:ty) => {{
+                // SAFETY: every element 0..n is written by the kernel before it is read.
+                let mut out = unsafe { dev.alloc::<$t>(op.n) }?;
+                let mut b = func.builder();
+                b.arg(packed);
+                b.arg(qabsmax);
+                b.arg(absmax2);
+                b.arg(&offset);
+                b.arg(&mut out);
+                b.arg(&n);
+                // SAFETY: argument types match the kernel signature above.
+                unsafe { b.launch(cfg) }.map_err(err)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let storage = match op.dtype {
+            DType::F32 => launch!(f32),
+            DType::F16 => launch!(half::f16),
+            _ => launch!(half::bf16),
+        };
+        Ok((storage, Shape::from(op.n)))
+    }
+}
+
+/// A frozen linear projection `y = x W^T + b` whose weight is an [`Nf4Weight`]: the QLoRA base
+/// layer (bitsandbytes `Linear4bit` with `requires_grad=False`).
+///
+/// Forward dequantises `W` into a transient (out, in) buffer in `x`'s dtype, multiplies, and
+/// drops it; backward dequantises again and returns only `dx = dy W`. The op keeps only the
+/// packed weight (and the bias) between forward and backward; no weight gradient exists.
+/// `bias`: (out) in the compute dtype. Input (..., in), output (..., out).
+#[derive(Debug, Clone)]
+pub struct Nf4Linear {
+    weight: std::sync::Arc<Nf4Weight>,
+    bias: Option<Tensor>,
+}
+
+impl Nf4Linear {
+    /// Build from a quantised weight and an optional bias (out).
+    pub fn new(weight: Nf4Weight, bias: Option<Tensor>) -> Self {
+        Self {
+            weight: std::sync::Arc::new(weight),
+            bias,
+        }
+    }
+
+    /// The quantised weight.
+    pub fn weight(&self) -> &Nf4Weight {
+        &self.weight
+    }
+
+    /// The bias, (out), if any.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// `(out_features, in_features)`.
+    pub fn shape(&self) -> (usize, usize) {
+        self.weight.shape
+    }
+
+    fn plain(&self, x2: &Tensor) -> Result<Tensor> {
+        let w = self.weight.dequantize(x2.dtype())?;
+        let y = x2.matmul(&w.t()?)?;
+        drop(w);
+        match &self.bias {
+            Some(b) => y.broadcast_add(b),
+            None => Ok(y),
+        }
+    }
+
+    /// Apply to `x` (..., in) -> (..., out). Records a graph node only when `x` is tracked.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (out, inp) = self.shape();
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((lead, inp))?;
+        let y = if x.track_op() {
+            x2.contiguous()?.apply_op1(Nf4LinearOp(self.clone()))?
+        } else {
+            self.plain(&x2)?
+        };
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = out;
+        y.reshape(out_dims)
+    }
+}
+
+struct Nf4LinearOp(Nf4Linear);
+
+impl candle_core::CustomOp1 for Nf4LinearOp {
+    fn name(&self) -> &'static str {
+        "nf4-linear"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        super::ops::cpu_out(self.0.plain(&super::ops::cpu_in(s, l)?)?)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        super::ops::cuda_out(self.0.plain(&super::ops::cuda_in(s, l)?)?)
+    }
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.0.weight.dequantize(grad.dtype())?;
+        Ok(Some(grad.matmul(&w)?))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_weight(o: usize, i: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..o * i)
+            .map(|_| {
+                // Roughly normal, with occasional outliers so block absmax values vary.
+                let s: f32 = (0..4).map(|_| rng.random_range(-1.0f32..1.0)).sum();
+                let big = if rng.random_range(0..50) == 0 {
+                    8.0
+                } else {
+                    1.0
+                };
+                0.02 * s * big
+            })
+            .collect()
+    }
+
+    #[test]
+    fn code_table_is_bitsandbytes_nf4() {
+        // QLoRA's definition: 8 positive quantiles of N(0,1) over linspace(0.9677083, 0.5, 9),
+        // 7 negative over linspace(0.9677083, 0.5, 8), zero, normalised by the maximum.
+        assert_eq!(NF4_CODE.len(), 16);
+        assert_eq!(NF4_CODE[0], -1.0);
+        assert_eq!(NF4_CODE[7], 0.0);
+        assert_eq!(NF4_CODE[15], 1.0);
+        assert!(NF4_CODE.windows(2).all(|w| w[0] < w[1]));
+        // 8 positive, 7 negative values.
+        assert_eq!(NF4_CODE.iter().filter(|&&v| v > 0.0).count(), 8);
+        assert_eq!(NF4_CODE.iter().filter(|&&v| v < 0.0).count(), 7);
+    }
+
+    #[test]
+    fn dynamic_maps_follow_the_definition() {
+        let s = dynamic_map(true);
+        let u = dynamic_map(false);
+        for m in [&s, &u] {
+            assert!(m.windows(2).all(|w| w[0] <= w[1]));
+            assert_eq!(m[255], 1.0);
+            assert!(m.contains(&0.0));
+        }
+        assert!((s[0] + 0.992_968_75).abs() < 1e-6, "signed min {}", s[0]);
+        assert_eq!(u[0], 0.0);
+        // Smallest magnitudes: 1e-6 * midpoint of [0.1, 1] = 0.55e-6 (signed, 2 bounds);
+        // unsigned: 1e-6 * midpoint of [0.1, 0.55] = 0.325e-6.
+        let min_pos_s = s.iter().copied().filter(|&v| v > 0.0).fold(1.0, f32::min);
+        let min_pos_u = u.iter().copied().filter(|&v| v > 0.0).fold(1.0, f32::min);
+        assert!((min_pos_s - 0.55e-6).abs() < 1e-12);
+        assert!((min_pos_u - 0.325e-6).abs() < 1e-12);
+        // Signed: 127 positive, 127 negative, zero, one.
+        assert_eq!(s.iter().filter(|&&v| v > 0.0).count(), 128);
+        assert_eq!(s.iter().filter(|&&v| v < 0.0).count(), 127);
+        // Largest below 1 in the signed map: 0.1 exponent level, 64 midpoints of [0.1, 1].
+        let step = 0.9f32 / 64.0;
+        assert!((s[254] - (1.0 - step / 2.0)).abs() < 1e-6, "{}", s[254]);
+    }
+
+    #[test]
+    fn packing_puts_the_first_element_in_the_high_nibble() {
+        // Row [-1, 1, 0, 1] in one block: absmax 1, codes 0, 15, 7, 15.
+        let w = Tensor::from_vec(vec![-1f32, 1.0, 0.0, 1.0], (1, 4), &Device::Cpu).unwrap();
+        let q = Nf4Weight::quantize(&w).unwrap();
+        let p: Vec<u8> = q.packed.to_vec1().unwrap();
+        assert_eq!(p, vec![0x0f, 0x7f]);
+        // Odd count: last low nibble is padding.
+        let w = Tensor::from_vec(vec![1f32, -1.0, 0.5], (1, 3), &Device::Cpu).unwrap();
+        let q = Nf4Weight::quantize(&w).unwrap();
+        let p: Vec<u8> = q.packed.to_vec1().unwrap();
+        assert_eq!(p.len(), 2);
+        assert_eq!(p[0], 0xf0);
+        assert_eq!(p[1] >> 4, nearest_nf4(0.5));
+        assert_eq!(p[1] & 15, 7);
+        assert_eq!(nearest_nf4(0.5), 12); // 0.4407 is nearer than 0.5626
+    }
+
+    /// Every element is within half the widest gap between neighbouring codes (times the
+    /// block absmax, plus the absmax's own double-quantisation error) of its input, and equals
+    /// the nearest code times the dequantised absmax exactly.
+    #[test]
+    fn quantise_dequantise_matches_the_codebook_definition() {
+        let (o, i) = (48, 200); // 9600 elements: 150 blocks, 1 partial 256-block of absmax
+        let x = rand_weight(o, i, 3);
+        let w = Tensor::from_vec(x.clone(), (o, i), &Device::Cpu).unwrap();
+        let q = Nf4Weight::quantize(&w).unwrap();
+        assert_eq!(q.packed.elem_count(), o * i / 2);
+        assert_eq!(q.qabsmax.elem_count(), (o * i).div_ceil(64));
+        assert_eq!(q.absmax2.elem_count(), 1);
+        let deq: Vec<f32> = q
+            .dequantize(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let dq_absmax = q.block_absmax().unwrap();
+        let true_absmax: Vec<f32> = x
+            .chunks(64)
+            .map(|c| c.iter().fold(0f32, |m, v| m.max(v.abs())))
+            .collect();
+        // Double-quantised absmax: error at most half a step of the dynamic map near the
+        // value, bounded by (1 - 0.9953) / 2 ~ 0.0071 of the 256-block's absmax, relative.
+        let a2: Vec<f32> = q.absmax2.to_vec1().unwrap();
+        for (b, (d, t)) in dq_absmax.iter().zip(&true_absmax).enumerate() {
+            let tol = 0.0071 * a2[b / 256] + 1e-7;
+            assert!((d - t).abs() <= tol, "block {b}: {d} vs {t} (tol {tol})");
+        }
+        let max_gap = NF4_CODE
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .fold(0f32, f32::max);
+        let packed: Vec<u8> = q.packed.to_vec1().unwrap();
+        for (k, (&xv, &dv)) in x.iter().zip(&deq).enumerate() {
+            let b = k / 64;
+            let code = if k.is_multiple_of(2) {
+                packed[k / 2] >> 4
+            } else {
+                packed[k / 2] & 15
+            };
+            // The stored code is the nearest to x / true absmax.
+            assert_eq!(code, nearest_nf4(xv / true_absmax[b]), "elem {k}");
+            // Dequantised value is the code times the dequantised absmax.
+            assert_eq!(dv, NF4_CODE[code as usize] * dq_absmax[b]);
+            // Error bound.
+            let bound =
+                0.5 * max_gap * true_absmax[b] + (dq_absmax[b] - true_absmax[b]).abs() + 1e-6;
+            assert!((xv - dv).abs() <= bound, "elem {k}: {xv} vs {dv}");
+        }
+    }
+
+    /// Inputs that are codebook values times a block absmax that the double quantisation
+    /// represents exactly come back exactly.
+    #[test]
+    fn codebook_multiples_round_trip_exactly() {
+        // Every block has absmax 0.5 -> offset 0.5, centred absmax all 0 -> exact.
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(9);
+        let (o, i) = (8, 128);
+        let mut x = Vec::with_capacity(o * i);
+        for k in 0..o * i {
+            let c = if k % 64 == 0 {
+                15
+            } else {
+                rng.random_range(0..16)
+            };
+            x.push(NF4_CODE[c] * 0.5);
+        }
+        let w = Tensor::from_vec(x.clone(), (o, i), &Device::Cpu).unwrap();
+        let q = Nf4Weight::quantize(&w).unwrap();
+        assert_eq!(q.offset, 0.5);
+        let deq: Vec<f32> = q
+            .dequantize(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(deq, x);
+        // f64, f16 and bf16 outputs are the f32 values rounded.
+        let d64: Vec<f64> = q
+            .dequantize(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(d64.iter().zip(&x).all(|(a, b)| *a == *b as f64));
+        let d16: Vec<half::f16> = q
+            .dequantize(DType::F16)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            d16.iter()
+                .zip(&x)
+                .all(|(a, b)| *a == half::f16::from_f32(*b))
+        );
+    }
+
+    #[test]
+    fn bytes_are_about_half_a_byte_per_parameter() {
+        let w = Tensor::zeros((256, 1024), DType::F32, &Device::Cpu).unwrap();
+        let q = Nf4Weight::quantize(&w).unwrap();
+        let n: usize = 256 * 1024;
+        assert_eq!(q.bytes(), n / 2 + n / 64 + 4 * (n / 64).div_ceil(256) + 4);
+        let per = q.bytes() as f64 / n as f64;
+        assert!((0.51..0.52).contains(&per), "{per}");
+        // All-zero weight dequantises to zeros.
+        let d = q.dequantize(DType::F32).unwrap();
+        assert_eq!(
+            d.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
+    }
+
+    #[test]
+    fn blockwise_8bit_roundtrip_is_nearest() {
+        let map = dynamic_map(true);
+        let x: Vec<f32> = (0..600)
+            .map(|k| ((k * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let (q, a) = quantize_blockwise(&x, &map, 256);
+        assert_eq!(a.len(), 3);
+        let d = dequantize_blockwise(&q, &a, &map, 256);
+        for (k, (&xv, &dv)) in x.iter().zip(&d).enumerate() {
+            let s = xv / a[k / 256];
+            let best = map
+                .iter()
+                .map(|c| (c - s).abs())
+                .fold(f32::INFINITY, f32::min);
+            assert!(((dv / a[k / 256]) - s).abs() <= best + 1e-7);
+        }
+    }
+}
