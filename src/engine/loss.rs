@@ -7,7 +7,7 @@
 //! 2.5 GB). Backward recomputes each chunk's logits and returns only the gradient of the hidden
 //! states (`lm_head` is frozen), as Liger-Kernel's fused linear cross-entropy does.
 
-use candle_core::{CpuStorage, CustomOp1, D, Device, Layout, Result, Shape, Tensor};
+use candle_core::{D, Device, Result, Tensor};
 
 /// Ignored target id, as PyTorch's `ignore_index` default.
 pub const IGNORE_INDEX: i64 = -100;
@@ -77,11 +77,7 @@ impl ChunkedCrossEntropy {
 
     /// Mean loss (scalar f32; f64 when `h` is f64) for hidden states `h` (tokens, hidden) in the compute dtype.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        if h.track_op() {
-            h.contiguous()?.apply_op1(self.clone())
-        } else {
-            self.loss(h)
-        }
+        super::ops::apply(self, h)
     }
 
     fn logits(&self, h: &Tensor, start: usize, len: usize) -> Result<Tensor> {
@@ -140,24 +136,12 @@ impl ChunkedCrossEntropy {
     }
 }
 
-impl CustomOp1 for ChunkedCrossEntropy {
-    fn name(&self) -> &'static str {
-        "chunked-cross-entropy"
+impl super::ops::InputGradOp for ChunkedCrossEntropy {
+    const NAME: &'static str = "chunked-cross-entropy";
+    fn plain(&self, h: &Tensor) -> Result<Tensor> {
+        self.loss(h)
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let h = super::ops::cpu_in(s, l)?;
-        super::ops::cpu_out(self.loss(&h)?)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let h = super::ops::cuda_in(s, l)?;
-        super::ops::cuda_out(self.loss(&h)?)
-    }
-    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn input_grad(&self, h: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(self.grad(h, grad)?))
     }
 }

@@ -18,11 +18,14 @@ use super::lora::{
 };
 use super::loss::ChunkedCrossEntropy;
 use super::nf4::{Nf4Linear, Nf4Weight, Quant};
-use super::ops::{FrozenLinear, RmsNorm, apply_rope, causal_attention, rope_tables};
+use super::ops::{
+    FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, causal_attention,
+    rope_tables,
+};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use candle_core::backprop::GradStore;
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor, Var};
+use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -388,7 +391,7 @@ impl Model {
                     snapshot,
                     stash: self.stash.clone(),
                 };
-                x = x.contiguous()?.apply_op1(op)?;
+                x = x.contiguous()?.apply_op1(InputGradCustomOp(op))?;
             }
         } else {
             for layer in &self.layers {
@@ -496,22 +499,12 @@ impl LayerCheckpoint {
     }
 }
 
-impl CustomOp1 for LayerCheckpoint {
-    fn name(&self) -> &'static str {
-        "checkpointed-decoder-layer"
+impl InputGradOp for LayerCheckpoint {
+    const NAME: &'static str = "checkpointed-decoder-layer";
+    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        self.run(x)
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        super::ops::cpu_out(self.run(&super::ops::cpu_in(s, l)?)?)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::ops::cuda_out(self.run(&super::ops::cuda_in(s, l)?)?)
-    }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let c = &self.ctx;
         let xv = Var::from_tensor(&x.detach())?;
         let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));

@@ -531,52 +531,22 @@ impl Nf4Linear {
         self.weight.shape
     }
 
+    /// Apply to `x` (..., in) -> (..., out). Records a graph node only when `x` is tracked.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::ops::apply_projection(self, x, self.shape())
+    }
+}
+
+impl super::ops::InputGradOp for Nf4Linear {
+    const NAME: &'static str = "nf4-linear";
     fn plain(&self, x2: &Tensor) -> Result<Tensor> {
         let w = self.weight.dequantize(x2.dtype())?;
         let y = x2.matmul(&w.t()?)?;
         drop(w);
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
+        super::ops::add_bias(y, self.bias.as_ref())
     }
-
-    /// Apply to `x` (..., in) -> (..., out). Records a graph node only when `x` is tracked.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (out, inp) = self.shape();
-        let lead: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((lead, inp))?;
-        let y = if x.track_op() {
-            x2.contiguous()?.apply_op1(Nf4LinearOp(self.clone()))?
-        } else {
-            self.plain(&x2)?
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = out;
-        y.reshape(out_dims)
-    }
-}
-
-struct Nf4LinearOp(Nf4Linear);
-
-impl candle_core::CustomOp1 for Nf4LinearOp {
-    fn name(&self) -> &'static str {
-        "nf4-linear"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        super::ops::cpu_out(self.0.plain(&super::ops::cpu_in(s, l)?)?)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        super::ops::cuda_out(self.0.plain(&super::ops::cuda_in(s, l)?)?)
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.0.weight.dequantize(grad.dtype())?;
+    fn input_grad(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        let w = self.weight.dequantize(grad.dtype())?;
         Ok(Some(grad.matmul(&w)?))
     }
 }

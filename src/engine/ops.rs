@@ -80,6 +80,74 @@ pub(crate) fn cuda_out(t: Tensor) -> Result<(candle_core::CudaStorage, Shape)> {
     }
 }
 
+/// An op whose forward is ordinary untracked tensor code on its single input and whose backward
+/// returns only the input's gradient (frozen parameters it holds get none). [`apply`] turns it
+/// into a graph node through [`InputGradCustomOp`].
+pub(crate) trait InputGradOp: Send + Sync + 'static {
+    /// Op name, for candle's error messages.
+    const NAME: &'static str;
+    /// The forward computation on an untracked (contiguous) input.
+    fn plain(&self, x: &Tensor) -> Result<Tensor>;
+    /// Gradient of the input given the forward input `x` and the output gradient `grad`.
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>>;
+}
+
+/// The candle `CustomOp1` of an [`InputGradOp`].
+pub(crate) struct InputGradCustomOp<T>(pub(crate) T);
+
+impl<T: InputGradOp> CustomOp1 for InputGradCustomOp<T> {
+    fn name(&self) -> &'static str {
+        T::NAME
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        cpu_out(self.0.plain(&cpu_in(s, l)?)?)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda_out(self.0.plain(&cuda_in(s, l)?)?)
+    }
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.0.input_grad(x, grad)
+    }
+}
+
+/// Run `op` on `x`: as a graph node (input gradient only) when `x` is tracked, as plain tensor
+/// code otherwise.
+pub(crate) fn apply<T: InputGradOp + Clone>(op: &T, x: &Tensor) -> Result<Tensor> {
+    if x.track_op() {
+        x.contiguous()?.apply_op1(InputGradCustomOp(op.clone()))
+    } else {
+        op.plain(x)
+    }
+}
+
+/// Apply a projection op of shape `(out, in)` to `x` (..., in) -> (..., out): flattened to
+/// (tokens, in) for the op, reshaped back after.
+pub(crate) fn apply_projection<T: InputGradOp + Clone>(
+    op: &T,
+    x: &Tensor,
+    (out, inp): (usize, usize),
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let y = apply(op, &x.reshape((lead, inp))?)?;
+    let mut out_dims = dims;
+    *out_dims.last_mut().expect("rank >= 1") = out;
+    y.reshape(out_dims)
+}
+
+/// `y + bias` broadcast over rows, or `y` without a bias.
+pub(crate) fn add_bias(y: Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    match bias {
+        Some(b) => y.broadcast_add(b),
+        None => Ok(y),
+    }
+}
+
 /// A frozen linear projection `y = x W^T + b` whose backward returns only `dx`.
 ///
 /// `weight`: (out, in), `bias`: (out), both in the compute dtype, never trained. Input `x`:
@@ -113,50 +181,19 @@ impl FrozenLinear {
         (d[0], d[1])
     }
 
-    fn plain(&self, x2: &Tensor) -> Result<Tensor> {
-        let y = x2.matmul(&self.weight.t()?)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
-        }
-    }
-
     /// Apply to `x` (..., in) -> (..., out). Records a graph node only when `x` is tracked.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let (out, inp) = self.shape();
-        let lead: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((lead, inp))?;
-        let y = if x.track_op() {
-            x2.contiguous()?.apply_op1(FrozenLinearOp(self.clone()))?
-        } else {
-            self.plain(&x2)?
-        };
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = out;
-        y.reshape(out_dims)
+        apply_projection(self, x, self.shape())
     }
 }
 
-struct FrozenLinearOp(FrozenLinear);
-
-impl CustomOp1 for FrozenLinearOp {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
+impl InputGradOp for FrozenLinear {
+    const NAME: &'static str = "frozen-linear";
+    fn plain(&self, x2: &Tensor) -> Result<Tensor> {
+        add_bias(x2.matmul(&self.weight.t()?)?, self.bias.as_ref())
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_out(self.0.plain(&cpu_in(s, l)?)?)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_out(self.0.plain(&cuda_in(s, l)?)?)
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.matmul(&self.0.weight)?))
+    fn input_grad(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.matmul(&self.weight)?))
     }
 }
 
@@ -183,55 +220,38 @@ impl RmsNorm {
         &self.weight
     }
 
-    fn plain(&self, x: &Tensor) -> Result<Tensor> {
-        let dt = x.dtype();
-        let x32 = x.to_dtype(stat_dtype(dt))?;
-        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
-            .sqrt()?
-            .recip()?;
-        let xhat = x32.broadcast_mul(&r)?.to_dtype(dt)?;
-        xhat.broadcast_mul(&self.weight)
-    }
-
     /// Apply to `x` (..., hidden).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if x.track_op() {
-            x.contiguous()?.apply_op1(RmsNormOp(self.clone()))
-        } else {
-            self.plain(x)
-        }
+        apply(self, x)
     }
 }
 
-struct RmsNormOp(RmsNorm);
+impl RmsNorm {
+    /// `rsqrt(mean(x^2, -1) + eps)`, (..., 1), in `x`'s dtype.
+    fn inv_rms(&self, x: &Tensor) -> Result<Tensor> {
+        (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
+            .sqrt()?
+            .recip()
+    }
+}
 
-impl CustomOp1 for RmsNormOp {
-    fn name(&self) -> &'static str {
-        "rms-norm"
+impl InputGradOp for RmsNorm {
+    const NAME: &'static str = "rms-norm";
+    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let x32 = x.to_dtype(stat_dtype(dt))?;
+        let r = self.inv_rms(&x32)?;
+        let xhat = x32.broadcast_mul(&r)?.to_dtype(dt)?;
+        xhat.broadcast_mul(&self.weight)
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        cpu_out(self.0.plain(&cpu_in(s, l)?)?)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_out(self.0.plain(&cuda_in(s, l)?)?)
-    }
-    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // dx = r * (g*w - xhat * mean(g*w*xhat)), with r = rsqrt(mean(x^2)+eps), xhat = x r.
         let dt = x.dtype();
         let f = stat_dtype(dt);
         let x32 = x.to_dtype(f)?;
-        let r = (x32.sqr()?.mean_keepdim(D::Minus1)? + self.0.eps)?
-            .sqrt()?
-            .recip()?;
+        let r = self.inv_rms(&x32)?;
         let xhat = x32.broadcast_mul(&r)?;
-        let gw = grad
-            .to_dtype(f)?
-            .broadcast_mul(&self.0.weight.to_dtype(f)?)?;
+        let gw = grad.to_dtype(f)?.broadcast_mul(&self.weight.to_dtype(f)?)?;
         let m = (&gw * &xhat)?.mean_keepdim(D::Minus1)?;
         let dx = gw.sub(&xhat.broadcast_mul(&m)?)?.broadcast_mul(&r)?;
         Ok(Some(dx.to_dtype(dt)?))
