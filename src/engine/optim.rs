@@ -77,10 +77,8 @@ impl AdamW {
     pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
+        ensure_f32_master(&vars, "AdamW")?;
         for var in &vars {
-            if var.dtype() != DType::F32 {
-                candle_core::bail!("AdamW master weights must be f32, got {:?}", var.dtype());
-            }
             m.push(var.as_tensor().zeros_like()?);
             v.push(var.as_tensor().zeros_like()?);
         }
@@ -225,13 +223,8 @@ impl AdamW8bit {
     pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
+        ensure_f32_master(&vars, "AdamW8bit")?;
         for var in &vars {
-            if var.dtype() != DType::F32 {
-                candle_core::bail!(
-                    "AdamW8bit master weights must be f32, got {:?}",
-                    var.dtype()
-                );
-            }
             m.push(Moment::new(var.elem_count()));
             v.push(Moment::new(var.elem_count()));
         }
@@ -344,6 +337,17 @@ impl AnyOptimizer {
             Self::AdamW8bit(o) => o.step(grads, lr, grad_scale),
         }
     }
+}
+
+/// Errors unless every optimizer variable is an f32 master weight.
+fn ensure_f32_master(vars: &[Var], optimizer: &str) -> Result<()> {
+    if let Some(v) = vars.iter().find(|v| v.dtype() != DType::F32) {
+        candle_core::bail!(
+            "{optimizer} master weights must be f32, got {:?}",
+            v.dtype()
+        );
+    }
+    Ok(())
 }
 
 fn grad_norm_of(vars: &[Var], grads: &GradStore, factor: f64) -> Result<f64> {
