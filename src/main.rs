@@ -17,14 +17,56 @@ struct Cli {
 enum Commands {
     /// Run one LoRA fine-tuning run (the worker the sweep orchestrator launches).
     Train(Box<lorascope::worker::TrainArgs>),
+    /// Check the engine on a device against the CPU f32 path (tiny preset): logits and
+    /// adapter gradients in fp16/bf16, dense and NF4, with and without checkpointing.
+    #[command(hide = true)]
+    Selftest {
+        /// Device under test (cuda:N, or cpu for the CPU half-precision paths).
+        #[arg(long, default_value = "cuda:0")]
+        device: String,
+    },
     #[command(flatten)]
     Sweep(lorascope::cli::SweepCommand),
+}
+
+fn selftest(device: &str) -> i32 {
+    use lorascope::engine::selftest;
+    match selftest::run(device) {
+        Ok(cases) => {
+            println!(
+                "{:<18} {:>12} {:>10} {:>12}  (tolerances: logits {}, gradients {})",
+                "case",
+                "logits rel",
+                "|dloss|",
+                "grads rel",
+                selftest::LOGITS_TOL,
+                selftest::GRAD_TOL
+            );
+            for c in &cases {
+                println!(
+                    "{:<18} {:>12.2e} {:>10.2e} {:>12.2e} {:>14.2e}  {}",
+                    c.name,
+                    c.logits_rel,
+                    c.loss_abs,
+                    c.grad_rel,
+                    c.logits_rel_f32,
+                    if c.pass { "ok" } else { "FAIL" }
+                );
+            }
+            if cases.iter().all(|c| c.pass) { 0 } else { 1 }
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "lorascope selftest: error: {e}");
+            1
+        }
+    }
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Commands::Train(args) => lorascope::worker::run(&args),
+        Commands::Selftest { device } => selftest(&device),
         Commands::Sweep(cmd) => match lorascope::cli::execute(cmd) {
             Ok(()) => 0,
             Err(e) => {

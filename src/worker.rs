@@ -257,6 +257,16 @@ fn human(ev: &TrainEvent) {
                     .map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
                     .unwrap_or_else(|| "unknown".into())
             );
+            if let Some(m) = &s.memory {
+                let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+                eprintln!(
+                    "device memory: weights {:.2} GiB, adapters + optimizer {:.3} GiB, activations peak {:.2} GiB (pool peak reserved {:.2} GiB; NVML adds the CUDA context)",
+                    gib(m.weights_bytes),
+                    gib(m.adapters_optimizer_bytes),
+                    gib(m.activations_peak_bytes),
+                    gib(m.pool_reserved_peak_bytes)
+                );
+            }
             if let Some(d) = &s.adapter_dir {
                 eprintln!("adapters saved to {d} (PEFT format)");
             }

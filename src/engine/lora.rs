@@ -158,6 +158,24 @@ impl BaseLinear {
         }
     }
 
+    /// Untracked `x W^T + b` for `x` (tokens, in).
+    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        use super::ops::InputGradOp;
+        match self {
+            Self::Dense(l) => l.plain(x),
+            Self::Nf4(l) => l.plain(x),
+        }
+    }
+
+    /// `dy W` for `dy` (tokens, out).
+    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        use super::ops::InputGradOp;
+        match self {
+            Self::Dense(l) => l.input_grad(x, dy),
+            Self::Nf4(l) => l.input_grad(x, dy),
+        }
+    }
+
     /// The bias, (out), if any.
     pub fn bias(&self) -> Option<&Tensor> {
         match self {
@@ -209,68 +227,319 @@ impl DropoutRng {
 }
 
 impl LoraLinear {
-    /// Apply to `x` (tokens, in) -> (tokens, out). `train` enables dropout.
+    /// Apply to `x` (..., in) -> (..., out); `train` enables LoRA dropout.
+    ///
+    /// Errors: shape or device errors.
     pub fn forward(&self, x: &Tensor, train: Option<&DropoutRng>) -> Result<Tensor> {
         self.forward_with(x, train, false)
     }
 
-    /// As [`LoraLinear::forward`]; with `detach`, the adapter weights enter as constants
-    /// (no graph node), as in the untracked first pass of gradient checkpointing.
+    /// As [`LoraLinear::forward`]; `detach` treats the adapter weights as constants (the
+    /// untracked first pass of gradient checkpointing). With an adapter this is one
+    /// [`LoraProjection`] graph node; dropout draws one seed per call from `train`.
+    ///
+    /// Errors: shape or device errors.
     pub fn forward_with(
         &self,
         x: &Tensor,
         train: Option<&DropoutRng>,
         detach: bool,
     ) -> Result<Tensor> {
-        let y = self.base.forward(x)?;
         let Some(ad) = &self.adapter else {
-            return Ok(y);
+            return self.base.forward(x);
         };
-        let dt = x.dtype();
-        let xin = match train {
-            Some(rng) if ad.dropout > 0.0 => dropout(x, ad.dropout, rng)?,
-            _ => x.clone(),
+        let p = match train {
+            Some(_) if ad.dropout > 0.0 => ad.dropout,
+            _ => 0.0,
         };
-        let (a, b) = if detach {
-            (ad.a.as_tensor().detach(), ad.b.as_tensor().detach())
+        let seed = match (train, p > 0.0) {
+            (Some(rng), true) => rng
+                .0
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("rng poisoned".into()))?
+                .random::<u64>(),
+            _ => 0,
+        };
+        let op = LoraProjection {
+            base: self.base.clone(),
+            scale: ad.scale,
+            dropout: p,
+            seed,
+        };
+        let (out, inp) = self.base.shape();
+        let dims = x.dims().to_vec();
+        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let x2 = x.reshape((lead, inp))?;
+        let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
+        let y = if !detach && (x2.track_op() || a.track_op() || b.track_op()) {
+            x2.contiguous()?.apply_op3(a, b, op)?
         } else {
-            (ad.a.as_tensor().clone(), ad.b.as_tensor().clone())
+            // Constants: no graph may hang off the adapters here.
+            op.forward(&x2.detach(), &a.detach(), &b.detach())?
         };
-        let a = a.to_dtype(dt)?;
-        let b = b.to_dtype(dt)?;
-        let upd = xin.matmul(&a.t()?)?.matmul(&b.t()?)?;
-        y + upd.affine(ad.scale, 0.0)?
+        let mut out_dims = dims;
+        *out_dims.last_mut().expect("rank >= 1") = out;
+        y.reshape(out_dims)
     }
 }
 
-/// Inverted dropout: zero each element with probability `p`, scale the rest by 1/(1-p).
-/// On CPU the mask comes from the run's seeded ChaCha stream; on a GPU it is drawn on the
-/// device (cuRAND, seeded once per run by the weights/model setup) so no mask crosses the bus.
-fn dropout(x: &Tensor, p: f64, rng: &DropoutRng) -> Result<Tensor> {
-    let n = x.elem_count();
-    let keep = 1.0 - p;
-    if !x.device().is_cpu() {
-        let u = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-        let m = u.ge(p)?.to_dtype(x.dtype())?.affine(1.0 / keep, 0.0)?;
-        return x * m;
-    }
-    let mask: Vec<f32> = {
-        let mut r = rng
-            .0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("rng poisoned".into()))?;
-        (0..n)
-            .map(|_| {
-                if r.random::<f64>() < keep {
-                    (1.0 / keep) as f32
-                } else {
-                    0.0
-                }
+/// One LoRA-adapted projection as a single graph node (PEFT `lora.Linear` forward):
+/// `y = base(x) + scale * dropout(x) A^T B^T`.
+///
+/// Inputs: `x` (tokens, in) in the compute dtype, `A` (r, in) and `B` (out, r) f32 master
+/// weights (cast to the compute dtype inside). Output (tokens, out) in the compute dtype.
+/// Nothing but the inputs is kept for backward: the dropout mask is a counter-based hash of
+/// (`seed`, element index) ([`dropout_keep`]) and `dropout(x) A^T` (tokens x r) is recomputed.
+/// Backward returns `dx = dy W + mask * (scale * dy B) A / (1 - p)`,
+/// `dA = (scale * dy B)^T dropout(x)` and `dB = scale * dy^T (dropout(x) A^T)` in f32; the
+/// base weight gets no gradient.
+#[derive(Debug, Clone)]
+pub struct LoraProjection {
+    base: BaseLinear,
+    scale: f64,
+    dropout: f64,
+    seed: u64,
+}
+
+impl LoraProjection {
+    fn dropped(&self, x: &Tensor) -> Result<Tensor> {
+        if self.dropout > 0.0 {
+            x.apply_op1_no_bwd(&HashDropout {
+                p: self.dropout,
+                seed: self.seed,
             })
-            .collect()
-    };
-    let m = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x * m
+        } else {
+            Ok(x.clone())
+        }
+    }
+
+    fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        let dt = x.dtype();
+        let y = self.base.plain(x)?;
+        let u = self.dropped(x)?.matmul(&a.to_dtype(dt)?.t()?)?;
+        let bs = b.affine(self.scale, 0.0)?.to_dtype(dt)?;
+        y + u.matmul(&bs.t()?)?
+    }
+
+    fn backward(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dt = x.dtype();
+        let dy = dy.to_dtype(dt)?.contiguous()?;
+        let ac = a.to_dtype(dt)?;
+        let xd = self.dropped(x)?;
+        let u = xd.matmul(&ac.t()?)?;
+        let bs = b.affine(self.scale, 0.0)?.to_dtype(dt)?;
+        let du = dy.matmul(&bs)?;
+        let db = dy.t()?.matmul(&u)?.affine(self.scale, 0.0)?;
+        let da = du.t()?.matmul(&xd)?;
+        drop(xd);
+        let dxl = self.dropped(&du.matmul(&ac)?)?;
+        let dx = match self.base.input_grad(x, &dy)? {
+            Some(g) => (g + dxl)?,
+            None => dxl,
+        };
+        Ok((
+            Some(dx),
+            Some(da.to_dtype(a.dtype())?),
+            Some(db.to_dtype(b.dtype())?),
+        ))
+    }
+}
+
+impl candle_core::CustomOp3 for LoraProjection {
+    fn name(&self) -> &'static str {
+        "lora-projection"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use super::ops::{cpu_in, cpu_out};
+        cpu_out(self.forward(&cpu_in(s1, l1)?, &cpu_in(s2, l2)?, &cpu_in(s3, l3)?)?)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        use super::ops::{cuda_in, cuda_out};
+        let x = cuda_in(s1, l1)?;
+        let dev = x.device().clone();
+        cuda_out(super::prof::section(
+            "lora-projection",
+            "fwd",
+            &dev,
+            || self.forward(&x, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?),
+        )?)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        super::prof::section("lora-projection", "bwd", x.device(), || {
+            self.backward(x, a, b, grad)
+        })
+    }
+}
+
+/// Whether element `index` of a dropout mask seeded with `seed` is kept at drop probability
+/// `p`: a SplitMix64 hash of (seed, index) whose top 24 bits are compared with
+/// `round(p * 2^24)`. The same integer arithmetic runs in the CUDA kernel, so CPU and GPU
+/// masks are identical and backward regenerates the mask instead of storing it.
+pub fn dropout_keep(seed: u64, index: u64, p: f64) -> bool {
+    let thr = (p * 16_777_216.0).round() as u64;
+    let mut z = seed.wrapping_add(index.wrapping_add(1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) >= thr
+}
+
+/// Inverted dropout with a regenerable mask: `x * keep(seed, i) / (1 - p)` elementwise over the
+/// contiguous input (any float dtype; same shape out). See [`dropout_keep`].
+#[derive(Debug, Clone, Copy)]
+pub struct HashDropout {
+    /// Drop probability in [0, 1).
+    pub p: f64,
+    /// Mask seed.
+    pub seed: u64,
+}
+
+impl candle_core::CustomOp1 for HashDropout {
+    fn name(&self) -> &'static str {
+        "hash-dropout"
+    }
+    fn cpu_fwd(
+        &self,
+        s: &candle_core::CpuStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use candle_core::CpuStorage as C;
+        let (a, b) = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout input must be contiguous".into()))?;
+        let inv = 1.0 / (1.0 - self.p);
+        fn go<T: candle_core::WithDType>(v: &[T], d: &HashDropout, inv: f64) -> Vec<T> {
+            v.iter()
+                .enumerate()
+                .map(|(i, x)| {
+                    if dropout_keep(d.seed, i as u64, d.p) {
+                        T::from_f64(x.to_f64() * inv)
+                    } else {
+                        T::from_f64(0.0)
+                    }
+                })
+                .collect()
+        }
+        let out = match s {
+            C::F32(v) => C::F32(go(&v[a..b], self, inv)),
+            C::F64(v) => C::F64(go(&v[a..b], self, inv)),
+            C::F16(v) => C::F16(go(&v[a..b], self, inv)),
+            C::BF16(v) => C::BF16(go(&v[a..b], self, inv)),
+            _ => candle_core::bail!("dropout: unsupported dtype"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let range = l
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("dropout input must be contiguous".into()))?;
+        Ok((cuda::dropout(s, range, self)?, l.shape().clone()))
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! The dropout kernel: one thread per element, the SplitMix64 hash of [`super::dropout_keep`].
+    use super::super::kernels::{self, PRELUDE};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Result};
+
+    const MODULE: &str = "lorascope_dropout";
+    const SRC: &str = r#"
+#define DROPOUT_KERNEL(SUF, T)                                                                 \
+extern "C" __global__ void hash_dropout_##SUF(const T* x, T* y, unsigned long long n,        \
+        unsigned long long seed, unsigned long long thr, float inv) {                         \
+    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;        \
+    if (i >= n) return;                                                                        \
+    unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;                          \
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;                                               \
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;                                               \
+    z ^= z >> 31;                                                                              \
+    st(y + i, (z >> 40) >= thr ? ld(x[i]) * inv : 0.f);                                       \
+}
+DROPOUT_KERNEL(f32, float)
+DROPOUT_KERNEL(f16, f16_t)
+DROPOUT_KERNEL(bf16, bf16_t)
+"#;
+
+    pub fn dropout(
+        s: &CudaStorage,
+        (a, b): (usize, usize),
+        d: &super::HashDropout,
+    ) -> Result<CudaStorage> {
+        let dev = s.device().clone();
+        let name = match s.dtype() {
+            DType::F32 => "hash_dropout_f32",
+            DType::F16 => "hash_dropout_f16",
+            DType::BF16 => "hash_dropout_bf16",
+            other => candle_core::bail!("dropout: no CUDA kernel for {other:?}"),
+        };
+        let func =
+            dev.get_or_load_custom_func(name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
+        let n = (b - a) as u64;
+        let thr = (d.p * 16_777_216.0).round() as u64;
+        let inv = (1.0 / (1.0 - d.p)) as f32;
+        let seed = d.seed;
+        let cfg = LaunchConfig::for_num_elems((b - a).max(1) as u32);
+        macro_rules! go {
+            ($ty:ty) => {{
+                let x = s.as_cuda_slice::<$ty>()?.slice(a..b);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$ty>(b - a) }?;
+                let mut lb = func.builder();
+                lb.arg(&x);
+                lb.arg(&mut out);
+                lb.arg(&n);
+                lb.arg(&seed);
+                lb.arg(&thr);
+                lb.arg(&inv);
+                // SAFETY: argument types match the kernel signature.
+                unsafe { lb.launch(cfg) }.map_err(kernels::err)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match s.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
 }
 
 /// Create an adapter for a projection of shape (out, in): A ~ U(-1/sqrt(in), 1/sqrt(in))

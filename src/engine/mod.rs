@@ -1,15 +1,19 @@
 //! The training engine: a decoder-only transformer with LoRA adapters, trained with candle.
 //! It knows nothing of queues or terminals.
 
+pub mod attention;
 pub mod config;
 pub mod data;
+pub mod kernels;
 pub mod lora;
 pub mod loss;
 pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
+pub mod prof;
 pub mod scaler;
+pub mod selftest;
 pub mod train;
 pub mod weights;
 

@@ -12,16 +12,14 @@
 //! kept, and the layer is recomputed in backward. Gradients must then be taken with
 //! [`Model::backward`], which merges the adapter gradients found during recomputation.
 
+use super::attention::causal_attention;
 use super::config::ModelConfig;
 use super::lora::{
     BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, Target, new_adapter,
 };
 use super::loss::ChunkedCrossEntropy;
 use super::nf4::{Nf4Linear, Nf4Weight, Quant};
-use super::ops::{
-    FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, causal_attention,
-    rope_tables,
-};
+use super::ops::{FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, rope_tables};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use candle_core::backprop::GradStore;
@@ -392,10 +390,12 @@ impl Model {
                     stash: self.stash.clone(),
                 };
                 x = x.contiguous()?.apply_op1(InputGradCustomOp(op))?;
+                super::prof::trace("after ckpt layer fwd", &self.device);
             }
         } else {
             for layer in &self.layers {
                 x = layer_forward(&self.cfg, layer, &x, batch, seq, &cos, &sin, rng, false)?;
+                super::prof::trace("after layer fwd", &self.device);
             }
         }
         self.norm.forward(&x)
@@ -506,6 +506,7 @@ impl InputGradOp for LayerCheckpoint {
     }
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let c = &self.ctx;
+        super::prof::note_used("max at ckpt-layer bwd start", x.device());
         let xv = Var::from_tensor(&x.detach())?;
         let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));
         let out = layer_forward(
@@ -519,7 +520,9 @@ impl InputGradOp for LayerCheckpoint {
             rng.as_ref(),
             false,
         )?;
+        super::prof::note_used("max after ckpt recompute", x.device());
         let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        super::prof::note_used("max after ckpt inner bwd", x.device());
         for ad in c.layer.proj.iter().filter_map(|p| p.adapter.as_ref()) {
             for v in [&ad.a, &ad.b] {
                 if let Some(g) = grads.get(v.as_tensor()) {

@@ -10,16 +10,11 @@
 //! - [`FrozenLinear`]: `y = x W^T + b` with `W`, `b` frozen; backward gives `dx = dy W` only.
 //! - [`RmsNorm`]: Hugging Face `Qwen2RMSNorm` / `LlamaRMSNorm` (f32 statistics); backward gives
 //!   `dx` only (the norm weight is frozen).
-//! - [`causal_attention`]: softmax(QK^T / sqrt(d) + causal mask) V with grouped-query
-//!   attention; the (T x T) probabilities are recomputed in backward instead of being kept, so
-//!   the activations saved for backward are O(T d) per head rather than O(T^2). The forward
-//!   and backward still form the full (T x T) f32 scores transiently (one layer at a time);
-//!   tiling over queries is future work (issue 3).
+//!
+//! Attention has its own module ([`super::attention`]).
 
 use candle_core::op::BackpropOp;
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp3, D, DType, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor};
 
 /// Dtype for statistics (softmax, norms, loss): f32, or f64 when computing in f64 (tests).
 pub fn stat_dtype(dt: DType) -> DType {
@@ -108,10 +103,14 @@ impl<T: InputGradOp> CustomOp1 for InputGradCustomOp<T> {
         s: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_out(self.0.plain(&cuda_in(s, l)?)?)
+        let x = cuda_in(s, l)?;
+        let dev = x.device().clone();
+        cuda_out(super::prof::section(T::NAME, "fwd", &dev, || {
+            self.0.plain(&x)
+        })?)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        self.0.input_grad(x, grad)
+        super::prof::section(T::NAME, "bwd", x.device(), || self.0.input_grad(x, grad))
     }
 }
 
@@ -289,122 +288,4 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
-}
-
-/// Causal scaled-dot-product attention with grouped-query attention.
-///
-/// `q`: (batch, q_heads, seq, head_dim); `k`, `v`: (batch, kv_heads, seq, head_dim) with
-/// `q_heads % kv_heads == 0` (query head `h` reads kv head `h / (q_heads / kv_heads)`, as HF
-/// `repeat_kv`). Scores and softmax are computed in f32; output (batch, q_heads, seq, head_dim)
-/// in `q`'s dtype. Equivalent to `torch.nn.functional.scaled_dot_product_attention(...,
-/// is_causal=True)`. Backward recomputes the probabilities (no (seq x seq) tensor is kept).
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    let op = Attention;
-    if q.track_op() || k.track_op() || v.track_op() {
-        q.contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
-    } else {
-        op.forward(q, k, v)
-    }
-}
-
-struct Attention;
-
-impl Attention {
-    /// Returns (q grouped as (b, kvh, g*t, d), probabilities f32 (b, kvh, g*t, t)).
-    fn probs(&self, q: &Tensor, k: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, qh, t, d) = q.dims4()?;
-        let kvh = k.dim(1)?;
-        let g = qh / kvh;
-        let qg = q.reshape((b, kvh, g * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let f = stat_dtype(q.dtype());
-        let s = qg
-            .to_dtype(f)?
-            .matmul(&k.to_dtype(f)?.t()?)?
-            .affine(scale, 0.0)?;
-        let mask = causal_bias(t, f, q.device())?;
-        let s = s
-            .reshape((b, kvh, g, t, t))?
-            .broadcast_add(&mask)?
-            .reshape((b, kvh, g * t, t))?;
-        let max = s.max_keepdim(D::Minus1)?;
-        let e = s.broadcast_sub(&max)?.exp()?;
-        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-        Ok((qg, p))
-    }
-
-    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-        let (b, qh, t, d) = q.dims4()?;
-        let (_, p) = self.probs(q, k)?;
-        let o = p.to_dtype(v.dtype())?.matmul(v)?;
-        o.reshape((b, qh, t, d))
-    }
-}
-
-/// Additive causal mask (t, t) in `dtype`, built on the device: 0 where key <= query
-/// position, -1e30 above the diagonal.
-fn causal_bias(t: usize, dtype: DType, dev: &candle_core::Device) -> Result<Tensor> {
-    let r = Tensor::arange(0u32, t as u32, dev)?;
-    let above = r.unsqueeze(0)?.broadcast_gt(&r.unsqueeze(1)?)?;
-    above.to_dtype(dtype)?.affine(-1e30, 0.0)
-}
-
-impl CustomOp3 for Attention {
-    fn name(&self) -> &'static str {
-        "causal-attention"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        cpu_out(self.forward(&cpu_in(s1, l1)?, &cpu_in(s2, l2)?, &cpu_in(s3, l3)?)?)
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda_out(self.forward(&cuda_in(s1, l1)?, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?)?)
-    }
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        o: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (b, qh, t, d) = q.dims4()?;
-        let kvh = k.dim(1)?;
-        let g = qh / kvh;
-        let scale = 1.0 / (d as f64).sqrt();
-        let (qg, p) = self.probs(q, k)?;
-        let f = stat_dtype(q.dtype());
-        let go = grad.to_dtype(f)?.reshape((b, kvh, g * t, d))?;
-        let og = o.to_dtype(f)?.reshape((b, kvh, g * t, d))?;
-        // dV = P^T dO ; dP = dO V^T ; dS = P * (dP - rowsum(dO * O)) ; dQ = dS K s ; dK = dS^T Q s
-        let dv = p.t()?.matmul(&go)?;
-        let dp = go.matmul(&v.to_dtype(f)?.t()?)?;
-        let delta = (&go * &og)?.sum_keepdim(D::Minus1)?;
-        let ds = (p * dp.broadcast_sub(&delta)?)?.affine(scale, 0.0)?;
-        let dq = ds.matmul(&k.to_dtype(f)?)?.reshape((b, qh, t, d))?;
-        let dk = ds.t()?.matmul(&qg.to_dtype(f)?)?;
-        let dt = q.dtype();
-        Ok((
-            Some(dq.to_dtype(dt)?),
-            Some(dk.to_dtype(dt)?),
-            Some(dv.to_dtype(dt)?),
-        ))
-    }
 }

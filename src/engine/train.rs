@@ -7,6 +7,7 @@ use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
 use super::nf4::Quant;
 use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
+use super::prof;
 use super::scaler::{LossScaler, LossScalerConfig};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
@@ -167,6 +168,26 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     /// Where adapters were saved.
     pub adapter_dir: Option<String>,
+    /// Device-memory breakdown from the CUDA memory pool (null on CPU).
+    pub memory: Option<MemoryBreakdown>,
+}
+
+/// Where device memory went, from the CUDA stream-ordered pool that candle allocates from
+/// (bytes). The CUDA context, cuBLAS workspace and loaded kernels are outside the pool: NVML's
+/// per-process figure is `pool_reserved_peak_bytes` plus those (typically 0.5-1 GiB).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryBreakdown {
+    /// Base weights as held (compute dtype, or NF4 codes and statistics).
+    pub weights_bytes: u64,
+    /// Adapter f32 master weights plus optimizer state.
+    pub adapters_optimizer_bytes: u64,
+    /// Pool bytes in use before the first step (weights, adapters, optimizer state, tables).
+    pub resident_bytes: u64,
+    /// Peak pool bytes in use during the steps above `resident_bytes`: activations,
+    /// gradients and transients.
+    pub activations_peak_bytes: u64,
+    /// Peak pool bytes held from the driver (live plus cached free blocks).
+    pub pool_reserved_peak_bytes: u64,
 }
 
 /// Events of a run, in order: one header, `steps` steps, one summary.
@@ -207,12 +228,14 @@ pub fn parse_device(s: &str) -> Result<Device, EngineError> {
             "--device {s}: this lorascope was built without CUDA; rebuild with `cargo build --release --features cuda`"
         )));
     }
-    Device::new_cuda(ordinal).map_err(|e| {
+    let dev = Device::new_cuda(ordinal).map_err(|e| {
         EngineError::Invalid(format!(
             "--device {s}: cannot open the GPU ({}); check the driver and CUDA_VISIBLE_DEVICES",
             e.to_string().lines().next().unwrap_or("")
         ))
-    })
+    })?;
+    super::prof::configure_device(&dev).ctx("configuring the CUDA memory pool")?;
+    Ok(dev)
 }
 
 /// Peak resident set size (VmHWM) of this process in bytes, on Linux.
@@ -341,6 +364,8 @@ pub fn train(
         mut batcher,
         header,
     } = prepare(opts)?;
+    let (header_weight_bytes, header_adapter_bytes) =
+        (header.weight_bytes, header.adapter_and_optimizer_bytes);
     emit(&TrainEvent::Header(Box::new(header)));
     let device = model.device().clone();
     let (b, t) = (opts.batch_size, opts.seq_len);
@@ -354,6 +379,9 @@ pub fn train(
         (None, _) => None,
     };
     let mut skipped_steps = 0usize;
+    device.synchronize().ctx("synchronising the device")?;
+    let resident = prof::pool_usage(&device).map(|u| u.used);
+    prof::reset_pool_high(&device);
     for step in 1..=opts.steps {
         let batch = batcher.next_batch();
         let start = Instant::now();
@@ -364,15 +392,19 @@ pub fn train(
             opts.steps,
             opts.schedule,
         );
-        let loss = model
-            .loss(&batch.input_ids, &batch.targets, b, t, true)
-            .ctx("forward pass")?;
+        prof::set_active(step > opts.warmup_steps.min(opts.steps - 1));
+        let loss = prof::section("step", "forward", &device, || {
+            model.loss(&batch.input_ids, &batch.targets, b, t, true)
+        })
+        .ctx("forward pass")?;
+        prof::trace("after forward", &device);
         let loss_scale = scaler.as_ref().map(|s| s.scale());
-        let grads = match loss_scale {
-            Some(s) => model.backward(&loss.affine(s, 0.0).ctx("scaling the loss")?),
+        let grads = prof::section("step", "backward", &device, || match loss_scale {
+            Some(s) => model.backward(&loss.affine(s, 0.0)?),
             None => model.backward(&loss),
-        }
+        })
         .ctx("backward pass")?;
+        prof::trace("after backward", &device);
         let loss_v = loss
             .to_dtype(DType::F64)
             .and_then(|l| l.to_scalar::<f64>())
@@ -397,7 +429,10 @@ pub fn train(
             } else {
                 1.0
             };
-            opt.step(&grads, lr, clip * unscale).ctx("optimizer step")?;
+            prof::section("step", "optimizer", &device, || {
+                opt.step(&grads, lr, clip * unscale)
+            })
+            .ctx("optimizer step")?;
         }
         drop(grads);
         device.synchronize().ctx("synchronising the device")?;
@@ -424,6 +459,23 @@ pub fn train(
             loss_scale,
             skipped,
         }));
+    }
+    let memory = match (resident, prof::pool_usage(&device)) {
+        (Some(resident_bytes), Some(u)) => Some(MemoryBreakdown {
+            weights_bytes: header_weight_bytes as u64,
+            adapters_optimizer_bytes: header_adapter_bytes as u64,
+            resident_bytes,
+            activations_peak_bytes: u
+                .used_high
+                .max(prof::max_seen())
+                .saturating_sub(resident_bytes),
+            pool_reserved_peak_bytes: u.reserved_high,
+        }),
+        _ => None,
+    };
+    let profile = prof::report();
+    if !profile.is_empty() {
+        eprint!("{profile}");
     }
     if timed_seconds == 0.0 {
         timed_tokens = tokens;
@@ -452,6 +504,7 @@ pub fn train(
         skipped_steps,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_dir,
+        memory,
     };
     emit(&TrainEvent::Summary(summary.clone()));
     Ok(summary)

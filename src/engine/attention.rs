@@ -1,0 +1,586 @@
+//! Causal grouped-query attention with its own backward.
+//!
+//! `softmax(Q K^T / sqrt(d) + causal mask) V`, as `torch.nn.functional.scaled_dot_product_attention(
+//! ..., is_causal=True)` with Hugging Face `repeat_kv` head grouping. The matrix products run
+//! through candle's batched matmul (cuBLAS on CUDA, tensor cores in fp16/bf16, f32
+//! accumulation) in the compute dtype, like Hugging Face's eager attention; the causal mask,
+//! the row softmax (f32 statistics) and the softmax backward are one fused kernel each
+//! ([`CausalSoftmax`], [`CausalSoftmaxGrad`]: NVRTC on CUDA, loops on CPU), so the (T x T)
+//! scores are read and written once per pass instead of once per elementwise op.
+//!
+//! Backward recomputes the probabilities from Q and K (nothing of size T x T is kept between
+//! forward and backward), following FlashAttention's recomputation (Dao et al. 2022):
+//! `dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(P * dP))`, `dQ = dS K / sqrt(d)`,
+//! `dK = dS^T Q / sqrt(d)`. Query heads are grouped per key/value head as
+//! (batch, kv_heads, group * T, d), so K and V are never repeated and `dK`, `dV` sum over the
+//! group inside the matmul.
+
+use super::ops::{cpu_in, cpu_out};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+/// Causal scaled-dot-product attention with grouped-query attention.
+///
+/// `q`: (batch, q_heads, seq, head_dim); `k`, `v`: (batch, kv_heads, seq, head_dim) with
+/// `q_heads % kv_heads == 0` (query head `h` reads kv head `h / (q_heads / kv_heads)`, as HF
+/// `repeat_kv`); all in the compute dtype. Output (batch, q_heads, seq, head_dim) in that dtype.
+/// Scores and probabilities are held in the compute dtype (softmax statistics in f32), as
+/// PyTorch's math attention in fp16/bf16. Backward recomputes the probabilities.
+///
+/// Errors: mismatched shapes or dtypes, device errors (CUDA: kernel compile/launch, out of
+/// memory for the (batch, q_heads, seq, seq) scores).
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (_, qh, _, _) = q.dims4()?;
+    let kvh = k.dim(1)?;
+    if kvh == 0 || qh % kvh != 0 {
+        candle_core::bail!("attention: {qh} query heads do not group over {kvh} kv heads");
+    }
+    if q.track_op() || k.track_op() || v.track_op() {
+        q.contiguous()?
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, Attention)
+    } else {
+        Attention.forward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?)
+    }
+}
+
+struct Attention;
+
+impl Attention {
+    /// Probabilities (b, kvh, g*t, t) in the compute dtype from grouped, pre-scaled queries.
+    fn probs(qs_g: &Tensor, k: &Tensor, t: usize) -> Result<Tensor> {
+        let s = qs_g.matmul(&k.t()?)?;
+        s.apply_op1_no_bwd(&CausalSoftmax { t })
+    }
+
+    /// Queries grouped per kv head, (b, kvh, g*t, d), scaled by 1/sqrt(d).
+    fn grouped_scaled(q: &Tensor, kvh: usize) -> Result<Tensor> {
+        let (b, qh, t, d) = q.dims4()?;
+        q.reshape((b, kvh, (qh / kvh) * t, d))?
+            .affine(1.0 / (d as f64).sqrt(), 0.0)
+    }
+
+    fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, qh, t, d) = q.dims4()?;
+        let p = Self::probs(&Self::grouped_scaled(q, k.dim(1)?)?, k, t)?;
+        p.matmul(v)?.reshape((b, qh, t, d))
+    }
+
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (b, qh, t, d) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let scale = 1.0 / (d as f64).sqrt();
+        let qs = Self::grouped_scaled(q, kvh)?;
+        let p = Self::probs(&qs, k, t)?;
+        drop(qs);
+        let go = grad
+            .to_dtype(q.dtype())?
+            .contiguous()?
+            .reshape((b, kvh, (qh / kvh) * t, d))?;
+        let dv = p.t()?.matmul(&go)?;
+        let dp = go.matmul(&v.t()?)?;
+        drop(go);
+        // dS / sqrt(d), so that dQ = dS' K and dK = dS'^T Q.
+        let ds = p.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { t, scale })?;
+        drop((p, dp));
+        let dq = ds.matmul(k)?.reshape((b, qh, t, d))?;
+        let qg = q.reshape((b, kvh, (qh / kvh) * t, d))?;
+        let dk = ds.t()?.matmul(&qg)?;
+        Ok((Some(dq), Some(dk), Some(dv)))
+    }
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "causal-attention"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        cpu_out(self.forward(&cpu_in(s1, l1)?, &cpu_in(s2, l2)?, &cpu_in(s3, l3)?)?)
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use super::ops::{cuda_in, cuda_out};
+        let q = cuda_in(s1, l1)?;
+        let dev = q.device().clone();
+        cuda_out(super::prof::section(
+            "causal-attention",
+            "fwd",
+            &dev,
+            || self.forward(&q, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?),
+        )?)
+    }
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _o: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        super::prof::section("causal-attention", "bwd", q.device(), || {
+            self.backward(q, k, v, grad)
+        })
+    }
+}
+
+/// Row softmax of scores (..., rows, t) under a causal mask, in place of the scores' dtype:
+/// row `r` is query position `r % t` and sees keys `0..=r % t`; masked entries are 0.
+/// Max, exponentials and the sum are f32 (f64 for f64 input).
+pub struct CausalSoftmax {
+    /// Sequence length (row length; rows repeat positions every `t`).
+    pub t: usize,
+}
+
+/// Softmax backward for [`CausalSoftmax`]: from probabilities `P` and their gradient `dP`
+/// (same shape), `dS = scale * P * (dP - rowsum(P * dP))`, 0 where masked.
+pub struct CausalSoftmaxGrad {
+    /// Sequence length, as [`CausalSoftmax::t`].
+    pub t: usize,
+    /// Factor applied to the result (1/sqrt(head_dim) in attention).
+    pub scale: f64,
+}
+
+fn contiguous_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
+}
+
+fn check_rows(l: &Layout, t: usize, what: &str) -> Result<usize> {
+    let n = l.shape().elem_count();
+    if t == 0 || l.shape().dims().last() != Some(&t) {
+        candle_core::bail!("{what}: last dimension must be {t}, got {:?}", l.shape());
+    }
+    Ok(n / t)
+}
+
+mod cpu {
+    use candle_core::WithDType;
+
+    pub fn softmax<T: WithDType>(s: &[T], t: usize) -> Vec<T> {
+        let mut out = vec![T::from_f64(0.0); s.len()];
+        for (r, (row, o)) in s.chunks(t).zip(out.chunks_mut(t)).enumerate() {
+            let valid = r % t + 1;
+            let m = row[..valid]
+                .iter()
+                .map(|x| x.to_f64())
+                .fold(f64::NEG_INFINITY, f64::max);
+            let e: Vec<f64> = row[..valid]
+                .iter()
+                .map(|x| (x.to_f64() - m).exp())
+                .collect();
+            let sum: f64 = e.iter().sum();
+            for (o, e) in o.iter_mut().zip(e) {
+                *o = T::from_f64(e / sum);
+            }
+        }
+        out
+    }
+
+    pub fn softmax_grad<T: WithDType>(p: &[T], dp: &[T], t: usize, scale: f64) -> Vec<T> {
+        let mut out = vec![T::from_f64(0.0); p.len()];
+        for (r, ((pr, dr), o)) in p
+            .chunks(t)
+            .zip(dp.chunks(t))
+            .zip(out.chunks_mut(t))
+            .enumerate()
+        {
+            let valid = r % t + 1;
+            let delta: f64 = pr[..valid]
+                .iter()
+                .zip(&dr[..valid])
+                .map(|(a, b)| a.to_f64() * b.to_f64())
+                .sum();
+            for j in 0..valid {
+                o[j] = T::from_f64(scale * pr[j].to_f64() * (dr[j].to_f64() - delta));
+            }
+        }
+        out
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        "causal-softmax"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_rows(l, self.t, "causal-softmax")?;
+        let (a, b) = contiguous_range(l, "causal-softmax")?;
+        let t = self.t;
+        let out = match s {
+            CpuStorage::F32(v) => CpuStorage::F32(cpu::softmax(&v[a..b], t)),
+            CpuStorage::F64(v) => CpuStorage::F64(cpu::softmax(&v[a..b], t)),
+            CpuStorage::F16(v) => CpuStorage::F16(cpu::softmax(&v[a..b], t)),
+            CpuStorage::BF16(v) => CpuStorage::BF16(cpu::softmax(&v[a..b], t)),
+            _ => candle_core::bail!("causal-softmax: unsupported dtype"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = check_rows(l, self.t, "causal-softmax")?;
+        let range = contiguous_range(l, "causal-softmax")?;
+        let out = cuda::softmax(s, range, rows, self.t)?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        "causal-softmax-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        check_rows(l1, self.t, "causal-softmax-grad")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "causal-softmax-grad: P {:?} vs dP {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let (a1, b1) = contiguous_range(l1, "causal-softmax-grad")?;
+        let (a2, b2) = contiguous_range(l2, "causal-softmax-grad")?;
+        let (t, sc) = (self.t, self.scale);
+        let out = match (s1, s2) {
+            (CpuStorage::F32(p), CpuStorage::F32(d)) => {
+                CpuStorage::F32(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
+            }
+            (CpuStorage::F64(p), CpuStorage::F64(d)) => {
+                CpuStorage::F64(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
+            }
+            (CpuStorage::F16(p), CpuStorage::F16(d)) => {
+                CpuStorage::F16(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
+            }
+            (CpuStorage::BF16(p), CpuStorage::BF16(d)) => {
+                CpuStorage::BF16(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
+            }
+            _ => candle_core::bail!("causal-softmax-grad: P and dP must share a float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = check_rows(l1, self.t, "causal-softmax-grad")?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "causal-softmax-grad: P {:?} vs dP {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let r1 = contiguous_range(l1, "causal-softmax-grad")?;
+        let r2 = contiguous_range(l2, "causal-softmax-grad")?;
+        let out = cuda::softmax_grad(s1, r1, s2, r2, rows, self.t, self.scale as f32)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// Whether attention tensors of this dtype run through the fused kernels on CUDA.
+pub fn supported_dtype(dt: DType) -> bool {
+    matches!(dt, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! NVRTC kernels: one thread block (256 threads) per score row; f32 statistics.
+    use super::super::kernels::{self, PRELUDE};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Result};
+
+    const MODULE: &str = "lorascope_attention";
+    const SRC: &str = r#"
+__device__ __forceinline__ float block_reduce(float v, bool is_max) {
+    __shared__ float shared[32];
+    for (int o = 16; o > 0; o >>= 1) {
+        float w = __shfl_xor_sync(0xffffffffu, v, o);
+        v = is_max ? fmaxf(v, w) : v + w;
+    }
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[wid] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? shared[threadIdx.x] : (is_max ? NEG_INF : 0.f);
+    if (wid == 0) {
+        for (int o = 16; o > 0; o >>= 1) {
+            float w = __shfl_xor_sync(0xffffffffu, v, o);
+            v = is_max ? fmaxf(v, w) : v + w;
+        }
+        if (lane == 0) shared[0] = v;
+    }
+    __syncthreads();
+    float r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+#define SOFTMAX_KERNELS(SUF, T)                                                               \
+extern "C" __global__ void causal_softmax_##SUF(const T* s, T* p, int t) {                   \
+    long long row = blockIdx.x;                                                               \
+    int valid = (int)(row % t) + 1;                                                           \
+    const T* x = s + row * t; T* y = p + row * t;                                             \
+    float m = NEG_INF;                                                                      \
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, ld(x[j]));            \
+    m = block_reduce(m, true);                                                                \
+    float sum = 0.f;                                                                          \
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += __expf(ld(x[j]) - m);       \
+    sum = block_reduce(sum, false);                                                           \
+    float inv = 1.f / sum;                                                                    \
+    for (int j = threadIdx.x; j < t; j += blockDim.x)                                         \
+        st(y + j, j < valid ? __expf(ld(x[j]) - m) * inv : 0.f);                             \
+}                                                                                             \
+extern "C" __global__ void causal_softmax_grad_##SUF(const T* p, const T* dp, T* ds, int t,  \
+                                                    float scale) {                            \
+    long long row = blockIdx.x;                                                               \
+    int valid = (int)(row % t) + 1;                                                           \
+    const T* a = p + row * t; const T* g = dp + row * t; T* y = ds + row * t;                 \
+    float delta = 0.f;                                                                        \
+    for (int j = threadIdx.x; j < valid; j += blockDim.x) delta += ld(a[j]) * ld(g[j]);      \
+    delta = block_reduce(delta, false);                                                       \
+    for (int j = threadIdx.x; j < t; j += blockDim.x)                                         \
+        st(y + j, j < valid ? scale * ld(a[j]) * (ld(g[j]) - delta) : 0.f);                  \
+}
+
+SOFTMAX_KERNELS(f32, float)
+SOFTMAX_KERNELS(f16, f16_t)
+SOFTMAX_KERNELS(bf16, bf16_t)
+"#;
+
+    fn suffix(dt: DType) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => candle_core::bail!("causal softmax: no CUDA kernel for {other:?}"),
+        })
+    }
+
+    fn cfg(rows: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub fn softmax(
+        s: &CudaStorage,
+        (a, b): (usize, usize),
+        rows: usize,
+        t: usize,
+    ) -> Result<CudaStorage> {
+        let dev = s.device().clone();
+        let name = format!("causal_softmax_{}", suffix(s.dtype())?);
+        let func =
+            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
+        let t32 = t as i32;
+        macro_rules! go {
+            ($ty:ty) => {{
+                let x = s.as_cuda_slice::<$ty>()?.slice(a..b);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$ty>(b - a) }?;
+                let mut lb = func.builder();
+                lb.arg(&x);
+                lb.arg(&mut out);
+                lb.arg(&t32);
+                // SAFETY: argument types match the kernel signature.
+                unsafe { lb.launch(cfg(rows)) }.map_err(kernels::err)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match s.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+
+    pub fn softmax_grad(
+        p: &CudaStorage,
+        (a1, b1): (usize, usize),
+        dp: &CudaStorage,
+        (a2, b2): (usize, usize),
+        rows: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        if p.dtype() != dp.dtype() {
+            candle_core::bail!("causal-softmax-grad: P and dP dtypes differ");
+        }
+        let dev = p.device().clone();
+        let name = format!("causal_softmax_grad_{}", suffix(p.dtype())?);
+        let func =
+            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
+        let t32 = t as i32;
+        macro_rules! go {
+            ($ty:ty) => {{
+                let x = p.as_cuda_slice::<$ty>()?.slice(a1..b1);
+                let g = dp.as_cuda_slice::<$ty>()?.slice(a2..b2);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$ty>(b1 - a1) }?;
+                let mut lb = func.builder();
+                lb.arg(&x);
+                lb.arg(&g);
+                lb.arg(&mut out);
+                lb.arg(&t32);
+                lb.arg(&scale);
+                // SAFETY: argument types match the kernel signature.
+                unsafe { lb.launch(cfg(rows)) }.map_err(kernels::err)?;
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match p.dtype() {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Device, Var};
+
+    /// Attention from differentiable candle primitives (f64), the reference.
+    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let (b, qh, t, d) = q.dims4()?;
+        let kvh = k.dim(1)?;
+        let g = qh / kvh;
+        let rep = |x: &Tensor| -> Result<Tensor> {
+            x.unsqueeze(2)?
+                .broadcast_as((b, kvh, g, t, d))?
+                .reshape((b, qh, t, d))
+        };
+        let (k, v) = (rep(k)?, rep(v)?);
+        let s = (q.matmul(&k.t()?)? / (d as f64).sqrt())?;
+        let mask: Vec<f64> = (0..t * t)
+            .map(|i| if i % t > i / t { -1e30 } else { 0.0 })
+            .collect();
+        let s = s.broadcast_add(&Tensor::from_vec(mask, (t, t), q.device())?)?;
+        let e = s.broadcast_sub(&s.max_keepdim(D::Minus1)?)?.exp()?;
+        let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+        p.matmul(&v)
+    }
+
+    fn rand(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f64> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn fused_attention_matches_the_naive_reference_forward_and_backward() {
+        let (b, qh, kvh, t, d) = (2, 6, 2, 7, 8);
+        let q = Var::from_tensor(&rand((b, qh, t, d), 1)).unwrap();
+        let k = Var::from_tensor(&rand((b, kvh, t, d), 2)).unwrap();
+        let v = Var::from_tensor(&rand((b, kvh, t, d), 3)).unwrap();
+        let w = rand((b, qh, t, d), 4);
+        let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
+        let reference = naive(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-12);
+        let gf = (&fused * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (&reference * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let a = gf.get(x.as_tensor()).unwrap();
+            let r = gr.get(x.as_tensor()).unwrap();
+            let err = max_abs_diff(a, r);
+            assert!(err < 1e-12, "d{name}: max abs error {err}");
+        }
+    }
+
+    #[test]
+    fn masked_probabilities_are_zero_and_rows_sum_to_one() {
+        let s = rand((1, 1, 5, 5), 9).to_dtype(DType::F32).unwrap();
+        let p = s.apply_op1_no_bwd(&CausalSoftmax { t: 5 }).unwrap();
+        let p: Vec<Vec<f32>> = p.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
+        for (r, row) in p.iter().enumerate() {
+            assert!(row[r + 1..].iter().all(|&x| x == 0.0), "row {r}: {row:?}");
+            let sum: f32 = row.iter().sum();
+            assert!((sum - 1.0).abs() < 1e-6, "row {r} sums to {sum}");
+        }
+    }
+
+    #[test]
+    fn half_precision_cpu_path_stays_close_to_f64() {
+        let (b, qh, kvh, t, d) = (1, 4, 2, 9, 16);
+        let (q, k, v) = (
+            rand((b, qh, t, d), 5),
+            rand((b, kvh, t, d), 6),
+            rand((b, kvh, t, d), 7),
+        );
+        let reference = naive(&q, &k, &v).unwrap();
+        for dt in [DType::F16, DType::BF16] {
+            let c = |x: &Tensor| x.to_dtype(dt).unwrap();
+            let o = causal_attention(&c(&q), &c(&k), &c(&v))
+                .unwrap()
+                .to_dtype(DType::F64)
+                .unwrap();
+            let err = max_abs_diff(&o, &reference);
+            assert!(err < 2e-2, "{dt:?}: max abs error {err}");
+        }
+    }
+}

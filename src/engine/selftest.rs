@@ -1,0 +1,180 @@
+//! `lorascope selftest`: the engine on a device against the CPU f32 path, on the tiny preset.
+//!
+//! Builds the tiny model once on the CPU in f32 (synthetic weights, random non-zero LoRA B),
+//! saves it as safetensors, and loads the same weights on the device under test in fp16 and
+//! bf16, dense and NF4, with and without gradient checkpointing. Each is compared with the CPU
+//! path in the same precision and quantisation (no checkpointing): the logits (relative L2
+//! error, which must stay under 1e-2), the loss, and the adapters' gradients (relative L2 error
+//! under 5e-2). The error against CPU f32 is printed too, as the cost of the precision. This is the check that the CUDA kernels (attention softmax, dropout, NF4
+//! dequantisation) and cuBLAS paths compute what the CPU path computes.
+
+use super::config::ModelSource;
+use super::lora::LoraConfig;
+use super::model::Model;
+use super::nf4::Quant;
+use super::train::parse_device;
+use super::weights::{WeightSource, save_checkpoint};
+use super::{CandleContext, EngineError};
+use candle_core::{DType, Device, Tensor};
+use rand::{Rng, SeedableRng};
+
+/// Largest relative L2 error of logits accepted.
+pub const LOGITS_TOL: f64 = 1e-2;
+/// Largest relative L2 error of adapter gradients accepted.
+pub const GRAD_TOL: f64 = 5e-2;
+
+/// One compared configuration.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Case {
+    /// e.g. `bf16 nf4 ckpt`.
+    pub name: String,
+    /// ||logits - ref|| / ||ref||.
+    pub logits_rel: f64,
+    /// |loss - ref loss|.
+    pub loss_abs: f64,
+    /// ||grads - ref grads|| / ||ref grads|| over all adapter A and B.
+    pub grad_rel: f64,
+    /// ||logits - CPU f32 logits|| / ||CPU f32 logits|| (information: the cost of the
+    /// precision itself).
+    pub logits_rel_f32: f64,
+    /// Both under their tolerances.
+    pub pass: bool,
+}
+
+fn rel(a: &Tensor, b: &Tensor) -> candle_core::Result<f64> {
+    let a = a
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?;
+    let b = b
+        .to_dtype(DType::F64)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?;
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(num / den.max(1e-30))
+}
+
+struct Outputs {
+    logits: Tensor,
+    loss: f64,
+    grads: Tensor,
+}
+
+fn evaluate(
+    model: &Model,
+    ids: &[u32],
+    targets: &[i64],
+    b: usize,
+    t: usize,
+) -> candle_core::Result<Outputs> {
+    let logits = model.logits(ids, b, t)?;
+    let loss = model.loss(ids, targets, b, t, true)?;
+    let grads = model.backward(&loss)?;
+    let mut flat = Vec::new();
+    for ad in model.adapters() {
+        for v in [&ad.a, &ad.b] {
+            let g = grads
+                .get(v.as_tensor())
+                .ok_or_else(|| candle_core::Error::Msg(format!("{}: no gradient", ad.name)))?;
+            flat.push(
+                g.to_dtype(DType::F64)?
+                    .to_device(&Device::Cpu)?
+                    .flatten_all()?,
+            );
+        }
+    }
+    Ok(Outputs {
+        logits,
+        loss: loss.to_dtype(DType::F64)?.to_scalar::<f64>()?,
+        grads: Tensor::cat(&flat, 0)?,
+    })
+}
+
+/// Run the comparison on `device` (`cpu` compares the CPU half-precision paths).
+///
+/// Errors: a bad device string, device or I/O errors.
+pub fn run(device: &str) -> Result<Vec<Case>, EngineError> {
+    let dev = parse_device(device)?;
+    let src = ModelSource::resolve("tiny")?;
+    let cfg = src.config;
+    let lora = LoraConfig::default();
+    let (b, t) = (2usize, 96usize);
+    let vocab = cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 11) as u32) % vocab).collect();
+    let targets: Vec<i64> = (0..b * t)
+        .map(|i| {
+            if (i + 1) % t == 0 {
+                -100
+            } else {
+                ids[i + 1] as i64
+            }
+        })
+        .collect();
+    let dir = std::env::temp_dir().join(format!("lorascope-selftest-{}", std::process::id()));
+    let io = |e: anyhow::Error| EngineError::Io {
+        path: dir.display().to_string(),
+        source: std::io::Error::other(e.to_string()),
+    };
+    let base = Model::new(
+        &cfg,
+        &lora,
+        &WeightSource::Synthetic { seed: 7 },
+        DType::F32,
+        &Device::Cpu,
+        7,
+    )?;
+    save_checkpoint(&dir, &base.base_tensors().ctx("reading weights")?, 1).map_err(io)?;
+    drop(base);
+    let weights = WeightSource::open_dir(&dir)?
+        .ok_or_else(|| EngineError::Invalid("selftest: checkpoint not written".into()))?;
+    let build =
+        |quant: Quant, dtype: DType, on: &Device, ckpt: bool| -> Result<Model, EngineError> {
+            let mut m = Model::new_quantized(&cfg, &lora, &weights, dtype, on, 7, quant)?;
+            m.set_grad_checkpointing(ckpt);
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+            for ad in m.adapters() {
+                let shape = ad.b.as_tensor().dims().to_vec();
+                let n: usize = shape.iter().product();
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(-0.05f32..0.05)).collect();
+                ad.b.set(&Tensor::from_vec(v, shape, on).ctx("setting B")?)
+                    .ctx("setting B")?;
+            }
+            Ok(m)
+        };
+    let mut cases = Vec::new();
+    for quant in [Quant::None, Quant::Nf4] {
+        let f32_ref = build(quant, DType::F32, &Device::Cpu, false)?;
+        let r32 = evaluate(&f32_ref, &ids, &targets, b, t).ctx("CPU f32 reference")?;
+        drop(f32_ref);
+        for (dtype, ckpt) in [
+            (DType::F16, false),
+            (DType::BF16, false),
+            (DType::BF16, true),
+        ] {
+            let reference = build(quant, dtype, &Device::Cpu, false)?;
+            let r = evaluate(&reference, &ids, &targets, b, t).ctx("CPU reference")?;
+            drop(reference);
+            let m = build(quant, dtype, &dev, ckpt)?;
+            let o = evaluate(&m, &ids, &targets, b, t).ctx("device run")?;
+            let logits_rel_f32 = rel(&o.logits, &r32.logits).ctx("comparing logits")?;
+            let logits_rel = rel(&o.logits, &r.logits).ctx("comparing logits")?;
+            let grad_rel = rel(&o.grads, &r.grads).ctx("comparing gradients")?;
+            cases.push(Case {
+                name: format!(
+                    "{} {}{}",
+                    if dtype == DType::F16 { "fp16" } else { "bf16" },
+                    if quant == Quant::Nf4 { "nf4" } else { "dense" },
+                    if ckpt { " ckpt" } else { "" }
+                ),
+                logits_rel,
+                loss_abs: (o.loss - r.loss).abs(),
+                grad_rel,
+                logits_rel_f32,
+                pass: logits_rel < LOGITS_TOL && grad_rel < GRAD_TOL,
+            });
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(cases)
+}
