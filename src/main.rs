@@ -19,12 +19,81 @@ enum Commands {
     Train(Box<lorascope::worker::TrainArgs>),
     #[command(flatten)]
     Sweep(lorascope::cli::SweepCommand),
+    /// Maintenance checks of the CUDA build (hidden).
+    #[cfg(feature = "cuda")]
+    #[command(hide = true)]
+    Selftest {
+        #[command(subcommand)]
+        what: Selftest,
+    },
+}
+
+/// `lorascope selftest ...` (CUDA builds).
+#[cfg(feature = "cuda")]
+#[derive(Debug, Subcommand)]
+enum Selftest {
+    /// Fused optimizer kernels (unpaged and paged) against the CPU optimizers: prints the
+    /// largest parameter error per case and exits 1 if any case is beyond tolerance or its
+    /// state is placed wrongly.
+    Optim {
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Updates per case.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+    },
+}
+
+#[cfg(feature = "cuda")]
+fn selftest_optim(device: usize, steps: usize) -> i32 {
+    use lorascope::engine::optim_cuda::{SELFTEST_TOL, selftest};
+    let t0 = std::time::Instant::now();
+    let cases = match selftest(device, steps.max(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!(
+                "lorascope selftest optim: error: {}",
+                msg.lines().next().unwrap_or("unknown error")
+            );
+            return 1;
+        }
+    };
+    println!(
+        "{:<10} {:<6} {:>8}  {:<13} {:>10} {:>10}  result (tolerance {SELFTEST_TOL:e}, {steps} steps)",
+        "optimizer", "paged", "elems", "state", "max_abs", "max_rel"
+    );
+    let mut ok = true;
+    for c in &cases {
+        ok &= c.pass;
+        println!(
+            "{:<10} {:<6} {:>8}  {:<13} {:>10.3e} {:>10.3e}  {}",
+            c.optimizer,
+            c.paged,
+            c.elems,
+            c.placement,
+            c.max_abs,
+            c.max_rel,
+            if c.pass { "ok" } else { "FAIL" }
+        );
+    }
+    println!(
+        "{} in {:.1} s",
+        if ok { "all ok" } else { "FAILED" },
+        t0.elapsed().as_secs_f64()
+    );
+    if ok { 0 } else { 1 }
 }
 
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Commands::Train(args) => lorascope::worker::run(&args),
+        #[cfg(feature = "cuda")]
+        Commands::Selftest {
+            what: Selftest::Optim { device, steps },
+        } => selftest_optim(device, steps),
         Commands::Sweep(cmd) => match lorascope::cli::execute(cmd) {
             Ok(()) => 0,
             Err(e) => {

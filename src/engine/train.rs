@@ -8,6 +8,7 @@ use super::model::{Model, ParamCounts};
 use super::nf4::Quant;
 use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
 use super::scaler::{LossScaler, LossScalerConfig};
+use super::vram::{MemoryReport, VramReservation};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use candle_core::{DType, Device};
@@ -84,6 +85,8 @@ pub struct TrainOptions {
     pub loss_scaling: Option<LossScalerConfig>,
     /// Save the trained adapters (PEFT format) here at the end.
     pub save_adapter: Option<PathBuf>,
+    /// Emulate a card with this many bytes (CUDA only; see [`super::vram`]).
+    pub vram_limit: Option<u64>,
 }
 
 /// One optimizer step, as printed under `--json` (`"type": "step"`).
@@ -140,6 +143,9 @@ pub struct Header {
     pub tokenizer: String,
     /// Examples in the dataset.
     pub examples: usize,
+    /// Optimizer-state placement and the VRAM limit.
+    #[serde(flatten)]
+    pub memory: MemoryReport,
     /// The full options.
     pub options: TrainOptions,
 }
@@ -167,6 +173,9 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     /// Where adapters were saved.
     pub adapter_dir: Option<String>,
+    /// Optimizer-state placement and the VRAM limit (as in the header).
+    #[serde(flatten)]
+    pub memory: MemoryReport,
 }
 
 /// Events of a run, in order: one header, `steps` steps, one summary.
@@ -233,6 +242,8 @@ pub struct Prepared {
     pub batcher: Batcher,
     /// The run header.
     pub header: Header,
+    /// The `--vram-limit` reservation, held until this is dropped.
+    pub vram: Option<VramReservation>,
 }
 
 /// Validate options, load data and tokenizer, build the model.
@@ -264,6 +275,11 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         )));
     }
     let device = parse_device(&opts.device)?;
+    // Before anything is allocated on the device: what is left is what the smaller card has.
+    let vram = opts
+        .vram_limit
+        .map(|limit| super::vram::reserve(&device, limit))
+        .transpose()?;
     let tokenizer = Tokenizer::from_model_dir(src.dir.as_deref())?;
     if tokenizer.min_vocab_size() > cfg.vocab_size {
         return Err(EngineError::Invalid(format!(
@@ -318,6 +334,12 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         precision: opts.precision,
         tokenizer: tokenizer.name(),
         examples: batcher.num_examples(),
+        memory: MemoryReport::new(
+            optimizer.state_bytes_split(),
+            opts.optimizer,
+            &device,
+            vram.as_ref(),
+        ),
         options: opts.clone(),
     };
     Ok(Prepared {
@@ -325,6 +347,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         optimizer,
         batcher,
         header,
+        vram,
     })
 }
 
@@ -340,7 +363,9 @@ pub fn train(
         optimizer: mut opt,
         mut batcher,
         header,
+        vram: _vram_reservation,
     } = prepare(opts)?;
+    let memory = header.memory.clone();
     emit(&TrainEvent::Header(Box::new(header)));
     let device = model.device().clone();
     let (b, t) = (opts.batch_size, opts.seq_len);
@@ -452,6 +477,7 @@ pub fn train(
         skipped_steps,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_dir,
+        memory,
     };
     emit(&TrainEvent::Summary(summary.clone()));
     Ok(summary)
