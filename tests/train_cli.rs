@@ -274,7 +274,11 @@ fn paged_optimizer_runs_on_cpu_as_unpaged() {
     // Human output says it too.
     let o = train(&["--optimizer", "paged_adamw"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    assert!(o.stderr.contains("emulated as unpaged on CPU"), "{}", o.stderr);
+    assert!(
+        o.stderr.contains("emulated as unpaged on CPU"),
+        "{}",
+        o.stderr
+    );
 }
 
 /// `--vram-limit` needs a CUDA device: on CPU it is refused with one line; a malformed size
