@@ -46,7 +46,7 @@ for line in open(path):
 if summ is None:
     print(f"{tag:<34} rc={rc} no summary")
 else:
-    m = summ.get("memory") or {}
+    m = summ.get("device_memory") or {}
     g = lambda k: (m.get(k) or 0) / 2**30
     print(f"{tag:<34} {summ['tokens_per_s']:>9.0f} tok/s  smi {int(peak)/1024:6.2f} GiB  "
           f"w {g('weights_bytes'):.2f} act {g('activations_peak_bytes'):.2f} pool {g('pool_reserved_peak_bytes'):.2f}  "

@@ -17,28 +17,92 @@ struct Cli {
 enum Commands {
     /// Run one LoRA fine-tuning run (the worker the sweep orchestrator launches).
     Train(Box<lorascope::worker::TrainArgs>),
-    /// Check the engine on a device against the CPU f32 path (tiny preset): logits and
-    /// adapter gradients in fp16/bf16, dense and NF4, with and without checkpointing.
+    #[command(flatten)]
+    Sweep(lorascope::cli::SweepCommand),
+    /// Maintenance checks of the engine and its CUDA kernels (hidden).
     #[command(hide = true)]
     Selftest {
+        #[command(subcommand)]
+        what: Selftest,
+    },
+}
+
+/// `lorascope selftest ...`.
+#[derive(Debug, Subcommand)]
+enum Selftest {
+    /// The engine on a device against the CPU path on the tiny preset: logits and adapter
+    /// gradients in fp16/bf16, dense and NF4, with and without checkpointing.
+    Engine {
         /// Device under test (cuda:N, or cpu for the CPU half-precision paths).
         #[arg(long, default_value = "cuda:0")]
         device: String,
     },
-    #[command(flatten)]
-    Sweep(lorascope::cli::SweepCommand),
+    /// Fused optimizer kernels (unpaged and paged) against the CPU optimizers: prints the
+    /// largest parameter error per case and exits 1 if any case is beyond tolerance or its
+    /// state is placed wrongly.
+    #[cfg(feature = "cuda")]
+    Optim {
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        device: usize,
+        /// Updates per case.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+    },
 }
 
-fn selftest(device: &str) -> i32 {
+#[cfg(feature = "cuda")]
+fn selftest_optim(device: usize, steps: usize) -> i32 {
+    use lorascope::engine::optim_cuda::{SELFTEST_TOL, selftest};
+    let t0 = std::time::Instant::now();
+    let cases = match selftest(device, steps.max(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!(
+                "lorascope selftest optim: error: {}",
+                msg.lines().next().unwrap_or("unknown error")
+            );
+            return 1;
+        }
+    };
+    println!(
+        "{:<10} {:<6} {:>8}  {:<13} {:>10} {:>10}  result (tolerance {SELFTEST_TOL:e}, {steps} steps)",
+        "optimizer", "paged", "elems", "state", "max_abs", "max_rel"
+    );
+    let mut ok = true;
+    for c in &cases {
+        ok &= c.pass;
+        println!(
+            "{:<10} {:<6} {:>8}  {:<13} {:>10.3e} {:>10.3e}  {}",
+            c.optimizer,
+            c.paged,
+            c.elems,
+            c.placement,
+            c.max_abs,
+            c.max_rel,
+            if c.pass { "ok" } else { "FAIL" }
+        );
+    }
+    println!(
+        "{} in {:.1} s",
+        if ok { "all ok" } else { "FAILED" },
+        t0.elapsed().as_secs_f64()
+    );
+    if ok { 0 } else { 1 }
+}
+
+fn selftest_engine(device: &str) -> i32 {
     use lorascope::engine::selftest;
     match selftest::run(device) {
         Ok(cases) => {
             println!(
-                "{:<18} {:>12} {:>10} {:>12}  (tolerances: logits {}, gradients {})",
+                "{:<18} {:>12} {:>10} {:>12} {:>14}  (vs the CPU path in the same precision; tolerances: logits {}, gradients {})",
                 "case",
                 "logits rel",
                 "|dloss|",
                 "grads rel",
+                "logits vs f32",
                 selftest::LOGITS_TOL,
                 selftest::GRAD_TOL
             );
@@ -66,7 +130,13 @@ fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
         Commands::Train(args) => lorascope::worker::run(&args),
-        Commands::Selftest { device } => selftest(&device),
+        Commands::Selftest {
+            what: Selftest::Engine { device },
+        } => selftest_engine(&device),
+        #[cfg(feature = "cuda")]
+        Commands::Selftest {
+            what: Selftest::Optim { device, steps },
+        } => selftest_optim(device, steps),
         Commands::Sweep(cmd) => match lorascope::cli::execute(cmd) {
             Ok(()) => 0,
             Err(e) => {

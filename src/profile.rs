@@ -141,8 +141,8 @@ pub struct RunSection {
     #[serde(default)]
     pub seed: u64,
     /// e.g. `"8GiB"`: passed to the worker as `--vram-limit`, which emulates a card of that
-    /// size (issue 4). Until that lands the worker refuses the option and the point is
-    /// recorded `failed` with that cause.
+    /// size by reserving the rest of the GPU's free memory before the model loads (capacity
+    /// only: bandwidth and compute are the real card's). CUDA devices only.
     #[serde(default)]
     pub vram_limit: Option<String>,
     /// `["cpu"]` or `["cuda:0", "cuda:1", ...]`: one run at a time per device.
@@ -729,6 +729,12 @@ fn validate(p: &Profile) -> Result<(), Invalid> {
         }
         seen.push(dev);
     }
+    if r.vram_limit.is_some() && seen.contains(&Device::Cpu) {
+        return Err((
+            vec![k("run"), k("vram_limit")],
+            "vram_limit emulates a smaller GPU and needs CUDA devices (devices = [\"cuda:0\"]); remove it for CPU runs".into(),
+        ));
+    }
     let g = &p.grid;
     check_axis(&g.batch_size, "batch_size", positive("batch_size"))?;
     check_axis(&g.seq_len, "seq_len", positive("seq_len"))?;
@@ -913,6 +919,33 @@ seq_len = [64, 128]
             out.push_str(&format!("{name}: {}\n", err(src)));
         }
         insta::assert_snapshot!(out);
+    }
+
+    #[test]
+    fn vram_limit_needs_a_cuda_device() {
+        let src = GOOD.replace(
+            "warmup_steps = 2",
+            "warmup_steps = 2\nvram_limit = \"8GiB\"",
+        );
+        let e = err(&src);
+        assert!(e.contains("vram_limit") && e.contains("CUDA"), "{e}");
+        // line:column of the key, as other profile errors.
+        let line = src
+            .lines()
+            .position(|l| l.starts_with("vram_limit"))
+            .unwrap()
+            + 1;
+        assert!(e.contains(&format!(":{line}:")), "{e}");
+        let ok = src.replace("devices = [\"cpu\"]", "devices = [\"cuda:0\"]");
+        assert!(parse_str(&ok, "p.toml").is_ok());
+    }
+
+    #[test]
+    fn bytes_for_vram_limits() {
+        assert_eq!(parse_bytes("7800MiB"), Some(7800 << 20));
+        assert_eq!(parse_bytes("8GiB"), Some(8 << 30));
+        assert_eq!(parse_bytes("8GB"), Some(8_000_000_000));
+        assert_eq!(parse_bytes("0"), None);
     }
 
     #[test]

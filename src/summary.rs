@@ -169,6 +169,15 @@ pub struct RunSummary {
     pub skipped_steps: u64,
     /// Wall time from spawn to exit (s).
     pub wall_seconds: f64,
+    /// `--vram-limit` of the run (bytes), as the worker reported it.
+    pub vram_limit_bytes: Option<u64>,
+    /// Device memory the worker reserved to emulate `--vram-limit` (bytes). Already subtracted
+    /// from `peak_vram_process_bytes`, `peak_vram_device_bytes` and `peak_mem_bytes`.
+    pub vram_reserved_bytes: Option<u64>,
+    /// Optimizer state bytes (device + managed + host), as the worker reported them.
+    pub optimizer_state_bytes: Option<u64>,
+    /// The part of `optimizer_state_bytes` in CUDA unified memory (paged optimizers).
+    pub optimizer_state_managed_bytes: Option<u64>,
     /// Notes: e.g. "steps <= warmup_steps: all steps timed", telemetry unavailability.
     pub note: Option<String>,
 }
@@ -225,6 +234,8 @@ pub struct RunOutcome {
     pub wall_seconds: f64,
     /// The worker's `summary` line, if any.
     pub worker_summary: Option<Value>,
+    /// The worker's `header` line, if any (for the VRAM reservation when no summary came).
+    pub worker_header: Option<Value>,
     /// Telemetry notes (e.g. "NVML unavailable: ...").
     pub telemetry_note: Option<String>,
 }
@@ -282,6 +293,35 @@ pub fn summarize(
         .max();
     if s.peak_vram_process_bytes.is_none() {
         s.peak_vram_process_bytes = worker_u64("peak_vram_bytes");
+    }
+    // Worker-reported memory facts: from the summary, else the header (a run that ran out of
+    // memory after starting has a header but no summary).
+    let wh = outcome.worker_header.as_ref();
+    let reported =
+        |k: &str| worker_u64(k).or_else(|| wh.and_then(|v| v.get(k)).and_then(Value::as_u64));
+    s.vram_limit_bytes = reported("vram_limit_bytes");
+    s.vram_reserved_bytes = reported("vram_reserved_bytes");
+    s.optimizer_state_managed_bytes = reported("optimizer_state_managed_bytes");
+    s.optimizer_state_bytes = match (
+        reported("optimizer_state_device_bytes"),
+        s.optimizer_state_managed_bytes,
+        reported("optimizer_state_host_bytes"),
+    ) {
+        (None, None, None) => None,
+        (d, m, h) => Some(d.unwrap_or(0) + m.unwrap_or(0) + h.unwrap_or(0)),
+    };
+    // The --vram-limit reservation is an ordinary allocation of the worker, so NVML counts it
+    // in process and device memory: take it out, leaving what the run itself used.
+    if let Some(r) = s.vram_reserved_bytes.filter(|&r| r > 0) {
+        s.peak_vram_process_bytes = s.peak_vram_process_bytes.map(|v| v.saturating_sub(r));
+        s.peak_vram_device_bytes = s.peak_vram_device_bytes.map(|v| v.saturating_sub(r));
+        push_note(
+            &mut s.note,
+            &format!(
+                "VRAM peaks exclude the {:.0} MiB --vram-limit reservation; capacity emulated, bandwidth and compute are not",
+                r as f64 / 1048576.0
+            ),
+        );
     }
     (s.peak_mem_bytes, s.peak_mem_kind) = if let Some(v) = s.peak_vram_process_bytes {
         (Some(v), Some("vram_process".into()))
@@ -478,6 +518,43 @@ mod tests {
         assert_eq!(s.peak_mem_kind.as_deref(), Some("rss"));
         assert_eq!(s.peak_mem_bytes, Some(20));
         assert_eq!(s.energy_j, None);
+    }
+
+    /// The `--vram-limit` reservation (from the worker's header when no summary came) is taken
+    /// out of the NVML process and device peaks, and the note says so.
+    #[test]
+    fn vram_reservation_is_subtracted_from_peaks() {
+        let samples = vec![TelemetrySample {
+            t: 1.0,
+            proc_mem_bytes: Some(100 << 30),
+            mem_used_bytes: Some(101 << 30),
+            ..Default::default()
+        }];
+        let header = serde_json::json!({
+            "type": "header",
+            "vram_limit_bytes": 8u64 << 30,
+            "vram_reserved_bytes": 94u64 << 30,
+            "optimizer_state_device_bytes": 1000,
+            "optimizer_state_managed_bytes": 24,
+            "optimizer_state_host_bytes": 0
+        });
+        let outcome = RunOutcome {
+            worker_header: Some(header),
+            ..Default::default()
+        };
+        let s = summarize(&[], &samples, 0, &outcome);
+        assert_eq!(s.peak_vram_process_bytes, Some(6 << 30));
+        assert_eq!(s.peak_vram_device_bytes, Some(7 << 30));
+        assert_eq!(s.peak_mem_bytes, Some(6 << 30));
+        assert_eq!(s.vram_limit_bytes, Some(8 << 30));
+        assert_eq!(s.optimizer_state_bytes, Some(1024));
+        assert_eq!(s.optimizer_state_managed_bytes, Some(24));
+        assert!(s.note.unwrap().contains("bandwidth and compute are not"));
+        // Without a reservation nothing changes.
+        let s = summarize(&[], &samples, 0, &RunOutcome::default());
+        assert_eq!(s.peak_vram_process_bytes, Some(100 << 30));
+        assert_eq!(s.optimizer_state_bytes, None);
+        assert_eq!(s.note, None);
     }
 
     #[test]

@@ -81,14 +81,17 @@ pub struct TrainArgs {
     /// NormalFloat, block 64, double-quantised statistics).
     #[arg(long, default_value = "none")]
     pub quant: String,
-    /// Optimizer: adamw (f32 moments) or adamw8bit (bitsandbytes block-wise 8-bit moments;
-    /// paged variants come later).
+    /// Optimizer: adamw (f32 moments), adamw8bit (bitsandbytes block-wise 8-bit moments), or
+    /// paged_adamw / paged_adamw8bit (the same, with the state of tensors of at least 100,000
+    /// elements in CUDA unified memory; on CPU the same as unpaged).
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
     /// Keep only each decoder layer's input and recompute the layer in backward.
     #[arg(long)]
     pub grad_checkpointing: bool,
-    /// Emulate a smaller card (not implemented yet).
+    /// Emulate a card with this much memory, e.g. 8GiB, 8GB, 7800MiB (CUDA only): reserves
+    /// free minus this before the model loads. Capacity only: bandwidth and compute are not
+    /// emulated.
     #[arg(long)]
     pub vram_limit: Option<String>,
     /// Save the trained adapters in PEFT format to this directory.
@@ -126,20 +129,21 @@ impl TrainArgs {
                 )));
             }
         };
-        let optimizer = match self.optimizer.as_str() {
-            "adamw" => OptimizerKind::AdamW,
-            "adamw8bit" => OptimizerKind::AdamW8bit,
-            other => {
-                return Err(EngineError::Invalid(format!(
-                    "--optimizer {other}: only adamw and adamw8bit are implemented so far"
-                )));
+        let optimizer = OptimizerKind::parse(&self.optimizer).map_err(EngineError::Invalid)?;
+        let vram_limit = match &self.vram_limit {
+            None => None,
+            Some(v) => {
+                let bytes = crate::profile::parse_bytes(v).ok_or_else(|| {
+                    EngineError::Invalid(format!(
+                        "--vram-limit {v}: expected a size such as 8GiB, 8GB or 7800MiB"
+                    ))
+                })?;
+                if self.device == "cpu" {
+                    return Err(EngineError::Invalid(crate::engine::vram::cpu_refusal(v)));
+                }
+                Some(bytes)
             }
         };
-        if let Some(v) = &self.vram_limit {
-            return Err(EngineError::Invalid(format!(
-                "--vram-limit {v}: VRAM limits are not implemented yet"
-            )));
-        }
         let mut targets = Vec::new();
         for t in self
             .lora_targets
@@ -191,6 +195,7 @@ impl TrainArgs {
             grad_checkpointing: self.grad_checkpointing,
             loss_scaling: None,
             save_adapter: self.save_adapter.clone(),
+            vram_limit,
         })
     }
 }
@@ -228,6 +233,20 @@ fn human(ev: &TrainEvent) {
                 h.tokenizer,
                 h.examples
             );
+            let m = &h.memory;
+            eprintln!(
+                "  optimizer {}: state {:.1} MiB device, {:.1} MiB managed, {:.1} MiB host",
+                serde_json::to_value(h.options.optimizer)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default(),
+                m.optimizer_state_device_bytes as f64 / 1048576.0,
+                m.optimizer_state_managed_bytes as f64 / 1048576.0,
+                m.optimizer_state_host_bytes as f64 / 1048576.0
+            );
+            for note in [&m.optimizer_note, &m.vram_note].into_iter().flatten() {
+                eprintln!("  {note}");
+            }
         }
         TrainEvent::Step(s) => eprintln!(
             "step {:>4}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s  ({:.3} s){}{}",
@@ -257,7 +276,7 @@ fn human(ev: &TrainEvent) {
                     .map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
                     .unwrap_or_else(|| "unknown".into())
             );
-            if let Some(m) = &s.memory {
+            if let Some(m) = &s.device_memory {
                 let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
                 eprintln!(
                     "device memory: weights {:.2} GiB, adapters + optimizer {:.3} GiB, activations peak {:.2} GiB (pool peak reserved {:.2} GiB; NVML adds the CUDA context)",

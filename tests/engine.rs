@@ -337,6 +337,7 @@ fn opts(data: &str, steps: usize) -> TrainOptions {
         grad_checkpointing: false,
         loss_scaling: None,
         save_adapter: None,
+        vram_limit: None,
     }
 }
 

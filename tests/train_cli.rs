@@ -247,6 +247,52 @@ fn unsupported_option_is_refused_clearly() {
     assert_one_line_error(&o, &["cuda"]);
 }
 
+/// `--optimizer paged_adamw8bit` runs on CPU; the header says paging is emulated as unpaged
+/// and puts all optimizer state in host memory; the summary repeats the split.
+#[test]
+fn paged_optimizer_runs_on_cpu_as_unpaged() {
+    let o = train(&["--optimizer", "paged_adamw8bit", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let h = &lines[0];
+    assert_eq!(h["options"]["optimizer"], "paged_adamw8bit");
+    let note = h["optimizer_note"].as_str().unwrap();
+    assert!(note.contains("emulated as unpaged on CPU"), "{note}");
+    assert_eq!(h["optimizer_state_managed_bytes"], 0);
+    assert_eq!(h["optimizer_state_device_bytes"], 0);
+    let host = h["optimizer_state_host_bytes"].as_u64().unwrap();
+    assert!(host > 0);
+    assert_eq!(h["optimizer_state_bytes"].as_u64().unwrap(), host);
+    assert!(h["vram_limit_bytes"].is_null());
+    let s = lines.last().unwrap();
+    assert_eq!(s["type"], "summary");
+    assert_eq!(s["optimizer_state_host_bytes"].as_u64().unwrap(), host);
+    // Human output says it too.
+    let o = train(&["--optimizer", "paged_adamw"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stderr.contains("emulated as unpaged on CPU"),
+        "{}",
+        o.stderr
+    );
+}
+
+/// `--vram-limit` needs a CUDA device: on CPU it is refused with one line; a malformed size
+/// and an unknown optimizer are refused the same way.
+#[test]
+fn vram_limit_on_cpu_and_bad_values_are_refused() {
+    let o = train(&["--vram-limit", "8GiB"]);
+    assert_one_line_error(&o, &["--vram-limit 8GiB", "CUDA", "remove --vram-limit"]);
+    let o = train(&["--vram-limit", "8 gigs", "--device", "cuda:0"]);
+    assert_one_line_error(&o, &["--vram-limit 8 gigs", "8GiB"]);
+    let o = train(&["--optimizer", "lion"]);
+    assert_one_line_error(&o, &["lion", "paged_adamw8bit"]);
+}
+
 /// The `qwen2.5-1.5b` preset (synthetic weights of the real shape) runs one CPU step at batch 1,
 /// seq 64, and reports the architecture's parameter counts: 1,543,714,304 base parameters plus
 /// 18,464,768 for LoRA r=16 on all seven projections of 28 layers. Needs ~7.5 GB of RAM.

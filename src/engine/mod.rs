@@ -11,10 +11,13 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
+#[cfg(feature = "cuda")]
+pub mod optim_cuda;
 pub mod prof;
 pub mod scaler;
 pub mod selftest;
 pub mod train;
+pub mod vram;
 pub mod weights;
 
 /// Errors of the engine. Every message is one line naming the file or item at fault and what was

@@ -1,5 +1,12 @@
 //! AdamW with f32 state on the adapter weights, its 8-bit block-wise variant (bitsandbytes
-//! `AdamW8bit`), and the learning-rate schedule.
+//! `AdamW8bit`), their paged forms (bitsandbytes `PagedAdamW`, `PagedAdamW8bit`), and the
+//! learning-rate schedule.
+//!
+//! On CPU the updates are candle tensor ops ([`AdamW`]) or a host loop ([`AdamW8bit`]), and
+//! paging is emulated as unpaged (there is no device memory to page out of). On CUDA
+//! (`--features cuda`) both run as fused kernels over state held outside candle's tensors
+//! (`optim_cuda`), with the same arithmetic; the paged forms keep the state of tensors of at
+//! least [`MIN_PAGED_SIZE`] elements in CUDA unified memory.
 
 use candle_core::{DType, Result, Tensor, Var, backprop::GradStore};
 
@@ -60,24 +67,93 @@ pub fn lr_at(peak: f64, step: usize, warmup: usize, total: usize, schedule: Sche
     }
 }
 
+/// Tensors with fewer elements than this keep their state in ordinary device memory under the
+/// paged optimizers (bitsandbytes' `Optimizer8bit.get_state_buffer`: `p.numel() < 1e5` is not
+/// paged).
+pub const MIN_PAGED_SIZE: usize = 100_000;
+
+/// Whether a tensor of `n` elements gets 8-bit block-wise state under [`AdamW8bit`]
+/// (`n >= MIN_8BIT_SIZE`); smaller ones keep f32 state.
+pub fn state_is_quantized(n: usize) -> bool {
+    n >= MIN_8BIT_SIZE
+}
+
+/// Whether a tensor of `n` elements gets its state in CUDA unified memory when the optimizer
+/// is `paged` (`n >= MIN_PAGED_SIZE`). On CPU nothing is paged whatever this says.
+pub fn state_is_paged(n: usize, paged: bool) -> bool {
+    paged && n >= MIN_PAGED_SIZE
+}
+
+/// Optimizer-state bytes by where they live.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StateBytes {
+    /// Ordinary GPU memory.
+    pub device: usize,
+    /// CUDA unified memory (paged optimizers): the driver may keep it on the GPU or evict it
+    /// to host RAM.
+    pub managed: usize,
+    /// Host RAM (CPU runs).
+    pub host: usize,
+}
+
+impl StateBytes {
+    /// All bytes.
+    pub fn total(&self) -> usize {
+        self.device + self.managed + self.host
+    }
+}
+
 /// AdamW (PyTorch semantics: decoupled decay `p -= lr*wd*p`, bias-corrected moments,
 /// `p -= lr * m_hat / (sqrt(v_hat) + eps)`), moments and master weights in f32.
+///
+/// On CUDA the update is one fused kernel per tensor (`optim_cuda`, bitsandbytes'
+/// `kOptimizer32bit2State` in spirit) with the same f32 arithmetic as the CPU tensor ops.
 pub struct AdamW {
     cfg: AdamWConfig,
     vars: Vec<Var>,
     m: Vec<Tensor>,
     v: Vec<Tensor>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<super::optim_cuda::GpuStates>,
     t: u64,
 }
 
+/// Whether `vars` live on a CUDA device (the fused-kernel path).
+fn on_cuda(vars: &[Var]) -> bool {
+    vars.first().is_some_and(|v| v.device().is_cuda())
+}
+
 impl AdamW {
-    /// Optimizer over `vars` (must be f32).
+    /// Optimizer over `vars` (must be f32), state unpaged.
     ///
-    /// Errors: a variable is not f32.
+    /// Errors: a variable is not f32; CUDA: the state cannot be allocated.
     pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+        Self::with_paging(vars, cfg, false)
+    }
+
+    /// Optimizer over `vars` (must be f32); `paged` puts the state of tensors of at least
+    /// [`MIN_PAGED_SIZE`] elements in CUDA unified memory (bitsandbytes `PagedAdamW`). On CPU
+    /// `paged` changes nothing.
+    ///
+    /// Errors: a variable is not f32; CUDA: the state cannot be allocated, or the paged state
+    /// exceeds the GPU's free memory.
+    pub fn with_paging(vars: Vec<Var>, cfg: AdamWConfig, paged: bool) -> Result<Self> {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
         ensure_f32_master(&vars, "AdamW")?;
+        #[cfg(feature = "cuda")]
+        if on_cuda(&vars) {
+            let gpu = super::optim_cuda::GpuStates::new(&vars, false, paged)?;
+            return Ok(Self {
+                cfg,
+                vars,
+                m,
+                v,
+                gpu: Some(gpu),
+                t: 0,
+            });
+        }
+        let _ = paged;
         for var in &vars {
             m.push(var.as_tensor().zeros_like()?);
             v.push(var.as_tensor().zeros_like()?);
@@ -87,17 +163,50 @@ impl AdamW {
             vars,
             m,
             v,
+            #[cfg(feature = "cuda")]
+            gpu: None,
             t: 0,
         })
     }
 
     /// Bytes of optimizer state (two f32 moments per parameter).
     pub fn state_bytes(&self) -> usize {
-        self.m
+        self.state_bytes_split().total()
+    }
+
+    /// Bytes of optimizer state by where they live.
+    pub fn state_bytes_split(&self) -> StateBytes {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.bytes();
+        }
+        let bytes = self
+            .m
             .iter()
             .chain(&self.v)
             .map(|t| t.elem_count() * 4)
-            .sum()
+            .sum();
+        if on_cuda(&self.vars) {
+            StateBytes {
+                device: bytes,
+                ..StateBytes::default()
+            }
+        } else {
+            StateBytes {
+                host: bytes,
+                ..StateBytes::default()
+            }
+        }
+    }
+
+    /// Whether variable `i`'s state is in CUDA unified memory (always false on CPU).
+    pub fn is_paged(&self, i: usize) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.is_paged(i);
+        }
+        let _ = i;
+        false
     }
 
     /// Global L2 norm of the gradients of the optimizer's variables (absent grads count 0).
@@ -119,6 +228,16 @@ impl AdamW {
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let h = hyper(&c, lr, bc1, bc2, grad_scale);
+            for (i, var) in self.vars.iter().enumerate() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    gpu.step_var(i, var, g, super::optim_cuda::Math::F32, &h)?;
+                }
+            }
+            return Ok(());
+        }
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -157,7 +276,7 @@ enum Moment {
 
 impl Moment {
     fn new(n: usize) -> Self {
-        if n < MIN_8BIT_SIZE {
+        if !state_is_quantized(n) {
             Self::F32(vec![0.0; n])
         } else {
             // Zero state: absmax 0 dequantises every code to 0.
@@ -204,8 +323,9 @@ impl Moment {
 /// moments, and requantises to the nearest code. Tensors under [`MIN_8BIT_SIZE`] elements
 /// keep f32 state.
 ///
-/// The arithmetic runs on the host over the variables' values (a GPU kernel is future work),
-/// so on CUDA each step copies parameters and gradients through host memory.
+/// On CPU the arithmetic is a host loop (f64) over the variables' values. On CUDA it is one
+/// fused kernel per tensor (`optim_cuda`: one thread block per 256-element block, the same
+/// maps, f64 arithmetic and nearest-code rounding), so nothing goes through host memory.
 pub struct AdamW8bit {
     cfg: AdamWConfig,
     vars: Vec<Var>,
@@ -213,18 +333,41 @@ pub struct AdamW8bit {
     v: Vec<Moment>,
     signed: Box<[f32; 256]>,
     unsigned: Box<[f32; 256]>,
+    #[cfg(feature = "cuda")]
+    gpu: Option<super::optim_cuda::GpuStates>,
     t: u64,
 }
 
 impl AdamW8bit {
-    /// Optimizer over `vars` (must be f32).
+    /// Optimizer over `vars` (must be f32), state unpaged.
     ///
-    /// Errors: a variable is not f32.
+    /// Errors: a variable is not f32; CUDA: the state cannot be allocated.
     pub fn new(vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+        Self::with_paging(vars, cfg, false)
+    }
+
+    /// Optimizer over `vars` (must be f32); `paged` puts the state of tensors of at least
+    /// [`MIN_PAGED_SIZE`] elements in CUDA unified memory (bitsandbytes `PagedAdamW8bit`). On
+    /// CPU `paged` changes nothing.
+    ///
+    /// Errors: a variable is not f32; CUDA: the state cannot be allocated, or the paged state
+    /// exceeds the GPU's free memory.
+    pub fn with_paging(vars: Vec<Var>, cfg: AdamWConfig, paged: bool) -> Result<Self> {
         let mut m = Vec::with_capacity(vars.len());
         let mut v = Vec::with_capacity(vars.len());
         ensure_f32_master(&vars, "AdamW8bit")?;
+        #[cfg(feature = "cuda")]
+        let gpu = if on_cuda(&vars) {
+            Some(super::optim_cuda::GpuStates::new(&vars, true, paged)?)
+        } else {
+            None
+        };
+        let _ = paged;
         for var in &vars {
+            #[cfg(feature = "cuda")]
+            if gpu.is_some() {
+                continue;
+            }
             m.push(Moment::new(var.elem_count()));
             v.push(Moment::new(var.elem_count()));
         }
@@ -235,6 +378,8 @@ impl AdamW8bit {
             v,
             signed: Box::new(super::nf4::dynamic_map(true)),
             unsigned: Box::new(super::nf4::dynamic_map(false)),
+            #[cfg(feature = "cuda")]
+            gpu,
             t: 0,
         })
     }
@@ -242,13 +387,39 @@ impl AdamW8bit {
     /// Bytes of optimizer state: 1 byte per element plus 4 per 256-block for quantised
     /// moments, 4 per element for f32 ones.
     pub fn state_bytes(&self) -> usize {
-        self.m.iter().chain(&self.v).map(Moment::bytes).sum()
+        self.state_bytes_split().total()
+    }
+
+    /// Bytes of optimizer state by where they live.
+    pub fn state_bytes_split(&self) -> StateBytes {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.bytes();
+        }
+        StateBytes {
+            host: self.m.iter().chain(&self.v).map(Moment::bytes).sum(),
+            ..StateBytes::default()
+        }
     }
 
     /// Whether variable `i`'s state is 8-bit (false: f32, the tensor is under
     /// [`MIN_8BIT_SIZE`]).
     pub fn is_quantized(&self, i: usize) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.is_quantized(i);
+        }
         matches!(self.m[i], Moment::Q8 { .. })
+    }
+
+    /// Whether variable `i`'s state is in CUDA unified memory (always false on CPU).
+    pub fn is_paged(&self, i: usize) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gpu {
+            return g.is_paged(i);
+        }
+        let _ = i;
+        false
     }
 
     /// One update, as [`AdamW::step`].
@@ -257,6 +428,16 @@ impl AdamW8bit {
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.t as i32);
         let bc2 = 1.0 - c.beta2.powi(self.t as i32);
+        #[cfg(feature = "cuda")]
+        if let Some(gpu) = &self.gpu {
+            let h = hyper(&c, lr, bc1, bc2, grad_scale);
+            for (i, var) in self.vars.iter().enumerate() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    gpu.step_var(i, var, g, super::optim_cuda::Math::F64, &h)?;
+                }
+            }
+            return Ok(());
+        }
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
                 continue;
@@ -285,13 +466,46 @@ impl AdamW8bit {
 
 /// The optimizers `--optimizer` can name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
 pub enum OptimizerKind {
     /// [`AdamW`], f32 moments.
     #[default]
+    #[serde(rename = "adamw")]
     AdamW,
     /// [`AdamW8bit`], block-wise 8-bit moments.
+    #[serde(rename = "adamw8bit")]
     AdamW8bit,
+    /// [`AdamW`] with state of large tensors in CUDA unified memory (bitsandbytes
+    /// `PagedAdamW`).
+    #[serde(rename = "paged_adamw")]
+    PagedAdamW,
+    /// [`AdamW8bit`] with state of large tensors in CUDA unified memory (bitsandbytes
+    /// `PagedAdamW8bit`).
+    #[serde(rename = "paged_adamw8bit")]
+    PagedAdamW8bit,
+}
+
+impl OptimizerKind {
+    /// Parse the `--optimizer` spelling.
+    ///
+    /// Errors: an unknown name (one line, listing the choices).
+    pub fn parse(s: &str) -> std::result::Result<Self, String> {
+        Ok(match s {
+            "adamw" => Self::AdamW,
+            "adamw8bit" => Self::AdamW8bit,
+            "paged_adamw" => Self::PagedAdamW,
+            "paged_adamw8bit" => Self::PagedAdamW8bit,
+            other => {
+                return Err(format!(
+                    "--optimizer {other}: expected adamw, adamw8bit, paged_adamw or paged_adamw8bit"
+                ));
+            }
+        })
+    }
+
+    /// Whether this is a paged variant.
+    pub fn is_paged(self) -> bool {
+        matches!(self, Self::PagedAdamW | Self::PagedAdamW8bit)
+    }
 }
 
 /// An optimizer of either kind behind one interface.
@@ -307,17 +521,27 @@ impl AnyOptimizer {
     ///
     /// Errors: a variable is not f32.
     pub fn new(kind: OptimizerKind, vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+        let paged = kind.is_paged();
         Ok(match kind {
-            OptimizerKind::AdamW => Self::AdamW(AdamW::new(vars, cfg)?),
-            OptimizerKind::AdamW8bit => Self::AdamW8bit(AdamW8bit::new(vars, cfg)?),
+            OptimizerKind::AdamW | OptimizerKind::PagedAdamW => {
+                Self::AdamW(AdamW::with_paging(vars, cfg, paged)?)
+            }
+            OptimizerKind::AdamW8bit | OptimizerKind::PagedAdamW8bit => {
+                Self::AdamW8bit(AdamW8bit::with_paging(vars, cfg, paged)?)
+            }
         })
     }
 
     /// Bytes of optimizer state.
     pub fn state_bytes(&self) -> usize {
+        self.state_bytes_split().total()
+    }
+
+    /// Bytes of optimizer state by where they live.
+    pub fn state_bytes_split(&self) -> StateBytes {
         match self {
-            Self::AdamW(o) => o.state_bytes(),
-            Self::AdamW8bit(o) => o.state_bytes(),
+            Self::AdamW(o) => o.state_bytes_split(),
+            Self::AdamW8bit(o) => o.state_bytes_split(),
         }
     }
 
@@ -336,6 +560,27 @@ impl AnyOptimizer {
             Self::AdamW(o) => o.step(grads, lr, grad_scale),
             Self::AdamW8bit(o) => o.step(grads, lr, grad_scale),
         }
+    }
+}
+
+/// The fused kernels' scalars for one step.
+#[cfg(feature = "cuda")]
+fn hyper(
+    c: &AdamWConfig,
+    lr: f64,
+    bc1: f64,
+    bc2: f64,
+    grad_scale: f64,
+) -> super::optim_cuda::Hyper {
+    super::optim_cuda::Hyper {
+        lr,
+        beta1: c.beta1,
+        beta2: c.beta2,
+        eps: c.eps,
+        weight_decay: c.weight_decay,
+        bc1,
+        bc2,
+        grad_scale,
     }
 }
 
@@ -453,6 +698,153 @@ mod tests {
             let rel = (num / den).sqrt();
             let tol = if k == 0 { 0.05 } else { 1e-5 };
             assert!(rel <= tol, "tensor {k}: relative L2 distance {rel}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod state_tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// bitsandbytes' thresholds: 8-bit state from 4,096 elements, paged state from 100,000
+    /// elements and only for the paged optimizers; on CPU nothing is paged and every byte is
+    /// host memory.
+    #[test]
+    fn thresholds_select_f32_and_unpaged_state() {
+        assert!(!state_is_quantized(MIN_8BIT_SIZE - 1));
+        assert!(state_is_quantized(MIN_8BIT_SIZE));
+        assert!(!state_is_paged(MIN_PAGED_SIZE - 1, true));
+        assert!(state_is_paged(MIN_PAGED_SIZE, true));
+        assert!(!state_is_paged(10 * MIN_PAGED_SIZE, false));
+        let sizes = [4095usize, 4096, 100_000];
+        let vars: Vec<Var> = sizes
+            .iter()
+            .map(|&n| Var::zeros(n, DType::F32, &Device::Cpu).unwrap())
+            .collect();
+        for kind in [OptimizerKind::PagedAdamW8bit, OptimizerKind::AdamW8bit] {
+            let o = AdamW8bit::with_paging(vars.clone(), AdamWConfig::default(), kind.is_paged())
+                .unwrap();
+            let q: Vec<bool> = (0..3).map(|i| o.is_quantized(i)).collect();
+            assert_eq!(q, vec![false, true, true]);
+            assert!(
+                (0..3).all(|i| !o.is_paged(i)),
+                "CPU: paged emulated as unpaged"
+            );
+            let b = o.state_bytes_split();
+            let want = 2 * 4 * 4095 + 2 * (4096 + 4 * 16) + 2 * (100_000 + 4 * 391);
+            assert_eq!(
+                b,
+                StateBytes {
+                    host: want,
+                    ..StateBytes::default()
+                }
+            );
+        }
+        let o = AnyOptimizer::new(OptimizerKind::PagedAdamW, vars, AdamWConfig::default()).unwrap();
+        let b = o.state_bytes_split();
+        assert_eq!(
+            (b.device, b.managed, b.host),
+            (0, 0, 8 * (4095 + 4096 + 100_000))
+        );
+    }
+
+    /// After one step from zero state, each 256-block's absmax is the largest |m| (|v|) of the
+    /// block, m = (1 - beta1) g and v = (1 - beta2) g^2 computed as the update does, and each
+    /// code is the nearest map entry to value / absmax; a partial last block has its own
+    /// absmax.
+    #[test]
+    fn block_absmax_and_codes_match_the_definition() {
+        let n = 4096 + 300; // 16 full blocks and a partial one
+        let g: Vec<f32> = (0..n)
+            .map(|k| {
+                ((k * 7919 % 1013) as f32 - 506.0) / 97.0 * if k % 300 == 0 { 9.0 } else { 1.0 }
+            })
+            .collect();
+        let var = Var::zeros(n, DType::F32, &Device::Cpu).unwrap();
+        let cfg = AdamWConfig::default();
+        let mut o = AdamW8bit::new(vec![var.clone()], cfg).unwrap();
+        let gt = Tensor::from_vec(g.clone(), n, &Device::Cpu).unwrap();
+        let grads = (var.as_tensor() * &gt)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        o.step(&grads, 1e-3, 1.0).unwrap();
+        let smap = super::super::nf4::dynamic_map(true);
+        let umap = super::super::nf4::dynamic_map(false);
+        let m: Vec<f32> = g
+            .iter()
+            .map(|&x| ((1.0 - cfg.beta1) * x as f64) as f32)
+            .collect();
+        let v: Vec<f32> = g
+            .iter()
+            .map(|&x| ((1.0 - cfg.beta2) * x as f64 * x as f64) as f32)
+            .collect();
+        for (moment, want, map) in [(&o.m[0], &m, &smap), (&o.v[0], &v, &umap)] {
+            let Moment::Q8 { codes, absmax } = moment else {
+                panic!("expected 8-bit state");
+            };
+            assert_eq!(absmax.len(), n.div_ceil(STATE_BLOCK));
+            for (b, chunk) in want.chunks(STATE_BLOCK).enumerate() {
+                let am = chunk.iter().fold(0f32, |a, x| a.max(x.abs()));
+                assert_eq!(absmax[b], am, "block {b}");
+                for (j, x) in chunk.iter().enumerate() {
+                    let c = codes[b * STATE_BLOCK + j] as usize;
+                    let s = x / am;
+                    let best = map
+                        .iter()
+                        .map(|e| (e - s).abs())
+                        .fold(f32::INFINITY, f32::min);
+                    assert_eq!((map[c] - s).abs(), best, "block {b} elem {j}");
+                }
+            }
+        }
+    }
+
+    /// The dynamic maps follow bitsandbytes' `create_dynamic_map` definition level by level:
+    /// exponent level i (0..6) holds 2^i (signed, per sign) or 2^(i+1) (unsigned) evenly spaced
+    /// values in [0.1, 1) x 10^(i-6), the midpoints of that many equal steps.
+    #[test]
+    fn dynamic_maps_hold_the_defined_levels() {
+        for signed in [true, false] {
+            let map = super::super::nf4::dynamic_map(signed);
+            let pos: Vec<f64> = map
+                .iter()
+                .filter(|&&x| x > 0.0 && x < 1.0)
+                .map(|&x| x as f64)
+                .collect();
+            for i in 0..7i32 {
+                let scale = 10f64.powi(i - 6);
+                let count = if signed {
+                    1usize << i
+                } else {
+                    1usize << (i + 1)
+                };
+                let level: Vec<f64> = pos
+                    .iter()
+                    .copied()
+                    .filter(|&x| x >= 0.1 * scale * 0.999_99 && x < scale * 0.999_99)
+                    .collect();
+                assert_eq!(level.len(), count, "signed {signed} level {i}");
+                let step = 0.9 * scale / count as f64;
+                for (k, x) in level.iter().enumerate() {
+                    let want = 0.1 * scale + step * (k as f64 + 0.5);
+                    assert!(
+                        (x - want).abs() <= 1e-6 * scale,
+                        "signed {signed} level {i} k {k}: {x} vs {want}"
+                    );
+                }
+            }
+            if signed {
+                let neg: Vec<f32> = map.iter().filter(|&&x| x < 0.0).map(|x| -x).collect();
+                assert_eq!(
+                    neg.len(),
+                    127,
+                    "the signed map mirrors all positives but the top one"
+                );
+            }
         }
     }
 }

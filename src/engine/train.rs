@@ -9,6 +9,7 @@ use super::nf4::Quant;
 use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
 use super::prof;
 use super::scaler::{LossScaler, LossScalerConfig};
+use super::vram::{MemoryReport, VramReservation};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use candle_core::{DType, Device};
@@ -85,6 +86,8 @@ pub struct TrainOptions {
     pub loss_scaling: Option<LossScalerConfig>,
     /// Save the trained adapters (PEFT format) here at the end.
     pub save_adapter: Option<PathBuf>,
+    /// Emulate a card with this many bytes (CUDA only; see [`super::vram`]).
+    pub vram_limit: Option<u64>,
 }
 
 /// One optimizer step, as printed under `--json` (`"type": "step"`).
@@ -141,6 +144,9 @@ pub struct Header {
     pub tokenizer: String,
     /// Examples in the dataset.
     pub examples: usize,
+    /// Optimizer-state placement and the VRAM limit.
+    #[serde(flatten)]
+    pub memory: MemoryReport,
     /// The full options.
     pub options: TrainOptions,
 }
@@ -168,8 +174,11 @@ pub struct Summary {
     pub peak_rss_bytes: Option<u64>,
     /// Where adapters were saved.
     pub adapter_dir: Option<String>,
+    /// Optimizer-state placement and the VRAM limit (as in the header).
+    #[serde(flatten)]
+    pub memory: MemoryReport,
     /// Device-memory breakdown from the CUDA memory pool (null on CPU).
-    pub memory: Option<MemoryBreakdown>,
+    pub device_memory: Option<MemoryBreakdown>,
 }
 
 /// Where device memory went, from the CUDA stream-ordered pool that candle allocates from
@@ -256,6 +265,8 @@ pub struct Prepared {
     pub batcher: Batcher,
     /// The run header.
     pub header: Header,
+    /// The `--vram-limit` reservation, held until this is dropped.
+    pub vram: Option<VramReservation>,
 }
 
 /// Validate options, load data and tokenizer, build the model.
@@ -287,6 +298,11 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         )));
     }
     let device = parse_device(&opts.device)?;
+    // Before anything is allocated on the device: what is left is what the smaller card has.
+    let vram = opts
+        .vram_limit
+        .map(|limit| super::vram::reserve(&device, limit))
+        .transpose()?;
     let tokenizer = Tokenizer::from_model_dir(src.dir.as_deref())?;
     if tokenizer.min_vocab_size() > cfg.vocab_size {
         return Err(EngineError::Invalid(format!(
@@ -341,6 +357,12 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         precision: opts.precision,
         tokenizer: tokenizer.name(),
         examples: batcher.num_examples(),
+        memory: MemoryReport::new(
+            optimizer.state_bytes_split(),
+            opts.optimizer,
+            &device,
+            vram.as_ref(),
+        ),
         options: opts.clone(),
     };
     Ok(Prepared {
@@ -348,6 +370,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         optimizer,
         batcher,
         header,
+        vram,
     })
 }
 
@@ -363,9 +386,11 @@ pub fn train(
         optimizer: mut opt,
         mut batcher,
         header,
+        vram: _vram_reservation,
     } = prepare(opts)?;
     let (header_weight_bytes, header_adapter_bytes) =
         (header.weight_bytes, header.adapter_and_optimizer_bytes);
+    let memory = header.memory.clone();
     emit(&TrainEvent::Header(Box::new(header)));
     let device = model.device().clone();
     let (b, t) = (opts.batch_size, opts.seq_len);
@@ -460,7 +485,7 @@ pub fn train(
             skipped,
         }));
     }
-    let memory = match (resident, prof::pool_usage(&device)) {
+    let device_memory = match (resident, prof::pool_usage(&device)) {
         (Some(resident_bytes), Some(u)) => Some(MemoryBreakdown {
             weights_bytes: header_weight_bytes as u64,
             adapters_optimizer_bytes: header_adapter_bytes as u64,
@@ -505,6 +530,7 @@ pub fn train(
         peak_rss_bytes: peak_rss_bytes(),
         adapter_dir,
         memory,
+        device_memory,
     };
     emit(&TrainEvent::Summary(summary.clone()));
     Ok(summary)

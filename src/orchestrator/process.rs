@@ -268,6 +268,7 @@ pub async fn execute(
         exit_code: code,
         wall_seconds: t0.elapsed().as_secs_f64(),
         worker_summary: result.worker_summary.clone(),
+        worker_header: result.header.clone(),
         telemetry_note,
     };
     result.summary = summarize(&result.steps, &result.samples, req.warmup_steps, &outcome);
