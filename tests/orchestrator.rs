@@ -34,6 +34,7 @@ fn plan(store: &Store, specs: Vec<RunSpec>, devices: Vec<Device>) -> SweepPlan {
         runs,
         already_done: 0,
         devices,
+        finished: vec![],
     }
 }
 
