@@ -20,7 +20,7 @@ use crate::grid::{self, RunSpec};
 use crate::orchestrator::{
     self, Command, Event, OrchestratorConfig, PlannedRun, SweepPlan, WorkerCommand,
 };
-use crate::profile::{self, Device};
+use crate::profile;
 use crate::report::{self, Format};
 use crate::store::Store;
 use crate::summary::RunStatus;
@@ -777,13 +777,8 @@ fn run(args: RunArgs) -> Result<()> {
         preflight(&lp)?;
     }
     let repeats = lp.profile.run.repeats;
-    let devices: Vec<Device> = lp
-        .profile
-        .run
-        .devices
-        .iter()
-        .filter_map(|d| Device::parse(d))
-        .collect();
+    let devices = profile::resolve_devices(&lp.profile.run.devices)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", lp.path.display()))?;
     let profile_key = profile_key(&lp);
     let mut store = open_store(&args.db)?;
 

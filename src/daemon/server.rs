@@ -38,7 +38,7 @@ use crate::grid::expand_profile;
 use crate::orchestrator::{
     self, Command, EntryState, Event, OrchestratorConfig, PlannedRun, Request, SweepPlan, entry_id,
 };
-use crate::profile::{self, Device};
+use crate::profile;
 use crate::store::Store;
 use crate::summary::RunStatus;
 
@@ -710,12 +710,7 @@ impl Manager {
             .map_err(|e| e.to_string())?;
         let specs = expand_profile(&p, &info.base_dir);
         let repeats = p.run.repeats;
-        let devices: Vec<Device> = p
-            .run
-            .devices
-            .iter()
-            .filter_map(|d| Device::parse(d))
-            .collect();
+        let devices = profile::resolve_devices(&p.run.devices)?;
         let store = Store::open(&info.db).map_err(|e| e.to_string())?;
         let sweep = info.sweep_id;
         let interrupted = store.mark_interrupted(sweep).map_err(|e| e.to_string())?;
