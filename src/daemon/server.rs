@@ -555,7 +555,8 @@ async fn ask<T>(
     }
     match rx.await {
         Ok(r) => f(r),
-        Err(_) => error("the daemon is stopping"),
+        // The sweep ended (or the daemon is stopping) before the request was taken.
+        Err(_) => error("the sweep ended before the request was applied; see `lorascope status`"),
     }
 }
 
