@@ -331,6 +331,8 @@ fn detached_sweep_attach_detach_kill_client_reattach_same_state() {
     let st = env.status_until(20, "a run in flight", |s| count(s, "running") == 1);
     let pid = st["pid"].as_u64().unwrap() as u32;
     assert_eq!(entries(&st).len(), 4);
+    // Paused, so that the sweep cannot end while the clients come and go.
+    env.ok(&["queue", "pause"], 20);
 
     // A JSON client attaches, sees the sweep, and is killed mid-stream.
     let mut a = env.cmd();
@@ -420,6 +422,8 @@ fn detached_sweep_attach_detach_kill_client_reattach_same_state() {
         );
     }
 
+    assert_eq!(st["paused"], true);
+    env.ok(&["queue", "resume"], 20);
     let out = env.ok(&["wait", "1"], 60);
     assert!(out.contains("sweep 1 finished"), "{out}");
     let rows = runs(&db, 1);
@@ -448,26 +452,30 @@ fn kill_9_mid_run_then_restart_keeps_finished_results_and_reruns_the_interrupted
         ],
         30,
     );
-    // Mid-run: two runs finished, the third a few steps in.
-    let st = env.status_until(60, "the third run in flight", |s| {
-        count(s, "ok") == 2
+    // Mid-run: at least one run finished, another a few steps in.
+    let st = env.status_until(60, "a later run in flight", |s| {
+        count(s, "ok") >= 1
             && s["current"]["running"]
                 .as_array()
                 .is_some_and(|r| r.len() == 1 && r[0]["step"].as_u64().unwrap_or(0) >= 2)
     });
     let pid = st["pid"].as_u64().unwrap() as u32;
-    let in_flight = st["current"]["running"][0]["id"]
-        .as_str()
-        .unwrap()
-        .to_string();
-    let before: Vec<_> = runs(&db, 1)
-        .into_iter()
-        .filter(|r| r.status == RunStatus::Ok)
-        .collect();
-    assert_eq!(before.len(), 2);
-
     kill(pid, libc::SIGKILL);
     env.wait_gone(10);
+    // What the store holds at the kill: finished results, and the row of the run in flight.
+    let at_kill = runs(&db, 1);
+    let before: Vec<_> = at_kill
+        .iter()
+        .filter(|r| r.status == RunStatus::Ok)
+        .cloned()
+        .collect();
+    assert!(!before.is_empty());
+    let in_flight: Vec<_> = at_kill
+        .iter()
+        .filter(|r| r.status == RunStatus::Running)
+        .collect();
+    assert_eq!(in_flight.len(), 1, "{at_kill:?}");
+    let spec = in_flight[0].spec_id.clone();
 
     let pid2 = env.start_daemon();
     assert_ne!(pid, pid2);
@@ -481,7 +489,6 @@ fn kill_9_mid_run_then_restart_keeps_finished_results_and_reruns_the_interrupted
         assert_eq!(a, b);
     }
     // The run in flight was recorded interrupted, then run again to completion.
-    let spec = in_flight.split('.').next().unwrap();
     let of_spec: Vec<_> = after.iter().filter(|r| r.spec_id == spec).collect();
     assert_eq!(
         of_spec.iter().map(|r| r.status).collect::<Vec<_>>(),
@@ -506,7 +513,8 @@ fn kill_9_mid_run_then_restart_keeps_finished_results_and_reruns_the_interrupted
 
 #[test]
 fn queue_verbs_two_device_slots_and_stop_requeues() {
-    let mut env = Env::new(0.2);
+    // Runs of 3 s: the two in flight are still running when the stop comes.
+    let mut env = Env::new(0.5);
     let profile = env.profile(&[1, 2, 4, 6], 6, "devices = [\"cuda:0\", \"cuda:1\"]");
     let db = env.db();
     env.start_daemon();
