@@ -1,4 +1,5 @@
-//! The sweep half of the command line: `run`, `report` and `profile check`.
+//! The sweep half of the command line: `run`, `report`, `profile check`, and the daemon
+//! verbs (`daemon`, `attach`, `status`, `queue`, `wait`; see [`crate::daemon`]).
 //! `main.rs` flattens [`SweepCommand`] into its subcommands and calls [`execute`].
 //!
 //! `run` prints progress lines to stderr and the comparison table to stdout, so
@@ -13,11 +14,13 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use tokio::sync::mpsc;
 
+use crate::daemon::client::Client;
+use crate::daemon::protocol::{ClientMsg, ServerMsg};
 use crate::grid::{self, RunSpec};
 use crate::orchestrator::{
     self, Command, Event, OrchestratorConfig, PlannedRun, SweepPlan, WorkerCommand,
 };
-use crate::profile::{self, Device};
+use crate::profile;
 use crate::report::{self, Format};
 use crate::store::Store;
 use crate::summary::RunStatus;
@@ -34,6 +37,131 @@ pub enum SweepCommand {
         #[command(subcommand)]
         command: ProfileCommand,
     },
+    /// Run the background daemon that owns queued sweeps (foreground; `stop` stops it).
+    Daemon(DaemonArgs),
+    /// The dashboard as a client of the daemon; q or D detaches, the sweep keeps running.
+    Attach {
+        /// Print the daemon's replay and events as JSON lines instead of the dashboard.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// What the daemon is running: the sweep, each device's run, the queue.
+    Status {
+        /// The daemon's status report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Change the daemon's queue: pause, resume, move, skip, cancel, retry.
+    Queue {
+        #[command(subcommand)]
+        action: QueueAction,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+    /// Wait until a sweep (default: every queued sweep) has finished on the daemon.
+    Wait {
+        /// Sweep id (as printed by `run --detach` and `status`).
+        sweep: Option<i64>,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
+}
+
+/// `--socket`, shared by the daemon verbs.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SocketArg {
+    /// The daemon's socket (default: $LORASCOPE_RUNTIME_DIR, else $XDG_RUNTIME_DIR/lorascope,
+    /// then lorascope.sock).
+    #[arg(long)]
+    pub socket: Option<PathBuf>,
+}
+
+impl SocketArg {
+    fn path(&self) -> PathBuf {
+        crate::daemon::client::socket_or_default(self.socket.as_ref())
+    }
+}
+
+/// `lorascope daemon`.
+#[derive(Debug, clap::Args)]
+pub struct DaemonArgs {
+    #[command(subcommand)]
+    pub action: Option<DaemonAction>,
+    #[command(flatten)]
+    pub socket: SocketArg,
+    /// Worker program instead of this executable (tests); also `$LORASCOPE_WORKER`.
+    #[arg(long, hide = true)]
+    pub worker: Option<PathBuf>,
+    /// Seconds between SIGTERM and SIGKILL when a run is cancelled or interrupted.
+    #[arg(long, default_value_t = 5.0, hide = true)]
+    pub grace_secs: f64,
+}
+
+/// `lorascope daemon ...`.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DaemonAction {
+    /// Stop the daemon: interrupt the running runs (they run again at the next start), or
+    /// with --finish let them finish first. Waits until the daemon has exited.
+    Stop {
+        /// Start nothing new and stop once the running runs have finished.
+        #[arg(long)]
+        finish: bool,
+    },
+}
+
+/// Where `queue move` puts a run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MoveArg {
+    Up,
+    Down,
+    Top,
+}
+
+/// `lorascope queue ...`: the orchestrator's commands for the daemon's running sweep.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum QueueAction {
+    /// Start nothing new (running runs continue).
+    Pause,
+    /// Start runs again.
+    Resume,
+    /// Move a queued run.
+    Move {
+        /// The run's id (see `lorascope status`).
+        id: String,
+        #[arg(value_enum)]
+        to: MoveArg,
+    },
+    /// Drop a queued run (recorded `skipped`).
+    Skip { id: String },
+    /// Stop a running run (recorded `cancelled`), or skip a queued one.
+    Cancel { id: String },
+    /// Queue a finished run again.
+    Retry { id: String },
+}
+
+impl QueueAction {
+    /// The orchestrator command.
+    pub fn command(&self) -> Command {
+        match self.clone() {
+            QueueAction::Pause => Command::Pause,
+            QueueAction::Resume => Command::Resume,
+            QueueAction::Move { id, to } => Command::Move {
+                id,
+                to: match to {
+                    MoveArg::Up => orchestrator::MoveTo::Up,
+                    MoveArg::Down => orchestrator::MoveTo::Down,
+                    MoveArg::Top => orchestrator::MoveTo::Top,
+                },
+            },
+            QueueAction::Skip { id } => Command::Skip { id },
+            QueueAction::Cancel { id } => Command::Cancel { id },
+            QueueAction::Retry { id } => Command::Retry { id },
+        }
+    }
 }
 
 /// `lorascope run`.
@@ -62,6 +190,12 @@ pub struct RunArgs {
     /// Seconds between SIGTERM and SIGKILL when a run is cancelled.
     #[arg(long, default_value_t = 5.0, hide = true)]
     pub grace_secs: f64,
+    /// Queue the sweep on the background daemon (started if none runs) and return; watch
+    /// it with `lorascope attach`, `status` or `wait`.
+    #[arg(long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub socket: SocketArg,
 }
 
 /// `lorascope report`.
@@ -101,7 +235,271 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
         SweepCommand::Profile {
             command: ProfileCommand::Check { profile, argv },
         } => check(&profile, argv),
+        SweepCommand::Daemon(args) => daemon_cmd(args),
+        SweepCommand::Attach { json, socket } => {
+            let socket = socket.path();
+            client_rt()?.block_on(async {
+                if json {
+                    crate::daemon::client::attach_json(&socket).await
+                } else {
+                    crate::daemon::client::attach_dashboard(&socket).await
+                }
+            })
+        }
+        SweepCommand::Status { json, socket } => status_cmd(&socket.path(), json),
+        SweepCommand::Queue { action, socket } => {
+            let socket = socket.path();
+            let command = action.command();
+            client_rt()?.block_on(async {
+                let mut c = Client::connect(&socket).await?;
+                c.request(&ClientMsg::Command { command }).await?;
+                Ok(())
+            })
+        }
+        SweepCommand::Wait { sweep, socket } => {
+            let socket = socket.path();
+            client_rt()?.block_on(async {
+                let mut c = Client::connect(&socket).await?;
+                c.send(&ClientMsg::Wait { sweep }).await?;
+                let what = sweep
+                    .map(|s| format!("sweep {s}"))
+                    .unwrap_or_else(|| "the queued sweeps".into());
+                match c.reply_unbounded().await? {
+                    Some(ServerMsg::Done {
+                        complete, message, ..
+                    }) => {
+                        if !complete {
+                            bail!("{message}");
+                        }
+                        println!("{message}");
+                        Ok(())
+                    }
+                    Some(other) => bail!(
+                        "unexpected reply from the daemon: {}",
+                        crate::daemon::client::kind(&other)
+                    ),
+                    None => bail!(
+                        "the daemon stopped before {what} finished; start it again (`lorascope daemon`) to continue"
+                    ),
+                }
+            })
+        }
     }
+}
+
+fn client_rt() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn grace(secs: f64) -> Duration {
+    Duration::try_from_secs_f64(secs.clamp(0.0, 3600.0)).unwrap_or(Duration::from_secs(5))
+}
+
+fn daemon_cmd(args: DaemonArgs) -> Result<()> {
+    let socket = args.socket.path();
+    match args.action {
+        Some(DaemonAction::Stop { finish }) => client_rt()?.block_on(async {
+            let mut c = Client::connect(&socket).await?;
+            let pid = c.pid;
+            match c.request(&ClientMsg::Stop { finish }).await? {
+                ServerMsg::Ok { message } => eprintln!("daemon (pid {pid}): {message}"),
+                other => bail!(
+                    "unexpected reply from the daemon: {}",
+                    crate::daemon::client::kind(&other)
+                ),
+            }
+            // The daemon closes every connection as it exits.
+            while c.recv().await.ok().flatten().is_some() {}
+            eprintln!("daemon (pid {pid}) stopped");
+            Ok(())
+        }),
+        None => {
+            let overridden = args.worker.is_some()
+                || std::env::var_os("LORASCOPE_WORKER").is_some_and(|w| !w.is_empty());
+            let worker = match args.worker {
+                Some(program) => WorkerCommand { program },
+                None => {
+                    WorkerCommand::from_env().context("cannot locate the lorascope executable")?
+                }
+            };
+            crate::daemon::server::run(crate::daemon::server::DaemonOptions {
+                socket,
+                state_dir: crate::daemon::state_dir(),
+                worker,
+                worker_overridden: overridden,
+                grace: grace(args.grace_secs),
+            })
+        }
+    }
+}
+
+fn status_cmd(socket: &Path, json: bool) -> Result<()> {
+    let report = client_rt()?.block_on(async {
+        let mut c = Client::connect(socket).await?;
+        match c.request(&ClientMsg::Status).await? {
+            ServerMsg::Status(r) => Ok(r),
+            other => bail!(
+                "unexpected reply from the daemon: {}",
+                crate::daemon::client::kind(&other)
+            ),
+        }
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &report)?;
+        writeln!(out)?;
+        return Ok(());
+    }
+    write!(out, "{}", render_status(&report))?;
+    Ok(())
+}
+
+fn hms(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match (s / 3600, s / 60 % 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, s) => format!("{m}m{s:02}s"),
+        (h, m, _) => format!("{h}h{m:02}m"),
+    }
+}
+
+/// `lorascope status` for people.
+pub fn render_status(r: &crate::daemon::protocol::StatusReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
+        "daemon pid {}, up {}, socket {}",
+        r.pid,
+        hms(r.uptime_s),
+        r.socket.display()
+    );
+    if let Some(s) = &r.stopping {
+        let _ = writeln!(o, "stopping: {s}");
+    }
+    match &r.current {
+        None => {
+            let _ = writeln!(o, "idle: no sweep has run yet");
+        }
+        Some(c) => {
+            let state = if c.ended {
+                "ended"
+            } else if r.paused {
+                "paused"
+            } else {
+                "running"
+            };
+            let counts: Vec<String> = c.counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+            let _ = writeln!(
+                o,
+                "sweep {} {} [{state}]: {}  (db {})",
+                c.info.sweep_id,
+                c.info.name,
+                counts.join(", "),
+                c.info.db.display()
+            );
+            for run in &c.running {
+                let mut extra = String::new();
+                if let Some(t) = &run.telemetry {
+                    if let Some(w) = t.power_w {
+                        let _ = write!(extra, "  {w:.0} W");
+                    }
+                    if let Some(b) = t.proc_mem_bytes.or(t.mem_used_bytes).or(t.rss_bytes) {
+                        let _ = write!(extra, "  {}", report::human_bytes(Some(b)));
+                    }
+                    if let Some(u) = t.util_pct {
+                        let _ = write!(extra, "  {u}%");
+                    }
+                }
+                let _ = writeln!(
+                    o,
+                    "  {:<7} {}  {}  step {}/{}  {}{extra}",
+                    run.device,
+                    run.id,
+                    run.label,
+                    run.step,
+                    run.steps,
+                    hms(run.elapsed_s)
+                );
+            }
+            if let Some(q) = &c.queue
+                && !q.queued.is_empty()
+            {
+                let _ = writeln!(o, "  next: {}", q.queued.join(" "));
+            }
+        }
+    }
+    for p in &r.pending {
+        let _ = writeln!(
+            o,
+            "queued: sweep {} {} ({})",
+            p.sweep_id, p.name, p.profile_path
+        );
+    }
+    o
+}
+
+/// `lorascope run --detach`: queue the sweep on the daemon, starting one if none answers.
+fn run_detached(args: &RunArgs) -> Result<()> {
+    // Fail here, on the terminal, for what would fail in the daemon.
+    let lp = match &args.profile {
+        Some(p) => profile::load(p)?,
+        None => profile::load_embedded()?,
+    };
+    let overridden = args.worker.is_some()
+        || std::env::var_os("LORASCOPE_WORKER").is_some_and(|w| !w.is_empty());
+    if !overridden {
+        preflight(&lp)?;
+    }
+    let socket = args.socket.path();
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let submit = crate::daemon::protocol::Submit {
+        profile: args.profile.as_deref().map(abs),
+        db: abs(&args.db),
+        resume: args.resume,
+        retry_failed: args.retry_failed,
+    };
+    let rt = client_rt()?;
+    let mut started = None;
+    let mut client = match rt.block_on(Client::connect(&socket)) {
+        Ok(c) => c,
+        Err(_) => {
+            let mut extra: Vec<std::ffi::OsString> =
+                vec!["--grace-secs".into(), args.grace_secs.to_string().into()];
+            if let Some(w) = &args.worker {
+                extra.push("--worker".into());
+                extra.push(abs(w).into());
+            }
+            started = Some(crate::daemon::client::spawn_daemon(&socket, &extra)?);
+            rt.block_on(Client::connect(&socket))?
+        }
+    };
+    let reply = rt.block_on(client.request(&ClientMsg::Submit(Box::new(submit))))?;
+    let ServerMsg::Submitted { sweep_id, position } = reply else {
+        bail!(
+            "unexpected reply from the daemon: {}",
+            crate::daemon::client::kind(&reply)
+        );
+    };
+    let mut out = std::io::stdout().lock();
+    let daemon = match started {
+        Some(pid) => format!("a new daemon (pid {pid})"),
+        None => format!("the daemon (pid {})", client.pid),
+    };
+    let when = if position == 0 {
+        "starts now".to_string()
+    } else {
+        format!("starts after {position} other sweep(s)")
+    };
+    writeln!(
+        out,
+        "sweep {sweep_id} ({}) queued on {daemon}; it {when}. Watch: `lorascope attach` (q detaches), `lorascope status`, `lorascope wait {sweep_id}`",
+        lp.name()
+    )?;
+    Ok(())
 }
 
 fn check(path: &Path, argv: bool) -> Result<()> {
@@ -357,7 +755,18 @@ async fn run_with_dashboard(
     Ok(outcome?)
 }
 
+/// The key that `--resume` finds a profile's sweeps by: its canonical path.
+pub(crate) fn profile_key(lp: &profile::LoadedProfile) -> String {
+    std::fs::canonicalize(&lp.path)
+        .unwrap_or_else(|_| lp.path.clone())
+        .display()
+        .to_string()
+}
+
 fn run(args: RunArgs) -> Result<()> {
+    if args.detach {
+        return run_detached(&args);
+    }
     let lp = match &args.profile {
         Some(p) => profile::load(p)?,
         None => profile::load_embedded()?,
@@ -368,17 +777,9 @@ fn run(args: RunArgs) -> Result<()> {
         preflight(&lp)?;
     }
     let repeats = lp.profile.run.repeats;
-    let devices: Vec<Device> = lp
-        .profile
-        .run
-        .devices
-        .iter()
-        .filter_map(|d| Device::parse(d))
-        .collect();
-    let profile_key = std::fs::canonicalize(&lp.path)
-        .unwrap_or_else(|_| lp.path.clone())
-        .display()
-        .to_string();
+    let devices = profile::resolve_devices(&lp.profile.run.devices)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", lp.path.display()))?;
+    let profile_key = profile_key(&lp);
     let mut store = open_store(&args.db)?;
 
     let resumed = if args.resume {
@@ -422,8 +823,7 @@ fn run(args: RunArgs) -> Result<()> {
     };
     let cfg = OrchestratorConfig {
         worker,
-        grace: Duration::try_from_secs_f64(args.grace_secs.clamp(0.0, 3600.0))
-            .unwrap_or(Duration::from_secs(5)),
+        grace: grace(args.grace_secs),
         telemetry_period: crate::telemetry::SAMPLE_PERIOD,
     };
     let plan = SweepPlan {
@@ -433,6 +833,7 @@ fn run(args: RunArgs) -> Result<()> {
         runs,
         already_done,
         devices,
+        finished: vec![],
     };
     let steps = lp.profile.run.steps;
     let dashboard = !args.headless
@@ -509,7 +910,7 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// Checks, before any run starts, what would make every point fail the same way: a missing
 /// data file, or CUDA devices in a build without CUDA.
-fn preflight(lp: &profile::LoadedProfile) -> Result<()> {
+pub(crate) fn preflight(lp: &profile::LoadedProfile) -> Result<()> {
     let data = &lp.profile.data.path;
     if data != "sample" {
         let p = lp.base_dir.join(data);

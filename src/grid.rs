@@ -333,8 +333,13 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
         .run
         .devices
         .first()
-        .and_then(|d| Device::parse(d))
-        .map(Device::kind)
+        .and_then(|d| {
+            if d == crate::profile::ALL_GPUS {
+                Some(DeviceKind::Cuda)
+            } else {
+                Device::parse(d).map(Device::kind)
+            }
+        })
         .unwrap_or(DeviceKind::Cpu);
     let mut specs: Vec<RunSpec> = Vec::new();
     for point in expand_points(&p.grid, p.lora.rank).points {

@@ -5,6 +5,7 @@
 //! -> store -> report / ui.
 
 pub mod cli;
+pub mod daemon;
 pub mod engine;
 pub mod grid;
 pub mod orchestrator;

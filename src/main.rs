@@ -1,5 +1,6 @@
-//! The `lorascope` command line: `run` (sweep a profile), `report`, `profile check`, and
-//! `train` (one run; the worker the orchestrator launches).
+//! The `lorascope` command line: `run` (sweep a profile, or `--detach` it to the daemon),
+//! `report`, `profile check`, the daemon and its clients (`daemon`, `attach`, `status`,
+//! `queue`, `wait`), and `train` (one run; the worker the orchestrator launches).
 
 use std::io::Write;
 

@@ -301,6 +301,49 @@ impl fmt::Display for Device {
     }
 }
 
+/// `run.devices = ["cuda"]`: one slot per GPU this process can see.
+pub const ALL_GPUS: &str = "cuda";
+
+/// The device slots of `run.devices` (already validated): each `cpu` / `cuda:N` entry, or for
+/// `["cuda"]` every visible GPU: the indices listed in `CUDA_VISIBLE_DEVICES` when it lists
+/// numbers, else every GPU that NVML reports (indices 0..n, PCI bus order).
+///
+/// Errors: `["cuda"]` and no GPU can be seen (the message says why).
+pub fn resolve_devices(devices: &[String]) -> Result<Vec<Device>, String> {
+    resolve_devices_with(
+        devices,
+        std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+        crate::telemetry::gpu_count,
+    )
+}
+
+/// [`resolve_devices`] with the environment and the GPU count passed in (tests).
+pub fn resolve_devices_with(
+    devices: &[String],
+    visible: Option<&str>,
+    count: impl FnOnce() -> Result<u32, String>,
+) -> Result<Vec<Device>, String> {
+    if devices.len() != 1 || devices[0] != ALL_GPUS {
+        return Ok(devices.iter().filter_map(|d| Device::parse(d)).collect());
+    }
+    if let Some(v) = visible.map(str::trim).filter(|v| !v.is_empty()) {
+        let listed: Option<Vec<Device>> = v
+            .split(',')
+            .map(|x| x.trim().parse().ok().map(Device::Cuda))
+            .collect();
+        if let Some(list) = listed {
+            return Ok(list);
+        }
+    }
+    match count() {
+        Ok(0) => Err("run.devices = [\"cuda\"]: no GPU is visible; list devices such as [\"cuda:0\"] or use [\"cpu\"]".into()),
+        Ok(n) => Ok((0..n).map(Device::Cuda).collect()),
+        Err(e) => Err(format!(
+            "run.devices = [\"cuda\"]: cannot count the GPUs ({e}); list them, e.g. [\"cuda:0\", \"cuda:1\"]"
+        )),
+    }
+}
+
 /// Parses a byte size such as `8GiB`, `512 MiB`, `8GB` or `1024` (bytes).
 /// Binary units: KiB MiB GiB TiB; decimal units: KB MB GB TB; `B` or none = bytes.
 pub fn parse_bytes(s: &str) -> Option<u64> {
@@ -718,8 +761,20 @@ fn validate(p: &Profile) -> Result<(), Invalid> {
     let mut seen: Vec<Device> = Vec::new();
     for (i, d) in r.devices.iter().enumerate() {
         let path = vec![k("run"), k("devices"), KeySeg::Index(i)];
+        if d == ALL_GPUS {
+            if r.devices.len() > 1 {
+                return Err((
+                    path,
+                    "\"cuda\" (every visible GPU) must be the only device".into(),
+                ));
+            }
+            continue;
+        }
         let Some(dev) = Device::parse(d) else {
-            return Err((path, format!("expected \"cpu\" or \"cuda:N\", got {d:?}")));
+            return Err((
+                path,
+                format!("expected \"cpu\", \"cuda:N\" or \"cuda\" (every visible GPU), got {d:?}"),
+            ));
         };
         if seen.contains(&dev) {
             return Err((path, format!("duplicate device {d:?}")));
@@ -779,7 +834,7 @@ fn validate(p: &Profile) -> Result<(), Invalid> {
 mod tests {
     use super::*;
 
-    const GOOD: &str = r#"
+    pub(super) const GOOD: &str = r#"
 [model]
 preset = "tiny"
 
@@ -957,10 +1012,59 @@ seq_len = [64, 128]
 
 #[cfg(test)]
 mod embedded_tests {
+    use super::tests::GOOD;
+    use super::*;
+
     #[test]
     fn embedded_quickstart_is_valid_and_has_four_points() {
         let lp = super::load_embedded().expect("embedded quickstart parses");
         assert_eq!(crate::grid::expand(&lp).len(), 4);
         assert_eq!(lp.profile.run.devices, vec!["cpu".to_string()]);
+    }
+
+    #[test]
+    fn all_visible_gpus() {
+        let all = vec![ALL_GPUS.to_string()];
+        let never = || -> Result<u32, String> { panic!("not asked") };
+        assert_eq!(
+            resolve_devices_with(&all, Some("2,3"), never),
+            Ok(vec![Device::Cuda(2), Device::Cuda(3)])
+        );
+        assert_eq!(
+            resolve_devices_with(&all, None, || Ok(2)),
+            Ok(vec![Device::Cuda(0), Device::Cuda(1)])
+        );
+        // UUIDs in CUDA_VISIBLE_DEVICES: fall back to NVML's count.
+        assert_eq!(
+            resolve_devices_with(&all, Some("GPU-1a2b"), || Ok(1)),
+            Ok(vec![Device::Cuda(0)])
+        );
+        assert!(
+            resolve_devices_with(&all, None, || Ok(0))
+                .unwrap_err()
+                .contains("no GPU")
+        );
+        assert!(
+            resolve_devices_with(&all, None, || Err("no driver".into()))
+                .unwrap_err()
+                .contains("no driver")
+        );
+        let listed = vec!["cuda:1".to_string(), "cuda:0".to_string()];
+        assert_eq!(
+            resolve_devices_with(&listed, Some("5"), never),
+            Ok(vec![Device::Cuda(1), Device::Cuda(0)])
+        );
+        let p = parse_str(
+            &GOOD.replace("devices = [\"cpu\"]", "devices = [\"cuda\"]"),
+            "g.toml",
+        );
+        assert!(p.is_ok(), "{p:?}");
+        let e = parse_str(
+            &GOOD.replace("devices = [\"cpu\"]", "devices = [\"cuda\", \"cuda:0\"]"),
+            "g.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be the only device"), "{e}");
     }
 }

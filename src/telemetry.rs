@@ -81,6 +81,16 @@ pub fn nvml_status() -> Result<(), String> {
     }
 }
 
+/// How many GPUs NVML reports.
+///
+/// Errors: NVML cannot be loaded (no driver) or cannot count.
+pub fn gpu_count() -> Result<u32, String> {
+    match nvml() {
+        Ok(n) => n.device_count().map_err(|e| e.to_string()),
+        Err(e) => Err(format!("NVML unavailable: {e}")),
+    }
+}
+
 /// Reads one GPU sample of device `index`, attributing process memory to `pid`.
 /// Returns the sample and notes about unsupported fields.
 fn sample_gpu(index: u32, pid: u32, t: f64) -> (TelemetrySample, Vec<String>) {

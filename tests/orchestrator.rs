@@ -34,6 +34,7 @@ fn plan(store: &Store, specs: Vec<RunSpec>, devices: Vec<Device>) -> SweepPlan {
         runs,
         already_done: 0,
         devices,
+        finished: vec![],
     }
 }
 
@@ -62,7 +63,7 @@ async fn exit_codes_are_recorded_and_the_sweep_continues() {
     let mut store = Store::open(&dir.path().join("r.db")).unwrap();
     let plan = plan(&store, specs(&[1, 3, 5, 2], 3, ""), vec![Device::Cpu]);
     let sweep = plan.sweep_id;
-    let (_ctx, crx) = mpsc::unbounded_channel();
+    let (_ctx, crx) = mpsc::unbounded_channel::<Command>();
     let (etx, mut erx) = mpsc::unbounded_channel();
     let out = run_sweep(plan, &mut store, &cfg(dir.path(), 0.01), crx, etx)
         .await
@@ -224,7 +225,7 @@ async fn one_run_per_gpu_in_parallel() {
     let specs = specs(&[1, 2, 4, 6], 4, "devices = [\"cuda:0\", \"cuda:1\"]");
     let plan = plan(&store, specs, vec![Device::Cuda(0), Device::Cuda(1)]);
     let sweep = plan.sweep_id;
-    let (_ctx, crx) = mpsc::unbounded_channel();
+    let (_ctx, crx) = mpsc::unbounded_channel::<Command>();
     let (etx, mut erx) = mpsc::unbounded_channel();
     run_sweep(plan, &mut store, &cfg(dir.path(), 0.05), crx, etx)
         .await

@@ -430,3 +430,77 @@ fn save_order_follows_the_queue() {
     let want: Vec<&str> = order.iter().map(|&i| app.specs[i].id.as_str()).collect();
     assert_eq!(got, want);
 }
+
+#[test]
+fn attached_dashboard_detaches_and_never_stops_the_sweep() {
+    // A local sweep: q asks, D explains that there is nothing to detach from.
+    let mut app = fixture(false);
+    assert_eq!(app.on_key(ch('D')), None);
+    assert!(app.message.as_ref().unwrap().0.contains("--detach"));
+    assert_eq!(app.on_key(ch('q')), None);
+    assert_eq!(app.modal, Some(Modal::ConfirmQuit));
+    assert_eq!(app.on_key(ch('y')), send(Command::Shutdown));
+
+    // Attached to the daemon: q, D and Ctrl-C leave at once, with no Shutdown.
+    for k in [
+        ch('q'),
+        ch('D'),
+        KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL),
+    ] {
+        let mut app = fixture(false);
+        app.attached = true;
+        assert_eq!(app.on_key(k), Some(Action::Quit), "{k:?}");
+    }
+    // The queue keys are the same commands as in a local sweep.
+    let mut app = fixture(false);
+    app.attached = true;
+    assert_eq!(app.on_key(ch('p')), send(Command::Pause));
+    // The footer and the help say "detach".
+    app.message = None;
+    let screen = draw(&app, 160, 48);
+    assert!(screen.contains("q detach"), "{screen}");
+    app.modal = Some(Modal::Help);
+    let screen = draw(&app, 80, 24);
+    assert!(
+        screen.contains("detach (the sweep keeps running)"),
+        "{screen}"
+    );
+}
+
+#[test]
+fn feed_replays_with_daemon_times_and_resets_keep_the_clock() {
+    use lorascope::ui::{Feed, apply_feed};
+    let p = parse_str(PROFILE, "demo.toml").unwrap();
+    let specs = expand_profile(&p, Path::new("."));
+    let id = entry_id(&specs[0].id, 0, 1);
+    let mut app = App::new("demo".into(), p.clone(), specs.clone());
+    app.attached = true;
+    app.clock_base = 100.0;
+    apply_feed(
+        &mut app,
+        Feed::Event {
+            at: Some(40.0),
+            event: Event::RunStarted {
+                id: id.clone(),
+                run_id: 1,
+                label: "x".into(),
+                device: "cuda:1".into(),
+                attempt: 1,
+            },
+        },
+        100.0,
+    );
+    // Started at daemon time 40: 60 s ago, not "just now".
+    assert_eq!(app.runs[&id].started_at, Some(40.0));
+    assert_eq!(app.runs[&id].device.as_deref(), Some("cuda:1"));
+    assert_eq!(app.now, 100.0);
+    apply_feed(
+        &mut app,
+        Feed::Reset(Box::new(App::new("next".into(), p, specs))),
+        120.0,
+    );
+    assert_eq!(app.name, "next");
+    assert!(app.attached && app.clock_base == 100.0 && app.runs.is_empty());
+    apply_feed(&mut app, Feed::Message("hello".into(), true), 121.0);
+    assert_eq!(app.message, Some(("hello".into(), true)));
+}

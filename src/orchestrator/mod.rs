@@ -119,6 +119,24 @@ pub enum Event {
     },
 }
 
+/// A [`Command`] with an optional reply: `Ok(())` once the queue applied it, `Err(reason)`
+/// when it was rejected (the same reason as [`Event::CommandRejected`]). The daemon uses the
+/// reply to answer `lorascope queue ...` clients; a plain `Command` converts with no reply.
+#[derive(Debug)]
+pub struct Request {
+    pub command: Command,
+    pub reply: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+impl From<Command> for Request {
+    fn from(command: Command) -> Request {
+        Request {
+            command,
+            reply: None,
+        }
+    }
+}
+
 /// One entry to run: `specs[spec_index]`, repeat `repeat` (0-based).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PlannedRun {
@@ -138,6 +156,9 @@ pub struct SweepPlan {
     /// Finished entries skipped (resume), for the `SweepStarted` event.
     pub already_done: usize,
     pub devices: Vec<Device>,
+    /// Entries that already have an outcome (a daemon restarting a sweep): kept in queue
+    /// snapshots for display and `Retry`, never launched. May be empty.
+    pub finished: Vec<(PlannedRun, RunStatus)>,
 }
 
 /// Orchestrator settings.
@@ -176,14 +197,15 @@ pub struct SweepOutcome {
     pub shutdown: bool,
 }
 
-/// Runs the plan to completion (or `Shutdown`). Commands arrive on `commands`; events go to
-/// `events` (send errors are ignored: nobody listening is fine). Store errors abort the sweep
-/// after killing running children.
-pub async fn run_sweep(
+/// Runs the plan to completion (or `Shutdown`). Commands arrive on `commands` (plain
+/// [`Command`]s or [`Request`]s with a reply); events go to `events` (send errors are
+/// ignored: nobody listening is fine). Store errors abort the sweep after killing running
+/// children.
+pub async fn run_sweep<C: Into<Request>>(
     plan: SweepPlan,
     store: &mut Store,
     cfg: &OrchestratorConfig,
-    mut commands: mpsc::UnboundedReceiver<Command>,
+    mut commands: mpsc::UnboundedReceiver<C>,
     events: mpsc::UnboundedSender<Event>,
 ) -> Result<SweepOutcome, StoreError> {
     let entries: Vec<Entry> = plan
@@ -197,12 +219,26 @@ pub async fn run_sweep(
             attempts: 0,
         })
         .collect();
+    let done: Vec<Entry> = plan
+        .finished
+        .iter()
+        .map(|(r, status)| Entry {
+            id: entry_id(&plan.specs[r.spec_index].id, r.repeat, plan.repeats),
+            spec_index: r.spec_index,
+            repeat: r.repeat,
+            state: EntryState::Done { status: *status },
+            attempts: 1,
+        })
+        .collect();
     let devices = if plan.devices.is_empty() {
         vec![Device::Cpu]
     } else {
         plan.devices.clone()
     };
-    let mut queue = Queue::new(entries.clone(), devices.len());
+    // Launch order = the order of the queued entries; finished ones are display-only.
+    let mut all = entries.clone();
+    all.extend(done.iter().cloned());
+    let mut queue = Queue::new(all, devices.len());
     let emit = |e: Event| {
         let _ = events.send(e);
     };
@@ -211,7 +247,7 @@ pub async fn run_sweep(
         queued: entries.len(),
         already_done: plan.already_done,
     });
-    for e in &entries {
+    for e in entries.iter().chain(&done) {
         let spec = &plan.specs[e.spec_index];
         emit(Event::RunQueued {
             id: e.id.clone(),
@@ -230,9 +266,14 @@ pub async fn run_sweep(
         while commands_open {
             match commands.try_recv() {
                 Ok(cmd) => {
-                    if let Some(e) =
-                        handle_command(cmd, &mut queue, &mut in_flight, store, &plan, &events)
-                    {
+                    if let Some(e) = handle_command(
+                        cmd.into(),
+                        &mut queue,
+                        &mut in_flight,
+                        store,
+                        &plan,
+                        &events,
+                    ) {
                         store_error.get_or_insert(e);
                     }
                 }
@@ -323,7 +364,7 @@ pub async fn run_sweep(
                     commands_open = false;
                     continue;
                 };
-                if let Some(e) = handle_command(cmd, &mut queue, &mut in_flight, store, &plan, &events) {
+                if let Some(e) = handle_command(cmd.into(), &mut queue, &mut in_flight, store, &plan, &events) {
                     store_error.get_or_insert(e);
                 }
             }
@@ -381,9 +422,10 @@ pub async fn run_sweep(
     }
 }
 
-/// Applies a command to the queue, carries out its effects and reports the result.
+/// Applies a command to the queue, carries out its effects and reports the result (as an
+/// event, and on the request's reply channel if it has one).
 fn handle_command(
-    cmd: Command,
+    req: Request,
     queue: &mut Queue,
     in_flight: &mut HashMap<EntryId, InFlight>,
     store: &Store,
@@ -391,8 +433,15 @@ fn handle_command(
     events: &mpsc::UnboundedSender<Event>,
 ) -> Option<StoreError> {
     let mut err = None;
+    let Request {
+        command: cmd,
+        reply,
+    } = req;
     match queue.apply(&cmd) {
         Ok(effects) => {
+            if let Some(r) = reply {
+                let _ = r.send(Ok(()));
+            }
             for eff in effects {
                 if let Some(e) = apply_effect(eff, in_flight, store, plan, queue) {
                     err.get_or_insert(e);
@@ -403,6 +452,9 @@ fn handle_command(
             });
         }
         Err(e) => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(e.to_string()));
+            }
             let _ = events.send(Event::CommandRejected {
                 command: cmd,
                 reason: e.to_string(),

@@ -163,6 +163,12 @@ pub struct App {
     pub dirty: bool,
     /// Colours on (false with `NO_COLOR`).
     pub color: bool,
+    /// A client of the daemon (`lorascope attach`): quitting detaches and never stops the
+    /// sweep; losing the terminal only ends this client.
+    pub attached: bool,
+    /// Seconds added to the event loop's clock: the daemon clock at attach time, so that
+    /// elapsed times of runs that started before the attach are right.
+    pub clock_base: f64,
 }
 
 fn tokens_per_s(tokens: u64, secs: f64) -> f64 {
@@ -211,6 +217,8 @@ impl App {
             now: 0.0,
             dirty: true,
             color: true,
+            attached: false,
+            clock_base: 0.0,
         }
     }
 
@@ -543,6 +551,13 @@ impl App {
         let shift = key.modifiers.contains(KeyModifiers::SHIFT);
         match key.code {
             KeyCode::Char('?') => self.modal = Some(Modal::Help),
+            KeyCode::Char('q') | KeyCode::Char('D') if self.attached => return self.quit_now(),
+            KeyCode::Char('D') => {
+                self.say(
+                    "not attached to a daemon: `lorascope run PROFILE --detach` starts sweeps that outlive the terminal",
+                    true,
+                );
+            }
             KeyCode::Char('q') => {
                 if self.sweep_finished {
                     return self.quit_now();
@@ -704,6 +719,10 @@ impl App {
     fn quit_now(&mut self) -> Option<Action> {
         self.modal = None;
         self.quitting = true;
+        if self.attached {
+            // Detach: the daemon keeps the sweep.
+            return Some(Action::Quit);
+        }
         if self.sweep_finished {
             Some(Action::Quit)
         } else {

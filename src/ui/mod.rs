@@ -59,6 +59,53 @@ enum Input {
     Lost,
 }
 
+/// What feeds the dashboard. A local sweep sends plain orchestrator events (`Event`
+/// converts); `lorascope attach` sends events stamped with the daemon clock, a fresh state
+/// when the daemon moves on to another sweep, and messages about the connection.
+#[derive(Debug)]
+pub enum Feed {
+    /// An orchestrator event; `at` (daemon clock, s) dates it when it is replayed.
+    Event { at: Option<f64>, event: Event },
+    /// Replace the state (another sweep started); colours and the clock are kept.
+    Reset(Box<App>),
+    /// A status line message and whether it is an error.
+    Message(String, bool),
+}
+
+impl From<Event> for Feed {
+    fn from(event: Event) -> Feed {
+        Feed::Event { at: None, event }
+    }
+}
+
+/// Applies one feed item; `now` is the loop's clock.
+pub fn apply_feed(app: &mut App, feed: Feed, now: f64) {
+    match feed {
+        Feed::Event { at, event } => {
+            if let Some(t) = at {
+                app.now = t;
+            }
+            app.on_event(&event);
+            app.now = now;
+        }
+        Feed::Reset(new) => {
+            let (color, mem_total, clock_base, attached) =
+                (app.color, app.mem_total, app.clock_base, app.attached);
+            *app = *new;
+            app.color = color;
+            app.mem_total = mem_total;
+            app.clock_base = clock_base;
+            app.attached = attached;
+            app.now = now;
+            app.dirty = true;
+        }
+        Feed::Message(m, err) => {
+            app.message = Some((m, err));
+            app.dirty = true;
+        }
+    }
+}
+
 /// Leaves raw mode and the alternate screen and shows the cursor. Errors are ignored: the
 /// terminal may be gone (and then nothing may be printed about it either — a failed
 /// `eprintln!` would panic).
@@ -132,18 +179,29 @@ fn spawn_input(stop: Arc<AtomicBool>, tx: mpsc::UnboundedSender<Input>) {
 
 /// Runs the dashboard until the user quits (the sweep finished, or was shut down at the
 /// user's request), the terminal is lost, or a signal arrives. Key presses go to `commands`;
-/// `events` update the state. Saving writes on a blocking thread, never in the loop.
+/// `events` ([`Event`]s of a local sweep, or the [`Feed`] of a daemon connection) update the
+/// state. Saving writes on a blocking thread, never in the loop.
 ///
-/// Errors: the terminal cannot be set up (then `Shutdown` has been sent).
-pub async fn run(
+/// The same loop serves `lorascope run` and `lorascope attach`: with [`App::attached`] set,
+/// quitting, losing the terminal and signals only end this client (no `Shutdown` is sent).
+///
+/// Errors: the terminal cannot be set up (then `Shutdown` has been sent, unless attached).
+pub async fn run<F: Into<Feed>>(
     mut app: App,
     commands: mpsc::UnboundedSender<Command>,
-    mut events: mpsc::UnboundedReceiver<Event>,
+    mut events: mpsc::UnboundedReceiver<F>,
 ) -> std::io::Result<Exit> {
+    let attached = app.attached;
+    // Stops a local sweep; a client of the daemon just leaves.
+    let shutdown = |commands: &mpsc::UnboundedSender<Command>| {
+        if !attached {
+            let _ = commands.send(Command::Shutdown);
+        }
+    };
     let mut terminal = match init_terminal() {
         Ok(t) => t,
         Err(e) => {
-            let _ = commands.send(Command::Shutdown);
+            shutdown(&commands);
             return Err(e);
         }
     };
@@ -164,15 +222,20 @@ pub async fn run(
         tokio::select! {
             e = events.recv(), if events_open => match e {
                 Some(e) => {
-                    app.on_event(&e);
+                    let now = app.clock_base + start.elapsed().as_secs_f64();
+                    apply_feed(&mut app, e.into(), now);
                     // Take whatever else is waiting: one redraw per batch.
                     while let Ok(e) = events.try_recv() {
-                        app.on_event(&e);
+                        apply_feed(&mut app, e.into(), now);
                     }
                 }
                 None => {
                     events_open = false;
                     app.sweep_finished = true;
+                    if attached {
+                        app.message =
+                            Some(("the daemon closed the connection: q to quit".into(), true));
+                    }
                     app.dirty = true;
                 }
             },
@@ -202,7 +265,7 @@ pub async fn run(
                 },
                 Some(Input::Resize) => app.dirty = true,
                 Some(Input::Lost) | None => {
-                    let _ = commands.send(Command::Shutdown);
+                    shutdown(&commands);
                     break Exit::Lost;
                 }
             },
@@ -216,19 +279,19 @@ pub async fn run(
                 }
             }
             _ = sighup.recv() => {
-                let _ = commands.send(Command::Shutdown);
+                shutdown(&commands);
                 break Exit::Lost;
             }
             _ = sigterm.recv() => {
-                let _ = commands.send(Command::Shutdown);
+                shutdown(&commands);
                 break Exit::Signal;
             }
             _ = sigint.recv() => {
-                let _ = commands.send(Command::Shutdown);
+                shutdown(&commands);
                 break Exit::Signal;
             }
             _ = tick.tick() => {
-                app.now = start.elapsed().as_secs_f64();
+                app.now = app.clock_base + start.elapsed().as_secs_f64();
                 // Elapsed times and ETAs move once a second while something runs.
                 let sec = app.now as u64;
                 if sec != last_second && !app.running().is_empty() {
@@ -237,14 +300,14 @@ pub async fn run(
                 last_second = sec;
                 if app.dirty {
                     if terminal.draw(|f| view::render(f, &app)).is_err() {
-                        let _ = commands.send(Command::Shutdown);
+                        shutdown(&commands);
                         break Exit::Lost;
                     }
                     app.dirty = false;
                 }
             }
         }
-        if app.quitting && app.sweep_finished {
+        if app.quitting && (app.sweep_finished || attached) {
             break Exit::Quit;
         }
     };

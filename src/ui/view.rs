@@ -213,6 +213,12 @@ fn footer(f: &mut Frame, app: &App, t: Theme, area: Rect) {
             };
             let mut spans = vec![Span::raw(" ")];
             for (k, what) in keys {
+                // Attached to the daemon, q leaves the sweep running.
+                let what = if app.attached && *k == "q" {
+                    "detach"
+                } else {
+                    what
+                };
                 spans.push(Span::styled(*k, t.key()));
                 spans.push(Span::raw(format!(" {what}  ")));
             }
@@ -981,6 +987,9 @@ pub const KEYS: &[(&str, &str)] = &[
     ("q, Ctrl-C", "stop the sweep and quit"),
 ];
 
+/// The last help line when the dashboard is attached to a daemon (`lorascope attach`).
+pub const ATTACHED_QUIT: (&str, &str) = ("q, D, Ctrl-C", "detach (the sweep keeps running)");
+
 fn centered(area: Rect, w: u16, h: u16) -> Rect {
     let w = w.min(area.width);
     let h = h.min(area.height);
@@ -997,10 +1006,17 @@ fn modal(f: &mut Frame, app: &App, t: Theme, m: &Modal, area: Rect) {
         Modal::Help => (
             " Keys ",
             KEYS.iter()
+                .map(|&(k, what)| {
+                    if app.attached && k == KEYS[KEYS.len() - 1].0 {
+                        ATTACHED_QUIT
+                    } else {
+                        (k, what)
+                    }
+                })
                 .map(|(k, what)| {
                     Line::from(vec![
                         Span::styled(format!("{k:<15}"), t.key()),
-                        Span::raw(*what),
+                        Span::raw(what),
                     ])
                 })
                 .chain(std::iter::once(Line::styled("any key closes", t.dim())))

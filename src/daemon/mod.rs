@@ -1,0 +1,83 @@
+//! Sweeps that outlive the terminal: `lorascope daemon` owns the orchestrator, the workers,
+//! telemetry and the results store; `lorascope attach`, `status`, `queue`, `wait` and
+//! `daemon stop` are clients.
+//!
+//! - [`protocol`]: newline-delimited, versioned JSON carrying the orchestrator's
+//!   [`Command`](crate::orchestrator::Command) and [`Event`](crate::orchestrator::Event).
+//! - [`server`]: the daemon: a Unix socket (mode 0600, in a 0700 directory; no TCP), a
+//!   manager that runs queued sweeps one after another (each on all of its devices), and the
+//!   state persisted atomically to `state.json` so that a restart re-queues what was running.
+//! - [`client`]: connecting, the one-shot verbs, and the dashboard as a client.
+//!
+//! Where things live: the socket in [`runtime_dir`] (`$LORASCOPE_RUNTIME_DIR`, else
+//! `$XDG_RUNTIME_DIR/lorascope`, else `/tmp/lorascope-<uid>`); the state and the log of a
+//! daemon started by `run --detach` in [`state_dir`] (`$LORASCOPE_STATE_DIR`, else
+//! `$XDG_STATE_HOME/lorascope`, i.e. `~/.local/state/lorascope`).
+
+pub mod client;
+pub mod protocol;
+pub mod server;
+pub mod state;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// File name of the socket in [`runtime_dir`].
+pub const SOCKET_NAME: &str = "lorascope.sock";
+
+fn uid() -> u32 {
+    // SAFETY: getuid(2) cannot fail and touches no memory.
+    unsafe { libc::getuid() }
+}
+
+/// The directory of the socket: `$LORASCOPE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/lorascope`,
+/// else `/tmp/lorascope-<uid>`.
+pub fn runtime_dir() -> PathBuf {
+    match std::env::var_os("LORASCOPE_RUNTIME_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => match dirs::runtime_dir() {
+            Some(d) => d.join("lorascope"),
+            None => std::env::temp_dir().join(format!("lorascope-{}", uid())),
+        },
+    }
+}
+
+/// The directory of `state.json` and `daemon.log`: `$LORASCOPE_STATE_DIR`, else
+/// `$XDG_STATE_HOME/lorascope` (`~/.local/state/lorascope`), else [`runtime_dir`].
+pub fn state_dir() -> PathBuf {
+    match std::env::var_os("LORASCOPE_STATE_DIR") {
+        Some(d) if !d.is_empty() => PathBuf::from(d),
+        _ => match dirs::state_dir() {
+            Some(d) => d.join("lorascope"),
+            None => runtime_dir(),
+        },
+    }
+}
+
+/// The socket: `explicit` (`--socket`), else [`runtime_dir`]/[`SOCKET_NAME`].
+pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
+    match explicit {
+        Some(p) => p.to_path_buf(),
+        None => runtime_dir().join(SOCKET_NAME),
+    }
+}
+
+/// Creates `dir` (and its parents) if needed and makes it private (mode 0700).
+///
+/// Errors: it cannot be created, or it belongs to another user (then nothing is changed).
+pub fn ensure_private_dir(dir: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+    if meta.uid() != uid() {
+        return Err(format!(
+            "{} belongs to another user (uid {}); set LORASCOPE_RUNTIME_DIR to a directory of yours",
+            dir.display(),
+            meta.uid()
+        ));
+    }
+    if meta.permissions().mode() & 0o777 != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
+    }
+    Ok(())
+}
