@@ -139,8 +139,10 @@ impl CustomOp3 for Attention {
         _o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: see `ops::InputGradCustomOp::bwd`.
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
         super::prof::section("causal-attention", "bwd", q.device(), || {
-            self.backward(q, k, v, grad)
+            self.backward(&q, &k, &v, &grad)
         })
     }
 }

@@ -395,8 +395,11 @@ impl candle_core::CustomOp3 for LoraProjection {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Detached: see `ops::InputGradCustomOp::bwd` (here `A` and `B` are variables, whose
+        // gradients stay in the store, so a graph hanging off them would live all step).
+        let (x, a, b, grad) = (x.detach(), a.detach(), b.detach(), grad.detach());
         super::prof::section("lora-projection", "bwd", x.device(), || {
-            self.backward(x, a, b, grad)
+            self.backward(&x, &a, &b, &grad)
         })
     }
 }

@@ -526,7 +526,7 @@ impl InputGradOp for LayerCheckpoint {
         for ad in c.layer.proj.iter().filter_map(|p| p.adapter.as_ref()) {
             for v in [&ad.a, &ad.b] {
                 if let Some(g) = grads.get(v.as_tensor()) {
-                    self.stash.add(v.as_tensor().id(), g.clone())?;
+                    self.stash.add(v.as_tensor().id(), g.detach())?;
                 }
             }
         }

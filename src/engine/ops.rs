@@ -110,7 +110,11 @@ impl<T: InputGradOp> CustomOp1 for InputGradCustomOp<T> {
         })?)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        super::prof::section(T::NAME, "bwd", x.device(), || self.0.input_grad(x, grad))
+        // candle hands backward the *tracked* forward input: detach it, or every tensor
+        // computed from it would carry a graph that keeps its intermediates alive for as long
+        // as the gradient is stored.
+        let (x, grad) = (x.detach(), grad.detach());
+        super::prof::section(T::NAME, "bwd", x.device(), || self.0.input_grad(&x, &grad))
     }
 }
 
