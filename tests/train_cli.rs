@@ -325,3 +325,35 @@ fn qwen_1_5b_preset_runs_one_cpu_step() {
         "loss {loss}"
     );
 }
+
+/// `selftest engine` runs the whole model in fp16/bf16, dense and NF4, with and without
+/// checkpointing, on the chosen device and compares it with the CPU path. On the CPU the
+/// same-precision comparison is exact, so the test checks the table and the cost of half
+/// precision against f32 (fp16 dense logits within 1e-2 of f32; bf16 within 5e-2).
+#[test]
+fn selftest_engine_on_cpu_compares_half_precision_with_f32() {
+    let o = std::process::Command::new(BIN)
+        .args(["selftest", "engine", "--device", "cpu"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let rows: Vec<Vec<&str>> = stdout
+        .lines()
+        .skip(1)
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 6, "{stdout}");
+    for r in &rows {
+        assert_eq!(r.last(), Some(&"ok"), "{stdout}");
+        let vs_f32: f64 = r[r.len() - 2].parse().unwrap();
+        let bound = if r[0] == "fp16" { 1e-2 } else { 5e-2 };
+        if r[1] == "dense" {
+            assert!(vs_f32 < bound, "{}: logits vs f32 {vs_f32}", r.join(" "));
+        }
+    }
+}

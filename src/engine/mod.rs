@@ -47,7 +47,9 @@ pub enum EngineError {
     #[error("{0}")]
     Invalid(String),
     /// The device ran out of memory.
-    #[error("out of memory while {what}: {detail}")]
+    #[error(
+        "out of memory while {what}: {detail}; lower --batch-size or --seq-len, or use --grad-checkpointing, --quant nf4 or a paged optimizer"
+    )]
     OutOfMemory {
         /// What was being allocated or computed.
         what: String,
@@ -84,6 +86,19 @@ impl<T> CandleContext<T> for candle_core::Result<T> {
     }
 }
 
+/// `"; GPU free X of Y GiB"` from the current CUDA context, or empty (CPU build, no context).
+fn device_free_total() -> String {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::result;
+        if let Ok((free, total)) = result::mem_get_info() {
+            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+            return format!("; GPU free {:.2} of {:.2} GiB", gib(free), gib(total));
+        }
+    }
+    String::new()
+}
+
 /// Turn a candle error into an [`EngineError`], recognising CUDA out-of-memory.
 pub(crate) fn classify(e: candle_core::Error, context: &str) -> EngineError {
     let text = e.to_string();
@@ -91,7 +106,7 @@ pub(crate) fn classify(e: candle_core::Error, context: &str) -> EngineError {
     if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
         EngineError::OutOfMemory {
             what: context.to_string(),
-            detail: first_line,
+            detail: format!("{first_line}{}", device_free_total()),
         }
     } else {
         EngineError::Candle {

@@ -122,11 +122,11 @@ pub fn note_used(label: &'static str, dev: &Device) {
         return;
     }
     let _ = dev.synchronize();
-    if let Some(m) = pool::usage(dev).map(|u| u.used) {
-        if let Ok(mut s) = stats().lock() {
-            let e = s.mem.entry(label).or_default();
-            *e = (*e).max(m);
-        }
+    if let Some(m) = pool::usage(dev).map(|u| u.used)
+        && let Ok(mut s) = stats().lock()
+    {
+        let e = s.mem.entry(label).or_default();
+        *e = (*e).max(m);
     }
 }
 
@@ -184,6 +184,11 @@ pub fn report() -> String {
 /// Errors: a CUDA driver error setting the pool attribute.
 pub fn configure_device(dev: &Device) -> Result<()> {
     pool::configure(dev)
+}
+
+/// Compute capability (major, minor) of a CUDA device; None on CPU.
+pub fn compute_capability(dev: &Device) -> Option<(i32, i32)> {
+    pool::compute_capability(dev)
 }
 
 /// CUDA memory-pool usage in bytes.
@@ -244,14 +249,11 @@ mod pool {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(u64::MAX);
-        if let Some(p) = default_pool(dev) {
-            if !set(
-                p,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                keep,
-            ) {
-                candle_core::bail!("cannot set the CUDA memory pool's release threshold");
-            }
+        let threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        if let Some(p) = default_pool(dev)
+            && !set(p, threshold, keep)
+        {
+            candle_core::bail!("cannot set the CUDA memory pool's release threshold");
         }
         Ok(())
     }
@@ -265,6 +267,11 @@ mod pool {
             reserved: get(p, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
             reserved_high: get(p, CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
         })
+    }
+
+    pub fn compute_capability(dev: &Device) -> Option<(i32, i32)> {
+        let Device::Cuda(d) = dev else { return None };
+        d.cuda_stream().context().compute_capability().ok()
     }
 
     pub fn reset_high(dev: &Device) -> Option<()> {
@@ -289,6 +296,10 @@ mod pool {
     }
 
     pub fn reset_high(_dev: &Device) -> Option<()> {
+        None
+    }
+
+    pub fn compute_capability(_dev: &Device) -> Option<(i32, i32)> {
         None
     }
 }

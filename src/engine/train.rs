@@ -298,6 +298,15 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         )));
     }
     let device = parse_device(&opts.device)?;
+    if opts.precision == Precision::Bf16
+        && let Some((major, minor)) = prof::compute_capability(&device)
+        && major < 8
+    {
+        return Err(EngineError::Invalid(format!(
+            "--precision bf16: {} (compute capability {major}.{minor}) has no bf16 support (needs 8.0, Ampere or newer); use --precision fp16",
+            opts.device
+        )));
+    }
     // Before anything is allocated on the device: what is left is what the smaller card has.
     let vram = opts
         .vram_limit
