@@ -314,11 +314,6 @@ impl CustomOp2 for CausalSoftmaxGrad {
     }
 }
 
-/// Whether attention tensors of this dtype run through the fused kernels on CUDA.
-pub fn supported_dtype(dt: DType) -> bool {
-    matches!(dt, DType::F32 | DType::F16 | DType::BF16 | DType::F64)
-}
-
 #[cfg(feature = "cuda")]
 mod cuda {
     //! NVRTC kernels: one thread block (256 threads) per score row; f32 statistics.
@@ -395,12 +390,18 @@ SOFTMAX_KERNELS(bf16, bf16_t)
         })
     }
 
-    fn cfg(rows: usize) -> LaunchConfig {
-        LaunchConfig {
+    /// One block per row (grid.x allows 2^31 - 1 blocks).
+    fn cfg(rows: usize) -> Result<LaunchConfig> {
+        if rows > i32::MAX as usize {
+            candle_core::bail!(
+                "causal softmax: {rows} rows exceed one CUDA grid; lower the batch size"
+            );
+        }
+        Ok(LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
-        }
+        })
     }
 
     pub fn softmax(
@@ -424,7 +425,7 @@ SOFTMAX_KERNELS(bf16, bf16_t)
                 lb.arg(&mut out);
                 lb.arg(&t32);
                 // SAFETY: argument types match the kernel signature.
-                unsafe { lb.launch(cfg(rows)) }.map_err(kernels::err)?;
+                unsafe { lb.launch(cfg(rows)?) }.map_err(kernels::err)?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
@@ -465,7 +466,7 @@ SOFTMAX_KERNELS(bf16, bf16_t)
                 lb.arg(&t32);
                 lb.arg(&scale);
                 // SAFETY: argument types match the kernel signature.
-                unsafe { lb.launch(cfg(rows)) }.map_err(kernels::err)?;
+                unsafe { lb.launch(cfg(rows)?) }.map_err(kernels::err)?;
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }

@@ -44,7 +44,7 @@ mod cuda {
 
     /// PTX of `prelude + src`, compiled once per `module` name per process.
     ///
-    /// Errors: the NVRTC compile log's first line.
+    /// Errors: compile failures, with NVRTC's log.
     pub fn ptx(module: &'static str, prelude: &str, src: &str) -> Result<&'static str> {
         static CACHE: OnceLock<Mutex<HashMap<&'static str, &'static str>>> = OnceLock::new();
         let cache = CACHE.get_or_init(Mutex::default);

@@ -268,7 +268,10 @@ impl LoraLinear {
         };
         let (out, inp) = self.base.shape();
         let dims = x.dims().to_vec();
-        let lead: usize = dims[..dims.len() - 1].iter().product();
+        let Some((_, lead_dims)) = dims.split_last() else {
+            candle_core::bail!("LoRA projection: input must have a feature dimension");
+        };
+        let lead: usize = lead_dims.iter().product();
         let x2 = x.reshape((lead, inp))?;
         let (a, b) = (ad.a.as_tensor(), ad.b.as_tensor());
         let y = if !detach && (x2.track_op() || a.track_op() || b.track_op()) {
@@ -278,7 +281,9 @@ impl LoraLinear {
             op.forward(&x2.detach(), &a.detach(), &b.detach())?
         };
         let mut out_dims = dims;
-        *out_dims.last_mut().expect("rank >= 1") = out;
+        if let Some(last) = out_dims.last_mut() {
+            *last = out;
+        }
         y.reshape(out_dims)
     }
 }
@@ -488,13 +493,15 @@ mod cuda {
 #define DROPOUT_KERNEL(SUF, T)                                                                 \
 extern "C" __global__ void hash_dropout_##SUF(const T* x, T* y, unsigned long long n,        \
         unsigned long long seed, unsigned long long thr, float inv) {                         \
-    unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;        \
-    if (i >= n) return;                                                                        \
-    unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;                          \
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;                                               \
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;                                               \
-    z ^= z >> 31;                                                                              \
-    st(y + i, (z >> 40) >= thr ? ld(x[i]) * inv : 0.f);                                       \
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;                   \
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;   \
+         i < n; i += stride) {                                                                 \
+        unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;                      \
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;                                           \
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;                                           \
+        z ^= z >> 31;                                                                          \
+        st(y + i, (z >> 40) >= thr ? ld(x[i]) * inv : 0.f);                                   \
+    }                                                                                          \
 }
 DROPOUT_KERNEL(f32, float)
 DROPOUT_KERNEL(f16, f16_t)
@@ -519,7 +526,13 @@ DROPOUT_KERNEL(bf16, bf16_t)
         let thr = (d.p * 16_777_216.0).round() as u64;
         let inv = (1.0 / (1.0 - d.p)) as f32;
         let seed = d.seed;
-        let cfg = LaunchConfig::for_num_elems((b - a).max(1) as u32);
+        // Grid-stride loop: a capped grid covers any length.
+        let blocks = (b - a).div_ceil(256).clamp(1, 65_535 * 16) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
         macro_rules! go {
             ($ty:ty) => {{
                 let x = s.as_cuda_slice::<$ty>()?.slice(a..b);
@@ -613,4 +626,115 @@ pub fn save_peft(
         serde_json::to_string_pretty(&config)?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{D, Var};
+
+    fn rand(shape: (usize, usize), seed: u64) -> Tensor {
+        let mut r = ChaCha8Rng::seed_from_u64(seed);
+        let v: Vec<f64> = (0..shape.0 * shape.1)
+            .map(|_| r.random_range(-1.0..1.0))
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    #[test]
+    fn dropout_keeps_about_one_minus_p_and_is_a_pure_function_of_seed_and_index() {
+        let n = 200_000u64;
+        for p in [0.05, 0.5] {
+            let kept = (0..n).filter(|&i| dropout_keep(42, i, p)).count() as f64 / n as f64;
+            assert!((kept - (1.0 - p)).abs() < 0.005, "p {p}: kept {kept}");
+        }
+        let a: Vec<bool> = (0..64).map(|i| dropout_keep(7, i, 0.3)).collect();
+        let b: Vec<bool> = (0..64).map(|i| dropout_keep(7, i, 0.3)).collect();
+        let c: Vec<bool> = (0..64).map(|i| dropout_keep(8, i, 0.3)).collect();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!((0..1000).all(|i| dropout_keep(3, i, 0.0)));
+    }
+
+    /// The fused projection with dropout equals candle autograd on
+    /// `x W^T + b + s * ((x * mask / (1 - p)) A^T) B^T` with the same mask, forward and all three
+    /// gradients (f64).
+    #[test]
+    fn lora_projection_with_dropout_matches_autograd() {
+        let (n, inp, out, r, p, seed, scale) = (5, 7, 6, 3, 0.3, 99u64, 2.0);
+        let w = rand((out, inp), 1);
+        let bias = rand((1, out), 2).squeeze(0).unwrap();
+        let base = BaseLinear::Dense(FrozenLinear::new(w.clone(), Some(bias.clone())));
+        let op = LoraProjection {
+            base,
+            scale,
+            dropout: p,
+            seed,
+        };
+        let x = Var::from_tensor(&rand((n, inp), 3)).unwrap();
+        let a = Var::from_tensor(&rand((r, inp), 4)).unwrap();
+        let b = Var::from_tensor(&rand((out, r), 5)).unwrap();
+        let dy = rand((n, out), 6);
+        let fused = x
+            .as_tensor()
+            .apply_op3(a.as_tensor(), b.as_tensor(), op)
+            .unwrap();
+        let mask: Vec<f64> = (0..(n * inp) as u64)
+            .map(|i| {
+                if dropout_keep(seed, i, p) {
+                    1.0 / (1.0 - p)
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, inp), &Device::Cpu).unwrap();
+        let xd = (x.as_tensor() * &mask).unwrap();
+        let reference = (x
+            .as_tensor()
+            .matmul(&w.t().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap()
+            + xd.matmul(&a.as_tensor().t().unwrap())
+                .unwrap()
+                .matmul(&b.as_tensor().t().unwrap())
+                .unwrap()
+                .affine(scale, 0.0)
+                .unwrap())
+        .unwrap();
+        assert!(max_abs(&fused, &reference) < 1e-12);
+        let gf = (&fused * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let gr = (&reference * &dy)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (name, v) in [("x", &x), ("A", &a), ("B", &b)] {
+            let e = max_abs(
+                gf.get(v.as_tensor()).unwrap(),
+                gr.get(v.as_tensor()).unwrap(),
+            );
+            assert!(e < 1e-12, "d{name}: max abs error {e}");
+        }
+    }
 }

@@ -48,7 +48,7 @@ pub enum EngineError {
     Invalid(String),
     /// The device ran out of memory.
     #[error(
-        "out of memory while {what}: {detail}; lower --batch-size or --seq-len, or use --grad-checkpointing, --quant nf4 or a paged optimizer"
+        "out of memory while {what}: {detail}; lower --batch-size or --seq-len, or use --grad-checkpointing or --quant nf4"
     )]
     OutOfMemory {
         /// What was being allocated or computed.

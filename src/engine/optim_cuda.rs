@@ -275,7 +275,7 @@ impl GpuStates {
             let (free, _) = cudarc::driver::result::mem_get_info().map_err(err)?;
             if managed_total > free {
                 candle_core::bail!(
-                    "paged optimizer out of memory: its state needs {} of CUDA managed memory but the GPU reports only {} free; use the unpaged optimizer, a smaller --lora-rank or a larger --vram-limit",
+                    "paged optimizer out of memory: its state needs {} of CUDA managed memory but the GPU reports only {} free (bitsandbytes would page it out; lorascope never asks for more managed memory than is free); use a smaller --lora-rank or a larger --vram-limit",
                     mib(managed_total as u64),
                     mib(free as u64)
                 );

@@ -88,7 +88,8 @@ pub fn section<T>(
     }
     let t0 = Instant::now();
     let out = f();
-    dev.synchronize()?;
+    // Keep f's error rather than one from synchronising after it.
+    let synced = dev.synchronize();
     let dt = t0.elapsed().as_secs_f64();
     if let Ok(mut s) = stats().lock() {
         fold_high(&mut s, dev);
@@ -101,7 +102,9 @@ pub fn section<T>(
         }
         e.2 = e.2.max(peak);
     }
-    out
+    let out = out?;
+    synced?;
+    Ok(out)
 }
 
 /// Peak pool bytes in use seen by profiled sections (0 when not profiling). Sections reset

@@ -98,7 +98,11 @@ pub fn run(device: &str) -> Result<Vec<Case>, EngineError> {
     let dev = parse_device(device)?;
     let src = ModelSource::resolve("tiny")?;
     let cfg = src.config;
-    let lora = LoraConfig::default();
+    // Dropout on, so the CUDA dropout kernel is compared too (same seeds, same masks).
+    let lora = LoraConfig {
+        dropout: 0.05,
+        ..LoraConfig::default()
+    };
     let (b, t) = (2usize, 96usize);
     let vocab = cfg.vocab_size as u32;
     let ids: Vec<u32> = (0..b * t).map(|i| ((i * 37 + 11) as u32) % vocab).collect();

@@ -190,7 +190,9 @@ pub struct MemoryBreakdown {
     pub weights_bytes: u64,
     /// Adapter f32 master weights plus optimizer state.
     pub adapters_optimizer_bytes: u64,
-    /// Pool bytes in use before the first step (weights, adapters, optimizer state, tables).
+    /// Pool bytes in use before the first step: weights, adapter master weights, RoPE tables.
+    /// (Optimizer state on CUDA is allocated outside candle's pool, see the header's
+    /// `optimizer_state_*_bytes`.)
     pub resident_bytes: u64,
     /// Peak pool bytes in use during the steps above `resident_bytes`: activations,
     /// gradients and transients.
