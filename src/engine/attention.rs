@@ -16,9 +16,7 @@
 //! group inside the matmul.
 
 use super::ops::{cpu_in, cpu_out};
-use candle_core::{
-    CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Causal scaled-dot-product attention with grouped-query attention.
 ///
@@ -481,7 +479,7 @@ SOFTMAX_KERNELS(bf16, bf16_t)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{D, Device, Var};
+    use candle_core::{D, DType, Device, Var};
 
     /// Attention from differentiable candle primitives (f64), the reference.
     fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
