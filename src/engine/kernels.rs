@@ -27,6 +27,14 @@ __device__ __forceinline__ void st(f16_t* p, float v) { p->x = f32_to_f16_bits(v
 __device__ __forceinline__ void st(bf16_t* p, float v) { p->x = f32_to_bf16_bits(v); }
 "#;
 
+/// Whether the fused CUDA kernels are used where an op has them: true unless the environment
+/// sets `LORASCOPE_FUSED=0` (read once per process), which makes the GPU run the generic candle
+/// code instead (for comparison and as a fallback).
+pub fn fused_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").as_deref() != Ok("0"))
+}
+
 #[cfg(feature = "cuda")]
 pub use cuda::*;
 

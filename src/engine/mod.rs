@@ -16,6 +16,7 @@ pub mod optim_cuda;
 pub mod prof;
 pub mod scaler;
 pub mod selftest;
+pub mod swiglu;
 pub mod train;
 pub mod vram;
 pub mod weights;

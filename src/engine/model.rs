@@ -454,7 +454,7 @@ fn layer_forward(
     let h = l.post_norm.forward(&x)?;
     let gate = proj(4, &h)?;
     let up = proj(5, &h)?;
-    let m = proj(6, &(gate.silu()? * up)?)?;
+    let m = proj(6, &super::swiglu::swiglu(&gate, &up)?)?;
     x + m
 }
 
