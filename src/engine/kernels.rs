@@ -63,3 +63,11 @@ mod cuda {
         Ok(leaked)
     }
 }
+
+/// Whether the engine's fused NVRTC kernels for per-layer ops (RMSNorm, RoPE) run on CUDA:
+/// yes unless `LORASCOPE_FUSED=0` is in the environment (read once), which keeps the generic
+/// candle code on the GPU too (for comparisons). The CPU always runs the generic code.
+pub fn fused_kernels() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").map_or(true, |v| v != "0"))
+}
