@@ -69,5 +69,5 @@ mod cuda {
 /// candle code on the GPU too (for comparisons). The CPU always runs the generic code.
 pub fn fused_kernels() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").map_or(true, |v| v != "0"))
+    *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").as_deref() != Ok("0"))
 }

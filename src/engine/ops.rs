@@ -552,7 +552,7 @@ impl Rope {
         xd.len() >= 2
             && cos.dims() == &xd[xd.len() - 2..]
             && sin.dims() == cos.dims()
-            && xd[xd.len() - 1] % 2 == 0
+            && xd[xd.len() - 1].is_multiple_of(2)
             && cos.dtype() == x.dtype()
             && sin.dtype() == x.dtype()
             && cos.device().same_device(x.device())
@@ -563,7 +563,11 @@ impl Rope {
     fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
         let (t, d) = self.cos.dims2()?;
         let xd = l.shape().dims();
-        if xd.len() < 2 || xd[xd.len() - 2..] != [t, d] || d % 2 != 0 || self.sin.dims() != [t, d] {
+        if xd.len() < 2
+            || xd[xd.len() - 2..] != [t, d]
+            || !d.is_multiple_of(2)
+            || self.sin.dims() != [t, d]
+        {
             candle_core::bail!(
                 "rope: tables {:?}/{:?} for input {:?}",
                 self.cos.shape(),
@@ -797,13 +801,6 @@ NORM_ROPE_KERNELS(bf16, bf16_t)
         })
     }
 
-    /// The contiguous CUDA slice range of a table tensor.
-    fn table(t: &Tensor) -> Result<(std::sync::RwLockReadGuard<'_, Storage>, (usize, usize))> {
-        let (s, l) = t.storage_and_layout();
-        let range = super::contiguous_range(l, "rope table")?;
-        Ok((s, range))
-    }
-
     /// RoPE (or its adjoint) over `x` (..., t, d) with tables (t, d).
     pub fn rope(
         x: &CudaStorage,
@@ -819,8 +816,10 @@ NORM_ROPE_KERNELS(bf16, bf16_t)
         let name = format!("rope_{}", suffix(dt, "rope")?);
         let func =
             dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
-        let (cg, (ca, cb)) = table(cos)?;
-        let (sg, (sa, sb)) = table(sin)?;
+        let (cg, cl) = cos.storage_and_layout();
+        let (sg, sl) = sin.storage_and_layout();
+        let (ca, cb) = super::contiguous_range(cl, "rope table")?;
+        let (sa, sb) = super::contiguous_range(sl, "rope table")?;
         let (Storage::Cuda(cs), Storage::Cuda(ss)) = (&*cg, &*sg) else {
             candle_core::bail!("rope: tables must be on the input's CUDA device");
         };
