@@ -122,11 +122,11 @@ pub fn note_used(label: &'static str, dev: &Device) {
         return;
     }
     let _ = dev.synchronize();
-    if let Some(m) = pool::usage(dev).map(|u| u.used) {
-        if let Ok(mut s) = stats().lock() {
-            let e = s.mem.entry(label).or_default();
-            *e = (*e).max(m);
-        }
+    if let Some(m) = pool::usage(dev).map(|u| u.used)
+        && let Ok(mut s) = stats().lock()
+    {
+        let e = s.mem.entry(label).or_default();
+        *e = (*e).max(m);
     }
 }
 
@@ -244,14 +244,14 @@ mod pool {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(u64::MAX);
-        if let Some(p) = default_pool(dev) {
-            if !set(
+        if let Some(p) = default_pool(dev)
+            && !set(
                 p,
                 sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
                 keep,
-            ) {
-                candle_core::bail!("cannot set the CUDA memory pool's release threshold");
-            }
+            )
+        {
+            candle_core::bail!("cannot set the CUDA memory pool's release threshold");
         }
         Ok(())
     }
