@@ -230,6 +230,18 @@ impl RmsNorm {
 }
 
 impl RmsNorm {
+    /// Whether `x` (and the output gradient `grad`) take the fused CUDA kernels: on CUDA,
+    /// [`super::kernels::fused_kernels`] on, f32/f16/bf16 input with a weight (and gradient)
+    /// of the same dtype and a weight as long as the last dimension.
+    fn fused_here(&self, x: &Tensor, grad: Option<&Tensor>) -> bool {
+        let dt = x.dtype();
+        fused_ok(x)
+            && self.weight.dtype() == dt
+            && self.weight.device().same_device(x.device())
+            && self.weight.dims() == [x.dims().last().copied().unwrap_or(0)]
+            && grad.is_none_or(|g| g.dtype() == dt && g.dims() == x.dims())
+    }
+
     /// `rsqrt(mean(x^2, -1) + eps)`, (..., 1), in `x`'s dtype.
     fn inv_rms(&self, x: &Tensor) -> Result<Tensor> {
         (x.sqr()?.mean_keepdim(D::Minus1)? + self.eps)?
@@ -241,6 +253,11 @@ impl RmsNorm {
 impl InputGradOp for RmsNorm {
     const NAME: &'static str = "rms-norm";
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        if self.fused_here(x, None) {
+            return x
+                .contiguous()?
+                .apply_op2_no_bwd(&self.weight, &RmsNormKernel { eps: self.eps });
+        }
         let dt = x.dtype();
         let x32 = x.to_dtype(stat_dtype(dt))?;
         let r = self.inv_rms(&x32)?;
@@ -249,6 +266,13 @@ impl InputGradOp for RmsNorm {
     }
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // dx = r * (g*w - xhat * mean(g*w*xhat)), with r = rsqrt(mean(x^2)+eps), xhat = x r.
+        if self.fused_here(x, Some(grad)) {
+            return Ok(Some(x.contiguous()?.apply_op3_no_bwd(
+                &self.weight,
+                &grad.contiguous()?,
+                &RmsNormGradKernel { eps: self.eps },
+            )?));
+        }
         let dt = x.dtype();
         let f = stat_dtype(dt);
         let x32 = x.to_dtype(f)?;
@@ -284,12 +308,757 @@ pub fn rope_tables(
 }
 
 /// Apply RoPE to `x` (batch, heads, seq, head_dim): `x * cos + rotate_half(x) * sin`, where
-/// `rotate_half([x1, x2]) = [-x2, x1]` (Hugging Face `apply_rotary_pos_emb`). Built from
-/// differentiable primitives. `cos`/`sin`: (seq, head_dim) in `x`'s dtype.
+/// `rotate_half([x1, x2]) = [-x2, x1]` (Hugging Face `apply_rotary_pos_emb`). `cos`/`sin`:
+/// (seq, head_dim) in `x`'s dtype; output like `x`.
+///
+/// On CUDA (f32/f16/bf16, [`super::kernels::fused_kernels`] on) one fused kernel each way
+/// ([`Rope`]: f32 arithmetic, one rounding to `x`'s dtype, backward `dx` only); elsewhere
+/// differentiable candle primitives, rounding after each of them.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) && Rope::fits(x, cos, sin) {
+        return super::prof::section("rope", "fwd", x.device(), || rope_fused(x, cos, sin));
+    }
     let d = x.dim(D::Minus1)?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rot = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
+}
+
+/// Whether `x` can take a fused CUDA kernel at all: a non-empty f32/f16/bf16 tensor on a CUDA
+/// device, with [`super::kernels::fused_kernels`] on. Never on the CPU.
+fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cuda()
+        && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+        && x.elem_count() > 0
+        && super::kernels::fused_kernels()
+}
+
+fn contiguous_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
+}
+
+/// Row length of an RMSNorm input `x` (..., n) with weight (n).
+fn rms_row(x: &Layout, w: &Layout, what: &str) -> Result<usize> {
+    let n = x.shape().dims().last().copied().unwrap_or(0);
+    if n == 0 || w.shape().dims() != [n] {
+        candle_core::bail!("{what}: weight {:?} for input {:?}", w.shape(), x.shape());
+    }
+    Ok(n)
+}
+
+/// Fused [`RmsNorm`] forward on `(x, weight)`, as Hugging Face `Qwen2RMSNorm.forward`: per row
+/// of `x` (..., n), `r = 1 / sqrt(mean(x^2) + eps)` in f32 (f64 for f64), then
+/// `y = weight * cast(x * r)` where the cast is to `x`'s dtype and the product is rounded to that
+/// dtype, as the generic path (`xhat.to_dtype(dt) * weight`). Weight (n) in `x`'s dtype.
+///
+/// CUDA: one NVRTC kernel, one 256-thread block per row (f32/f16/bf16). CPU: the same formula
+/// as loops with f64 statistics, a reference for tests (the CPU model runs the generic code).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RmsNormKernel {
+    pub(crate) eps: f64,
+}
+
+/// Fused [`RmsNorm`] backward on `(x, weight, dy)`, all (..., n) / (n) in one dtype: per row,
+/// `r = 1 / sqrt(mean(x^2) + eps)`, `xhat = x r`, `gw = dy * weight`,
+/// `dx = r * (gw - xhat * mean(gw * xhat))`, all in f32 (f64 for f64), `dx` rounded once to
+/// `x`'s dtype. Same backends as [`RmsNormKernel`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct RmsNormGradKernel {
+    pub(crate) eps: f64,
+}
+
+mod reference {
+    //! CPU loops of the fused kernels' formulas (f64 arithmetic, the kernels' roundings to the
+    //! storage dtype), tested against the generic candle code.
+    use candle_core::WithDType;
+
+    pub fn rms_fwd<T: WithDType>(x: &[T], w: &[T], n: usize, eps: f64) -> Vec<T> {
+        let mut out = Vec::with_capacity(x.len());
+        for row in x.chunks(n) {
+            let ss: f64 = row.iter().map(|v| v.to_f64() * v.to_f64()).sum();
+            let r = 1.0 / (ss / n as f64 + eps).sqrt();
+            for (v, w) in row.iter().zip(w) {
+                let xhat = T::from_f64(v.to_f64() * r).to_f64();
+                out.push(T::from_f64(xhat * w.to_f64()));
+            }
+        }
+        out
+    }
+
+    pub fn rms_bwd<T: WithDType>(x: &[T], w: &[T], g: &[T], n: usize, eps: f64) -> Vec<T> {
+        let mut out = Vec::with_capacity(x.len());
+        for (row, grow) in x.chunks(n).zip(g.chunks(n)) {
+            let (mut ss, mut dot) = (0.0, 0.0);
+            for ((v, g), w) in row.iter().zip(grow).zip(w) {
+                let v = v.to_f64();
+                ss += v * v;
+                dot += g.to_f64() * w.to_f64() * v;
+            }
+            let r = 1.0 / (ss / n as f64 + eps).sqrt();
+            let m = dot * r / n as f64;
+            for ((v, g), w) in row.iter().zip(grow).zip(w) {
+                let gw = g.to_f64() * w.to_f64();
+                out.push(T::from_f64(r * (gw - v.to_f64() * r * m)));
+            }
+        }
+        out
+    }
+
+    /// RoPE over `x` (..., t, d) with tables `c`, `s` (t, d); `transpose`: the adjoint
+    /// `dy * c + rotate_half^T(dy * s)` with `rotate_half^T([a, b]) = [b, -a]`.
+    pub fn rope<T: WithDType>(x: &[T], c: &[T], s: &[T], t: usize, transpose: bool) -> Vec<T> {
+        let d = c.len() / t;
+        let h = d / 2;
+        (0..x.len())
+            .map(|i| {
+                let j = i % d;
+                let k = ((i / d) % t) * d + j;
+                let f = |a: &T| a.to_f64();
+                let rot = match (transpose, j < h) {
+                    (false, true) => -f(&x[i + h]) * f(&s[k]),
+                    (false, false) => f(&x[i - h]) * f(&s[k]),
+                    (true, true) => f(&x[i + h]) * f(&s[k + h]),
+                    (true, false) => -f(&x[i - h]) * f(&s[k - h]),
+                };
+                T::from_f64(f(&x[i]) * f(&c[k]) + rot)
+            })
+            .collect()
+    }
+}
+
+impl candle_core::CustomOp2 for RmsNormKernel {
+    fn name(&self) -> &'static str {
+        "rms-norm-fused"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = rms_row(l1, l2, "rms-norm-fused")?;
+        let (a, b) = contiguous_range(l1, "rms-norm-fused")?;
+        let (wa, wb) = contiguous_range(l2, "rms-norm-fused")?;
+        let e = self.eps;
+        use CpuStorage as C;
+        let out = match (s1, s2) {
+            (C::F64(x), C::F64(w)) => C::F64(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
+            (C::F32(x), C::F32(w)) => C::F32(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
+            (C::F16(x), C::F16(w)) => C::F16(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
+            (C::BF16(x), C::BF16(w)) => C::BF16(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
+            _ => candle_core::bail!("rms-norm-fused: x and weight must share a float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = rms_row(l1, l2, "rms-norm-fused")?;
+        let r1 = contiguous_range(l1, "rms-norm-fused")?;
+        let r2 = contiguous_range(l2, "rms-norm-fused")?;
+        let out = cuda::rms_norm(s1, r1, s2, r2, None, n, self.eps)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+impl candle_core::CustomOp3 for RmsNormGradKernel {
+    fn name(&self) -> &'static str {
+        "rms-norm-grad-fused"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        const W: &str = "rms-norm-grad-fused";
+        let n = rms_row(l1, l2, W)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("{W}: dy {:?} for x {:?}", l3.shape(), l1.shape());
+        }
+        let (a, b) = contiguous_range(l1, W)?;
+        let (wa, wb) = contiguous_range(l2, W)?;
+        let (ga, gb) = contiguous_range(l3, W)?;
+        let e = self.eps;
+        use CpuStorage as C;
+        macro_rules! go {
+            ($x:expr, $w:expr, $g:expr) => {
+                reference::rms_bwd(&$x[a..b], &$w[wa..wb], &$g[ga..gb], n, e)
+            };
+        }
+        let out = match (s1, s2, s3) {
+            (C::F64(x), C::F64(w), C::F64(g)) => C::F64(go!(x, w, g)),
+            (C::F32(x), C::F32(w), C::F32(g)) => C::F32(go!(x, w, g)),
+            (C::F16(x), C::F16(w), C::F16(g)) => C::F16(go!(x, w, g)),
+            (C::BF16(x), C::BF16(w), C::BF16(g)) => C::BF16(go!(x, w, g)),
+            _ => candle_core::bail!("{W}: x, weight and dy must share a float dtype"),
+        };
+        Ok((out, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        const W: &str = "rms-norm-grad-fused";
+        let n = rms_row(l1, l2, W)?;
+        if l3.shape() != l1.shape() {
+            candle_core::bail!("{W}: dy {:?} for x {:?}", l3.shape(), l1.shape());
+        }
+        let r1 = contiguous_range(l1, W)?;
+        let r2 = contiguous_range(l2, W)?;
+        let r3 = contiguous_range(l3, W)?;
+        let out = cuda::rms_norm(s1, r1, s2, r2, Some((s3, r3)), n, self.eps)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
+/// RoPE as one graph node, Hugging Face `apply_rotary_pos_emb` on one tensor:
+/// `y = x * cos + rotate_half(x) * sin` with `rotate_half([x1, x2]) = [-x2, x1]` over the last
+/// dimension, for `x` (..., t, d) and constant tables `cos`, `sin` (t, d) in `x`'s dtype.
+///
+/// The op is linear in `x`; its backward is the adjoint (`transpose`),
+/// `dx = dy * cos + rotate_half^T(dy * sin)` with `rotate_half^T([a, b]) = [b, -a]`, and only
+/// `dx` (the tables are constants). Arithmetic in f32 (f64 for f64), one rounding to `x`'s
+/// dtype. CUDA: one NVRTC kernel (f32/f16/bf16), one thread per element; CPU: reference loops
+/// for tests (the CPU model runs [`apply_rope`]'s generic code).
+#[derive(Debug, Clone)]
+pub(crate) struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+    transpose: bool,
+}
+
+impl Rope {
+    /// Whether `x` (..., t, d) and tables (t, d) fit the op: same dtype and device, `d` even.
+    fn fits(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+        let xd = x.dims();
+        xd.len() >= 2
+            && cos.dims() == &xd[xd.len() - 2..]
+            && sin.dims() == cos.dims()
+            && xd[xd.len() - 1].is_multiple_of(2)
+            && cos.dtype() == x.dtype()
+            && sin.dtype() == x.dtype()
+            && cos.device().same_device(x.device())
+            && sin.device().same_device(x.device())
+    }
+
+    /// `(t, d)` of the tables, checked against the input layout.
+    fn dims(&self, l: &Layout) -> Result<(usize, usize)> {
+        let (t, d) = self.cos.dims2()?;
+        let xd = l.shape().dims();
+        if xd.len() < 2
+            || xd[xd.len() - 2..] != [t, d]
+            || !d.is_multiple_of(2)
+            || self.sin.dims() != [t, d]
+        {
+            candle_core::bail!(
+                "rope: tables {:?}/{:?} for input {:?}",
+                self.cos.shape(),
+                self.sin.shape(),
+                l.shape()
+            );
+        }
+        Ok((t, d))
+    }
+
+    fn cpu_tables<T: candle_core::WithDType>(&self) -> Result<(Vec<T>, Vec<T>)> {
+        Ok((
+            self.cos.flatten_all()?.to_vec1::<T>()?,
+            self.sin.flatten_all()?.to_vec1::<T>()?,
+        ))
+    }
+}
+
+/// [`Rope`] on `x` as a graph node (recorded when `x` is tracked).
+pub(crate) fn rope_fused(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        transpose: false,
+    })
+}
+
+impl CustomOp1 for Rope {
+    fn name(&self) -> &'static str {
+        "rope"
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (t, _) = self.dims(l)?;
+        let (a, b) = contiguous_range(l, "rope")?;
+        let tr = self.transpose;
+        macro_rules! go {
+            ($v:expr, $ty:ty) => {{
+                let (c, sn) = self.cpu_tables::<$ty>()?;
+                reference::rope(&$v[a..b], &c, &sn, t, tr)
+            }};
+        }
+        use CpuStorage as C;
+        let out = match s {
+            C::F64(v) => C::F64(go!(v, f64)),
+            C::F32(v) => C::F32(go!(v, f32)),
+            C::F16(v) => C::F16(go!(v, half::f16)),
+            C::BF16(v) => C::BF16(go!(v, half::bf16)),
+            _ => candle_core::bail!("rope: unsupported dtype"),
+        };
+        Ok((out, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (t, d) = self.dims(l)?;
+        let range = contiguous_range(l, "rope")?;
+        let out = cuda::rope(s, range, &self.cos, &self.sin, t, d, self.transpose)?;
+        Ok((out, l.shape().clone()))
+    }
+    fn bwd(&self, _x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        // Detached: see `InputGradCustomOp::bwd`. The adjoint of a linear op, untracked.
+        let grad = grad.detach();
+        let adjoint = Rope {
+            cos: self.cos.clone(),
+            sin: self.sin.clone(),
+            transpose: !self.transpose,
+        };
+        super::prof::section("rope", "bwd", grad.device(), || {
+            Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&adjoint)?))
+        })
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! NVRTC kernels of [`super::RmsNormKernel`], [`super::RmsNormGradKernel`] (one 256-thread
+    //! block per row, f32 statistics) and [`super::Rope`] (one thread per element, grid-stride).
+    use super::super::kernels::{self, PRELUDE};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::{CudaStorage, DType, Result, Storage, Tensor};
+
+    const MODULE: &str = "lorascope_norm_rope";
+    pub(super) const SRC: &str = r#"
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float shared[32];
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    __syncthreads();
+    if (lane == 0) shared[wid] = v;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    v = (threadIdx.x < nw) ? shared[threadIdx.x] : 0.f;
+    if (wid == 0) {
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) shared[0] = v;
+    }
+    __syncthreads();
+    float r = shared[0];
+    __syncthreads();
+    return r;
+}
+
+#define NORM_ROPE_KERNELS(SUF, T)                                                             \
+extern "C" __global__ void rms_norm_fwd_##SUF(const T* x, const T* w, T* y, int n,          \
+                                              float inv_n, float eps) {                       \
+    long long off = (long long)blockIdx.x * n;                                                \
+    const T* xr = x + off; T* yr = y + off;                                                   \
+    float ss = 0.f;                                                                           \
+    for (int j = threadIdx.x; j < n; j += blockDim.x) { float v = ld(xr[j]); ss += v * v; }  \
+    ss = block_sum(ss);                                                                       \
+    float r = 1.f / sqrtf(ss * inv_n + eps);                                                  \
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {                                       \
+        T h; st(&h, ld(xr[j]) * r);                                                           \
+        st(yr + j, ld(h) * ld(w[j]));                                                         \
+    }                                                                                         \
+}                                                                                             \
+extern "C" __global__ void rms_norm_bwd_##SUF(const T* x, const T* w, const T* g, T* dx,    \
+                                              int n, float inv_n, float eps) {                \
+    long long off = (long long)blockIdx.x * n;                                                \
+    const T* xr = x + off; const T* gr = g + off; T* o = dx + off;                            \
+    float ss = 0.f, dot = 0.f;                                                                \
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {                                       \
+        float v = ld(xr[j]);                                                                  \
+        ss += v * v;                                                                          \
+        dot += ld(gr[j]) * ld(w[j]) * v;                                                      \
+    }                                                                                         \
+    ss = block_sum(ss);                                                                       \
+    dot = block_sum(dot);                                                                     \
+    float r = 1.f / sqrtf(ss * inv_n + eps);                                                  \
+    float m = dot * r * inv_n;                                                                \
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {                                       \
+        float v = ld(xr[j]);                                                                  \
+        st(o + j, r * (ld(gr[j]) * ld(w[j]) - v * r * m));                                    \
+    }                                                                                         \
+}                                                                                             \
+extern "C" __global__ void rope_##SUF(const T* x, const T* c, const T* s, T* y,             \
+                                      unsigned long long n, int t, int d, int transpose) {   \
+    int h = d >> 1;                                                                           \
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;   \
+         i < n; i += (unsigned long long)blockDim.x * gridDim.x) {                            \
+        unsigned long long row = i / (unsigned long long)d;                                   \
+        int j = (int)(i - row * (unsigned long long)d);                                       \
+        long long k = (long long)(row % (unsigned long long)t) * d + j;                       \
+        float rot;                                                                            \
+        if (!transpose) rot = j < h ? -ld(x[i + h]) * ld(s[k]) : ld(x[i - h]) * ld(s[k]);    \
+        else rot = j < h ? ld(x[i + h]) * ld(s[k + h]) : -ld(x[i - h]) * ld(s[k - h]);        \
+        st(y + i, ld(x[i]) * ld(c[k]) + rot);                                                 \
+    }                                                                                         \
+}
+
+NORM_ROPE_KERNELS(f32, float)
+NORM_ROPE_KERNELS(f16, f16_t)
+NORM_ROPE_KERNELS(bf16, bf16_t)
+"#;
+
+    fn suffix(dt: DType, what: &str) -> Result<&'static str> {
+        Ok(match dt {
+            DType::F32 => "f32",
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            other => candle_core::bail!("{what}: no CUDA kernel for {other:?}"),
+        })
+    }
+
+    /// RMSNorm forward (`g: None`) or backward (`g: Some(dy)`) over rows of length `n`.
+    pub fn rms_norm(
+        x: &CudaStorage,
+        (a, b): (usize, usize),
+        w: &CudaStorage,
+        (wa, wb): (usize, usize),
+        g: Option<(&CudaStorage, (usize, usize))>,
+        n: usize,
+        eps: f64,
+    ) -> Result<CudaStorage> {
+        let dt = x.dtype();
+        if w.dtype() != dt || g.is_some_and(|(g, _)| g.dtype() != dt) {
+            candle_core::bail!("rms-norm-fused: mixed dtypes");
+        }
+        let dev = x.device().clone();
+        let name = format!(
+            "rms_norm_{}_{}",
+            if g.is_some() { "bwd" } else { "fwd" },
+            suffix(dt, "rms-norm-fused")?
+        );
+        let func =
+            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
+        let rows = (b - a) / n;
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let n32 = n as i32;
+        let inv_n = (1.0 / n as f64) as f32;
+        let eps = eps as f32;
+        macro_rules! go {
+            ($ty:ty) => {{
+                let xs = x.as_cuda_slice::<$ty>()?.slice(a..b);
+                let ws = w.as_cuda_slice::<$ty>()?.slice(wa..wb);
+                let gs = match g {
+                    Some((g, (ga, gb))) => Some(g.as_cuda_slice::<$ty>()?.slice(ga..gb)),
+                    None => None,
+                };
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$ty>(b - a) }?;
+                let mut lb = func.builder();
+                lb.arg(&xs);
+                lb.arg(&ws);
+                if let Some(gs) = &gs {
+                    lb.arg(gs);
+                }
+                lb.arg(&mut out);
+                lb.arg(&n32);
+                lb.arg(&inv_n);
+                lb.arg(&eps);
+                if rows > 0 {
+                    // SAFETY: argument types match the kernel signature.
+                    unsafe { lb.launch(cfg) }.map_err(kernels::err)?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match dt {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+
+    /// RoPE (or its adjoint) over `x` (..., t, d) with tables (t, d).
+    pub fn rope(
+        x: &CudaStorage,
+        (a, b): (usize, usize),
+        cos: &Tensor,
+        sin: &Tensor,
+        t: usize,
+        d: usize,
+        transpose: bool,
+    ) -> Result<CudaStorage> {
+        let dt = x.dtype();
+        let dev = x.device().clone();
+        let name = format!("rope_{}", suffix(dt, "rope")?);
+        let func =
+            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
+        let (cg, cl) = cos.storage_and_layout();
+        let (sg, sl) = sin.storage_and_layout();
+        let (ca, cb) = super::contiguous_range(cl, "rope table")?;
+        let (sa, sb) = super::contiguous_range(sl, "rope table")?;
+        let (Storage::Cuda(cs), Storage::Cuda(ss)) = (&*cg, &*sg) else {
+            candle_core::bail!("rope: tables must be on the input's CUDA device");
+        };
+        if cs.dtype() != dt || ss.dtype() != dt {
+            candle_core::bail!("rope: tables must be in the input's dtype");
+        }
+        let n = (b - a) as u64;
+        let blocks = (b - a).div_ceil(256).clamp(1, 1 << 20) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (t32, d32, tr) = (t as i32, d as i32, transpose as i32);
+        macro_rules! go {
+            ($ty:ty) => {{
+                let xs = x.as_cuda_slice::<$ty>()?.slice(a..b);
+                let c = cs.as_cuda_slice::<$ty>()?.slice(ca..cb);
+                let s = ss.as_cuda_slice::<$ty>()?.slice(sa..sb);
+                // SAFETY: the kernel writes every element.
+                let mut out = unsafe { dev.alloc::<$ty>(b - a) }?;
+                let mut lb = func.builder();
+                lb.arg(&xs);
+                lb.arg(&c);
+                lb.arg(&s);
+                lb.arg(&mut out);
+                lb.arg(&n);
+                lb.arg(&t32);
+                lb.arg(&d32);
+                lb.arg(&tr);
+                if n > 0 {
+                    // SAFETY: argument types match the kernel signature.
+                    unsafe { lb.launch(cfg) }.map_err(kernels::err)?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        Ok(match dt {
+            DType::F32 => go!(f32),
+            DType::F16 => go!(half::f16),
+            _ => go!(half::bf16),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn rand(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
+        use rand::{Rng, SeedableRng};
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f64> = (0..n).map(|_| r.random_range(lo..hi)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let a = a.to_dtype(DType::F64).unwrap();
+        let b = b.to_dtype(DType::F64).unwrap();
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    }
+
+    /// (dtype, tolerance of the fused formula against the generic code).
+    const DTYPES: [(DType, f64); 4] = [
+        (DType::F64, 1e-12),
+        (DType::F32, 2e-5),
+        (DType::F16, 8e-3),
+        (DType::BF16, 6e-2),
+    ];
+
+    #[test]
+    fn fused_rms_norm_formula_matches_the_generic_forward_and_backward() {
+        let (x, w, g) = (
+            rand(&[3, 5, 48], 1, -2.0, 2.0),
+            rand(&[48], 2, 0.5, 1.5),
+            rand(&[3, 5, 48], 3, -1.0, 1.0),
+        );
+        for (dt, tol) in DTYPES {
+            let c = |t: &Tensor| t.to_dtype(dt).unwrap();
+            let norm = RmsNorm::new(c(&w), 1e-6);
+            let generic = norm.plain(&c(&x)).unwrap();
+            let fused = c(&x)
+                .apply_op2_no_bwd(&c(&w), &RmsNormKernel { eps: 1e-6 })
+                .unwrap();
+            assert_eq!(fused.dtype(), dt);
+            let err = max_abs_diff(&fused, &generic);
+            assert!(err < tol, "{dt:?} forward: max abs error {err}");
+            let generic = norm.input_grad(&c(&x), &c(&g)).unwrap().unwrap();
+            let fused = c(&x)
+                .apply_op3_no_bwd(&c(&w), &c(&g), &RmsNormGradKernel { eps: 1e-6 })
+                .unwrap();
+            let err = max_abs_diff(&fused, &generic);
+            assert!(err < tol, "{dt:?} backward: max abs error {err}");
+        }
+    }
+
+    #[test]
+    fn fused_rms_norm_rounds_the_normalised_value_before_the_weight() {
+        // f16: cast(x r) * w, each rounded, must equal the generic path exactly when the
+        // statistics agree (a row of equal values has r = 1/|v| up to eps).
+        let x = Tensor::new(&[[3.0f32, -3.0, 3.0, -3.0]], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let w = Tensor::new(&[0.1f32, 0.3, 0.7, 1.9], &Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap();
+        let generic = RmsNorm::new(w.clone(), 1e-6).plain(&x).unwrap();
+        let fused = x
+            .apply_op2_no_bwd(&w, &RmsNormKernel { eps: 1e-6 })
+            .unwrap();
+        assert_eq!(max_abs_diff(&fused, &generic), 0.0);
+    }
+
+    #[test]
+    fn fused_rms_norm_backward_matches_finite_differences() {
+        let (x, w, g) = (
+            rand(&[2, 16], 4, -2.0, 2.0),
+            rand(&[16], 5, 0.5, 1.5),
+            rand(&[2, 16], 6, -1.0, 1.0),
+        );
+        let op = RmsNormKernel { eps: 1e-6 };
+        let loss = |x: &Tensor| -> f64 {
+            (x.apply_op2_no_bwd(&w, &op).unwrap() * &g)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let dx = x
+            .apply_op3_no_bwd(&w, &g, &RmsNormGradKernel { eps: 1e-6 })
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let h = 1e-6;
+        for i in 0..xv.len() {
+            let at = |delta: f64| {
+                let mut v = xv.clone();
+                v[i] += delta;
+                loss(&Tensor::from_vec(v, x.shape(), &Device::Cpu).unwrap())
+            };
+            let fd = (at(h) - at(-h)) / (2.0 * h);
+            assert!((fd - dx[i]).abs() < 1e-6, "dx[{i}]: {} vs fd {fd}", dx[i]);
+        }
+    }
+
+    /// Generic RoPE forward and its autograd gradient of `sum(y * w)`.
+    fn rope_generic(x: &Tensor, cos: &Tensor, sin: &Tensor, w: &Tensor) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = apply_rope(v.as_tensor(), cos, sin).unwrap();
+        let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.detach(), g.get(v.as_tensor()).unwrap().clone())
+    }
+
+    fn rope_fused_with_grad(
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        w: &Tensor,
+    ) -> (Tensor, Tensor) {
+        let v = Var::from_tensor(x).unwrap();
+        let y = rope_fused(v.as_tensor(), cos, sin).unwrap();
+        let g = (&y * w).unwrap().sum_all().unwrap().backward().unwrap();
+        (y.detach(), g.get(v.as_tensor()).unwrap().clone())
+    }
+
+    #[test]
+    fn fused_rope_matches_the_generic_forward_and_backward() {
+        let shape = [2, 3, 5, 8];
+        let x = rand(&shape, 7, -1.0, 1.0);
+        let w = rand(&shape, 8, -1.0, 1.0);
+        // Random tables (halves differ), so a wrong partner index in the backward shows; and
+        // the model's tables.
+        let (rc, rs) = (rand(&[5, 8], 9, -1.0, 1.0), rand(&[5, 8], 10, -1.0, 1.0));
+        let (qc, qs) = rope_tables(5, 8, 10_000.0, &Device::Cpu).unwrap();
+        for (cos, sin) in [(rc, rs), (qc, qs)] {
+            for (dt, tol) in DTYPES {
+                let c = |t: &Tensor| t.to_dtype(dt).unwrap();
+                let (yg, gg) = rope_generic(&c(&x), &c(&cos), &c(&sin), &c(&w));
+                let (yf, gf) = rope_fused_with_grad(&c(&x), &c(&cos), &c(&sin), &c(&w));
+                assert_eq!((yf.dtype(), gf.dtype()), (dt, dt));
+                let err = max_abs_diff(&yf, &yg);
+                assert!(err < tol, "{dt:?} forward: max abs error {err}");
+                let err = max_abs_diff(&gf, &gg);
+                assert!(err < tol, "{dt:?} backward: max abs error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn fused_rope_backward_matches_finite_differences() {
+        let shape = [1, 2, 3, 6];
+        let x = rand(&shape, 11, -1.0, 1.0);
+        let w = rand(&shape, 12, -1.0, 1.0);
+        let (cos, sin) = (rand(&[3, 6], 13, -1.0, 1.0), rand(&[3, 6], 14, -1.0, 1.0));
+        let (_, dx) = rope_fused_with_grad(&x, &cos, &sin, &w);
+        let dx = dx.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let xv = x.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let loss = |v: Vec<f64>| -> f64 {
+            let x = Tensor::from_vec(v, &shape, &Device::Cpu).unwrap();
+            (rope_fused(&x, &cos, &sin).unwrap() * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
+        };
+        let h = 1e-5;
+        for i in 0..xv.len() {
+            let (mut p, mut m) = (xv.clone(), xv.clone());
+            p[i] += h;
+            m[i] -= h;
+            let fd = (loss(p) - loss(m)) / (2.0 * h);
+            assert!((fd - dx[i]).abs() < 1e-8, "dx[{i}]: {} vs fd {fd}", dx[i]);
+        }
+    }
+
+    #[test]
+    fn cpu_rope_and_rms_norm_keep_the_generic_path() {
+        // The fused ops are CUDA-only in the model: on the CPU, apply_rope records the
+        // primitives' graph (no "rope" node), which the checks above compare against.
+        assert!(!fused_ok(
+            &rand(&[2, 4], 15, -1.0, 1.0).to_dtype(DType::F32).unwrap()
+        ));
+    }
 }
