@@ -98,13 +98,14 @@ fn selftest_engine(device: &str) -> i32 {
     match selftest::run(device) {
         Ok(cases) => {
             println!(
-                "{:<18} {:>12} {:>10} {:>12} {:>14}  (vs the CPU path in the same precision; tolerances: logits {}, gradients {})",
+                "{:<18} {:>12} {:>10} {:>12} {:>14}  (vs the CPU path in the same precision; tolerances: logits {} fp16 / {} bf16, gradients {})",
                 "case",
                 "logits rel",
                 "|dloss|",
                 "grads rel",
                 "logits vs f32",
                 selftest::LOGITS_TOL,
+                selftest::LOGITS_TOL_BF16,
                 selftest::GRAD_TOL
             );
             for c in &cases {
