@@ -760,18 +760,18 @@ fn forced_overflow_skips_and_backs_off() {
     assert_eq!(summary_skipped, Some(4));
 }
 
-/// adamw8bit on the tiny preset follows fp32 AdamW: same first loss, and the mean loss of the
-/// last 5 of 30 steps within 5% of AdamW's.
+/// adamw8bit on the tiny preset follows fp32 AdamW over 200 steps: same first loss, and the
+/// mean loss of the last 20 steps within 5% of AdamW's.
 #[test]
 fn adamw8bit_tracks_adamw_on_tiny() {
-    let mut o = opts("sample", 30);
+    let mut o = opts("sample", 200);
     o.batch_size = 2;
     o.seq_len = 64;
     let (la, _) = losses_of(&o);
     o.optimizer = lorascope::engine::optim::OptimizerKind::AdamW8bit;
     let (lb, _) = losses_of(&o);
     assert_eq!(la[0], lb[0]);
-    let tail = |l: &[f64]| l[25..].iter().sum::<f64>() / 5.0;
+    let tail = |l: &[f64]| l[180..].iter().sum::<f64>() / 20.0;
     let (a, b) = (tail(&la), tail(&lb));
     assert!(
         (a - b).abs() <= 0.05 * a,
