@@ -478,8 +478,9 @@ SOFTMAX_KERNELS(bf16, bf16_t)
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::{max_abs_diff, rand_uniform};
     use super::*;
-    use candle_core::{D, DType, Device, Var};
+    use candle_core::{D, DType, Var};
 
     /// Attention from differentiable candle primitives (f64), the reference.
     fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
@@ -503,24 +504,7 @@ mod tests {
     }
 
     fn rand(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f64> = (0..n).map(|_| r.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        rand_uniform(&[shape.0, shape.1, shape.2, shape.3], seed, -1.0, 1.0)
     }
 
     #[test]

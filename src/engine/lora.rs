@@ -630,28 +630,12 @@ pub fn save_peft(
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::{max_abs_diff as max_abs, rand_uniform};
     use super::*;
-    use candle_core::{D, Var};
+    use candle_core::Var;
 
     fn rand(shape: (usize, usize), seed: u64) -> Tensor {
-        let mut r = ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..shape.0 * shape.1)
-            .map(|_| r.random_range(-1.0..1.0))
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f64 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        rand_uniform(&[shape.0, shape.1], seed, -1.0, 1.0)
     }
 
     #[test]

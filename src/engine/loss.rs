@@ -559,6 +559,7 @@ CE_KERNELS(bf16, bf16_t)
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::max_abs_diff as max_diff;
     use super::*;
 
     fn setup(dt: DType) -> (Tensor, ChunkedCrossEntropy, Vec<i64>) {
@@ -572,21 +573,6 @@ mod tests {
         targets[8] = v as i64 - 1;
         let ce = ChunkedCrossEntropy::new(&w.to_dtype(dt).unwrap(), &targets, &dev).unwrap();
         (hid.to_dtype(dt).unwrap(), ce, targets)
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.to_dtype(DType::F64).unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
     }
 
     /// The row ops (whose CPU loops mirror the CUDA kernels) give the generic path's loss and

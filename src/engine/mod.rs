@@ -17,6 +17,8 @@ pub mod prof;
 pub mod scaler;
 pub mod selftest;
 pub mod swiglu;
+#[cfg(test)]
+mod testutil;
 pub mod train;
 pub mod vram;
 pub mod weights;

@@ -867,30 +867,12 @@ NORM_ROPE_KERNELS(bf16, bf16_t)
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::{max_abs_diff, rand_uniform};
     use super::*;
     use candle_core::{Device, Var};
 
     fn rand(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f64> = (0..n).map(|_| r.random_range(lo..hi)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let a = a.to_dtype(DType::F64).unwrap();
-        let b = b.to_dtype(DType::F64).unwrap();
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        rand_uniform(shape, seed, lo, hi)
     }
 
     /// (dtype, tolerance of the fused formula against the generic code).

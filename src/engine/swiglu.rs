@@ -310,31 +310,12 @@ SWIGLU_KERNELS(bf16, bf16_t)
 
 #[cfg(test)]
 mod tests {
+    use super::super::testutil::{max_abs_diff as max_diff, rand_uniform};
     use super::*;
     use candle_core::{Device, Var};
 
     fn rand(n: usize, seed: u64, scale: f64) -> Tensor {
-        use rand::{Rng, SeedableRng};
-        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
-        let v: Vec<f64> = (0..n).map(|_| r.random_range(-scale..scale)).collect();
-        Tensor::from_vec(v, (n / 6, 6), &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-        let (a, b) = (
-            a.to_dtype(DType::F64).unwrap(),
-            b.to_dtype(DType::F64).unwrap(),
-        );
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f64>()
-            .unwrap()
+        rand_uniform(&[n / 6, 6], seed, -scale, scale)
     }
 
     /// Forward and both gradients equal candle's `gate.silu() * up` composition (and its
