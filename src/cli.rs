@@ -238,6 +238,13 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
         SweepCommand::Daemon(args) => daemon_cmd(args),
         SweepCommand::Attach { json, socket } => {
             let socket = socket.path();
+            let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout())
+                && std::io::IsTerminal::is_terminal(&std::io::stdin());
+            if !json && !terminal {
+                anyhow::bail!(
+                    "attach: the dashboard needs a terminal on stdin and stdout; use `lorascope attach --json` (events as JSON lines) or `lorascope status`"
+                );
+            }
             client_rt()?.block_on(async {
                 if json {
                     crate::daemon::client::attach_json(&socket).await

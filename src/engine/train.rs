@@ -23,7 +23,7 @@ use std::time::Instant;
 pub enum Precision {
     /// IEEE float32 everywhere.
     Fp32,
-    /// float16 compute with dynamic loss scaling ([`LossScaler`]), f32 master weights and
+    /// float16 compute with dynamic loss scaling (PyTorch GradScaler semantics), f32 master weights and
     /// optimizer state.
     Fp16,
     /// bfloat16 compute, f32 master weights and optimizer state.
