@@ -512,6 +512,7 @@ fn run_detached(args: &RunArgs) -> Result<()> {
 fn check(path: &Path, argv: bool) -> Result<()> {
     let lp = profile::load(path)?;
     let specs = grid::expand(&lp);
+    model_and_data_preflight(&lp, &specs)?;
     let p = &lp.profile;
     let model = p
         .model
@@ -917,18 +918,47 @@ fn run(args: RunArgs) -> Result<()> {
 
 /// Checks, before any run starts, what would make every point fail the same way: a missing
 /// data file, or CUDA devices in a build without CUDA.
-pub(crate) fn preflight(lp: &profile::LoadedProfile) -> Result<()> {
+/// Checks a profile's model and data before any run: the model resolves (preset name or a
+/// directory with `config.json`), every grid sequence length fits its `max_position_embeddings`,
+/// and the data file exists. Used by `profile check` and before a sweep starts.
+///
+/// Errors: one line naming the profile, the key and what to do.
+pub(crate) fn model_and_data_preflight(
+    lp: &profile::LoadedProfile,
+    specs: &[grid::RunSpec],
+) -> Result<()> {
+    let file = lp.path.display();
     let data = &lp.profile.data.path;
     if data != "sample" {
         let p = lp.base_dir.join(data);
         if !p.exists() {
             bail!(
-                "{}: data.path `{data}` not found (resolved to {}; paths are relative to the profile)",
-                lp.path.display(),
+                "{file}: data.path `{data}` not found (resolved to {}; paths are relative to the profile)",
                 p.display()
             );
         }
     }
+    let Some(first) = specs.first() else {
+        return Ok(());
+    };
+    let src = crate::engine::config::ModelSource::resolve(&first.model_arg)
+        .map_err(|e| anyhow::anyhow!("{file}: model: {e}"))?;
+    let max_pos = src.config.max_position_embeddings;
+    if let Some(s) = specs
+        .iter()
+        .find(|s| s.config.point.seq_len as usize > max_pos)
+    {
+        bail!(
+            "{file}: grid.seq_len {} is above {}'s max_position_embeddings ({max_pos}); remove it from the grid",
+            s.config.point.seq_len,
+            src.name
+        );
+    }
+    Ok(())
+}
+
+pub(crate) fn preflight(lp: &profile::LoadedProfile) -> Result<()> {
+    model_and_data_preflight(lp, &grid::expand(lp))?;
     let wants_cuda = lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
     if wants_cuda && !candle_core::utils::cuda_is_available() {
         bail!(

@@ -354,3 +354,40 @@ fn sigint_interrupts_then_resume_completes_and_repeats_are_summarised() {
         assert_eq!(r["tokens_per_s"]["n"], 2);
     }
 }
+
+/// `profile check` resolves the model, checks every sequence length against the model's
+/// `max_position_embeddings` and the data path, each failure a single line naming the profile.
+#[test]
+fn profile_check_catches_unknown_model_long_sequences_and_missing_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "[model]\npreset = \"tiny\"\n[data]\npath = \"sample\"\n[run]\nsteps = 2\n[grid]\nbatch_size = [1]\nseq_len = [64]\n";
+    let cases = [
+        (base.replace("\"tiny\"", "\"huge\""), "not a preset"),
+        (
+            base.replace("[64]", "[64, 100000]"),
+            "max_position_embeddings",
+        ),
+        (base.replace("\"sample\"", "\"nope.json\""), "not found"),
+    ];
+    for (i, (text, needle)) in cases.iter().enumerate() {
+        let p = write(dir.path(), &format!("bad{i}.toml"), text);
+        let o = bin().args(["profile", "check"]).arg(&p).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success(), "case {i} passed: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "case {i}: {err}");
+        assert!(
+            err.contains(needle) && err.contains(&format!("bad{i}.toml")),
+            "case {i}: {err}"
+        );
+    }
+    let ok = write(dir.path(), "ok.toml", base);
+    assert!(
+        bin()
+            .args(["profile", "check"])
+            .arg(&ok)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+}
