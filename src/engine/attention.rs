@@ -15,6 +15,7 @@
 //! (batch, kv_heads, group * T, d), so K and V are never repeated and `dK`, `dV` sum over the
 //! group inside the matmul.
 
+use super::kernels::map_cpu_float;
 use super::ops::{cpu_in, cpu_out};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -228,13 +229,9 @@ impl CustomOp1 for CausalSoftmax {
         check_rows(l, self.t, "causal-softmax")?;
         let (a, b) = contiguous_range(l, "causal-softmax")?;
         let t = self.t;
-        let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(cpu::softmax(&v[a..b], t)),
-            CpuStorage::F64(v) => CpuStorage::F64(cpu::softmax(&v[a..b], t)),
-            CpuStorage::F16(v) => CpuStorage::F16(cpu::softmax(&v[a..b], t)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(cpu::softmax(&v[a..b], t)),
-            _ => candle_core::bail!("causal-softmax: unsupported dtype"),
-        };
+        let out = map_cpu_float!("causal-softmax: unsupported dtype", (s => v), T => {
+            cpu::softmax(&v[a..b], t)
+        });
         Ok((out, l.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -272,21 +269,11 @@ impl CustomOp2 for CausalSoftmaxGrad {
         let (a1, b1) = contiguous_range(l1, "causal-softmax-grad")?;
         let (a2, b2) = contiguous_range(l2, "causal-softmax-grad")?;
         let (t, sc) = (self.t, self.scale);
-        let out = match (s1, s2) {
-            (CpuStorage::F32(p), CpuStorage::F32(d)) => {
-                CpuStorage::F32(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
-            }
-            (CpuStorage::F64(p), CpuStorage::F64(d)) => {
-                CpuStorage::F64(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
-            }
-            (CpuStorage::F16(p), CpuStorage::F16(d)) => {
-                CpuStorage::F16(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
-            }
-            (CpuStorage::BF16(p), CpuStorage::BF16(d)) => {
-                CpuStorage::BF16(cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc))
-            }
-            _ => candle_core::bail!("causal-softmax-grad: P and dP must share a float dtype"),
-        };
+        let out = map_cpu_float!(
+            "causal-softmax-grad: P and dP must share a float dtype",
+            (s1 => p, s2 => d),
+            T => cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc)
+        );
         Ok((out, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]

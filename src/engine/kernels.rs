@@ -35,6 +35,41 @@ pub fn fused_kernels() -> bool {
     *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").as_deref() != Ok("0"))
 }
 
+/// Run `$body` on the slices of CPU storages that share one float dtype (f32, f64, f16, bf16)
+/// and wrap the `Vec` it returns in a storage of that dtype; inside `$body`, `$T` names the
+/// element type. Storages of another dtype, or of different dtypes, fail with `$what`.
+///
+/// `map_cpu_float!("op: unsupported dtype", (s => v), T => f(&v[a..b]))`
+macro_rules! map_cpu_float {
+    ($what:expr, ($($s:expr => $v:ident),+), $T:ident => $body:expr) => {{
+        use candle_core::CpuStorage as C;
+        match ($($s,)+) {
+            ($(C::F32($v),)+) => {
+                #[allow(dead_code)]
+                type $T = f32;
+                C::F32($body)
+            }
+            ($(C::F64($v),)+) => {
+                #[allow(dead_code)]
+                type $T = f64;
+                C::F64($body)
+            }
+            ($(C::F16($v),)+) => {
+                #[allow(dead_code)]
+                type $T = half::f16;
+                C::F16($body)
+            }
+            ($(C::BF16($v),)+) => {
+                #[allow(dead_code)]
+                type $T = half::bf16;
+                C::BF16($body)
+            }
+            _ => candle_core::bail!("{}", $what),
+        }
+    }};
+}
+pub(crate) use map_cpu_float;
+
 #[cfg(feature = "cuda")]
 pub use cuda::*;
 

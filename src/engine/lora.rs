@@ -5,6 +5,7 @@
 //! forward; the base projection is a [`BaseLinear`] (dense [`FrozenLinear`] or 4-bit
 //! [`Nf4Linear`]) and gets no gradient.
 
+use super::kernels::map_cpu_float;
 use super::nf4::Nf4Linear;
 use super::ops::FrozenLinear;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -441,7 +442,6 @@ impl candle_core::CustomOp1 for HashDropout {
         s: &candle_core::CpuStorage,
         l: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        use candle_core::CpuStorage as C;
         let (a, b) = l
             .contiguous_offsets()
             .ok_or_else(|| candle_core::Error::Msg("dropout input must be contiguous".into()))?;
@@ -458,13 +458,9 @@ impl candle_core::CustomOp1 for HashDropout {
                 })
                 .collect()
         }
-        let out = match s {
-            C::F32(v) => C::F32(go(&v[a..b], self, inv)),
-            C::F64(v) => C::F64(go(&v[a..b], self, inv)),
-            C::F16(v) => C::F16(go(&v[a..b], self, inv)),
-            C::BF16(v) => C::BF16(go(&v[a..b], self, inv)),
-            _ => candle_core::bail!("dropout: unsupported dtype"),
-        };
+        let out = map_cpu_float!("dropout: unsupported dtype", (s => v), T => {
+            go(&v[a..b], self, inv)
+        });
         Ok((out, l.shape().clone()))
     }
     #[cfg(feature = "cuda")]

@@ -14,6 +14,7 @@
 //! compute dtype) in backward. Elsewhere the generic candle code runs; the CPU loops of the two
 //! row ops mirror the kernels and are what the unit tests check against the generic code.
 
+use super::kernels::map_cpu_float;
 use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor};
 
 /// Ignored target id, as PyTorch's `ignore_index` default.
@@ -369,13 +370,11 @@ impl CustomOp3 for RowGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let ((rows, vocab), [r1, r2, r3]) = row_args(self.name(), l1, l2, l3)?;
         let (t, w) = (cpu::targets(s2, r2)?, cpu::weights(s3, r3)?);
-        let out = match s1 {
-            CpuStorage::F64(z) => CpuStorage::F64(cpu::grad(&z[r1.0..r1.1], t, &w, vocab)),
-            CpuStorage::F32(z) => CpuStorage::F32(cpu::grad(&z[r1.0..r1.1], t, &w, vocab)),
-            CpuStorage::F16(z) => CpuStorage::F16(cpu::grad(&z[r1.0..r1.1], t, &w, vocab)),
-            CpuStorage::BF16(z) => CpuStorage::BF16(cpu::grad(&z[r1.0..r1.1], t, &w, vocab)),
-            _ => candle_core::bail!("cross-entropy-rows-grad: unsupported logits dtype"),
-        };
+        let out = map_cpu_float!(
+            "cross-entropy-rows-grad: unsupported logits dtype",
+            (s1 => z),
+            T => cpu::grad(&z[r1.0..r1.1], t, &w, vocab)
+        );
         Ok((out, Shape::from((rows, vocab))))
     }
     #[cfg(feature = "cuda")]

@@ -13,6 +13,7 @@
 //!
 //! Attention has its own module ([`super::attention`]).
 
+use super::kernels::map_cpu_float;
 use candle_core::op::BackpropOp;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -443,14 +444,11 @@ impl candle_core::CustomOp2 for RmsNormKernel {
         let (a, b) = contiguous_range(l1, "rms-norm-fused")?;
         let (wa, wb) = contiguous_range(l2, "rms-norm-fused")?;
         let e = self.eps;
-        use CpuStorage as C;
-        let out = match (s1, s2) {
-            (C::F64(x), C::F64(w)) => C::F64(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
-            (C::F32(x), C::F32(w)) => C::F32(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
-            (C::F16(x), C::F16(w)) => C::F16(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
-            (C::BF16(x), C::BF16(w)) => C::BF16(reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)),
-            _ => candle_core::bail!("rms-norm-fused: x and weight must share a float dtype"),
-        };
+        let out = map_cpu_float!(
+            "rms-norm-fused: x and weight must share a float dtype",
+            (s1 => x, s2 => w),
+            T => reference::rms_fwd(&x[a..b], &w[wa..wb], n, e)
+        );
         Ok((out, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -491,19 +489,11 @@ impl candle_core::CustomOp3 for RmsNormGradKernel {
         let (wa, wb) = contiguous_range(l2, W)?;
         let (ga, gb) = contiguous_range(l3, W)?;
         let e = self.eps;
-        use CpuStorage as C;
-        macro_rules! go {
-            ($x:expr, $w:expr, $g:expr) => {
-                reference::rms_bwd(&$x[a..b], &$w[wa..wb], &$g[ga..gb], n, e)
-            };
-        }
-        let out = match (s1, s2, s3) {
-            (C::F64(x), C::F64(w), C::F64(g)) => C::F64(go!(x, w, g)),
-            (C::F32(x), C::F32(w), C::F32(g)) => C::F32(go!(x, w, g)),
-            (C::F16(x), C::F16(w), C::F16(g)) => C::F16(go!(x, w, g)),
-            (C::BF16(x), C::BF16(w), C::BF16(g)) => C::BF16(go!(x, w, g)),
-            _ => candle_core::bail!("{W}: x, weight and dy must share a float dtype"),
-        };
+        let out = map_cpu_float!(
+            format!("{W}: x, weight and dy must share a float dtype"),
+            (s1 => x, s2 => w, s3 => g),
+            T => reference::rms_bwd(&x[a..b], &w[wa..wb], &g[ga..gb], n, e)
+        );
         Ok((out, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
@@ -603,20 +593,10 @@ impl CustomOp1 for Rope {
         let (t, _) = self.dims(l)?;
         let (a, b) = contiguous_range(l, "rope")?;
         let tr = self.transpose;
-        macro_rules! go {
-            ($v:expr, $ty:ty) => {{
-                let (c, sn) = self.cpu_tables::<$ty>()?;
-                reference::rope(&$v[a..b], &c, &sn, t, tr)
-            }};
-        }
-        use CpuStorage as C;
-        let out = match s {
-            C::F64(v) => C::F64(go!(v, f64)),
-            C::F32(v) => C::F32(go!(v, f32)),
-            C::F16(v) => C::F16(go!(v, half::f16)),
-            C::BF16(v) => C::BF16(go!(v, half::bf16)),
-            _ => candle_core::bail!("rope: unsupported dtype"),
-        };
+        let out = map_cpu_float!("rope: unsupported dtype", (s => v), T => {
+            let (c, sn) = self.cpu_tables::<T>()?;
+            reference::rope(&v[a..b], &c, &sn, t, tr)
+        });
         Ok((out, l.shape().clone()))
     }
     #[cfg(feature = "cuda")]

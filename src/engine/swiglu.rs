@@ -13,6 +13,7 @@
 //! `LORASCOPE_FUSED=0` or another dtype the candle composition runs instead. CPU: f64
 //! arithmetic, rounded to the input dtype (f32/f64/f16/bf16).
 
+use super::kernels::map_cpu_float;
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 
 /// `silu(gate) * up` elementwise (HF `Qwen2MLP`'s `act_fn(gate_proj(x)) * up_proj(x)`).
@@ -109,15 +110,11 @@ impl CustomOp2 for Swiglu {
                 })
                 .collect()
         }
-        let out = match (s1, s2) {
-            (CpuStorage::F32(g), CpuStorage::F32(u)) => CpuStorage::F32(go(&g[a1..b1], &u[a2..b2])),
-            (CpuStorage::F64(g), CpuStorage::F64(u)) => CpuStorage::F64(go(&g[a1..b1], &u[a2..b2])),
-            (CpuStorage::F16(g), CpuStorage::F16(u)) => CpuStorage::F16(go(&g[a1..b1], &u[a2..b2])),
-            (CpuStorage::BF16(g), CpuStorage::BF16(u)) => {
-                CpuStorage::BF16(go(&g[a1..b1], &u[a2..b2]))
-            }
-            _ => candle_core::bail!("swiglu: gate and up must share a float dtype"),
-        };
+        let out = map_cpu_float!(
+            "swiglu: gate and up must share a float dtype",
+            (s1 => g, s2 => u),
+            T => go(&g[a1..b1], &u[a2..b2])
+        );
         Ok((out, l1.shape().clone()))
     }
     #[cfg(feature = "cuda")]
