@@ -136,24 +136,24 @@ fn db_state(db: &Path) -> (HashMap<String, RunStatus>, HashMap<String, usize>) {
     (latest, rows)
 }
 
-#[test]
-fn kill_9_mid_sweep_then_resume_loses_and_repeats_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let worker = common::fake_worker(dir.path(), 0.05);
-    let sizes = [1, 2, 4, 6, 7];
-    let profile = write(dir.path(), "p.toml", &common::profile(&sizes, 6, ""));
-    let db = dir.path().join("r.db");
-    let mut child = bin()
+/// `lorascope run PROFILE --db DB` with the fake worker, stdout/stderr as given.
+fn spawn_sweep(profile: &Path, db: &Path, worker: &Path, piped: bool) -> std::process::Child {
+    let io = || if piped { Stdio::piped() } else { Stdio::null() };
+    bin()
         .arg("run")
-        .arg(&profile)
+        .arg(profile)
         .arg("--db")
-        .arg(&db)
-        .env("LORASCOPE_WORKER", &worker)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .arg(db)
+        .env("LORASCOPE_WORKER", worker)
+        .stdout(io())
+        .stderr(io())
         .spawn()
-        .unwrap();
-    // Wait until two runs are finished and a third is in flight, then kill -9.
+        .unwrap()
+}
+
+/// Poll the results database every 20 ms until `done` holds for the latest status per spec
+/// (30 s at most).
+fn wait_for_db(db: &Path, done: impl Fn(&HashMap<String, RunStatus>) -> bool) {
     let t0 = Instant::now();
     loop {
         assert!(
@@ -161,19 +161,25 @@ fn kill_9_mid_sweep_then_resume_loses_and_repeats_nothing() {
             "sweep did not progress"
         );
         std::thread::sleep(Duration::from_millis(20));
-        if !db.exists() {
-            continue;
-        }
-        let (latest, _) = db_state(&db);
-        let ok = latest.values().filter(|s| **s == RunStatus::Ok).count();
-        let running = latest
-            .values()
-            .filter(|s| **s == RunStatus::Running)
-            .count();
-        if ok >= 2 && running == 1 {
-            break;
+        if db.exists() && done(&db_state(db).0) {
+            return;
         }
     }
+}
+
+#[test]
+fn kill_9_mid_sweep_then_resume_loses_and_repeats_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let worker = common::fake_worker(dir.path(), 0.05);
+    let sizes = [1, 2, 4, 6, 7];
+    let profile = write(dir.path(), "p.toml", &common::profile(&sizes, 6, ""));
+    let db = dir.path().join("r.db");
+    let mut child = spawn_sweep(&profile, &db, &worker, false);
+    // Wait until two runs are finished and a third is in flight, then kill -9.
+    wait_for_db(&db, |latest| {
+        let count = |st: RunStatus| latest.values().filter(|s| **s == st).count();
+        count(RunStatus::Ok) >= 2 && count(RunStatus::Running) == 1
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let (before, _) = db_state(&db);
@@ -268,31 +274,10 @@ fn sigint_interrupts_then_resume_completes_and_repeats_are_summarised() {
         &common::profile(&[1, 2], 5, "repeats = 2"),
     );
     let db = dir.path().join("r.db");
-    let child = bin()
-        .arg("run")
-        .arg(&profile)
-        .arg("--db")
-        .arg(&db)
-        .env("LORASCOPE_WORKER", &worker)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    loop {
-        assert!(
-            t0.elapsed() < Duration::from_secs(30),
-            "sweep did not progress"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-        if !db.exists() {
-            continue;
-        }
-        let (latest, _) = db_state(&db);
-        if latest.values().any(|s| *s == RunStatus::Running) {
-            break;
-        }
-    }
+    let child = spawn_sweep(&profile, &db, &worker, true);
+    wait_for_db(&db, |latest| {
+        latest.values().any(|s| *s == RunStatus::Running)
+    });
     // SAFETY: signalling our own child process.
     unsafe {
         libc::kill(child.id() as libc::pid_t, libc::SIGINT);
