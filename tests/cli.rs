@@ -151,6 +151,19 @@ fn spawn_sweep(profile: &Path, db: &Path, worker: &Path, piped: bool) -> std::pr
         .unwrap()
 }
 
+/// `lorascope run PROFILE --db DB --resume` with the fake worker, to completion.
+fn resume_sweep(profile: &Path, db: &Path, worker: &Path) -> std::process::Output {
+    bin()
+        .arg("run")
+        .arg(profile)
+        .arg("--db")
+        .arg(db)
+        .arg("--resume")
+        .env("LORASCOPE_WORKER", worker)
+        .output()
+        .unwrap()
+}
+
 /// Poll the results database every 20 ms until `done` holds for the latest status per spec
 /// (30 s at most).
 fn wait_for_db(db: &Path, done: impl Fn(&HashMap<String, RunStatus>) -> bool) {
@@ -197,15 +210,7 @@ fn kill_9_mid_sweep_then_resume_loses_and_repeats_nothing() {
     assert!(in_flight <= 1);
     std::thread::sleep(Duration::from_millis(200)); // the orphaned worker dies too (PDEATHSIG)
 
-    let out = bin()
-        .arg("run")
-        .arg(&profile)
-        .arg("--db")
-        .arg(&db)
-        .arg("--resume")
-        .env("LORASCOPE_WORKER", &worker)
-        .output()
-        .unwrap();
+    let out = resume_sweep(&profile, &db, &worker);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     if in_flight == 1 {
@@ -251,15 +256,7 @@ fn kill_9_mid_sweep_then_resume_loses_and_repeats_nothing() {
     let n_calls = calls.len();
 
     // Resuming a finished sweep runs nothing.
-    let out = bin()
-        .arg("run")
-        .arg(&profile)
-        .arg("--db")
-        .arg(&db)
-        .arg("--resume")
-        .env("LORASCOPE_WORKER", &worker)
-        .output()
-        .unwrap();
+    let out = resume_sweep(&profile, &db, &worker);
     assert!(out.status.success());
     assert_eq!(common::calls(dir.path()).len(), n_calls);
 }
@@ -306,15 +303,7 @@ fn sigint_interrupts_then_resume_completes_and_repeats_are_summarised() {
     assert!(runs.len() < 4, "the sweep stopped early");
     drop(store);
 
-    let out = bin()
-        .arg("run")
-        .arg(&profile)
-        .arg("--db")
-        .arg(&db)
-        .arg("--resume")
-        .env("LORASCOPE_WORKER", &worker)
-        .output()
-        .unwrap();
+    let out = resume_sweep(&profile, &db, &worker);
     assert!(
         out.status.success(),
         "{}",

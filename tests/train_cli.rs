@@ -12,6 +12,16 @@ struct Out {
     stderr: String,
 }
 
+impl Out {
+    /// stdout of a `--json` run, one value per line.
+    fn json_lines(&self) -> Vec<serde_json::Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
+            .collect()
+    }
+}
+
 fn train(args: &[&str]) -> Out {
     let mut cmd = Command::new(BIN);
     cmd.arg("train");
@@ -45,11 +55,7 @@ fn assert_one_line_error(o: &Out, needles: &[&str]) {
 fn json_output_is_header_steps_summary() {
     let o = train(&["--json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let lines: Vec<serde_json::Value> = o
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
-        .collect();
+    let lines = o.json_lines();
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["type"], "header");
     assert_eq!(lines[0]["synthetic_weights"], true);
@@ -253,11 +259,7 @@ fn unsupported_option_is_refused_clearly() {
 fn paged_optimizer_runs_on_cpu_as_unpaged() {
     let o = train(&["--optimizer", "paged_adamw8bit", "--json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let lines: Vec<serde_json::Value> = o
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = o.json_lines();
     let h = &lines[0];
     assert_eq!(h["options"]["optimizer"], "paged_adamw8bit");
     let note = h["optimizer_note"].as_str().unwrap();
@@ -310,11 +312,7 @@ fn qwen_1_5b_preset_runs_one_cpu_step() {
         "--json",
     ]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let lines: Vec<serde_json::Value> = o
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = o.json_lines();
     assert_eq!(lines[0]["params_total"], 1_543_714_304u64 + 18_464_768);
     assert_eq!(lines[0]["params_trainable"], 18_464_768u64);
     assert_eq!(lines[0]["synthetic_weights"], true);
