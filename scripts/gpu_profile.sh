@@ -4,6 +4,8 @@
 # and once plain (tokens/s), with nvidia-smi's process memory polled beside it.
 # Run from the repository root on the device machine with `.carry/` as for gpu_bench.sh.
 # POINTS: "batch,seq,precision,quant,grad_ckpt[,optimizer]"; STEPS (default 12), WARMUP (3).
+# PROFILE: space-separated LORASCOPE_PROFILE modes to run first ("1" synchronised, "host"
+# issue time), or 0 for none.
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
@@ -19,10 +21,11 @@ for pt in $POINTS; do
         --precision "$p" --quant "$q" --optimizer "$o"
         --lora-rank 16 --lora-alpha 32 --lora-dropout 0.05 ${EXTRA:-})
   [ "$c" = 1 ] && args+=(--grad-checkpointing)
-  if [ "$PROFILE" = 1 ]; then
-    LORASCOPE_PROFILE=1 /tmp/lorascope "${args[@]}" --steps 6 --warmup-steps 2 > /dev/null 2> "$OUT/$tag.profile.txt"
-    echo "== $tag profile"; grep -vE "^step" "$OUT/$tag.profile.txt" | tail -40
-  fi
+  for mode in $PROFILE; do
+    [ "$mode" = 0 ] && continue
+    LORASCOPE_PROFILE=$mode /tmp/lorascope "${args[@]}" --steps 6 --warmup-steps 2 > /dev/null 2> "$OUT/$tag.profile-$mode.txt"
+    echo "== $tag profile $mode"; grep -vE "^step" "$OUT/$tag.profile-$mode.txt" | tail -40
+  done
   ( while sleep 0.2; do nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader,nounits; done ) > "$OUT/$tag.smi" 2>/dev/null &
   poll=$!
   /tmp/lorascope "${args[@]}" --steps "$STEPS" --warmup-steps "$WARMUP" --json > "$OUT/$tag.jsonl" 2> "$OUT/$tag.err"

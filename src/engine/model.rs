@@ -509,19 +509,23 @@ impl InputGradOp for LayerCheckpoint {
         super::prof::note_used("max at ckpt-layer bwd start", x.device());
         let xv = Var::from_tensor(&x.detach())?;
         let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));
-        let out = layer_forward(
-            &c.cfg,
-            &c.layer,
-            xv.as_tensor(),
-            c.batch,
-            c.seq,
-            &c.cos,
-            &c.sin,
-            rng.as_ref(),
-            false,
-        )?;
+        let out = super::prof::section("ckpt-layer", "recompute", x.device(), || {
+            layer_forward(
+                &c.cfg,
+                &c.layer,
+                xv.as_tensor(),
+                c.batch,
+                c.seq,
+                &c.cos,
+                &c.sin,
+                rng.as_ref(),
+                false,
+            )
+        })?;
         super::prof::note_used("max after ckpt recompute", x.device());
-        let grads = (out * grad.detach())?.sum_all()?.backward()?;
+        let grads = super::prof::section("ckpt-layer", "inner-backward", x.device(), || {
+            (out * grad.detach())?.sum_all()?.backward()
+        })?;
         super::prof::note_used("max after ckpt inner bwd", x.device());
         for ad in c.layer.proj.iter().filter_map(|p| p.adapter.as_ref()) {
             for v in [&ad.a, &ad.b] {

@@ -540,13 +540,17 @@ impl Nf4Linear {
 impl super::ops::InputGradOp for Nf4Linear {
     const NAME: &'static str = "nf4-linear";
     fn plain(&self, x2: &Tensor) -> Result<Tensor> {
-        let w = self.weight.dequantize(x2.dtype())?;
+        let w = super::prof::section("nf4", "dequant", x2.device(), || {
+            self.weight.dequantize(x2.dtype())
+        })?;
         let y = x2.matmul(&w.t()?)?;
         drop(w);
         super::ops::add_bias(y, self.bias.as_ref())
     }
     fn input_grad(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = self.weight.dequantize(grad.dtype())?;
+        let w = super::prof::section("nf4", "dequant", grad.device(), || {
+            self.weight.dequantize(grad.dtype())
+        })?;
         Ok(Some(grad.matmul(&w)?))
     }
 }

@@ -4,7 +4,9 @@
 //! each named piece of work (attention, projections, norms, recomputed layers, the loss, the
 //! optimizer) and accumulates wall time (after warm-up) and the memory pool's peak bytes in
 //! use per name; [`note_used`] records bytes in use at chosen points. `train` prints the
-//! table on stderr at the end of the run. Synchronising serialises the GPU, so profiled runs are slower than normal ones:
+//! table on stderr at the end of the run. `LORASCOPE_PROFILE=host` times the same sections
+//! without synchronising (how long the host takes to issue each one: host-bound when that adds
+//! up to the step time). Synchronising serialises the GPU, so profiled runs are slower than normal ones:
 //! use the table for proportions, the normal run for tokens/s. Without the variable every call
 //! is a branch on a cached flag.
 //!
@@ -21,11 +23,28 @@ use std::time::Instant;
 
 /// Whether `LORASCOPE_PROFILE` asks for profiling (read once).
 pub fn enabled() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        std::env::var("LORASCOPE_PROFILE")
-            .map(|v| !v.is_empty() && v != "0")
-            .unwrap_or(false)
+    mode() != Mode::Off
+}
+
+/// How sections are timed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No profiling.
+    Off,
+    /// Device-synchronised before and after each section: GPU time per section.
+    Sync,
+    /// `LORASCOPE_PROFILE=host`: no synchronisation; each section's time is how long the host
+    /// took to issue its work (plus any wait the section itself forces). With the GPU ahead of
+    /// the host, issue time is the step time: that is host-bound.
+    Host,
+}
+
+fn mode() -> Mode {
+    static MODE: OnceLock<Mode> = OnceLock::new();
+    *MODE.get_or_init(|| match std::env::var("LORASCOPE_PROFILE").as_deref() {
+        Err(_) | Ok("") | Ok("0") => Mode::Off,
+        Ok("host") => Mode::Host,
+        Ok(_) => Mode::Sync,
     })
 }
 
@@ -77,10 +96,14 @@ pub fn section<T>(
     dev: &Device,
     f: impl FnOnce() -> Result<T>,
 ) -> Result<T> {
-    if !enabled() {
-        return f();
+    let sync = match mode() {
+        Mode::Off => return f(),
+        Mode::Sync => true,
+        Mode::Host => false,
+    };
+    if sync {
+        dev.synchronize()?;
     }
-    dev.synchronize()?;
     if let Ok(mut s) = stats().lock() {
         fold_high(&mut s, dev);
         s.open.push(0);
@@ -89,7 +112,7 @@ pub fn section<T>(
     let t0 = Instant::now();
     let out = f();
     // Keep f's error rather than one from synchronising after it.
-    let synced = dev.synchronize();
+    let synced = if sync { dev.synchronize() } else { Ok(()) };
     let dt = t0.elapsed().as_secs_f64();
     if let Ok(mut s) = stats().lock() {
         fold_high(&mut s, dev);
@@ -121,7 +144,7 @@ pub fn reset_pool_high(dev: &Device) {
 /// When profiling on CUDA, record the pool's bytes in use right now under `label` (the
 /// maximum over calls is kept).
 pub fn note_used(label: &'static str, dev: &Device) {
-    if !enabled() {
+    if mode() != Mode::Sync {
         return;
     }
     let _ = dev.synchronize();
@@ -156,7 +179,10 @@ pub fn report() -> String {
     if s.time.is_empty() && s.mem.is_empty() {
         return String::new();
     }
-    let mut out = String::from("profile (device-synchronised; nested sections overlap)\n");
+    let mut out = String::from(match mode() {
+        Mode::Host => "profile (host issue time, not synchronised; nested sections overlap)\n",
+        _ => "profile (device-synchronised; nested sections overlap)\n",
+    });
     out.push_str(&format!(
         "{:<34} {:>8} {:>10} {:>10} {:>10}\n",
         "section", "calls", "total s", "ms/call", "peak GiB"

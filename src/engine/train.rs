@@ -441,10 +441,10 @@ pub fn train(
         })
         .ctx("backward pass")?;
         prof::trace("after backward", &device);
-        let loss_v = loss
-            .to_dtype(DType::F64)
-            .and_then(|l| l.to_scalar::<f64>())
-            .ctx("reading the loss")?;
+        let loss_v = prof::section("step", "loss-readback", &device, || {
+            loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+        })
+        .ctx("reading the loss")?;
         if !loss_v.is_finite() {
             return Err(EngineError::Invalid(format!(
                 "loss became {loss_v} at step {step}; lower --lr or use --precision fp32"
@@ -452,7 +452,10 @@ pub fn train(
         }
         // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
         let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
-        let grad_norm = opt.grad_norm_scaled(&grads, unscale).ctx("gradient norm")?;
+        let grad_norm = prof::section("step", "grad-norm", &device, || {
+            opt.grad_norm_scaled(&grads, unscale)
+        })
+        .ctx("gradient norm")?;
         let skipped = match scaler.as_mut() {
             Some(s) => s.update(grad_norm.is_finite()),
             None => false,
@@ -471,7 +474,8 @@ pub fn train(
             .ctx("optimizer step")?;
         }
         drop(grads);
-        device.synchronize().ctx("synchronising the device")?;
+        prof::section("step", "final-sync", &device, || device.synchronize())
+            .ctx("synchronising the device")?;
         let dt = start.elapsed().as_secs_f64();
         if step == 1 {
             first_loss = loss_v;
