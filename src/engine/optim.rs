@@ -596,6 +596,18 @@ fn ensure_f32_master(vars: &[Var], optimizer: &str) -> Result<()> {
 }
 
 fn grad_norm_of(vars: &[Var], grads: &GradStore, factor: f64) -> Result<f64> {
+    #[cfg(feature = "cuda")]
+    {
+        let gs: Vec<&Tensor> = vars
+            .iter()
+            .filter_map(|v| grads.get(v.as_tensor()))
+            .collect();
+        if gs.first().is_some_and(|g| g.device().is_cuda())
+            && gs.iter().all(|g| g.dtype() == DType::F32)
+        {
+            return Ok(super::optim_cuda::sum_squares(&gs, factor)?.sqrt());
+        }
+    }
     let mut sq = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {

@@ -162,6 +162,28 @@ extern "C" __global__ void lorascope_adamw8_blockwise(
         vabs[b] = av;
     }}
 }}
+
+// acc += sum((g[i] * factor)^2) over n f32 elements, in f64: grid-stride partial sums, a warp
+// and block reduction, one atomicAdd per block.
+extern "C" __global__ void lorascope_sumsq(const float* g, unsigned long long n, double factor,
+                                           double* acc) {{
+    double s = 0.0;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
+         i < n; i += (unsigned long long)gridDim.x * blockDim.x) {{
+        double v = (double)g[i] * factor;
+        s += v * v;
+    }}
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    __shared__ double warp_sums[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_sums[warp] = s;
+    __syncthreads();
+    if (warp == 0) {{
+        s = lane < (int)((blockDim.x + 31) >> 5) ? warp_sums[lane] : 0.0;
+        for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (lane == 0) atomicAdd(acc, s);
+    }}
+}}
 "#,
         signed = table(&dynamic_map(true)),
         unsigned = table(&dynamic_map(false)),
@@ -185,6 +207,51 @@ fn ptx() -> Result<&'static str> {
 }
 
 const MODULE: &str = "lorascope_optim";
+
+/// `sum((g * factor)^2)` over every element of the f32 CUDA tensors `grads`, accumulated on
+/// the device in f64 and read back once (one kernel launch per tensor, one synchronisation):
+/// the global gradient norm's square for clipping and overflow detection. inf/NaN gradients
+/// give inf/NaN.
+///
+/// Errors: a tensor that is not f32 on `grads[0]`'s CUDA device, launch or copy failures.
+pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
+    let Some(first) = grads.first() else {
+        return Ok(0.0);
+    };
+    let candle_core::Device::Cuda(dev) = first.device() else {
+        candle_core::bail!("sum_squares: expected CUDA tensors");
+    };
+    let func = dev.get_or_load_custom_func("lorascope_sumsq", MODULE, ptx()?)?;
+    let mut acc = dev.alloc_zeros::<f64>(1)?;
+    for g in grads {
+        let g = g.contiguous()?;
+        let (s, l) = g.storage_and_layout();
+        let candle_core::Storage::Cuda(c) = &*s else {
+            candle_core::bail!("sum_squares: expected CUDA tensors");
+        };
+        let (a, b) = range(l, l.shape().elem_count(), "gradient")?;
+        if a == b {
+            continue;
+        }
+        let view = c.as_cuda_slice::<f32>()?.slice(a..b);
+        let n = (b - a) as u64;
+        let blocks = (b - a).div_ceil(256).clamp(1, 1024) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut lb = func.builder();
+        lb.arg(&view);
+        lb.arg(&n);
+        lb.arg(&factor);
+        lb.arg(&mut acc);
+        // SAFETY: `view` holds n f32 values and `acc` one f64, as the kernel expects.
+        unsafe { lb.launch(cfg) }.map_err(err)?;
+    }
+    let host = dev.clone_dtoh(&acc)?;
+    Ok(host.first().copied().unwrap_or(0.0))
+}
 
 /// Update arithmetic: `F32` is [`super::optim::AdamW`]'s (f32 tensor ops), `F64` is
 /// [`super::optim::AdamW8bit`]'s host loop (f64).
@@ -630,5 +697,39 @@ pub fn selftest(ordinal: usize, steps: usize) -> Result<Vec<SelftestCase>> {
             }
         }
     }
+    // The gradient norm's sum of squares: GPU (f64 accumulation) against an f64 host sum over
+    // three tensors with a factor, and an inf element must give inf.
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);
+    let sizes = [1000usize, 5000, 300_000];
+    let host: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| (0..n).map(|_| rng.random_range(-3.0f32..3.0)).collect())
+        .collect();
+    let factor = 1.0 / 65536.0;
+    let want: f64 = host
+        .iter()
+        .flatten()
+        .map(|&g| (g as f64 * factor).powi(2))
+        .sum();
+    let dev_t = host
+        .iter()
+        .map(|v| Tensor::from_slice(v, v.len(), &gpu))
+        .collect::<Result<Vec<_>>>()?;
+    let got = sum_squares(&dev_t.iter().collect::<Vec<_>>(), factor)?;
+    let mut with_inf = host[0].clone();
+    with_inf[17] = f32::INFINITY;
+    let inf_t = Tensor::from_slice(&with_inf, with_inf.len(), &gpu)?;
+    let got_inf = sum_squares(&[&dev_t[1], &inf_t], factor)?;
+    let abs = (got - want).abs();
+    let rel = abs / want.abs().max(1e-300);
+    out.push(SelftestCase {
+        optimizer: "grad-norm",
+        paged: false,
+        elems: sizes.iter().sum(),
+        placement: "f64 sum of squares".into(),
+        max_abs: abs,
+        max_rel: rel,
+        pass: rel <= 1e-9 && got_inf.is_infinite(),
+    });
     Ok(out)
 }
