@@ -160,7 +160,7 @@ impl BaseLinear {
     }
 
     /// Untracked `x W^T + b` for `x` (tokens, in).
-    fn plain(&self, x: &Tensor) -> Result<Tensor> {
+    pub(crate) fn plain(&self, x: &Tensor) -> Result<Tensor> {
         use super::ops::InputGradOp;
         match self {
             Self::Dense(l) => l.plain(x),
@@ -169,7 +169,7 @@ impl BaseLinear {
     }
 
     /// `dy W` for `dy` (tokens, out).
-    fn input_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+    pub(crate) fn input_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         use super::ops::InputGradOp;
         match self {
             Self::Dense(l) => l.input_grad(x, dy),
@@ -235,19 +235,13 @@ impl LoraLinear {
         self.forward_with(x, train, false)
     }
 
-    /// As [`LoraLinear::forward`]; `detach` treats the adapter weights as constants (the
-    /// untracked first pass of gradient checkpointing). With an adapter this is one
-    /// [`LoraProjection`] graph node; dropout draws one seed per call from `train`.
+    /// The adapted projection as one op with its dropout seed drawn now (one `u64` from `train`
+    /// when dropout applies, as [`LoraLinear::forward_with`] draws it); None without adapter.
     ///
-    /// Errors: shape or device errors.
-    pub fn forward_with(
-        &self,
-        x: &Tensor,
-        train: Option<&DropoutRng>,
-        detach: bool,
-    ) -> Result<Tensor> {
+    /// Errors: a poisoned generator.
+    pub(crate) fn fixed(&self, train: Option<&DropoutRng>) -> Result<Option<LoraProjection>> {
         let Some(ad) = &self.adapter else {
-            return self.base.forward(x);
+            return Ok(None);
         };
         let p = match train {
             Some(_) if ad.dropout > 0.0 => ad.dropout,
@@ -261,11 +255,27 @@ impl LoraLinear {
                 .random::<u64>(),
             _ => 0,
         };
-        let op = LoraProjection {
+        Ok(Some(LoraProjection {
             base: self.base.clone(),
             scale: ad.scale,
             dropout: p,
             seed,
+        }))
+    }
+
+    /// As [`LoraLinear::forward`]; `detach` treats the adapter weights as constants (the
+    /// untracked first pass of gradient checkpointing). With an adapter this is one
+    /// [`LoraProjection`] graph node; dropout draws one seed per call from `train`.
+    ///
+    /// Errors: shape or device errors.
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        train: Option<&DropoutRng>,
+        detach: bool,
+    ) -> Result<Tensor> {
+        let (Some(ad), Some(op)) = (&self.adapter, self.fixed(train)?) else {
+            return self.base.forward(x);
         };
         let (out, inp) = self.base.shape();
         let dims = x.dims().to_vec();
@@ -279,7 +289,7 @@ impl LoraLinear {
             x2.contiguous()?.apply_op3(a, b, op)?
         } else {
             // Constants: no graph may hang off the adapters here.
-            op.forward(&x2.detach(), &a.detach(), &b.detach())?
+            op.forward_untracked(&x2, a, b)?
         };
         let mut out_dims = dims;
         if let Some(last) = out_dims.last_mut() {
@@ -301,13 +311,25 @@ impl LoraLinear {
 /// base weight gets no gradient.
 #[derive(Debug, Clone)]
 pub struct LoraProjection {
-    base: BaseLinear,
-    scale: f64,
-    dropout: f64,
-    seed: u64,
+    pub(crate) base: BaseLinear,
+    pub(crate) scale: f64,
+    pub(crate) dropout: f64,
+    pub(crate) seed: u64,
 }
 
 impl LoraProjection {
+    /// Untracked forward of `x` (tokens, in) with adapter weights `a`, `b` (treated as
+    /// constants): `(tokens, out)` in `x`'s dtype.
+    ///
+    /// Errors: shape, dtype or device errors.
+    pub(crate) fn forward_untracked(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() {
+            x.contiguous()?.apply_op3_no_bwd(a, b, self)
+        } else {
+            self.forward(&x.detach(), &a.detach(), &b.detach())
+        }
+    }
+
     fn dropped(&self, x: &Tensor) -> Result<Tensor> {
         if self.dropout > 0.0 {
             x.apply_op1_no_bwd(&HashDropout {
@@ -327,13 +349,22 @@ impl LoraProjection {
         y + u.matmul(&bs.t()?)?
     }
 
-    fn backward(
+    /// Gradients `(dx, dA, dB)` for the output gradient `dy` (tokens, out), on untracked
+    /// inputs: `dx` in `x`'s dtype, `dA`/`dB` in the masters' dtype (f32).
+    ///
+    /// Errors: shape, dtype or device errors.
+    pub(crate) fn backward(
         &self,
         x: &Tensor,
         a: &Tensor,
         b: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && super::lora_cuda::supported(x.dtype()) {
+            let (dx, da, db) = super::lora_cuda::backward(self, x, a, b, dy)?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
         let dt = x.dtype();
         let dy = dy.to_dtype(dt)?.contiguous()?;
         let ac = a.to_dtype(dt)?;
@@ -384,8 +415,16 @@ impl candle_core::CustomOp3 for LoraProjection {
         l3: &candle_core::Layout,
     ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
         use super::ops::{cuda_in, cuda_out};
+        use candle_core::backend::BackendStorage;
+        let dev = candle_core::Device::Cuda(s1.device().clone());
+        if super::lora_cuda::supported(s1.dtype()) {
+            let y = super::prof::section("lora-projection", "fwd", &dev, || {
+                super::lora_cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
+            })?;
+            let shape = candle_core::Shape::from((l1.dims()[0], self.base.shape().0));
+            return Ok((y, shape));
+        }
         let x = cuda_in(s1, l1)?;
-        let dev = x.device().clone();
         cuda_out(super::prof::section(
             "lora-projection",
             "fwd",

@@ -6,6 +6,8 @@ pub mod config;
 pub mod data;
 pub mod kernels;
 pub mod lora;
+#[cfg(feature = "cuda")]
+mod lora_cuda;
 pub mod loss;
 pub mod model;
 pub mod nf4;
