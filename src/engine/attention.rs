@@ -43,6 +43,32 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
 }
 
+/// Gradients `(dq, dk, dv)` of [`causal_attention`] for the output gradient `grad`
+/// (batch, q_heads, seq, head_dim), on untracked inputs (the hand-written backward of a
+/// checkpointed layer). Recomputes the probabilities; shapes and dtypes as the inputs.
+///
+/// Errors: as [`causal_attention`].
+pub(crate) fn causal_attention_backward(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v, grad) = (
+        q.contiguous()?,
+        k.contiguous()?,
+        v.contiguous()?,
+        grad.contiguous()?,
+    );
+    let (dq, dk, dv) = super::prof::section("causal-attention", "bwd", q.device(), || {
+        Attention.backward(&q, &k, &v, &grad)
+    })?;
+    match (dq, dk, dv) {
+        (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
+        _ => candle_core::bail!("attention backward returned no gradient"),
+    }
+}
+
 struct Attention;
 
 impl Attention {

@@ -12,14 +12,17 @@
 //! kept, and the layer is recomputed in backward. Gradients must then be taken with
 //! [`Model::backward`], which merges the adapter gradients found during recomputation.
 
-use super::attention::causal_attention;
+use super::attention::{causal_attention, causal_attention_backward};
 use super::config::ModelConfig;
 use super::lora::{
-    BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, Target, new_adapter,
+    BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, LoraProjection, Target,
+    new_adapter,
 };
 use super::loss::ChunkedCrossEntropy;
 use super::nf4::{Nf4Linear, Nf4Weight, Quant};
-use super::ops::{FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, rope_tables};
+use super::ops::{
+    FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, rope_backward, rope_tables,
+};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use candle_core::backprop::GradStore;
@@ -471,8 +474,8 @@ struct LayerCtx {
 /// Gradient checkpointing of one decoder layer as a custom op over the layer input
 /// (`torch.utils.checkpoint` semantics): forward runs the layer without recording a graph
 /// (adapters detached), so only the input stays alive for backward; backward runs the layer
-/// again on a fresh copy of the input with the adapters tracked, back-propagates the incoming
-/// gradient through it, returns the input gradient and stashes the adapter gradients for
+/// again keeping its intermediates ([`LayerSaved`]), back-propagates the incoming gradient
+/// through them by hand, returns the input gradient and stashes the adapter gradients for
 /// [`Model::backward`]. Dropout masks are reproduced from a snapshot of the generator taken
 /// before the forward pass.
 struct LayerCheckpoint {
@@ -507,33 +510,178 @@ impl InputGradOp for LayerCheckpoint {
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let c = &self.ctx;
         super::prof::note_used("max at ckpt-layer bwd start", x.device());
-        let xv = Var::from_tensor(&x.detach())?;
         let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));
-        let out = super::prof::section("ckpt-layer", "recompute", x.device(), || {
-            layer_forward(
-                &c.cfg,
-                &c.layer,
-                xv.as_tensor(),
-                c.batch,
-                c.seq,
-                &c.cos,
-                &c.sin,
-                rng.as_ref(),
-                false,
-            )
+        let x = x.detach();
+        let saved = super::prof::section("ckpt-layer", "recompute", x.device(), || {
+            LayerSaved::forward(c, &x, rng.as_ref())
         })?;
         super::prof::note_used("max after ckpt recompute", x.device());
-        let grads = super::prof::section("ckpt-layer", "inner-backward", x.device(), || {
-            (out * grad.detach())?.sum_all()?.backward()
+        let dx = super::prof::section("ckpt-layer", "inner-backward", x.device(), || {
+            saved.backward(c, &x, &grad.detach(), &self.stash)
         })?;
         super::prof::note_used("max after ckpt inner bwd", x.device());
-        for ad in c.layer.proj.iter().filter_map(|p| p.adapter.as_ref()) {
-            for v in [&ad.a, &ad.b] {
-                if let Some(g) = grads.get(v.as_tensor()) {
-                    self.stash.add(v.as_tensor().id(), g.detach())?;
-                }
+        Ok(Some(dx))
+    }
+}
+
+/// A decoder layer's forward intermediates, kept for its hand-written backward (gradient
+/// checkpointing recomputes them per layer). Same arithmetic as [`layer_forward`]; the backward
+/// chains each op's own gradient ([`LoraProjection::backward`], [`RmsNorm`]'s input gradient,
+/// the attention, RoPE and SwiGLU backwards), so no candle graph is built and no gradient
+/// passes through candle's per-node zero-fill and accumulate. Tensors are (b*t, features) or
+/// (b, heads, t, head_dim) in the compute dtype.
+struct LayerSaved {
+    /// Each projection's op with its dropout seed (None: no adapter), q k v o gate up down.
+    ops: Vec<Option<LoraProjection>>,
+    /// input_norm(x)
+    h1: Tensor,
+    /// Queries and keys after RoPE, values; (b, heads, t, d).
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    /// Attention output as (b*t, q_heads*d), the input of o_proj.
+    a: Tensor,
+    /// x + o_proj(a)
+    x1: Tensor,
+    /// post_norm(x1)
+    h2: Tensor,
+    /// gate_proj(h2), up_proj(h2), swiglu(gate, up)
+    gate: Tensor,
+    up: Tensor,
+    act: Tensor,
+}
+
+impl LayerSaved {
+    /// The layer on untracked `x`, dropout masks drawn from `rng` in projection order (as
+    /// [`layer_forward`] draws them). Returns the intermediates; the output is not needed.
+    fn forward(c: &LayerCtx, x: &Tensor, rng: Option<&DropoutRng>) -> Result<Self> {
+        let (l, cfg) = (&c.layer, &c.cfg);
+        let (b, t) = (c.batch, c.seq);
+        let (qh, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let ops = l
+            .proj
+            .iter()
+            .map(|p| p.fixed(rng))
+            .collect::<Result<Vec<_>>>()?;
+        let proj = |i: usize, h: &Tensor| -> Result<Tensor> {
+            match (&ops[i], &l.proj[i].adapter) {
+                (Some(op), Some(ad)) => op.forward_untracked(h, ad.a.as_tensor(), ad.b.as_tensor()),
+                _ => l.proj[i].base.plain(h),
             }
-        }
-        Ok(grads.get(xv.as_tensor()).cloned())
+        };
+        let heads = |y: Tensor, n: usize| -> Result<Tensor> {
+            y.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()
+        };
+        let h1 = l.input_norm.plain(x)?;
+        let q = apply_rope(&heads(proj(0, &h1)?, qh)?, &c.cos, &c.sin)?;
+        let k = apply_rope(&heads(proj(1, &h1)?, kvh)?, &c.cos, &c.sin)?;
+        let v = heads(proj(2, &h1)?, kvh)?;
+        let a = causal_attention(&q, &k, &v)?
+            .transpose(1, 2)?
+            .reshape((b * t, qh * d))?;
+        let x1 = (x + proj(3, &a)?)?;
+        let h2 = l.post_norm.plain(&x1)?;
+        let gate = proj(4, &h2)?;
+        let up = proj(5, &h2)?;
+        let act = super::swiglu::swiglu(&gate, &up)?;
+        Ok(Self {
+            ops,
+            h1,
+            q,
+            k,
+            v,
+            a,
+            x1,
+            h2,
+            gate,
+            up,
+            act,
+        })
+    }
+
+    /// Input gradient of the layer for the output gradient `dout` (b*t, hidden); adapter
+    /// gradients (f32) go to `stash`. Consumes the intermediates, freeing each when done.
+    fn backward(
+        self,
+        c: &LayerCtx,
+        x: &Tensor,
+        dout: &Tensor,
+        stash: &GradStash,
+    ) -> Result<Tensor> {
+        let (l, cfg) = (&c.layer, &c.cfg);
+        let (b, t) = (c.batch, c.seq);
+        let (qh, kvh, d) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let Self {
+            ops,
+            h1,
+            q,
+            k,
+            v,
+            a,
+            x1,
+            h2,
+            gate,
+            up,
+            act,
+        } = self;
+        let back = |i: usize, h: &Tensor, dy: &Tensor| -> Result<Tensor> {
+            match (&ops[i], &l.proj[i].adapter) {
+                (Some(op), Some(ad)) => {
+                    let (at, bt) = (ad.a.as_tensor(), ad.b.as_tensor());
+                    let (dx, da, db) =
+                        super::prof::section("lora-projection", "bwd", h.device(), || {
+                            op.backward(h, at, bt, dy)
+                        })?;
+                    if let Some(da) = da {
+                        stash.add(at.id(), da)?;
+                    }
+                    if let Some(db) = db {
+                        stash.add(bt.id(), db)?;
+                    }
+                    dx.ok_or_else(|| candle_core::Error::Msg("projection gave no dx".into()))
+                }
+                _ => l.proj[i].base.input_grad(h, dy)?.ok_or_else(|| {
+                    candle_core::Error::Msg("projection gave no input gradient".into())
+                }),
+            }
+        };
+        let norm_back = |n: &RmsNorm, x: &Tensor, g: &Tensor| -> Result<Tensor> {
+            let g = super::prof::section("rms-norm", "bwd", x.device(), || n.input_grad(x, g))?;
+            g.ok_or_else(|| candle_core::Error::Msg("rms-norm gave no input gradient".into()))
+        };
+        let dout = dout.contiguous()?;
+        // MLP: out = x1 + down(swiglu(gate(h2), up(h2))), h2 = post_norm(x1).
+        let dact = back(6, &act, &dout)?;
+        drop(act);
+        let (dgate, dup) = super::swiglu::swiglu_backward(&gate, &up, &dact)?;
+        drop((gate, up, dact));
+        let dh2 = (back(4, &h2, &dgate)? + back(5, &h2, &dup)?)?;
+        drop((h2, dgate, dup));
+        let dx1 = (&dout + norm_back(&l.post_norm, &x1, &dh2)?)?;
+        drop((x1, dh2, dout));
+        // Attention: x1 = x + o(attn(rope(q(h1)), rope(k(h1)), v(h1))), h1 = input_norm(x).
+        let da = back(3, &a, &dx1)?
+            .reshape((b, t, qh, d))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        drop(a);
+        let (dq, dk, dv) = causal_attention_backward(&q, &k, &v, &da)?;
+        drop((q, k, v, da));
+        let flat =
+            |g: Tensor, n: usize| -> Result<Tensor> { g.transpose(1, 2)?.reshape((b * t, n * d)) };
+        let dq = flat(rope_backward(&dq, &c.cos, &c.sin)?, qh)?;
+        let dk = flat(rope_backward(&dk, &c.cos, &c.sin)?, kvh)?;
+        let dv = flat(dv, kvh)?;
+        let dh1 = ((back(0, &h1, &dq)? + back(1, &h1, &dk)?)? + back(2, &h1, &dv)?)?;
+        drop((dq, dk, dv, h1));
+        dx1 + norm_back(&l.input_norm, x, &dh1)?
     }
 }

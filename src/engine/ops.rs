@@ -326,6 +326,30 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.broadcast_mul(cos)? + rot.broadcast_mul(sin)?
 }
 
+/// The adjoint of [`apply_rope`] (its input gradient for the output gradient `grad`
+/// (..., seq, head_dim)), on untracked tensors: `dx = dy * cos + rotate_half^T(dy * sin)`, one
+/// [`Rope`] op (CPU loops or the CUDA kernel). Tables as [`apply_rope`].
+///
+/// Errors: tables that do not fit `grad`, device errors.
+pub(crate) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if !Rope::fits(grad, cos, sin) {
+        candle_core::bail!(
+            "rope backward: tables {:?}/{:?} for gradient {:?}",
+            cos.shape(),
+            sin.shape(),
+            grad.shape()
+        );
+    }
+    let adjoint = Rope {
+        cos: cos.contiguous()?,
+        sin: sin.contiguous()?,
+        transpose: true,
+    };
+    super::prof::section("rope", "bwd", grad.device(), || {
+        grad.contiguous()?.apply_op1_no_bwd(&adjoint)
+    })
+}
+
 /// Whether `x` can take a fused CUDA kernel at all: a non-empty f32/f16/bf16 tensor on a CUDA
 /// device, with [`super::kernels::fused_kernels`] on. Never on the CPU.
 fn fused_ok(x: &Tensor) -> bool {

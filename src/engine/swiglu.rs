@@ -66,6 +66,14 @@ fn contiguous(l: &Layout) -> Result<(usize, usize)> {
         .ok_or_else(|| candle_core::Error::Msg("swiglu: inputs must be contiguous".into()))
 }
 
+/// `(dgate, dup)` of [`swiglu`] for the output gradient `dy`, on untracked inputs (the
+/// hand-written backward of a checkpointed layer); shapes and dtype as the inputs.
+///
+/// Errors: as [`swiglu`].
+pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    super::prof::section("swiglu", "bwd", g.device(), || backward(g, u, dy))
+}
+
 /// Backward on detached, contiguous inputs of one dtype: `(dg, du)`.
 fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let dy = dy.to_dtype(g.dtype())?.contiguous()?;
