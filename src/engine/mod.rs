@@ -92,16 +92,32 @@ impl<T> CandleContext<T> for candle_core::Result<T> {
 }
 
 /// `"; GPU free X of Y GiB"` from the current CUDA context, or empty (CPU build, no context).
+/// Under `--vram-limit` the free bytes are those left inside the limit, so Y is the limit.
 fn device_free_total() -> String {
     #[cfg(feature = "cuda")]
     {
         use candle_core::cuda_backend::cudarc::driver::result;
         if let Ok((free, total)) = result::mem_get_info() {
-            let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
-            return format!("; GPU free {:.2} of {:.2} GiB", gib(free), gib(total));
+            return free_total_note(free as u64, total as u64, vram::active_limit());
         }
     }
     String::new()
+}
+
+/// The out-of-memory message's memory note for `free` of `total` device bytes, and the
+/// `--vram-limit` in force (bytes), if any.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+fn free_total_note(free: u64, total: u64, limit: Option<u64>) -> String {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    match limit {
+        Some(l) => format!(
+            "; GPU free {:.2} of the {:.2} GiB --vram-limit (card {:.2} GiB)",
+            gib(free),
+            gib(l),
+            gib(total)
+        ),
+        None => format!("; GPU free {:.2} of {:.2} GiB", gib(free), gib(total)),
+    }
 }
 
 /// Turn a candle error into an [`EngineError`], recognising CUDA out-of-memory.
@@ -118,5 +134,24 @@ pub(crate) fn classify(e: candle_core::Error, context: &str) -> EngineError {
             context: context.to_string(),
             source: e,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_total_note;
+
+    /// Out-of-memory notes quote the card, or the `--vram-limit` when one is in force.
+    #[test]
+    fn oom_note_names_the_limit() {
+        let g = 1u64 << 30;
+        assert_eq!(
+            free_total_note(g / 2, 140 * g, None),
+            "; GPU free 0.50 of 140.00 GiB"
+        );
+        assert_eq!(
+            free_total_note(g / 4, 140 * g, Some(8 * g)),
+            "; GPU free 0.25 of the 8.00 GiB --vram-limit (card 140.00 GiB)"
+        );
     }
 }

@@ -35,6 +35,27 @@ pub struct VramReservation {
     _hold: Option<RawBuf>,
 }
 
+/// The limit of the reservation alive in this process, bytes (0: none). Out-of-memory
+/// messages quote it instead of the card's total.
+static ACTIVE_LIMIT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The `--vram-limit` in force in this process (a [`VramReservation`] that holds memory is
+/// alive), bytes.
+pub fn active_limit() -> Option<u64> {
+    match ACTIVE_LIMIT.load(std::sync::atomic::Ordering::Relaxed) {
+        0 => None,
+        v => Some(v),
+    }
+}
+
+impl Drop for VramReservation {
+    fn drop(&mut self) {
+        if self.reserved_bytes > 0 {
+            ACTIVE_LIMIT.store(0, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
 impl VramReservation {
     /// One line for the run header: what was reserved, or why nothing was.
     pub fn note(&self) -> String {
@@ -104,6 +125,9 @@ fn reserve_cuda(
             ))
         })?)
     };
+    if want > 0 {
+        ACTIVE_LIMIT.store(limit_bytes.max(1), std::sync::atomic::Ordering::Relaxed);
+    }
     Ok(VramReservation {
         limit_bytes,
         reserved_bytes: want,
