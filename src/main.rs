@@ -128,6 +128,14 @@ fn selftest_engine(device: &str) -> i32 {
     }
 }
 
+/// Whether an error comes from writing to a closed pipe.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
@@ -141,6 +149,8 @@ fn main() {
         } => selftest_optim(device, steps),
         Commands::Sweep(cmd) => match lorascope::cli::execute(cmd) {
             Ok(()) => 0,
+            // The reader went away (`lorascope report | head`): nothing left to tell anyone.
+            Err(e) if is_broken_pipe(&e) => 0,
             Err(e) => {
                 // One line for people: the context chain joined, no backtrace.
                 let msg = format!("{e:#}");

@@ -73,6 +73,24 @@ fn run_prints_table_and_report_formats() {
         .unwrap();
     assert!(!o.status.success());
     assert_eq!(String::from_utf8_lossy(&o.stderr).lines().count(), 1);
+
+    // A reader that went away (`lorascope report | head -0`): quiet success, not
+    // "error: Broken pipe". The pipe's read end is closed before the child starts.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = bin()
+        .args(["report", "--db"])
+        .arg(&db)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        o.status.success() && stderr.is_empty(),
+        "{:?}: {stderr}",
+        o.status
+    );
 }
 
 #[test]
