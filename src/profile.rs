@@ -498,12 +498,16 @@ pub fn parse_str(source: &str, file: &str) -> Result<Profile, ProfileError> {
             .filter(|p| !p.is_empty())
             .map(|p| render_key_path(&p));
         let (line, column) = span.map(|sp| line_col(source, sp.start)).unwrap_or((1, 1));
+        let mut message = e.message().trim().replace('\n', " ");
+        if key.is_none() {
+            message = missing_section_message(&message).unwrap_or(message);
+        }
         ProfileError::Invalid {
             file: file.to_string(),
             line,
             column,
             key,
-            message: e.message().trim().replace('\n', " "),
+            message,
         }
     })?;
     if let Err((path, message)) = validate(&profile) {
@@ -519,6 +523,23 @@ pub fn parse_str(source: &str, file: &str) -> Result<Profile, ProfileError> {
         });
     }
     Ok(profile)
+}
+
+/// A clearer message for a required top-level table that is absent (serde says "missing
+/// field `model`" and points at the document's start).
+fn missing_section_message(serde_message: &str) -> Option<String> {
+    let section = serde_message
+        .strip_prefix("missing field `")?
+        .strip_suffix('`')?;
+    let example = match section {
+        "model" => "[model] with preset = \"tiny\" or path = \"DIR\"",
+        "data" => "[data] with path = \"FILE\" or \"sample\"",
+        "run" => "[run] with at least steps = N",
+        _ => return None,
+    };
+    Some(format!(
+        "no [{section}] section: add {example} (profiles/quickstart.toml is a complete example)"
+    ))
 }
 
 /// 1-based line and column (in characters) of a byte offset.
