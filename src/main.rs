@@ -98,12 +98,13 @@ fn selftest_engine(device: &str) -> i32 {
     match selftest::run(device) {
         Ok(cases) => {
             println!(
-                "{:<18} {:>12} {:>10} {:>12} {:>14}  (vs the CPU path in the same precision; tolerances: logits {} fp16 / {} bf16, gradients {})",
+                "{:<18} {:>12} {:>10} {:>12} {:>14}  (vs the CPU path in the same precision; tolerances: fp32 {}, logits {} fp16 / {} bf16, gradients {})",
                 "case",
                 "logits rel",
                 "|dloss|",
                 "grads rel",
                 "logits vs f32",
+                selftest::F32_TOL,
                 selftest::LOGITS_TOL,
                 selftest::LOGITS_TOL_BF16,
                 selftest::GRAD_TOL

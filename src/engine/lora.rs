@@ -159,7 +159,10 @@ impl BaseLinear {
         }
     }
 
-    /// Untracked `x W^T + b` for `x` (tokens, in).
+    /// Untracked `x W^T + b` for `x` (tokens, in) in the compute dtype: (tokens, out), same
+    /// dtype (NF4: dequantised into a transient buffer).
+    ///
+    /// Errors: shape, dtype or device errors.
     pub(crate) fn plain(&self, x: &Tensor) -> Result<Tensor> {
         use super::ops::InputGradOp;
         match self {
@@ -168,7 +171,10 @@ impl BaseLinear {
         }
     }
 
-    /// `dy W` for `dy` (tokens, out).
+    /// `dy W` for `dy` (tokens, out): the input gradient (tokens, in) in `dy`'s dtype, always
+    /// `Some` (the frozen weight gets none); `x` is unused.
+    ///
+    /// Errors: shape, dtype or device errors.
     pub(crate) fn input_grad(&self, x: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
         use super::ops::InputGradOp;
         match self {
@@ -311,9 +317,13 @@ impl LoraLinear {
 /// base weight gets no gradient.
 #[derive(Debug, Clone)]
 pub struct LoraProjection {
+    /// The frozen base projection (out, in).
     pub(crate) base: BaseLinear,
+    /// `alpha / r`.
     pub(crate) scale: f64,
+    /// Drop probability of the adapter input, in [0, 1) (0: no dropout).
     pub(crate) dropout: f64,
+    /// Seed of the regenerable dropout mask ([`dropout_keep`]); 0 without dropout.
     pub(crate) seed: u64,
 }
 

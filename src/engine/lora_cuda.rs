@@ -61,7 +61,8 @@ LORA_KERNELS(f16, f16_t)
 LORA_KERNELS(bf16, bf16_t)
 "#;
 
-/// Whether the direct path takes `x` (a CUDA tensor in f32/f16/bf16, fused kernels on).
+/// Whether the direct path takes inputs of compute dtype `dt` (f32/f16/bf16, fused kernels on).
+/// The caller checks that they are on a CUDA device.
 pub(crate) fn supported(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::F16 | DType::BF16) && kernels::fused_kernels()
 }
@@ -254,8 +255,14 @@ fn launch(
     Ok(())
 }
 
-/// `A` (r, in) or `s B` (out, r) in the compute dtype.
+/// `A` (r, in) or `s B` (out, r), f32 masters, in the compute dtype.
 fn cast(dev: &CudaDevice, src: &Buf, n: usize, dt: DType, scale: f64) -> Result<Buf> {
+    if src.dt != DType::F32 {
+        candle_core::bail!(
+            "lora cuda: adapter weights must be f32 masters, got {:?}",
+            src.dt
+        );
+    }
     let out = Buf::alloc(dev, dt, n)?;
     launch(
         dev,
@@ -342,6 +349,9 @@ pub(crate) fn forward(
     let y = Buf::alloc(&dev, dt, tokens * out)?;
     let (w, bias) = base_weight(&op.base, dt)?;
     let beta = match &bias {
+        Some(b) if b.elem_count() != out => {
+            candle_core::bail!("lora cuda: bias {:?} for {out} outputs", b.shape())
+        }
         Some(b) => {
             let b = Buf::of(b)?;
             let ptrs = [y.ptr, b.ptr];
@@ -400,8 +410,14 @@ pub(crate) fn backward(
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let (tokens, inp) = x.dims2()?;
     let (r, _) = a.dims2()?;
-    let (out, _) = b.dims2()?;
-    if dy.dims2()? != (tokens, out) || a.dims2()? != (r, inp) || op.base.shape() != (out, inp) {
+    let (out, r_b) = b.dims2()?;
+    if dy.dims2()? != (tokens, out)
+        || a.dims2()? != (r, inp)
+        || r_b != r
+        || op.base.shape() != (out, inp)
+        || a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+    {
         candle_core::bail!(
             "lora cuda backward: x {:?}, dy {:?}, A {:?}, B {:?}",
             x.shape(),
@@ -412,7 +428,7 @@ pub(crate) fn backward(
     }
     let (xb, dyb) = (Buf::of(&x)?, Buf::of(&dy)?);
     let dx = Buf::alloc(dev, dt, tokens * inp)?;
-    let (w, _) = base_weight(&op.base, dt)?;
+    let w = op.base.weight(dt)?.contiguous()?;
     gemm(
         dev,
         (tokens, inp, out),

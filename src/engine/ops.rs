@@ -327,8 +327,9 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
 }
 
 /// The adjoint of [`apply_rope`] (its input gradient for the output gradient `grad`
-/// (..., seq, head_dim)), on untracked tensors: `dx = dy * cos + rotate_half^T(dy * sin)`, one
-/// [`Rope`] op (CPU loops or the CUDA kernel). Tables as [`apply_rope`].
+/// (..., seq, head_dim)), on untracked tensors: `dx = dy * cos + rotate_half^T(dy * sin)` with
+/// `rotate_half^T([a, b]) = [b, -a]`: the fused [`Rope`] kernel where [`apply_rope`] uses it,
+/// candle ops elsewhere. Tables as [`apply_rope`].
 ///
 /// Errors: tables that do not fit `grad`, device errors.
 pub(crate) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
@@ -339,6 +340,16 @@ pub(crate) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result
             sin.shape(),
             grad.shape()
         );
+    }
+    if !fused_ok(grad) {
+        // Candle ops (CPU, and CUDA with the fused kernels off), as `apply_rope`'s generic path.
+        return super::prof::section("rope", "bwd", grad.device(), || {
+            let d = grad.dim(D::Minus1)?;
+            let gs = grad.broadcast_mul(sin)?;
+            let a = gs.narrow(D::Minus1, 0, d / 2)?;
+            let b = gs.narrow(D::Minus1, d / 2, d / 2)?;
+            grad.broadcast_mul(cos)? + Tensor::cat(&[&b, &a.neg()?], D::Minus1)?
+        });
     }
     let adjoint = Rope {
         cos: cos.contiguous()?,

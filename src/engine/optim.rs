@@ -595,6 +595,9 @@ fn ensure_f32_master(vars: &[Var], optimizer: &str) -> Result<()> {
     Ok(())
 }
 
+/// Global L2 norm of the gradients of `vars` after multiplying them by `factor` (f64
+/// accumulation on both devices; inf/NaN gradients give inf/NaN). Variables without a gradient
+/// count as zero.
 fn grad_norm_of(vars: &[Var], grads: &GradStore, factor: f64) -> Result<f64> {
     #[cfg(feature = "cuda")]
     {
@@ -611,12 +614,14 @@ fn grad_norm_of(vars: &[Var], grads: &GradStore, factor: f64) -> Result<f64> {
     let mut sq = 0f64;
     for var in vars {
         if let Some(g) = grads.get(var.as_tensor()) {
+            // f64, as the CUDA path: an f32 square of a large finite gradient must not read as
+            // an overflow.
             sq += g
-                .to_dtype(DType::F32)?
+                .to_dtype(DType::F64)?
                 .affine(factor, 0.0)?
                 .sqr()?
                 .sum_all()?
-                .to_scalar::<f32>()? as f64;
+                .to_scalar::<f64>()?;
         }
     }
     Ok(sq.sqrt())

@@ -163,10 +163,11 @@ extern "C" __global__ void lorascope_adamw8_blockwise(
     }}
 }}
 
-// acc += sum((g[i] * factor)^2) over n f32 elements, in f64: grid-stride partial sums, a warp
-// and block reduction, one atomicAdd per block.
+// partial[blockIdx.x] = this block's share of sum((g[i] * factor)^2) over n f32 elements, in
+// f64: grid-stride partial sums, then a warp and block reduction in a fixed order. No atomics,
+// so the host's in-order sum of the partials is the same on every run.
 extern "C" __global__ void lorascope_sumsq(const float* g, unsigned long long n, double factor,
-                                           double* acc) {{
+                                           double* partial) {{
     double s = 0.0;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
          i < n; i += (unsigned long long)gridDim.x * blockDim.x) {{
@@ -181,7 +182,7 @@ extern "C" __global__ void lorascope_sumsq(const float* g, unsigned long long n,
     if (warp == 0) {{
         s = lane < (int)((blockDim.x + 31) >> 5) ? warp_sums[lane] : 0.0;
         for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (lane == 0) atomicAdd(acc, s);
+        if (lane == 0) partial[blockIdx.x] = s;
     }}
 }}
 "#,
@@ -208,10 +209,14 @@ fn ptx() -> Result<&'static str> {
 
 const MODULE: &str = "lorascope_optim";
 
-/// `sum((g * factor)^2)` over every element of the f32 CUDA tensors `grads`, accumulated on
-/// the device in f64 and read back once (one kernel launch per tensor, one synchronisation):
-/// the global gradient norm's square for clipping and overflow detection. inf/NaN gradients
-/// give inf/NaN.
+/// Thread blocks per gradient in [`sum_squares`] (fewer for small tensors).
+const SUMSQ_MAX_BLOCKS: usize = 64;
+
+/// `sum((g * factor)^2)` over every element of the f32 CUDA tensors `grads`, in f64: one kernel
+/// launch per tensor writes one partial sum per thread block, and the host adds the partials in
+/// order after a single read-back, so the result is the same on every run (no atomics). The
+/// global gradient norm's square, for clipping and overflow detection; inf/NaN gradients give
+/// inf/NaN.
 ///
 /// Errors: a tensor that is not f32 on `grads[0]`'s CUDA device, launch or copy failures.
 pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
@@ -221,8 +226,17 @@ pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
     let candle_core::Device::Cuda(dev) = first.device() else {
         candle_core::bail!("sum_squares: expected CUDA tensors");
     };
+    let blocks_of = |n: usize| n.div_ceil(256).clamp(1, SUMSQ_MAX_BLOCKS);
+    let mut total_blocks = 0;
+    for g in grads {
+        if !g.device().same_device(first.device()) || g.dtype() != DType::F32 {
+            candle_core::bail!("sum_squares: every gradient must be f32 on one CUDA device");
+        }
+        total_blocks += blocks_of(g.elem_count());
+    }
     let func = dev.get_or_load_custom_func("lorascope_sumsq", MODULE, ptx()?)?;
-    let mut acc = dev.alloc_zeros::<f64>(1)?;
+    let mut partials = dev.alloc_zeros::<f64>(total_blocks.max(1))?;
+    let mut offset = 0;
     for g in grads {
         let g = g.contiguous()?;
         let (s, l) = g.storage_and_layout();
@@ -230,14 +244,16 @@ pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
             candle_core::bail!("sum_squares: expected CUDA tensors");
         };
         let (a, b) = range(l, l.shape().elem_count(), "gradient")?;
+        let blocks = blocks_of(b - a);
+        let mut out = partials.slice_mut(offset..offset + blocks);
+        offset += blocks;
         if a == b {
             continue;
         }
         let view = c.as_cuda_slice::<f32>()?.slice(a..b);
         let n = (b - a) as u64;
-        let blocks = (b - a).div_ceil(256).clamp(1, 1024) as u32;
         let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
+            grid_dim: (blocks as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -245,12 +261,12 @@ pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
         lb.arg(&view);
         lb.arg(&n);
         lb.arg(&factor);
-        lb.arg(&mut acc);
-        // SAFETY: `view` holds n f32 values and `acc` one f64, as the kernel expects.
+        lb.arg(&mut out);
+        // SAFETY: `view` holds n f32 values and `out` one f64 per block of the grid.
         unsafe { lb.launch(cfg) }.map_err(err)?;
     }
-    let host = dev.clone_dtoh(&acc)?;
-    Ok(host.first().copied().unwrap_or(0.0))
+    let host = dev.clone_dtoh(&partials)?;
+    Ok(host.iter().sum())
 }
 
 /// Update arithmetic: `F32` is [`super::optim::AdamW`]'s (f32 tensor ops), `F64` is

@@ -21,11 +21,6 @@ use std::collections::BTreeMap;
 use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
-/// Whether `LORASCOPE_PROFILE` asks for profiling (read once).
-pub fn enabled() -> bool {
-    mode() != Mode::Off
-}
-
 /// How sections are timed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -33,17 +28,19 @@ enum Mode {
     Off,
     /// Device-synchronised before and after each section: GPU time per section.
     Sync,
-    /// `LORASCOPE_PROFILE=host`: no synchronisation; each section's time is how long the host
-    /// took to issue its work (plus any wait the section itself forces). With the GPU ahead of
-    /// the host, issue time is the step time: that is host-bound.
+    /// `LORASCOPE_PROFILE=host` (any case): no synchronisation and no pool queries; each
+    /// section's time is how long the host took to issue its work (plus any wait the section
+    /// itself forces, such as a read-back or a full launch queue). When issue time adds up to
+    /// the step time, the step is host-bound.
     Host,
 }
 
 fn mode() -> Mode {
     static MODE: OnceLock<Mode> = OnceLock::new();
-    *MODE.get_or_init(|| match std::env::var("LORASCOPE_PROFILE").as_deref() {
-        Err(_) | Ok("") | Ok("0") => Mode::Off,
-        Ok("host") => Mode::Host,
+    *MODE.get_or_init(|| match std::env::var("LORASCOPE_PROFILE") {
+        Err(_) => Mode::Off,
+        Ok(v) if v.is_empty() || v == "0" => Mode::Off,
+        Ok(v) if v.eq_ignore_ascii_case("host") => Mode::Host,
         Ok(_) => Mode::Sync,
     })
 }
@@ -85,9 +82,10 @@ fn fold_high(s: &mut Stats, dev: &Device) {
     }
 }
 
-/// Run `f`, and when profiling, add its synchronised wall time and the pool's peak bytes in
-/// use to `name`/`part` (e.g. `("causal-attention", "bwd")`). Nested sections are counted in
-/// both.
+/// Run `f`, and when profiling, add its wall time to `name`/`part` (e.g.
+/// `("causal-attention", "bwd")`): device-synchronised before and after, with the pool's peak
+/// bytes in use during it (`LORASCOPE_PROFILE=1`), or the host's issue time alone
+/// (`LORASCOPE_PROFILE=host`). Nested sections are counted in both.
 ///
 /// Errors: those of `f`, or of synchronising `dev`.
 pub fn section<T>(
@@ -103,11 +101,11 @@ pub fn section<T>(
     };
     if sync {
         dev.synchronize()?;
-    }
-    if let Ok(mut s) = stats().lock() {
-        fold_high(&mut s, dev);
-        s.open.push(0);
-        let _ = pool::reset_high(dev);
+        if let Ok(mut s) = stats().lock() {
+            fold_high(&mut s, dev);
+            s.open.push(0);
+            let _ = pool::reset_high(dev);
+        }
     }
     let t0 = Instant::now();
     let out = f();
@@ -115,8 +113,12 @@ pub fn section<T>(
     let synced = if sync { dev.synchronize() } else { Ok(()) };
     let dt = t0.elapsed().as_secs_f64();
     if let Ok(mut s) = stats().lock() {
-        fold_high(&mut s, dev);
-        let peak = s.open.pop().unwrap_or(0);
+        let peak = if sync {
+            fold_high(&mut s, dev);
+            s.open.pop().unwrap_or(0)
+        } else {
+            0
+        };
         let record = !s.inactive;
         let e = s.time.entry((name, part)).or_default();
         if record {
@@ -141,8 +143,8 @@ pub fn reset_pool_high(dev: &Device) {
     let _ = pool::reset_high(dev);
 }
 
-/// When profiling on CUDA, record the pool's bytes in use right now under `label` (the
-/// maximum over calls is kept).
+/// When profiling synchronised (`LORASCOPE_PROFILE=1`) on CUDA, record the pool's bytes in use
+/// right now under `label` (the maximum over calls is kept); otherwise nothing.
 pub fn note_used(label: &'static str, dev: &Device) {
     if mode() != Mode::Sync {
         return;
@@ -191,10 +193,14 @@ pub fn report() -> String {
     rows.sort_by(|a, b| b.1.1.total_cmp(&a.1.1));
     for ((name, part), (n, t, peak)) in rows {
         let label = format!("{name}.{part}");
+        // Host mode runs ahead of the device: no meaningful peak per section.
+        let peak = match mode() {
+            Mode::Host => "-".to_string(),
+            _ => format!("{:.2}", *peak as f64 / (1u64 << 30) as f64),
+        };
         out.push_str(&format!(
-            "{label:<34} {n:>8} {t:>10.3} {:>10.3} {:>10.2}\n",
+            "{label:<34} {n:>8} {t:>10.3} {:>10.3} {peak:>10}\n",
             t * 1e3 / (*n).max(1) as f64,
-            *peak as f64 / (1u64 << 30) as f64
         ));
     }
     for (phase, bytes) in &s.mem {
