@@ -442,8 +442,11 @@ pub fn render_status(r: &crate::daemon::protocol::StatusReport) -> String {
     for p in &r.pending {
         let _ = writeln!(
             o,
-            "queued: sweep {} {} ({})",
-            p.sweep_id, p.name, p.profile_path
+            "queued: sweep {} {} ({}, db {})",
+            p.sweep_id,
+            p.name,
+            p.profile_path,
+            p.db.display()
         );
     }
     o

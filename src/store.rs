@@ -150,6 +150,30 @@ pub fn now_unix() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// `unix` seconds as an RFC 3339 UTC timestamp with milliseconds, e.g.
+/// `2026-11-30T01:58:10.123Z` (for log lines). Proleptic Gregorian calendar, Howard Hinnant's
+/// `civil_from_days`; written out because no date crate is among the dependencies.
+pub fn utc_timestamp(unix: f64) -> String {
+    let ms_total = (unix.max(0.0) * 1000.0).floor() as i64;
+    let (secs, ms) = (ms_total.div_euclid(1000), ms_total.rem_euclid(1000));
+    let (days, sod) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{ms:03}Z",
+        sod / 3600,
+        sod % 3600 / 60,
+        sod % 60
+    )
+}
+
 /// The results database.
 pub struct Store {
     conn: Connection,
@@ -514,6 +538,20 @@ impl Store {
 mod tests {
     use super::*;
     use crate::profile::parse_str;
+
+    /// Timestamps against Python's `datetime.fromtimestamp(t, timezone.utc)`, including a leap
+    /// day and the end of a century.
+    #[test]
+    fn utc_timestamps() {
+        for (t, want) in [
+            (0.0, "1970-01-01T00:00:00.000Z"),
+            (951_782_400.5, "2000-02-29T00:00:00.500Z"),
+            (1_764_467_890.123, "2025-11-30T01:58:10.123Z"),
+            (4_102_444_799.999, "2099-12-31T23:59:59.999Z"),
+        ] {
+            assert_eq!(utc_timestamp(t), want, "{t}");
+        }
+    }
 
     fn spec() -> RunSpec {
         let p = parse_str(

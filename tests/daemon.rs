@@ -603,3 +603,53 @@ fn queue_verbs_two_device_slots_and_stop_requeues() {
     env.ok(&["daemon", "stop", "--finish"], 30);
     env.wait_gone(10);
 }
+
+#[test]
+fn a_sweep_that_cannot_start_is_reported_by_wait() {
+    let mut env = Env::new(0.05);
+    let profile = env.profile(&[1], 2, "");
+    let db = env.db();
+    env.start_daemon();
+    env.ok(&["queue", "pause"], 20);
+    let submit = || {
+        env.ok(
+            &[
+                "run",
+                profile.to_str().unwrap(),
+                "--detach",
+                "--db",
+                db.to_str().unwrap(),
+            ],
+            30,
+        )
+    };
+    submit();
+    submit();
+    env.status_until(20, "sweep 1 running, sweep 2 queued", |s| {
+        s["current"]["info"]["sweep_id"] == 1
+            && s["pending"].as_array().is_some_and(|p| p.len() == 1)
+    });
+    // Sweep 1 keeps its open database; sweep 2 will find a directory where its database was.
+    for ext in ["", "-wal", "-shm", "-journal"] {
+        let _ = std::fs::remove_file(format!("{}{ext}", db.display()));
+    }
+    std::fs::create_dir(&db).unwrap();
+    env.ok(&["queue", "resume"], 20);
+    let o = env.run(&["wait", "2"], 60);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("sweep 2 could not start"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let o = env.run(&["wait"], 30);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("no sweep running or queued; the last one: sweep 2 could not start"),
+        "{err}"
+    );
+    let o = env.run(&["wait", "7"], 30);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("lorascope report --sweep 7"), "{err}");
+    env.ok(&["daemon", "stop"], 30);
+    env.wait_gone(10);
+}

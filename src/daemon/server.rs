@@ -217,8 +217,8 @@ fn log(msg: &str) {
     use std::io::Write;
     let _ = writeln!(
         std::io::stderr(),
-        "lorascope daemon [{:.3}]: {msg}",
-        crate::store::now_unix()
+        "lorascope daemon [{}]: {msg}",
+        crate::store::utc_timestamp(crate::store::now_unix())
     );
 }
 
@@ -237,6 +237,28 @@ enum Bcast {
 }
 
 /// What connections read; written by the manager.
+/// How a sweep ended.
+#[derive(Debug, Clone)]
+struct Ended {
+    /// Every run finished (false: a stop interrupted it, or it could not start).
+    complete: bool,
+    /// Why it could not start (its profile, devices or database), if so.
+    error: Option<String>,
+}
+
+impl Ended {
+    /// What `wait` prints for sweep `id`.
+    fn message(&self, id: i64) -> String {
+        match (&self.error, self.complete) {
+            (Some(e), _) => format!("sweep {id} could not start: {e}"),
+            (None, true) => format!("sweep {id} finished"),
+            (None, false) => {
+                format!("sweep {id} ended early (see `lorascope report --sweep {id}`)")
+            }
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shared {
     history: Option<History>,
@@ -245,8 +267,10 @@ struct Shared {
     pending: Vec<SweepInfo>,
     paused: bool,
     stopping: Option<String>,
-    /// Sweeps that ended in this daemon's life: complete (true) or interrupted.
-    ended: HashMap<i64, bool>,
+    /// Sweeps that ended in this daemon's life.
+    ended: HashMap<i64, Ended>,
+    /// The sweep that ended last.
+    last_ended: Option<i64>,
     /// Sequence number of the last broadcast.
     seq: u64,
 }
@@ -333,28 +357,30 @@ impl Hub {
         let sh = self.lock();
         match sweep {
             Some(id) => {
-                if let Some(&complete) = sh.ended.get(&id) {
-                    return Ok(Some((
-                        complete,
-                        if complete {
-                            format!("sweep {id} finished")
-                        } else {
-                            format!("sweep {id} ended early (see `lorascope report --sweep {id}`)")
-                        },
-                    )));
+                if let Some(e) = sh.ended.get(&id) {
+                    return Ok(Some((e.complete, e.message(id))));
                 }
                 let current = sh.busy && sh.history.as_ref().map(|h| h.info.sweep_id) == Some(id);
                 if current || sh.pending.iter().any(|p| p.sweep_id == id) {
                     Ok(None)
                 } else {
                     Err(format!(
-                        "sweep {id} is not queued on this daemon (see `lorascope status`)"
+                        "sweep {id} is not queued on this daemon (see `lorascope status`); if it ran under an earlier daemon, `lorascope report --sweep {id}` has its results"
                     ))
                 }
             }
-            None if !sh.busy && sh.pending.is_empty() => {
-                Ok(Some((true, "no sweep running or queued".to_string())))
-            }
+            None if !sh.busy && sh.pending.is_empty() => Ok(Some(
+                match sh.last_ended.and_then(|id| Some((id, sh.ended.get(&id)?))) {
+                    Some((id, e)) => (
+                        e.complete,
+                        format!(
+                            "no sweep running or queued; the last one: {}",
+                            e.message(id)
+                        ),
+                    ),
+                    None => (true, "no sweep running or queued".to_string()),
+                },
+            )),
             None => Ok(None),
         }
     }
@@ -868,7 +894,16 @@ impl Manager {
                 log(&format!("sweep {sweep_id} cannot start: {e}; dropped"));
                 self.jobs.pop_front();
                 self.persist();
-                self.hub.lock().ended.insert(sweep_id, false);
+                let mut sh = self.hub.lock();
+                sh.ended.insert(
+                    sweep_id,
+                    Ended {
+                        complete: false,
+                        error: Some(e),
+                    },
+                );
+                sh.last_ended = Some(sweep_id);
+                drop(sh);
                 self.sync(false);
                 return;
             }
@@ -987,7 +1022,14 @@ impl Manager {
             if let Some(h) = sh.history.as_mut() {
                 h.ended = true;
             }
-            sh.ended.insert(sweep_id, complete);
+            sh.ended.insert(
+                sweep_id,
+                Ended {
+                    complete,
+                    error: None,
+                },
+            );
+            sh.last_ended = Some(sweep_id);
         }
         self.sync(false);
     }
