@@ -72,6 +72,20 @@ impl Env {
         output_within(c, secs)
     }
 
+    /// `lorascope run PROFILE --detach --db DB`, asserting success; returns stdout.
+    fn detach(&self, profile: &Path, db: &Path) -> String {
+        self.ok(
+            &[
+                "run",
+                profile.to_str().unwrap(),
+                "--detach",
+                "--db",
+                db.to_str().unwrap(),
+            ],
+            30,
+        )
+    }
+
     /// Like [`Env::run`], asserting success; returns stdout.
     fn ok(&self, args: &[&str], secs: u64) -> String {
         let o = self.run(args, secs);
@@ -314,16 +328,7 @@ fn detached_sweep_attach_detach_kill_client_reattach_same_state() {
     let env = Env::new(0.15);
     let profile = env.profile(&[1, 2, 4, 6], 6, "");
     let db = env.db();
-    let out = env.ok(
-        &[
-            "run",
-            profile.to_str().unwrap(),
-            "--detach",
-            "--db",
-            db.to_str().unwrap(),
-        ],
-        30,
-    );
+    let out = env.detach(&profile, &db);
     assert!(
         out.contains("sweep 1") && out.contains("queued on a new daemon"),
         "{out}"
@@ -442,16 +447,7 @@ fn kill_9_mid_run_then_restart_keeps_finished_results_and_reruns_the_interrupted
     let mut env = Env::new(0.15);
     let profile = env.profile(&[1, 2, 4, 6], 8, "");
     let db = env.db();
-    env.ok(
-        &[
-            "run",
-            profile.to_str().unwrap(),
-            "--detach",
-            "--db",
-            db.to_str().unwrap(),
-        ],
-        30,
-    );
+    env.detach(&profile, &db);
     // Mid-run: at least one run finished, another a few steps in.
     let st = env.status_until(60, "a later run in flight", |s| {
         count(s, "ok") >= 1
@@ -520,16 +516,7 @@ fn queue_verbs_two_device_slots_and_stop_requeues() {
     env.start_daemon();
     // Paused while idle: the sweep starts paused.
     env.ok(&["queue", "pause"], 20);
-    let out = env.ok(
-        &[
-            "run",
-            profile.to_str().unwrap(),
-            "--detach",
-            "--db",
-            db.to_str().unwrap(),
-        ],
-        30,
-    );
+    let out = env.detach(&profile, &db);
     assert!(out.contains("queued on the daemon"), "{out}");
     let st = env.status_until(20, "the paused sweep", |s| count(s, "queued") == 4);
     assert_eq!(st["paused"], true);
@@ -611,20 +598,8 @@ fn a_sweep_that_cannot_start_is_reported_by_wait() {
     let db = env.db();
     env.start_daemon();
     env.ok(&["queue", "pause"], 20);
-    let submit = || {
-        env.ok(
-            &[
-                "run",
-                profile.to_str().unwrap(),
-                "--detach",
-                "--db",
-                db.to_str().unwrap(),
-            ],
-            30,
-        )
-    };
-    submit();
-    submit();
+    env.detach(&profile, &db);
+    env.detach(&profile, &db);
     env.status_until(20, "sweep 1 running, sweep 2 queued", |s| {
         s["current"]["info"]["sweep_id"] == 1
             && s["pending"].as_array().is_some_and(|p| p.len() == 1)
