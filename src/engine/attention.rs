@@ -393,12 +393,7 @@ SOFTMAX_KERNELS(bf16, bf16_t)
 "#;
 
     fn suffix(dt: DType) -> Result<&'static str> {
-        Ok(match dt {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("causal softmax: no CUDA kernel for {other:?}"),
-        })
+        kernels::dtype_suffix(dt, "causal softmax")
     }
 
     /// One block per row (grid.x allows 2^31 - 1 blocks).

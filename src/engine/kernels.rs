@@ -27,6 +27,20 @@ __device__ __forceinline__ void st(f16_t* p, float v) { p->x = f32_to_f16_bits(v
 __device__ __forceinline__ void st(bf16_t* p, float v) { p->x = f32_to_bf16_bits(v); }
 "#;
 
+/// The kernel-name suffix of the float dtypes the NVRTC kernels are instantiated for (`f32`,
+/// `f16`, `bf16`, as in `swiglu_fwd_bf16`).
+///
+/// Errors: any other dtype, naming the op (`what`) that has no kernel for it.
+pub fn dtype_suffix(dt: candle_core::DType, what: &str) -> candle_core::Result<&'static str> {
+    use candle_core::DType;
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("{what}: no CUDA kernel for {other:?}"),
+    })
+}
+
 /// Whether the fused CUDA kernels are used where an op has them: true unless the environment
 /// sets `LORASCOPE_FUSED=0` (read once per process), which makes the GPU run the generic candle
 /// code instead (for comparison and as a fallback).
@@ -104,5 +118,21 @@ mod cuda {
         let leaked: &'static str = Box::leak(ptx.into_boxed_str());
         map.insert(module, leaked);
         Ok(leaked)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dtype_suffix;
+    use candle_core::DType;
+
+    /// Kernel names end in the dtype's suffix; other dtypes are refused with the op's name.
+    #[test]
+    fn dtype_suffixes() {
+        assert_eq!(dtype_suffix(DType::F32, "op").unwrap(), "f32");
+        assert_eq!(dtype_suffix(DType::F16, "op").unwrap(), "f16");
+        assert_eq!(dtype_suffix(DType::BF16, "op").unwrap(), "bf16");
+        let e = dtype_suffix(DType::F64, "swiglu").unwrap_err().to_string();
+        assert!(e.contains("swiglu: no CUDA kernel for F64"), "{e}");
     }
 }

@@ -67,15 +67,6 @@ pub(crate) fn supported(dt: DType) -> bool {
     matches!(dt, DType::F32 | DType::F16 | DType::BF16) && kernels::fused_kernels()
 }
 
-fn suffix(dt: DType) -> Result<&'static str> {
-    Ok(match dt {
-        DType::F32 => "f32",
-        DType::F16 => "f16",
-        DType::BF16 => "bf16",
-        other => candle_core::bail!("lora cuda: unsupported dtype {other:?}"),
-    })
-}
-
 fn blas_type(dt: DType) -> Result<bsys::cudaDataType> {
     Ok(match dt {
         DType::F32 => bsys::cudaDataType::CUDA_R_32F,
@@ -229,7 +220,7 @@ fn launch(
     u64s: &[u64],
     f32s: &[f32],
 ) -> Result<()> {
-    let full = format!("{name}_{}", suffix(dt)?);
+    let full = format!("{name}_{}", kernels::dtype_suffix(dt, "lora projection")?);
     let func = dev.get_or_load_custom_func(&full, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
     let blocks = n.div_ceil(256).clamp(1, 65_535 * 16) as u32;
     let cfg = LaunchConfig {

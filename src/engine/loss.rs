@@ -497,12 +497,7 @@ CE_KERNELS(bf16, bf16_t)
         rows: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
-        let suf = match z.dtype() {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("cross-entropy rows: no CUDA kernel for {other:?}"),
-        };
+        let suf = kernels::dtype_suffix(z.dtype(), "cross-entropy rows")?;
         if t.dtype() != DType::U32 || w.dtype() != DType::F32 {
             candle_core::bail!(
                 "cross-entropy rows: targets {:?} / weights {:?}, expected u32 / f32",

@@ -742,14 +742,7 @@ NORM_ROPE_KERNELS(f16, f16_t)
 NORM_ROPE_KERNELS(bf16, bf16_t)
 "#;
 
-    fn suffix(dt: DType, what: &str) -> Result<&'static str> {
-        Ok(match dt {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("{what}: no CUDA kernel for {other:?}"),
-        })
-    }
+    use kernels::dtype_suffix as suffix;
 
     /// RMSNorm forward (`g: None`) or backward (`g: Some(dy)`) over rows of length `n`.
     pub fn rms_norm(

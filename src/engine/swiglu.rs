@@ -218,12 +218,7 @@ SWIGLU_KERNELS(bf16, bf16_t)
 "#;
 
     fn suffix(dt: DType) -> Result<&'static str> {
-        Ok(match dt {
-            DType::F32 => "f32",
-            DType::F16 => "f16",
-            DType::BF16 => "bf16",
-            other => candle_core::bail!("swiglu: no CUDA kernel for {other:?}"),
-        })
+        kernels::dtype_suffix(dt, "swiglu")
     }
 
     fn cfg(n: usize) -> Result<LaunchConfig> {
