@@ -66,6 +66,9 @@ pub enum SweepCommand {
     Wait {
         /// Sweep id (as printed by `run --detach` and `status`).
         sweep: Option<i64>,
+        /// The sweep's results database, when the same id is queued from several.
+        #[arg(long, requires = "sweep")]
+        db: Option<PathBuf>,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -263,11 +266,12 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
                 Ok(())
             })
         }
-        SweepCommand::Wait { sweep, socket } => {
+        SweepCommand::Wait { sweep, db, socket } => {
             let socket = socket.path();
+            let db = db.map(|p| std::path::absolute(&p).unwrap_or(p));
             client_rt()?.block_on(async {
                 let mut c = Client::connect(&socket).await?;
-                c.send(&ClientMsg::Wait { sweep }).await?;
+                c.send(&ClientMsg::Wait { sweep, db }).await?;
                 let what = sweep
                     .map(|s| format!("sweep {s}"))
                     .unwrap_or_else(|| "the queued sweeps".into());

@@ -628,3 +628,29 @@ fn a_sweep_that_cannot_start_is_reported_by_wait() {
     env.ok(&["daemon", "stop"], 30);
     env.wait_gone(10);
 }
+
+#[test]
+fn the_same_sweep_id_from_two_databases_needs_db_to_wait() {
+    let mut env = Env::new(0.05);
+    let profile = env.profile(&[1], 2, "");
+    let (db_a, db_b) = (env.db(), env.path("other.db"));
+    env.start_daemon();
+    env.ok(&["queue", "pause"], 20);
+    // Each database numbers its sweeps from 1.
+    assert!(env.detach(&profile, &db_a).contains("sweep 1"));
+    assert!(env.detach(&profile, &db_b).contains("sweep 1"));
+    let o = env.run(&["wait", "1"], 30);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("sweep 1 is queued from 2 results databases") && err.contains("--db"),
+        "{err}"
+    );
+    env.ok(&["queue", "resume"], 20);
+    let out = env.ok(&["wait", "1", "--db", db_b.to_str().unwrap()], 60);
+    assert!(out.contains("sweep 1 finished"), "{out}");
+    assert_eq!(runs(&db_b, 1).len(), 1);
+    assert_eq!(runs(&db_a, 1).len(), 1);
+    env.ok(&["daemon", "stop"], 30);
+    env.wait_gone(10);
+}

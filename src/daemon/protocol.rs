@@ -78,8 +78,13 @@ pub enum ClientMsg {
     /// Queue a sweep; [`ServerMsg::Submitted`].
     Submit(Box<Submit>),
     /// Reply [`ServerMsg::Done`] once sweep `sweep` (or, with `None`, every queued sweep) has
-    /// finished.
-    Wait { sweep: Option<i64> },
+    /// finished. Sweep ids are per results database: `db` (absolute) picks one when the id is
+    /// queued from several (absent in messages from older clients).
+    Wait {
+        sweep: Option<i64>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        db: Option<PathBuf>,
+    },
     /// Stop the daemon: interrupt the running runs (re-run at the next start), or with
     /// `finish`, start nothing new and exit once the running runs have finished.
     Stop { finish: bool },

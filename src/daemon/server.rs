@@ -267,10 +267,10 @@ struct Shared {
     pending: Vec<SweepInfo>,
     paused: bool,
     stopping: Option<String>,
-    /// Sweeps that ended in this daemon's life.
-    ended: HashMap<i64, Ended>,
+    /// Sweeps that ended in this daemon's life, by (results database, sweep id).
+    ended: HashMap<(PathBuf, i64), Ended>,
     /// The sweep that ended last.
-    last_ended: Option<i64>,
+    last_ended: Option<(PathBuf, i64)>,
     /// Sequence number of the last broadcast.
     seq: u64,
 }
@@ -352,36 +352,81 @@ impl Hub {
         }
     }
 
-    /// `Some((complete, message))` once what `wait` waits for has happened.
-    fn wait_state(&self, sweep: Option<i64>) -> Result<Option<(bool, String)>, String> {
+    /// `Some((complete, message))` once what `wait` waits for has happened. Sweep `id` is
+    /// looked up in every results database the daemon has seen, or in `db` alone; an id found
+    /// in several databases needs `db`.
+    fn wait_state(
+        &self,
+        sweep: Option<i64>,
+        db: Option<&Path>,
+    ) -> Result<Option<(bool, String)>, String> {
         let sh = self.lock();
-        match sweep {
-            Some(id) => {
-                if let Some(e) = sh.ended.get(&id) {
-                    return Ok(Some((e.complete, e.message(id))));
-                }
-                let current = sh.busy && sh.history.as_ref().map(|h| h.info.sweep_id) == Some(id);
-                if current || sh.pending.iter().any(|p| p.sweep_id == id) {
-                    Ok(None)
-                } else {
-                    Err(format!(
-                        "sweep {id} is not queued on this daemon (see `lorascope status`); if it ran under an earlier daemon, `lorascope report --sweep {id}` has its results"
-                    ))
-                }
+        let Some(id) = sweep else {
+            if sh.busy || !sh.pending.is_empty() {
+                return Ok(None);
             }
-            None if !sh.busy && sh.pending.is_empty() => Ok(Some(
-                match sh.last_ended.and_then(|id| Some((id, sh.ended.get(&id)?))) {
-                    Some((id, e)) => (
-                        e.complete,
-                        format!(
-                            "no sweep running or queued; the last one: {}",
-                            e.message(id)
-                        ),
+            let last = sh
+                .last_ended
+                .as_ref()
+                .and_then(|k| Some((k.1, sh.ended.get(k)?)));
+            return Ok(Some(match last {
+                Some((id, e)) => (
+                    e.complete,
+                    format!(
+                        "no sweep running or queued; the last one: {}",
+                        e.message(id)
                     ),
-                    None => (true, "no sweep running or queued".to_string()),
-                },
+                ),
+                None => (true, "no sweep running or queued".to_string()),
+            }));
+        };
+        let wanted = |d: &Path| db.is_none_or(|w| w == d);
+        let current = sh
+            .history
+            .as_ref()
+            .filter(|h| sh.busy && h.info.sweep_id == id && wanted(&h.info.db))
+            .map(|h| h.info.db.clone());
+        let queued = sh
+            .pending
+            .iter()
+            .filter(|p| p.sweep_id == id && wanted(&p.db))
+            .map(|p| p.db.clone());
+        let ended = sh
+            .ended
+            .keys()
+            .filter(|(d, i)| *i == id && wanted(d))
+            .map(|(d, _)| d.clone());
+        let mut dbs: Vec<PathBuf> = current.into_iter().chain(queued).chain(ended).collect();
+        dbs.sort();
+        dbs.dedup();
+        match dbs.as_slice() {
+            [] => Err(format!(
+                "sweep {id} is not queued on this daemon (see `lorascope status`); if it ran under an earlier daemon, `lorascope report --sweep {id}` has its results"
             )),
-            None => Ok(None),
+            [d] => {
+                // Running or queued again (`run --resume`) counts before an earlier end.
+                let active = sh.busy
+                    && sh
+                        .history
+                        .as_ref()
+                        .is_some_and(|h| h.info.sweep_id == id && &h.info.db == d);
+                if active || sh.pending.iter().any(|p| p.sweep_id == id && &p.db == d) {
+                    return Ok(None);
+                }
+                Ok(sh
+                    .ended
+                    .get(&(d.clone(), id))
+                    .map(|e| (e.complete, e.message(id))))
+            }
+            several => Err(format!(
+                "sweep {id} is queued from {} results databases ({}): add --db FILE",
+                several.len(),
+                several
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
         }
     }
 }
@@ -473,7 +518,7 @@ async fn serve_client(stream: UnixStream, hub: Arc<Hub>) {
         }
     }
     let mut sub: Option<(broadcast::Receiver<(u64, Bcast)>, u64)> = None;
-    let mut waiting: Option<(Option<i64>, watch::Receiver<u64>)> = None;
+    let mut waiting: Option<(Option<i64>, Option<PathBuf>, watch::Receiver<u64>)> = None;
     loop {
         tokio::select! {
             line = io.next() => {
@@ -511,10 +556,10 @@ async fn serve_client(stream: UnixStream, hub: Arc<Hub>) {
                             let (tx, rx) = oneshot::channel();
                             ask(&hub, Ctl::Stop(finish, tx), rx, |message| ServerMsg::Ok { message }).await
                         }
-                        ClientMsg::Wait { sweep } => match hub.wait_state(sweep) {
+                        ClientMsg::Wait { sweep, db } => match hub.wait_state(sweep, db.as_deref()) {
                             Ok(Some((complete, message))) => ServerMsg::Done { sweep_id: sweep, complete, message },
                             Ok(None) => {
-                                waiting = Some((sweep, hub.changed.subscribe()));
+                                waiting = Some((sweep, db, hub.changed.subscribe()));
                                 continue;
                             }
                             Err(e) => error(e),
@@ -550,12 +595,15 @@ async fn serve_client(stream: UnixStream, hub: Arc<Hub>) {
                     return;
                 }
             }
-            c = async { waiting.as_mut().unwrap().1.changed().await }, if waiting.is_some() => {
+            c = async { waiting.as_mut().unwrap().2.changed().await }, if waiting.is_some() => {
                 if c.is_err() {
                     return;
                 }
-                let sweep = waiting.as_ref().unwrap().0;
-                let reply = match hub.wait_state(sweep) {
+                let (sweep, db) = {
+                    let w = waiting.as_ref().unwrap();
+                    (w.0, w.1.clone())
+                };
+                let reply = match hub.wait_state(sweep, db.as_deref()) {
                     Ok(None) => continue,
                     Ok(Some((complete, message))) => ServerMsg::Done { sweep_id: sweep, complete, message },
                     Err(e) => error(e),
@@ -895,14 +943,15 @@ impl Manager {
                 self.jobs.pop_front();
                 self.persist();
                 let mut sh = self.hub.lock();
+                let key = (job.info.db.clone(), sweep_id);
                 sh.ended.insert(
-                    sweep_id,
+                    key.clone(),
                     Ended {
                         complete: false,
                         error: Some(e),
                     },
                 );
-                sh.last_ended = Some(sweep_id);
+                sh.last_ended = Some(key);
                 drop(sh);
                 self.sync(false);
                 return;
@@ -1022,14 +1071,15 @@ impl Manager {
             if let Some(h) = sh.history.as_mut() {
                 h.ended = true;
             }
+            let key = (job.info.db.clone(), sweep_id);
             sh.ended.insert(
-                sweep_id,
+                key.clone(),
                 Ended {
                     complete,
                     error: None,
                 },
             );
-            sh.last_ended = Some(sweep_id);
+            sh.last_ended = Some(key);
         }
         self.sync(false);
     }
