@@ -129,11 +129,14 @@ fn selftest_engine(device: &str) -> i32 {
     }
 }
 
-/// Whether an error comes from writing to a closed pipe.
+/// Whether an error comes from writing to a closed pipe (directly, or through serde_json).
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    use std::io::ErrorKind::BrokenPipe;
     e.chain().any(|c| {
         c.downcast_ref::<std::io::Error>()
-            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            .is_some_and(|io| io.kind() == BrokenPipe)
+            || c.downcast_ref::<serde_json::Error>()
+                .is_some_and(|j| j.io_error_kind() == Some(BrokenPipe))
     })
 }
 

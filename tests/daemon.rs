@@ -625,6 +625,20 @@ fn a_sweep_that_cannot_start_is_reported_by_wait() {
     let o = env.run(&["wait", "7"], 30);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("lorascope report --sweep 7"), "{err}");
+    // `status --json | head -0`: a reader that went away ends the client quietly.
+    for args in [&["status", "--json"][..], &["status"][..]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let o = env
+            .cmd()
+            .args(args)
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success() && err.is_empty(), "{args:?}: {err}");
+    }
     env.ok(&["daemon", "stop"], 30);
     env.wait_gone(10);
 }
