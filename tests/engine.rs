@@ -342,39 +342,42 @@ fn opts(data: &str, steps: usize) -> TrainOptions {
 }
 
 /// Loss on a fixed 128-example slice of the shared Alpaca demo falls by at least 30% over 100
-/// steps of the tiny preset.
+/// steps of the tiny preset. Without `../shared` (a fresh clone elsewhere) the bundled sample
+/// (the repository's own Alpaca-format data) takes its place, under the same bar, so the test
+/// never passes without training.
 #[test]
 fn loss_falls_on_alpaca_slice() {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../shared/data/alpaca_en_demo.json"
     );
-    if !std::path::Path::new(path).exists() {
-        eprintln!("skipping: {path} not present");
-        return;
-    }
-    let records = load_records(std::path::Path::new(path), DataFormat::Auto).unwrap();
-    let slice: Vec<_> = records.into_iter().take(128).collect();
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("slice.jsonl");
-    let mut text = String::new();
-    for r in &slice {
-        if let lorascope::engine::data::Record::Alpaca {
-            instruction,
-            input,
-            output,
-        } = r
-        {
-            text.push_str(
-                &serde_json::json!({"instruction": instruction, "input": input, "output": output})
-                    .to_string(),
-            );
-            text.push('\n');
+    let data = if std::path::Path::new(path).exists() {
+        let records = load_records(std::path::Path::new(path), DataFormat::Auto).unwrap();
+        let mut text = String::new();
+        for r in records.into_iter().take(128) {
+            if let lorascope::engine::data::Record::Alpaca {
+                instruction,
+                input,
+                output,
+            } = r
+            {
+                text.push_str(
+                    &serde_json::json!({"instruction": instruction, "input": input, "output": output})
+                        .to_string(),
+                );
+                text.push('\n');
+            }
         }
-    }
-    std::fs::write(&file, text).unwrap();
+        std::fs::write(&file, text).unwrap();
+        file.to_str().unwrap().to_string()
+    } else {
+        eprintln!("{path} not present: training on the bundled sample instead");
+        "sample".to_string()
+    };
     let mut losses = Vec::new();
-    train(&opts(file.to_str().unwrap(), 100), |ev| {
+    train(&opts(&data, 100), |ev| {
         if let TrainEvent::Step(s) = ev {
             losses.push(s.loss)
         }
