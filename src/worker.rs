@@ -200,6 +200,14 @@ impl TrainArgs {
     }
 }
 
+/// A value's serde name (`fp16`, `nf4`, `gate`), as profiles and flags spell it.
+fn wire<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
 fn human(ev: &TrainEvent) {
     match ev {
         TrainEvent::Header(h) => {
@@ -209,21 +217,29 @@ fn human(ev: &TrainEvent) {
                 "weights from safetensors"
             };
             eprintln!(
-                "lorascope train: {} on {} ({:?}), {weights}",
-                h.model, h.device, h.precision
+                "lorascope train: {} on {} ({}), {weights}",
+                h.model,
+                h.device,
+                wire(&h.precision)
             );
             eprintln!(
-                "  parameters: {} total, {} trainable (LoRA r={} alpha={} on {:?})",
+                "  parameters: {} total, {} trainable (LoRA r={} alpha={} on {})",
                 h.params_total,
                 h.params_trainable,
                 h.options.lora.rank,
                 h.options.lora.alpha,
-                h.options.lora.targets
+                h.options
+                    .lora
+                    .targets
+                    .iter()
+                    .map(wire)
+                    .collect::<Vec<_>>()
+                    .join(",")
             );
             eprintln!(
-                "  memory: base weights {:.1} MiB ({:?}{}), adapters+optimizer state {:.1} MiB; tokenizer: {}; {} examples",
+                "  memory: base weights {:.1} MiB (quant {}{}), adapters+optimizer state {:.1} MiB; tokenizer: {}; {} examples",
                 h.weight_bytes as f64 / 1048576.0,
-                h.quant,
+                wire(&h.quant),
                 if h.options.grad_checkpointing {
                     ", gradient checkpointing"
                 } else {
@@ -236,10 +252,7 @@ fn human(ev: &TrainEvent) {
             let m = &h.memory;
             eprintln!(
                 "  optimizer {}: state {:.1} MiB device, {:.1} MiB managed, {:.1} MiB host",
-                serde_json::to_value(h.options.optimizer)
-                    .ok()
-                    .and_then(|v| v.as_str().map(str::to_string))
-                    .unwrap_or_default(),
+                wire(&h.options.optimizer),
                 m.optimizer_state_device_bytes as f64 / 1048576.0,
                 m.optimizer_state_managed_bytes as f64 / 1048576.0,
                 m.optimizer_state_host_bytes as f64 / 1048576.0
@@ -249,10 +262,14 @@ fn human(ev: &TrainEvent) {
             }
         }
         TrainEvent::Step(s) => eprintln!(
-            "step {:>4}  loss {:.4}  lr {:.2e}  |g| {:.3}  {:.0} tokens/s  ({:.3} s){}{}",
+            "step {:>4}  loss {:.4}  lr {}  |g| {:.3}  {:.0} tokens/s  ({:.3} s){}{}",
             s.step,
             s.loss,
-            s.lr,
+            if s.lr == 0.0 {
+                "0".to_string()
+            } else {
+                format!("{:.2e}", s.lr)
+            },
             s.grad_norm,
             s.tokens as f64 / s.step_seconds.max(1e-12),
             s.step_seconds,
