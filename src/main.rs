@@ -38,10 +38,9 @@ enum Selftest {
         #[arg(long, default_value = "cuda:0")]
         device: String,
     },
-    /// Fused optimizer kernels (unpaged and paged) against the CPU optimizers: prints the
-    /// largest parameter error per case and exits 1 if any case is beyond tolerance or its
-    /// state is placed wrongly.
-    #[cfg(feature = "cuda")]
+    /// Fused optimizer kernels (unpaged and paged) and the gradient norm against the CPU
+    /// code: prints the largest error per case and exits 1 if any case is beyond tolerance or
+    /// its state is placed wrongly. CUDA builds only.
     Optim {
         /// CUDA device ordinal.
         #[arg(long, default_value_t = 0)]
@@ -50,6 +49,15 @@ enum Selftest {
         #[arg(long, default_value_t = 20)]
         steps: usize,
     },
+}
+
+#[cfg(not(feature = "cuda"))]
+fn selftest_optim(_device: usize, _steps: usize) -> i32 {
+    let _ = writeln!(
+        std::io::stderr(),
+        "lorascope selftest optim: error: this build has no CUDA; build with `cargo build --release --features cuda`"
+    );
+    1
 }
 
 #[cfg(feature = "cuda")]
@@ -147,7 +155,6 @@ fn main() {
         Commands::Selftest {
             what: Selftest::Engine { device },
         } => selftest_engine(&device),
-        #[cfg(feature = "cuda")]
         Commands::Selftest {
             what: Selftest::Optim { device, steps },
         } => selftest_optim(device, steps),

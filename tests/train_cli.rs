@@ -405,3 +405,17 @@ fn selftest_engine_on_cpu_compares_half_precision_with_f32() {
         }
     }
 }
+
+/// `selftest optim` in a build without CUDA says so in one line (exit 1).
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn selftest_optim_without_cuda_says_so() {
+    let o = Command::new(BIN)
+        .args(["selftest", "optim"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--features cuda"), "{err}");
+}
