@@ -284,11 +284,16 @@ fn human(ev: &TrainEvent) {
         ),
         TrainEvent::Summary(s) => {
             eprintln!(
-                "done: {} steps, loss {:.4} -> {:.4}, {:.1} tokens/s after warm-up, peak RSS {}",
+                "done: {} steps, loss {:.4} -> {:.4}, {:.1} tokens/s {}, peak RSS {}",
                 s.steps,
                 s.first_loss,
                 s.final_loss,
                 s.tokens_per_s,
+                if s.timed_steps == 0 {
+                    "over all steps (every step was warm-up)"
+                } else {
+                    "after warm-up"
+                },
                 s.peak_rss_bytes
                     .map(|b| format!("{:.0} MiB", b as f64 / 1048576.0))
                     .unwrap_or_else(|| "unknown".into())

@@ -419,3 +419,15 @@ fn selftest_optim_without_cuda_says_so() {
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.contains("--features cuda"), "{err}");
 }
+
+/// tokens/s is measured after warm-up; when warm-up covers every step the summary says so.
+#[test]
+fn tokens_per_s_says_when_every_step_was_warm_up() {
+    let o = train(&["--steps", "2", "--warmup-steps", "5"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stderr.contains("every step was warm-up"), "{}", o.stderr);
+    let o = train(&["--steps", "3", "--warmup-steps", "1", "--json"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let summary = o.json_lines().pop().unwrap();
+    assert_eq!(summary["timed_steps"], 2, "{summary}");
+}

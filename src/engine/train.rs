@@ -168,6 +168,9 @@ pub struct Summary {
     pub seconds: f64,
     /// Real tokens per second over steps after warm-up (all steps if none remain).
     pub tokens_per_s: f64,
+    /// Steps after warm-up, the ones `tokens_per_s` is measured over (0: every step was
+    /// warm-up, and `tokens_per_s` covers them all).
+    pub timed_steps: usize,
     /// fp16 steps skipped for overflow.
     pub skipped_steps: usize,
     /// Peak resident set size of this process, bytes (Linux VmHWM), if known.
@@ -541,6 +544,7 @@ pub fn train(
         tokens,
         seconds,
         tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
+        timed_steps: opts.steps.saturating_sub(opts.warmup_steps),
         skipped_steps,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_dir,
