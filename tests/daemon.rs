@@ -625,6 +625,13 @@ fn a_sweep_that_cannot_start_is_reported_by_wait() {
     let o = env.run(&["wait", "7"], 30);
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("lorascope report --sweep 7"), "{err}");
+    // Nothing runs now: a retry is done by queueing the sweep again.
+    let o = env.run(&["queue", "retry", "abc"], 30);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("--resume --retry-failed"),
+        "{err}"
+    );
     // `status --json | head -0`: a reader that went away ends the client quietly.
     for args in [&["status", "--json"][..], &["status"][..]] {
         let (reader, writer) = std::io::pipe().unwrap();

@@ -706,6 +706,7 @@ impl Manager {
                                 self.persist();
                                 Ok(())
                             }
+                            Command::Retry { .. } => Err("no sweep is running: to re-run the failed points of a finished sweep, queue it again with `lorascope run PROFILE --resume --retry-failed --detach`".into()),
                             _ => Err("no sweep is running (see `lorascope status`)".into()),
                         });
                     }
