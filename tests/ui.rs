@@ -504,3 +504,25 @@ fn feed_replays_with_daemon_times_and_resets_keep_the_clock() {
     apply_feed(&mut app, Feed::Message("hello".into(), true), 121.0);
     assert_eq!(app.message, Some(("hello".into(), true)));
 }
+
+/// A finished sweep brings up the comparison table from the Queue or Live view, but leaves a
+/// run's detail alone; a stopped sweep changes no view.
+#[test]
+fn finished_sweep_shows_the_table() {
+    let finished = |shutdown| Event::SweepFinished {
+        sweep_id: 7,
+        counts: Default::default(),
+        shutdown,
+    };
+    for (from, shutdown, want) in [
+        (View::Queue, false, View::Table),
+        (View::Live, false, View::Table),
+        (View::Detail, false, View::Detail),
+        (View::Queue, true, View::Queue),
+    ] {
+        let mut app = fixture(false);
+        app.view = from;
+        app.on_event(&finished(shutdown));
+        assert_eq!(app.view, want, "from {from:?}, shutdown {shutdown}");
+    }
+}

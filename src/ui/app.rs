@@ -310,6 +310,11 @@ impl App {
             }
             Event::SweepFinished { shutdown, .. } => {
                 self.sweep_finished = true;
+                // The comparison table is what a finished sweep is for: show it, unless the
+                // user is reading a run's detail.
+                if !*shutdown && matches!(self.view, View::Live | View::Queue) {
+                    self.view = View::Table;
+                }
                 self.message = Some((
                     if *shutdown {
                         "sweep stopped".to_string()
