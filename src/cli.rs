@@ -268,7 +268,7 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
         }
         SweepCommand::Wait { sweep, db, socket } => {
             let socket = socket.path();
-            let db = db.map(|p| std::path::absolute(&p).unwrap_or(p));
+            let db = db.map(|p| crate::daemon::db_path(&p));
             client_rt()?.block_on(async {
                 let mut c = Client::connect(&socket).await?;
                 c.send(&ClientMsg::Wait { sweep, db }).await?;
@@ -472,7 +472,7 @@ fn run_detached(args: &RunArgs) -> Result<()> {
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let submit = crate::daemon::protocol::Submit {
         profile: args.profile.as_deref().map(abs),
-        db: abs(&args.db),
+        db: crate::daemon::db_path(&args.db),
         resume: args.resume,
         retry_failed: args.retry_failed,
     };

@@ -624,7 +624,10 @@ fn a_sweep_that_cannot_start_is_reported_by_wait() {
     );
     let o = env.run(&["wait", "7"], 30);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("lorascope report --sweep 7"), "{err}");
+    assert!(
+        !o.status.success() && err.contains("lorascope report --sweep 7"),
+        "{err}"
+    );
     // Nothing runs now: a retry is done by queueing the sweep again.
     let o = env.run(&["queue", "retry", "abc"], 30);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -657,8 +660,17 @@ fn the_same_sweep_id_from_two_databases_needs_db_to_wait() {
     let (db_a, db_b) = (env.db(), env.path("other.db"));
     env.start_daemon();
     env.ok(&["queue", "pause"], 20);
-    // Each database numbers its sweeps from 1.
+    // Each database numbers its sweeps from 1. A wait that began while the id was unique keeps
+    // to its database when the other sweep 1 arrives.
     assert!(env.detach(&profile, &db_a).contains("sweep 1"));
+    let early_wait = env
+        .cmd()
+        .args(["wait", "1"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
     assert!(env.detach(&profile, &db_b).contains("sweep 1"));
     let o = env.run(&["wait", "1"], 30);
     let err = String::from_utf8_lossy(&o.stderr);
@@ -668,6 +680,15 @@ fn the_same_sweep_id_from_two_databases_needs_db_to_wait() {
         "{err}"
     );
     env.ok(&["queue", "resume"], 20);
+    let o = early_wait.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success() && out.contains("sweep 1 finished"),
+        "{out}{err}"
+    );
     let out = env.ok(&["wait", "1", "--db", db_b.to_str().unwrap()], 60);
     assert!(out.contains("sweep 1 finished"), "{out}");
     assert_eq!(runs(&db_b, 1).len(), 1);

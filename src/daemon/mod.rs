@@ -30,6 +30,20 @@ fn uid() -> u32 {
     unsafe { libc::getuid() }
 }
 
+/// How clients name a results database to the daemon: absolute, with the directory's `..`
+/// and symlinks resolved when it exists, so `--db r.db` and `--db ../here/r.db` are the same
+/// database (the daemon compares these paths to tell sweeps of different databases apart).
+pub fn db_path(db: &Path) -> PathBuf {
+    let abs = std::path::absolute(db).unwrap_or_else(|_| db.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => dir
+            .canonicalize()
+            .map(|d| d.join(name))
+            .unwrap_or(abs.clone()),
+        _ => abs,
+    }
+}
+
 /// The directory of the socket: `$LORASCOPE_RUNTIME_DIR`, else `$XDG_RUNTIME_DIR/lorascope`,
 /// else `/tmp/lorascope-<uid>`.
 pub fn runtime_dir() -> PathBuf {
@@ -80,4 +94,25 @@ pub fn ensure_private_dir(dir: &Path) -> Result<(), String> {
             .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod db_path_tests {
+    use super::db_path;
+
+    /// `..` and symlinks in the directory resolve, so two spellings of one database agree.
+    #[test]
+    fn spellings_of_one_database_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        std::fs::create_dir(&a).unwrap();
+        std::os::unix::fs::symlink(&a, dir.path().join("link")).unwrap();
+        let plain = db_path(&a.join("r.db"));
+        assert!(plain.is_absolute());
+        assert_eq!(db_path(&a.join("..").join("a").join("r.db")), plain);
+        assert_eq!(db_path(&dir.path().join("link").join("r.db")), plain);
+        // A directory that does not exist yet: absolute, as given.
+        let missing = dir.path().join("nope").join("r.db");
+        assert_eq!(db_path(&missing), missing);
+    }
 }

@@ -236,7 +236,10 @@ enum Bcast {
     NewSweep,
 }
 
-/// What connections read; written by the manager.
+/// What `wait` learned: `Some((complete, message))` once done, and the results database the
+/// awaited sweep id was found in.
+type WaitState = (Option<(bool, String)>, Option<PathBuf>);
+
 /// How a sweep ended.
 #[derive(Debug, Clone)]
 struct Ended {
@@ -259,6 +262,7 @@ impl Ended {
     }
 }
 
+/// What connections read; written by the manager.
 #[derive(Default)]
 struct Shared {
     history: Option<History>,
@@ -352,33 +356,34 @@ impl Hub {
         }
     }
 
-    /// `Some((complete, message))` once what `wait` waits for has happened. Sweep `id` is
-    /// looked up in every results database the daemon has seen, or in `db` alone; an id found
-    /// in several databases needs `db`.
-    fn wait_state(
-        &self,
-        sweep: Option<i64>,
-        db: Option<&Path>,
-    ) -> Result<Option<(bool, String)>, String> {
+    /// `Some((complete, message))` once what `wait` waits for has happened, and the database
+    /// sweep `id` was found in (a waiter keeps to it, so a later sweep with the same id from
+    /// another database does not make its wait ambiguous). Sweep `id` is looked up in every
+    /// results database the daemon has seen, or in `db` alone; an id found in several
+    /// databases needs `db`.
+    fn wait_state(&self, sweep: Option<i64>, db: Option<&Path>) -> Result<WaitState, String> {
         let sh = self.lock();
         let Some(id) = sweep else {
             if sh.busy || !sh.pending.is_empty() {
-                return Ok(None);
+                return Ok((None, None));
             }
             let last = sh
                 .last_ended
                 .as_ref()
                 .and_then(|k| Some((k.1, sh.ended.get(k)?)));
-            return Ok(Some(match last {
-                Some((id, e)) => (
-                    e.complete,
-                    format!(
-                        "no sweep running or queued; the last one: {}",
-                        e.message(id)
+            return Ok((
+                Some(match last {
+                    Some((id, e)) => (
+                        e.complete,
+                        format!(
+                            "no sweep running or queued; the last one: {}",
+                            e.message(id)
+                        ),
                     ),
-                ),
-                None => (true, "no sweep running or queued".to_string()),
-            }));
+                    None => (true, "no sweep running or queued".to_string()),
+                }),
+                None,
+            ));
         };
         let wanted = |d: &Path| db.is_none_or(|w| w == d);
         let current = sh
@@ -411,12 +416,14 @@ impl Hub {
                         .as_ref()
                         .is_some_and(|h| h.info.sweep_id == id && &h.info.db == d);
                 if active || sh.pending.iter().any(|p| p.sweep_id == id && &p.db == d) {
-                    return Ok(None);
+                    return Ok((None, Some(d.clone())));
                 }
-                Ok(sh
-                    .ended
-                    .get(&(d.clone(), id))
-                    .map(|e| (e.complete, e.message(id))))
+                Ok((
+                    sh.ended
+                        .get(&(d.clone(), id))
+                        .map(|e| (e.complete, e.message(id))),
+                    Some(d.clone()),
+                ))
             }
             several => Err(format!(
                 "sweep {id} is queued from {} results databases ({}): add --db FILE",
@@ -557,9 +564,9 @@ async fn serve_client(stream: UnixStream, hub: Arc<Hub>) {
                             ask(&hub, Ctl::Stop(finish, tx), rx, |message| ServerMsg::Ok { message }).await
                         }
                         ClientMsg::Wait { sweep, db } => match hub.wait_state(sweep, db.as_deref()) {
-                            Ok(Some((complete, message))) => ServerMsg::Done { sweep_id: sweep, complete, message },
-                            Ok(None) => {
-                                waiting = Some((sweep, db, hub.changed.subscribe()));
+                            Ok((Some((complete, message)), _)) => ServerMsg::Done { sweep_id: sweep, complete, message },
+                            Ok((None, resolved)) => {
+                                waiting = Some((sweep, resolved.or(db), hub.changed.subscribe()));
                                 continue;
                             }
                             Err(e) => error(e),
@@ -604,8 +611,8 @@ async fn serve_client(stream: UnixStream, hub: Arc<Hub>) {
                     (w.0, w.1.clone())
                 };
                 let reply = match hub.wait_state(sweep, db.as_deref()) {
-                    Ok(None) => continue,
-                    Ok(Some((complete, message))) => ServerMsg::Done { sweep_id: sweep, complete, message },
+                    Ok((None, _)) => continue,
+                    Ok((Some((complete, message)), _)) => ServerMsg::Done { sweep_id: sweep, complete, message },
                     Err(e) => error(e),
                 };
                 waiting = None;

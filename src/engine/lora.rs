@@ -371,7 +371,11 @@ impl LoraProjection {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && super::lora_cuda::supported(x.dtype()) {
+        if x.device().is_cuda()
+            && super::lora_cuda::supported(x.dtype())
+            && a.dtype() == DType::F32
+            && b.dtype() == DType::F32
+        {
             let (dx, da, db) = super::lora_cuda::backward(self, x, a, b, dy)?;
             return Ok((Some(dx), Some(da), Some(db)));
         }
@@ -427,7 +431,10 @@ impl candle_core::CustomOp3 for LoraProjection {
         use super::ops::{cuda_in, cuda_out};
         use candle_core::backend::BackendStorage;
         let dev = candle_core::Device::Cuda(s1.device().clone());
-        if super::lora_cuda::supported(s1.dtype()) {
+        if super::lora_cuda::supported(s1.dtype())
+            && s2.dtype() == DType::F32
+            && s3.dtype() == DType::F32
+        {
             let y = super::prof::section("lora-projection", "fwd", &dev, || {
                 super::lora_cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
             })?;
