@@ -407,7 +407,8 @@ fn training_is_deterministic() {
     assert_eq!(run(), run());
 }
 
-/// PEFT save writes the adapter tensors with PEFT key names and shapes.
+/// PEFT save writes the adapter tensors with PEFT key names and shapes, readable like the
+/// config file.
 #[test]
 fn peft_adapter_files() {
     let dir = tempfile::tempdir().unwrap();
@@ -430,6 +431,19 @@ fn peft_adapter_files() {
     .unwrap();
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 16);
+    // Both files get the same (umask) permissions: the tensors are not owner-only.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |f: &str| {
+        std::fs::metadata(dir.path().join("adapter").join(f))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(
+        mode("adapter_model.safetensors"),
+        mode("adapter_config.json")
+    );
 }
 
 fn lora_r4() -> LoraConfig {

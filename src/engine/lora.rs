@@ -658,8 +658,11 @@ pub fn save_peft(
             ad.b.as_tensor().clone(),
         );
     }
-    let tensors: std::collections::HashMap<_, _> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&tensors, dir.join("adapter_model.safetensors"))?;
+    // Serialised in memory and written with std::fs::write, so the file gets the usual
+    // permissions (0666 less the umask) like adapter_config.json; safetensors' own file writer
+    // leaves it owner-only (0600).
+    let bytes = safetensors::serialize(tensors.iter(), None)?;
+    std::fs::write(dir.join("adapter_model.safetensors"), bytes)?;
     let config = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
