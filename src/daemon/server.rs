@@ -386,45 +386,40 @@ impl Hub {
             ));
         };
         let wanted = |d: &Path| db.is_none_or(|w| w == d);
-        let current = sh
+        // Databases where sweep `id` is running or queued, then where it has ended.
+        let active: Vec<PathBuf> = sh
             .history
             .as_ref()
             .filter(|h| sh.busy && h.info.sweep_id == id && wanted(&h.info.db))
-            .map(|h| h.info.db.clone());
-        let queued = sh
-            .pending
-            .iter()
-            .filter(|p| p.sweep_id == id && wanted(&p.db))
-            .map(|p| p.db.clone());
+            .map(|h| h.info.db.clone())
+            .into_iter()
+            .chain(
+                sh.pending
+                    .iter()
+                    .filter(|p| p.sweep_id == id && wanted(&p.db))
+                    .map(|p| p.db.clone()),
+            )
+            .collect();
         let ended = sh
             .ended
             .keys()
             .filter(|(d, i)| *i == id && wanted(d))
             .map(|(d, _)| d.clone());
-        let mut dbs: Vec<PathBuf> = current.into_iter().chain(queued).chain(ended).collect();
+        let mut dbs: Vec<PathBuf> = active.iter().cloned().chain(ended).collect();
         dbs.sort();
         dbs.dedup();
         match dbs.as_slice() {
             [] => Err(format!(
                 "sweep {id} is not queued on this daemon (see `lorascope status`); if it ran under an earlier daemon, `lorascope report --sweep {id}` has its results"
             )),
-            [d] => {
-                // Running or queued again (`run --resume`) counts before an earlier end.
-                let active = sh.busy
-                    && sh
-                        .history
-                        .as_ref()
-                        .is_some_and(|h| h.info.sweep_id == id && &h.info.db == d);
-                if active || sh.pending.iter().any(|p| p.sweep_id == id && &p.db == d) {
-                    return Ok((None, Some(d.clone())));
-                }
-                Ok((
-                    sh.ended
-                        .get(&(d.clone(), id))
-                        .map(|e| (e.complete, e.message(id))),
-                    Some(d.clone()),
-                ))
-            }
+            // Running or queued again (`run --resume`) counts before an earlier end.
+            [d] if active.contains(d) => Ok((None, Some(d.clone()))),
+            [d] => Ok((
+                sh.ended
+                    .get(&(d.clone(), id))
+                    .map(|e| (e.complete, e.message(id))),
+                Some(d.clone()),
+            )),
             several => Err(format!(
                 "sweep {id} is queued from {} results databases ({}): add --db FILE",
                 several.len(),
