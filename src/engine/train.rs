@@ -520,7 +520,9 @@ pub fn train(
     if !profile.is_empty() {
         eprint!("{profile}");
     }
-    if timed_seconds == 0.0 {
+    // Steps after warm-up; when warm-up covered every step, tokens/s is over all of them.
+    let timed_steps = opts.steps.saturating_sub(opts.warmup_steps);
+    if timed_steps == 0 {
         timed_tokens = tokens;
         timed_seconds = seconds;
     }
@@ -544,7 +546,7 @@ pub fn train(
         tokens,
         seconds,
         tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
-        timed_steps: opts.steps.saturating_sub(opts.warmup_steps),
+        timed_steps,
         skipped_steps,
         peak_rss_bytes: peak_rss_bytes(),
         adapter_dir,
