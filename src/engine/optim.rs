@@ -231,12 +231,7 @@ impl AdamW {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             let h = hyper(&c, lr, bc1, bc2, grad_scale);
-            for (i, var) in self.vars.iter().enumerate() {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    gpu.step_var(i, var, g, super::optim_cuda::Math::F32, &h)?;
-                }
-            }
-            return Ok(());
+            return gpu.step_all(&self.vars, grads, super::optim_cuda::Math::F32, &h);
         }
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {
@@ -431,12 +426,7 @@ impl AdamW8bit {
         #[cfg(feature = "cuda")]
         if let Some(gpu) = &self.gpu {
             let h = hyper(&c, lr, bc1, bc2, grad_scale);
-            for (i, var) in self.vars.iter().enumerate() {
-                if let Some(g) = grads.get(var.as_tensor()) {
-                    gpu.step_var(i, var, g, super::optim_cuda::Math::F64, &h)?;
-                }
-            }
-            return Ok(());
+            return gpu.step_all(&self.vars, grads, super::optim_cuda::Math::F64, &h);
         }
         for (i, var) in self.vars.iter().enumerate() {
             let Some(g) = grads.get(var.as_tensor()) else {

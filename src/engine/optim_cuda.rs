@@ -434,8 +434,25 @@ impl GpuStates {
         matches!(self.slots[i], Slot::Q8 { .. })
     }
 
+    /// Update every variable of `vars` (index `i` owning state slot `i`) that has a gradient
+    /// in `grads`, in place; the others stay as they are.
+    pub(crate) fn step_all(
+        &self,
+        vars: &[Var],
+        grads: &candle_core::backprop::GradStore,
+        math: Math,
+        h: &Hyper,
+    ) -> Result<()> {
+        for (i, var) in vars.iter().enumerate() {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                self.step_var(i, var, g, math, h)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Update variable `i` in place from `grad` (any float dtype, same shape).
-    pub(crate) fn step_var(
+    fn step_var(
         &self,
         i: usize,
         var: &Var,
