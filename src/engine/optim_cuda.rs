@@ -452,14 +452,7 @@ impl GpuStates {
     }
 
     /// Update variable `i` in place from `grad` (any float dtype, same shape).
-    fn step_var(
-        &self,
-        i: usize,
-        var: &Var,
-        grad: &Tensor,
-        math: Math,
-        h: &Hyper,
-    ) -> Result<()> {
+    fn step_var(&self, i: usize, var: &Var, grad: &Tensor, math: Math, h: &Hyper) -> Result<()> {
         let g = grad.to_dtype(DType::F32)?.contiguous()?;
         let op = StepOp {
             slot: &self.slots[i],
