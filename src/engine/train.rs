@@ -2,42 +2,27 @@
 //! [`StepRecord`] per step and a [`Summary`] at the end.
 
 use super::config::ModelSource;
-use super::data::{Batcher, DataFormat, Packing, Record, Tokenizer, bundled_sample, load_records};
+use super::data::{Batcher, Packing, Record, Tokenizer, bundled_sample, load_records};
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
-use super::nf4::Quant;
-use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
+use super::optim::{AdamWConfig, AnyOptimizer, Schedule, lr_at};
 use super::prof;
 use super::scaler::{LossScaler, LossScalerConfig};
 use super::vram::{MemoryReport, VramReservation};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
+use crate::spec::{DataFormat, Optimizer, Precision, Quant};
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Compute precision of the base weights and activations (`--precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// IEEE float32 everywhere.
-    Fp32,
-    /// float16 compute with dynamic loss scaling (PyTorch GradScaler semantics), f32 master weights and
-    /// optimizer state.
-    Fp16,
-    /// bfloat16 compute, f32 master weights and optimizer state.
-    Bf16,
-}
-
-impl Precision {
-    /// The candle dtype of the compute path.
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::Fp32 => DType::F32,
-            Precision::Fp16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
+/// The candle dtype of the compute path at `precision`.
+pub fn compute_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Fp16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
     }
 }
 
@@ -68,7 +53,7 @@ pub struct TrainOptions {
     /// AdamW settings (shared by every optimizer kind).
     pub adamw: AdamWConfig,
     /// Optimizer: AdamW with f32 or 8-bit block-wise moments.
-    pub optimizer: OptimizerKind,
+    pub optimizer: Optimizer,
     /// Clip the global gradient norm to this (HF Trainer's `max_grad_norm`); 0 disables.
     pub max_grad_norm: f64,
     /// Seed for data order, adapter init, dropout and synthetic weights.
@@ -350,7 +335,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         None => None,
     }
     .unwrap_or(WeightSource::Synthetic { seed: opts.seed });
-    let dtype = opts.precision.dtype();
+    let dtype = compute_dtype(opts.precision);
     let mut model = Model::new_quantized(
         cfg, &opts.lora, &weights, dtype, &device, opts.seed, opts.quant,
     )?;

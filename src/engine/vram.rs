@@ -288,7 +288,7 @@ impl MemoryReport {
     /// Report for an optimizer of `kind` with state `bytes` on `device`, and the reservation.
     pub fn new(
         bytes: super::optim::StateBytes,
-        kind: super::optim::OptimizerKind,
+        kind: crate::spec::Optimizer,
         device: &Device,
         vram: Option<&VramReservation>,
     ) -> Self {

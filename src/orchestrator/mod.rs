@@ -19,7 +19,7 @@ pub use process::{RunRequest, RunResult, WorkerCommand};
 pub use queue::{Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueError, QueueSnapshot};
 
 use crate::grid::RunSpec;
-use crate::profile::Device;
+use crate::spec::Device;
 use crate::store::{FinishedRun, Store, StoreError};
 use crate::summary::{RunStatus, RunSummary, StepRecord};
 use crate::telemetry::TelemetrySample;

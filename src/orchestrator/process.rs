@@ -10,7 +10,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::profile::Device;
+use crate::spec::Device;
 use crate::summary::{
     RunOutcome, RunStatus, RunSummary, StepRecord, WorkerLine, parse_worker_line, summarize,
 };
