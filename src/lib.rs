@@ -3,7 +3,7 @@
 //! The crate is a library with a thin binary (`src/main.rs`). Data flows one way:
 //! profile -> grid -> orchestrator -> worker (`lorascope train --json`, the [`engine`])
 //! -> store -> report / ui. [`spec`] holds the vocabulary they share (devices, precisions,
-//! optimizers, LoRA targets, data formats).
+//! optimizers, LoRA targets, data formats, the worker's JSON-lines records).
 
 pub mod cli;
 pub mod daemon;

@@ -7,13 +7,11 @@ use crate::engine::EngineError;
 use crate::engine::lora::LoraConfig;
 use crate::engine::optim::{AdamWConfig, Schedule};
 use crate::engine::train::{TrainEvent, TrainOptions, train};
+use crate::spec::wire::{EXIT_FAILURE, EXIT_OK, EXIT_OOM};
 use crate::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant, UnknownName};
 use clap::builder::PossibleValue;
 use std::io::Write;
 use std::path::PathBuf;
-
-/// Exit status for CUDA (or host) out of memory, so the orchestrator can record `oom`.
-pub const EXIT_OOM: i32 = 3;
 
 /// Arguments of `lorascope train`.
 #[derive(Debug, Clone, clap::Args)]
@@ -258,9 +256,9 @@ fn human(ev: &TrainEvent) {
             eprintln!(
                 "  optimizer {}: state {:.1} MiB device, {:.1} MiB managed, {:.1} MiB host",
                 h.options.optimizer,
-                m.optimizer_state_device_bytes as f64 / 1048576.0,
-                m.optimizer_state_managed_bytes as f64 / 1048576.0,
-                m.optimizer_state_host_bytes as f64 / 1048576.0
+                m.optimizer_state_device_bytes.unwrap_or(0) as f64 / 1048576.0,
+                m.optimizer_state_managed_bytes.unwrap_or(0) as f64 / 1048576.0,
+                m.optimizer_state_host_bytes.unwrap_or(0) as f64 / 1048576.0
             );
             for note in [&m.optimizer_note, &m.vram_note].into_iter().flatten() {
                 eprintln!("  {note}");
@@ -269,13 +267,12 @@ fn human(ev: &TrainEvent) {
         TrainEvent::Step(s) => eprintln!(
             "step {:>4}  loss {:.4}  lr {}  |g| {:.3}  {:.0} tokens/s  ({:.3} s){}{}",
             s.step,
-            s.loss,
-            if s.lr == 0.0 {
-                "0".to_string()
-            } else {
-                format!("{:.2e}", s.lr)
+            s.loss.unwrap_or(f64::NAN),
+            match s.lr.filter(|&lr| lr != 0.0) {
+                Some(lr) => format!("{lr:.2e}"),
+                None => "0".to_string(),
             },
-            s.grad_norm,
+            s.grad_norm.unwrap_or(f64::NAN),
             s.tokens as f64 / s.step_seconds.max(1e-12),
             s.step_seconds,
             s.loss_scale
@@ -337,7 +334,7 @@ pub fn run(args: &TrainArgs) -> i32 {
         })
     });
     match result {
-        Ok(_) => 0,
+        Ok(_) => EXIT_OK,
         Err(e) => {
             let msg = e.to_string();
             let line = msg.lines().next().unwrap_or("unknown error");
@@ -345,7 +342,7 @@ pub fn run(args: &TrainArgs) -> i32 {
             if matches!(e, EngineError::OutOfMemory { .. }) {
                 EXIT_OOM
             } else {
-                1
+                EXIT_FAILURE
             }
         }
     }

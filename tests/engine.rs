@@ -377,7 +377,7 @@ fn loss_falls_on_alpaca_slice() {
     let mut losses = Vec::new();
     train(&opts(&data, 100), |ev| {
         if let TrainEvent::Step(s) = ev {
-            losses.push(s.loss)
+            losses.push(s.loss.unwrap())
         }
     })
     .unwrap();
@@ -396,7 +396,7 @@ fn training_is_deterministic() {
         let mut l = Vec::new();
         train(&opts("sample", 4), |ev| {
             if let TrainEvent::Step(s) = ev {
-                l.push(s.loss)
+                l.push(s.loss.unwrap())
             }
         })
         .unwrap();
@@ -694,7 +694,7 @@ fn losses_of(o: &TrainOptions) -> (Vec<f64>, Vec<(Option<f64>, bool)>) {
     let mut s = Vec::new();
     train(o, |ev| {
         if let TrainEvent::Step(r) = ev {
-            l.push(r.loss);
+            l.push(r.loss.unwrap());
             s.push((r.loss_scale, r.skipped));
         }
     })

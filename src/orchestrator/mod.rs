@@ -20,8 +20,9 @@ pub use queue::{Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueErro
 
 use crate::grid::RunSpec;
 use crate::spec::Device;
+use crate::spec::wire::StepRecord;
 use crate::store::{FinishedRun, Store, StoreError};
-use crate::summary::{RunStatus, RunSummary, StepRecord};
+use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
 /// Where `Move` puts a queued run.

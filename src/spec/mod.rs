@@ -1,6 +1,6 @@
 //! The shared vocabulary of the crate, each concept defined once: the device a run uses, its
 //! numerics (compute precision, base-weight quantisation), the optimizer, the LoRA target
-//! projections, and the dataset format.
+//! projections, the dataset format, and the worker's JSON-lines records ([`wire`]).
 //!
 //! A leaf: nothing here imports another module of the crate, and nothing here needs candle.
 //! Helpers that need the engine (the candle dtype of a [`Precision`], the optimizer that
@@ -16,6 +16,7 @@ mod device;
 mod lora;
 mod numerics;
 mod optimizer;
+pub mod wire;
 
 pub use data::DataFormat;
 pub use device::{Device, DeviceKind};
@@ -117,6 +118,7 @@ mod tests {
             ("lora.rs", include_str!("lora.rs")),
             ("numerics.rs", include_str!("numerics.rs")),
             ("optimizer.rs", include_str!("optimizer.rs")),
+            ("wire.rs", include_str!("wire.rs")),
         ];
         let upward = [concat!("crate", "::"), concat!("super::", "super")];
         for (name, src) in files {
