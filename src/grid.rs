@@ -24,10 +24,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::profile::{
-    DataFormat, Device, DeviceKind, GridSection, LoadedProfile, LoraTarget, Optimizer,
-    PartialPoint, Precision, Profile, Quant, parse_bytes,
-};
+use crate::profile::{GridSection, LoadedProfile, PartialPoint, Profile, parse_bytes};
+use crate::spec::{DataFormat, Device, DeviceKind, LoraTarget, Optimizer, Precision, Quant};
 
 /// One point of the grid: a value for every axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -93,9 +91,9 @@ impl Axes {
         Axes {
             batch_size: or(&g.batch_size, 1),
             seq_len: or(&g.seq_len, 256),
-            optimizer: or(&g.optimizer, Optimizer::Adamw),
+            optimizer: or(&g.optimizer, Optimizer::AdamW),
             precision: or(&g.precision, Precision::Fp32),
-            quant: or(&g.quant, Quant::NoQuant),
+            quant: or(&g.quant, Quant::None),
             lora_rank: or(&g.lora_rank, default_rank),
             grad_checkpointing: or(&g.grad_checkpointing, false),
         }

@@ -2,7 +2,8 @@
 //!
 //! The crate is a library with a thin binary (`src/main.rs`). Data flows one way:
 //! profile -> grid -> orchestrator -> worker (`lorascope train --json`, the [`engine`])
-//! -> store -> report / ui.
+//! -> store -> report / ui. [`spec`] holds the vocabulary they share (devices, precisions,
+//! optimizers, LoRA targets, data formats, the worker's JSON-lines records).
 
 pub mod cli;
 pub mod daemon;
@@ -11,6 +12,7 @@ pub mod grid;
 pub mod orchestrator;
 pub mod profile;
 pub mod report;
+pub mod spec;
 pub mod store;
 pub mod summary;
 pub mod telemetry;

@@ -26,6 +26,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use toml::de::{DeTable, DeValue};
 
+use crate::spec::{DataFormat, Device, LoraTarget, Optimizer, Precision, Quant};
+
 /// A parsed, validated profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,17 +69,6 @@ fn default_true() -> bool {
     true
 }
 
-/// Dataset format, as the worker's `--format` flag spells it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DataFormat {
-    #[default]
-    Auto,
-    Alpaca,
-    Text,
-    Plain,
-}
-
 /// `[lora]`: adapter settings. `rank` is the default of the `grid.lora_rank` axis.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,19 +102,6 @@ impl Default for LoraSection {
             targets: default_targets(),
         }
     }
-}
-
-/// A projection that gets a LoRA adapter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LoraTarget {
-    Q,
-    K,
-    V,
-    O,
-    Gate,
-    Up,
-    Down,
 }
 
 /// `[run]`: settings shared by every point.
@@ -204,101 +182,6 @@ pub struct PartialPoint {
     pub lora_rank: Option<u32>,
     #[serde(default)]
     pub grad_checkpointing: Option<bool>,
-}
-
-/// Optimizer, as the worker's `--optimizer` flag spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Optimizer {
-    Adamw,
-    Adamw8bit,
-    PagedAdamw,
-    PagedAdamw8bit,
-}
-
-/// Compute precision, as the worker's `--precision` flag spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    Fp32,
-    Fp16,
-    Bf16,
-}
-
-/// Base-weight quantisation, as the worker's `--quant` flag spells it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum Quant {
-    #[serde(rename = "none")]
-    NoQuant,
-    #[serde(rename = "nf4")]
-    Nf4,
-}
-
-macro_rules! impl_as_str {
-    ($t:ty { $($v:ident => $s:literal),* $(,)? }) => {
-        impl $t {
-            /// The spelling used in profiles and on the worker's command line.
-            pub fn as_str(self) -> &'static str {
-                match self { $(Self::$v => $s),* }
-            }
-        }
-        impl fmt::Display for $t {
-            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str(self.as_str())
-            }
-        }
-    };
-}
-
-impl_as_str!(DataFormat { Auto => "auto", Alpaca => "alpaca", Text => "text", Plain => "plain" });
-impl_as_str!(LoraTarget { Q => "q", K => "k", V => "v", O => "o", Gate => "gate", Up => "up", Down => "down" });
-impl_as_str!(Optimizer { Adamw => "adamw", Adamw8bit => "adamw8bit", PagedAdamw => "paged_adamw", PagedAdamw8bit => "paged_adamw8bit" });
-impl_as_str!(Precision { Fp32 => "fp32", Fp16 => "fp16", Bf16 => "bf16" });
-impl_as_str!(Quant { NoQuant => "none", Nf4 => "nf4" });
-
-/// What kind of device a profile runs on (all its devices are of one kind).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum DeviceKind {
-    Cpu,
-    Cuda,
-}
-
-/// A device slot parsed from `run.devices`: `cpu` or `cuda:N` (N = the NVML/physical index).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Device {
-    Cpu,
-    Cuda(u32),
-}
-
-impl Device {
-    /// Parses `cpu` or `cuda:N`.
-    pub fn parse(s: &str) -> Option<Device> {
-        if s == "cpu" {
-            return Some(Device::Cpu);
-        }
-        let n = s.strip_prefix("cuda:")?;
-        if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        n.parse().ok().map(Device::Cuda)
-    }
-
-    pub fn kind(self) -> DeviceKind {
-        match self {
-            Device::Cpu => DeviceKind::Cpu,
-            Device::Cuda(_) => DeviceKind::Cuda,
-        }
-    }
-}
-
-impl fmt::Display for Device {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Device::Cpu => f.write_str("cpu"),
-            Device::Cuda(n) => write!(f, "cuda:{n}"),
-        }
-    }
 }
 
 /// `run.devices = ["cuda"]`: one slot per GPU this process can see.
@@ -651,7 +534,7 @@ fn span_of_path(source: &str, path: &[KeySeg]) -> Option<Range<usize>> {
 
 type Invalid = (Vec<KeySeg>, String);
 
-fn check_axis<T: PartialEq + fmt::Debug>(
+fn check_axis<T: PartialEq + fmt::Display>(
     axis: &Option<Vec<T>>,
     name: &str,
     mut ok: impl FnMut(&T) -> Result<(), String>,
@@ -669,7 +552,7 @@ fn check_axis<T: PartialEq + fmt::Debug>(
         p.push(KeySeg::Index(i));
         ok(v).map_err(|m| (p.clone(), m))?;
         if values[..i].contains(v) {
-            return Err((p, format!("duplicate value {v:?} on axis `{name}`")));
+            return Err((p, format!("duplicate value {v} on axis `{name}`")));
         }
     }
     Ok(())

@@ -15,7 +15,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 use serde_json::Value;
 
 use crate::grid::RunSpec;
-use crate::summary::{RunStatus, RunSummary, StepRecord};
+use crate::spec::wire::StepRecord;
+use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
 /// Store errors.
@@ -517,6 +518,7 @@ impl Store {
                 step_seconds: r.get(5)?,
                 loss: r.get(6)?,
                 lr: r.get(7)?,
+                grad_norm: None,
                 loss_scale: r.get(8)?,
                 skipped: r.get(9)?,
             })
@@ -580,6 +582,7 @@ mod tests {
             step_seconds: 0.5,
             loss: Some(2.0),
             lr: None,
+            grad_norm: None,
             loss_scale: None,
             skipped: false,
             t: 0.6,

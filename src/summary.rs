@@ -1,5 +1,5 @@
-//! The worker's JSON-lines protocol (what `lorascope train --json` prints) and the per-run
-//! summary computed from it plus telemetry.
+//! Reading the worker's JSON lines (the records of [`crate::spec::wire`]) and the per-run
+//! summary computed from them plus telemetry.
 //!
 //! Throughput is computed here from the step records, not taken from the worker: the timed
 //! window is every step after the first `warmup_steps` (if `steps <= warmup_steps`, all steps,
@@ -8,6 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::spec::wire::{self, MemoryReport, StepRecord};
 use crate::telemetry::TelemetrySample;
 
 /// How a run ended (or that it is still running / was skipped).
@@ -69,33 +70,6 @@ impl std::fmt::Display for RunStatus {
     }
 }
 
-/// One `{"type":"step",...}` line. Unknown fields are ignored.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct StepRecord {
-    pub step: u64,
-    /// Real (non-padding) tokens in the batch.
-    pub tokens: u64,
-    #[serde(default)]
-    pub padded_tokens: Option<u64>,
-    #[serde(default)]
-    pub target_tokens: Option<u64>,
-    /// Wall time of the step measured by the worker (s).
-    pub step_seconds: f64,
-    #[serde(default)]
-    pub loss: Option<f64>,
-    #[serde(default)]
-    pub lr: Option<f64>,
-    #[serde(default)]
-    pub loss_scale: Option<f64>,
-    /// fp16 step skipped by the loss scaler (inf/nan gradients).
-    #[serde(default)]
-    pub skipped: bool,
-    /// Arrival time at the orchestrator, seconds since the child was spawned (not from the
-    /// worker).
-    #[serde(default)]
-    pub t: f64,
-}
-
 /// A classified stdout line of the worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerLine {
@@ -108,7 +82,9 @@ pub enum WorkerLine {
     Warning(String),
 }
 
-/// Classifies one stdout line (lenient: unknown fields and types are ignored).
+/// Classifies one stdout line by its `"type"` (the tags of [`wire::Event`]); lenient:
+/// unknown fields and types are ignored. A step's `t` is reset to 0 (the caller stamps the
+/// arrival time).
 pub fn parse_worker_line(line: &str) -> WorkerLine {
     let trimmed = line.trim();
     let v: Value = match serde_json::from_str(trimmed) {
@@ -283,29 +259,37 @@ pub fn summarize(
     // Peaks over the whole run.
     s.peak_vram_process_bytes = samples.iter().filter_map(|x| x.proc_mem_bytes).max();
     s.peak_vram_device_bytes = samples.iter().filter_map(|x| x.mem_used_bytes).max();
-    let ws = outcome.worker_summary.as_ref();
-    let worker_u64 = |k: &str| ws.and_then(|v| v.get(k)).and_then(Value::as_u64);
+    let ws = outcome
+        .worker_summary
+        .as_ref()
+        .map(|v| wire::Summary::deserialize(v).unwrap_or_default());
     s.peak_rss_bytes = samples
         .iter()
         .flat_map(|x| [x.rss_bytes, x.hwm_bytes])
         .flatten()
-        .chain(worker_u64("peak_rss_bytes"))
+        .chain(ws.as_ref().and_then(|w| w.peak_rss_bytes))
         .max();
     if s.peak_vram_process_bytes.is_none() {
-        s.peak_vram_process_bytes = worker_u64("peak_vram_bytes");
+        s.peak_vram_process_bytes = ws.as_ref().and_then(|w| w.peak_vram_bytes);
     }
     // Worker-reported memory facts: from the summary, else the header (a run that ran out of
     // memory after starting has a header but no summary).
-    let wh = outcome.worker_header.as_ref();
-    let reported =
-        |k: &str| worker_u64(k).or_else(|| wh.and_then(|v| v.get(k)).and_then(Value::as_u64));
-    s.vram_limit_bytes = reported("vram_limit_bytes");
-    s.vram_reserved_bytes = reported("vram_reserved_bytes");
-    s.optimizer_state_managed_bytes = reported("optimizer_state_managed_bytes");
+    let header_memory = outcome
+        .worker_header
+        .as_ref()
+        .map(|v| MemoryReport::deserialize(v).unwrap_or_default());
+    let reported = |field: fn(&MemoryReport) -> Option<u64>| {
+        ws.as_ref()
+            .and_then(|w| field(&w.memory))
+            .or_else(|| header_memory.as_ref().and_then(field))
+    };
+    s.vram_limit_bytes = reported(|m| m.vram_limit_bytes);
+    s.vram_reserved_bytes = reported(|m| m.vram_reserved_bytes);
+    s.optimizer_state_managed_bytes = reported(|m| m.optimizer_state_managed_bytes);
     s.optimizer_state_bytes = match (
-        reported("optimizer_state_device_bytes"),
+        reported(|m| m.optimizer_state_device_bytes),
         s.optimizer_state_managed_bytes,
-        reported("optimizer_state_host_bytes"),
+        reported(|m| m.optimizer_state_host_bytes),
     ) {
         (None, None, None) => None,
         (d, m, h) => Some(d.unwrap_or(0) + m.unwrap_or(0) + h.unwrap_or(0)),
@@ -434,6 +418,7 @@ mod tests {
             step_seconds: secs,
             loss: Some(10.0 - i as f64),
             lr: None,
+            grad_norm: None,
             loss_scale: None,
             skipped: i == 2,
             t,

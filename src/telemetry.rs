@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::profile::Device;
+use crate::spec::Device;
 
 /// Default sampling period (10 Hz).
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(100);

@@ -4,16 +4,14 @@
 //! with a one-line cause on stderr.
 
 use crate::engine::EngineError;
-use crate::engine::data::DataFormat;
-use crate::engine::lora::{LoraConfig, Target};
-use crate::engine::nf4::Quant;
-use crate::engine::optim::{AdamWConfig, OptimizerKind, Schedule};
-use crate::engine::train::{Precision, TrainEvent, TrainOptions, train};
+use crate::engine::lora::LoraConfig;
+use crate::engine::optim::{AdamWConfig, Schedule};
+use crate::engine::train::{TrainEvent, TrainOptions, train};
+use crate::spec::wire::{EXIT_FAILURE, EXIT_OK, EXIT_OOM};
+use crate::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant, UnknownName};
+use clap::builder::PossibleValue;
 use std::io::Write;
 use std::path::PathBuf;
-
-/// Exit status for CUDA (or host) out of memory, so the orchestrator can record `oom`.
-pub const EXIT_OOM: i32 = 3;
 
 /// Arguments of `lorascope train`.
 #[derive(Debug, Clone, clap::Args)]
@@ -28,7 +26,7 @@ pub struct TrainArgs {
     pub data: String,
     /// Dataset format.
     #[arg(long, value_enum, default_value = "auto")]
-    pub format: FormatArg,
+    pub format: DataFormat,
     /// One example per row, padded, instead of packing examples into full rows.
     #[arg(long)]
     pub no_packing: bool,
@@ -102,17 +100,39 @@ pub struct TrainArgs {
     pub json: bool,
 }
 
-/// `--format` values.
-#[derive(Debug, Clone, Copy, clap::ValueEnum)]
-pub enum FormatArg {
-    /// By extension and content.
-    Auto,
-    /// instruction / input / output records.
-    Alpaca,
-    /// {"text": ...} JSON lines.
-    Text,
-    /// One document per line.
-    Plain,
+/// `--format` values: the [`DataFormat`] spellings.
+impl clap::ValueEnum for DataFormat {
+    fn value_variants<'a>() -> &'a [Self] {
+        &DataFormat::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            DataFormat::Auto => "By extension and content",
+            DataFormat::Alpaca => "instruction / input / output records",
+            DataFormat::TextJsonl => "{\"text\": ...} JSON lines",
+            DataFormat::PlainText => "One document per line",
+        };
+        Some(PossibleValue::new(self.as_str()).help(help))
+    }
+}
+
+/// `--precision` values: the [`Precision`] spellings.
+impl clap::ValueEnum for Precision {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Precision::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<PossibleValue> {
+        let help = match self {
+            Precision::Fp32 => "IEEE float32 everywhere",
+            Precision::Fp16 => {
+                "float16 compute with dynamic loss scaling (PyTorch GradScaler semantics), f32 master weights and optimizer state"
+            }
+            Precision::Bf16 => "bfloat16 compute, f32 master weights and optimizer state",
+        };
+        Some(PossibleValue::new(self.as_str()).help(help))
+    }
 }
 
 impl TrainArgs {
@@ -120,16 +140,12 @@ impl TrainArgs {
     ///
     /// Errors: an option the engine does not support yet, or a malformed value.
     pub fn to_options(&self) -> Result<TrainOptions, EngineError> {
-        let quant = match self.quant.as_str() {
-            "none" => Quant::None,
-            "nf4" => Quant::Nf4,
-            other => {
-                return Err(EngineError::Invalid(format!(
-                    "--quant {other}: expected none or nf4"
-                )));
-            }
-        };
-        let optimizer = OptimizerKind::parse(&self.optimizer).map_err(EngineError::Invalid)?;
+        let quant: Quant = self.quant.parse().map_err(|e: UnknownName| {
+            EngineError::Invalid(format!("--quant {}: expected {}", e.given, e.expected))
+        })?;
+        let optimizer: Optimizer = self.optimizer.parse().map_err(|e: UnknownName| {
+            EngineError::Invalid(format!("--optimizer {}: expected {}", e.given, e.expected))
+        })?;
         let vram_limit = match &self.vram_limit {
             None => None,
             Some(v) => {
@@ -150,7 +166,9 @@ impl TrainArgs {
             .split(',')
             .filter(|s| !s.trim().is_empty())
         {
-            let t: Target = t.parse().map_err(EngineError::Invalid)?;
+            let t: LoraTarget = t
+                .parse()
+                .map_err(|e: UnknownName| EngineError::Invalid(e.to_string()))?;
             if !targets.contains(&t) {
                 targets.push(t);
             }
@@ -163,12 +181,7 @@ impl TrainArgs {
         Ok(TrainOptions {
             model: self.model.clone(),
             data: self.data.clone(),
-            format: match self.format {
-                FormatArg::Auto => DataFormat::Auto,
-                FormatArg::Alpaca => DataFormat::Alpaca,
-                FormatArg::Text => DataFormat::TextJsonl,
-                FormatArg::Plain => DataFormat::PlainText,
-            },
+            format: self.format,
             packing: !self.no_packing,
             batch_size: self.batch_size,
             seq_len: self.seq_len,
@@ -200,14 +213,6 @@ impl TrainArgs {
     }
 }
 
-/// A value's serde name (`fp16`, `nf4`, `gate`), as profiles and flags spell it.
-fn wire<T: serde::Serialize>(v: &T) -> String {
-    serde_json::to_value(v)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
-}
-
 fn human(ev: &TrainEvent) {
     match ev {
         TrainEvent::Header(h) => {
@@ -218,9 +223,7 @@ fn human(ev: &TrainEvent) {
             };
             eprintln!(
                 "lorascope train: {} on {} ({}), {weights}",
-                h.model,
-                h.device,
-                wire(&h.precision)
+                h.model, h.device, h.precision
             );
             eprintln!(
                 "  parameters: {} total, {} trainable (LoRA r={} alpha={} on {})",
@@ -232,14 +235,14 @@ fn human(ev: &TrainEvent) {
                     .lora
                     .targets
                     .iter()
-                    .map(wire)
+                    .map(|t| t.as_str())
                     .collect::<Vec<_>>()
                     .join(",")
             );
             eprintln!(
                 "  memory: base weights {:.1} MiB (quant {}{}), adapters+optimizer state {:.1} MiB; tokenizer: {}; {} examples",
                 h.weight_bytes as f64 / 1048576.0,
-                wire(&h.quant),
+                h.quant,
                 if h.options.grad_checkpointing {
                     ", gradient checkpointing"
                 } else {
@@ -252,10 +255,10 @@ fn human(ev: &TrainEvent) {
             let m = &h.memory;
             eprintln!(
                 "  optimizer {}: state {:.1} MiB device, {:.1} MiB managed, {:.1} MiB host",
-                wire(&h.options.optimizer),
-                m.optimizer_state_device_bytes as f64 / 1048576.0,
-                m.optimizer_state_managed_bytes as f64 / 1048576.0,
-                m.optimizer_state_host_bytes as f64 / 1048576.0
+                h.options.optimizer,
+                m.optimizer_state_device_bytes.unwrap_or(0) as f64 / 1048576.0,
+                m.optimizer_state_managed_bytes.unwrap_or(0) as f64 / 1048576.0,
+                m.optimizer_state_host_bytes.unwrap_or(0) as f64 / 1048576.0
             );
             for note in [&m.optimizer_note, &m.vram_note].into_iter().flatten() {
                 eprintln!("  {note}");
@@ -264,13 +267,12 @@ fn human(ev: &TrainEvent) {
         TrainEvent::Step(s) => eprintln!(
             "step {:>4}  loss {:.4}  lr {}  |g| {:.3}  {:.0} tokens/s  ({:.3} s){}{}",
             s.step,
-            s.loss,
-            if s.lr == 0.0 {
-                "0".to_string()
-            } else {
-                format!("{:.2e}", s.lr)
+            s.loss.unwrap_or(f64::NAN),
+            match s.lr.filter(|&lr| lr != 0.0) {
+                Some(lr) => format!("{lr:.2e}"),
+                None => "0".to_string(),
             },
-            s.grad_norm,
+            s.grad_norm.unwrap_or(f64::NAN),
             s.tokens as f64 / s.step_seconds.max(1e-12),
             s.step_seconds,
             s.loss_scale
@@ -332,7 +334,7 @@ pub fn run(args: &TrainArgs) -> i32 {
         })
     });
     match result {
-        Ok(_) => 0,
+        Ok(_) => EXIT_OK,
         Err(e) => {
             let msg = e.to_string();
             let line = msg.lines().next().unwrap_or("unknown error");
@@ -340,7 +342,7 @@ pub fn run(args: &TrainArgs) -> i32 {
             if matches!(e, EngineError::OutOfMemory { .. }) {
                 EXIT_OOM
             } else {
-                1
+                EXIT_FAILURE
             }
         }
     }

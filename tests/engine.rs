@@ -3,15 +3,13 @@
 
 use candle_core::{DType, Device, Tensor};
 use lorascope::engine::config::ModelSource;
-use lorascope::engine::data::{
-    Batcher, DataFormat, Packing, Tokenizer, bundled_sample, load_records,
-};
-use lorascope::engine::lora::{LoraConfig, Target};
+use lorascope::engine::data::{Batcher, Packing, Tokenizer, bundled_sample, load_records};
+use lorascope::engine::lora::LoraConfig;
 use lorascope::engine::loss::{ChunkedCrossEntropy, IGNORE_INDEX};
 use lorascope::engine::model::Model;
-use lorascope::engine::nf4::Quant;
-use lorascope::engine::train::{Precision, TrainEvent, TrainOptions, train};
+use lorascope::engine::train::{TrainEvent, TrainOptions, train};
 use lorascope::engine::weights::{WeightSource, save_checkpoint};
+use lorascope::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant};
 use rand::{Rng, SeedableRng};
 
 fn tiny_model(dtype: DType, lora: &LoraConfig, seed: u64) -> Model {
@@ -68,7 +66,7 @@ fn lora_gradients_match_finite_differences() {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: Target::ALL.to_vec(),
+        targets: LoraTarget::ALL.to_vec(),
     };
     // Master weights are f32 Vars; the compute path is f64 here.
     let model = tiny_model(DType::F64, &lora, 3);
@@ -83,7 +81,7 @@ fn lora_gradients_match_finite_differences() {
     let mut checked = 0;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(5);
     for layer in [0, n_layers - 1] {
-        for (k, target) in Target::ALL.iter().enumerate() {
+        for (k, target) in LoraTarget::ALL.iter().enumerate() {
             let ad = adapters[layer * 7 + k];
             for var in [&ad.a, &ad.b] {
                 let g = grads
@@ -288,7 +286,7 @@ fn safetensors_roundtrip_sharded() {
 fn trainable_count_matches_the_architecture() {
     let model = tiny_model(DType::F32, &LoraConfig::default(), 1);
     let cfg = model.config();
-    let expect: usize = Target::ALL
+    let expect: usize = LoraTarget::ALL
         .iter()
         .map(|t| {
             let (o, i) = cfg.projection_shape(*t);
@@ -301,7 +299,7 @@ fn trainable_count_matches_the_architecture() {
     assert_eq!(counts.total, cfg.num_parameters() + expect);
     // qwen2.5-1.5b: r = 16 on all seven projections of 28 layers.
     let q = ModelSource::resolve("qwen2.5-1.5b").unwrap().config;
-    let lora: usize = Target::ALL
+    let lora: usize = LoraTarget::ALL
         .iter()
         .map(|t| {
             let (o, i) = q.projection_shape(*t);
@@ -328,7 +326,7 @@ fn opts(data: &str, steps: usize) -> TrainOptions {
             lr: 2e-3,
             ..Default::default()
         },
-        optimizer: lorascope::engine::optim::OptimizerKind::AdamW,
+        optimizer: Optimizer::AdamW,
         max_grad_norm: 1.0,
         seed: 1,
         device: "cpu".into(),
@@ -379,7 +377,7 @@ fn loss_falls_on_alpaca_slice() {
     let mut losses = Vec::new();
     train(&opts(&data, 100), |ev| {
         if let TrainEvent::Step(s) = ev {
-            losses.push(s.loss)
+            losses.push(s.loss.unwrap())
         }
     })
     .unwrap();
@@ -398,7 +396,7 @@ fn training_is_deterministic() {
         let mut l = Vec::new();
         train(&opts("sample", 4), |ev| {
             if let TrainEvent::Step(s) = ev {
-                l.push(s.loss)
+                l.push(s.loss.unwrap())
             }
         })
         .unwrap();
@@ -451,7 +449,7 @@ fn lora_r4() -> LoraConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: Target::ALL.to_vec(),
+        targets: LoraTarget::ALL.to_vec(),
     }
 }
 
@@ -607,7 +605,7 @@ fn nf4_model_lora_gradients_match_finite_differences() {
     }
     // Weight bytes: projections at ~0.516 B/param, the rest in f64.
     let cfg = model.config();
-    let proj: usize = Target::ALL
+    let proj: usize = LoraTarget::ALL
         .iter()
         .map(|t| {
             let (o, i) = cfg.projection_shape(*t);
@@ -629,9 +627,9 @@ fn nf4_model_lora_gradients_match_finite_differences() {
 #[test]
 fn grad_checkpointing_gives_identical_gradients() {
     let cases = [
-        (Quant::None, Target::ALL.to_vec()),
-        (Quant::Nf4, Target::ALL.to_vec()),
-        (Quant::Nf4, vec![Target::Q, Target::V]),
+        (Quant::None, LoraTarget::ALL.to_vec()),
+        (Quant::Nf4, LoraTarget::ALL.to_vec()),
+        (Quant::Nf4, vec![LoraTarget::Q, LoraTarget::V]),
     ];
     for (quant, targets) in cases {
         let lora = LoraConfig {
@@ -696,7 +694,7 @@ fn losses_of(o: &TrainOptions) -> (Vec<f64>, Vec<(Option<f64>, bool)>) {
     let mut s = Vec::new();
     train(o, |ev| {
         if let TrainEvent::Step(r) = ev {
-            l.push(r.loss);
+            l.push(r.loss.unwrap());
             s.push((r.loss_scale, r.skipped));
         }
     })
@@ -793,7 +791,7 @@ fn adamw8bit_tracks_adamw_on_tiny() {
     o.batch_size = 2;
     o.seq_len = 64;
     let (la, _) = losses_of(&o);
-    o.optimizer = lorascope::engine::optim::OptimizerKind::AdamW8bit;
+    o.optimizer = Optimizer::AdamW8bit;
     let (lb, _) = losses_of(&o);
     assert_eq!(la[0], lb[0]);
     let tail = |l: &[f64]| l[180..].iter().sum::<f64>() / 20.0;

@@ -9,7 +9,8 @@ use lorascope::grid::{RunSpec, expand_profile};
 use lorascope::orchestrator::{
     Command, Event, MoveTo, OrchestratorConfig, PlannedRun, SweepPlan, WorkerCommand, run_sweep,
 };
-use lorascope::profile::{Device, parse_str};
+use lorascope::profile::parse_str;
+use lorascope::spec::Device;
 use lorascope::store::Store;
 use lorascope::summary::RunStatus;
 use tokio::sync::mpsc;

@@ -6,7 +6,8 @@ use std::path::Path;
 use lorascope::grid::expand_profile;
 use lorascope::orchestrator::{Command, Entry, EntryState, Event, MoveTo, QueueSnapshot, entry_id};
 use lorascope::profile::parse_str;
-use lorascope::summary::{RunStatus, RunSummary, StepRecord};
+use lorascope::spec::wire::StepRecord;
+use lorascope::summary::{RunStatus, RunSummary};
 use lorascope::telemetry::TelemetrySample;
 use lorascope::ui::{Action, App, Column, Modal, View, view};
 use ratatui::Terminal;
@@ -61,6 +62,7 @@ fn step(step: u64, tps: f64, loss: f64) -> StepRecord {
         step_seconds: 128.0 / tps,
         loss: Some(loss),
         lr: None,
+        grad_norm: None,
         loss_scale: None,
         skipped: false,
         t: step as f64 * 0.1,

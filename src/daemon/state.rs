@@ -232,7 +232,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::summary::StepRecord;
+    use crate::spec::wire::StepRecord;
 
     fn info() -> SweepInfo {
         SweepInfo {
@@ -260,6 +260,7 @@ mod tests {
                 step_seconds: 0.1,
                 loss: None,
                 lr: None,
+                grad_norm: None,
                 loss_scale: None,
                 skipped: false,
                 t: 0.0,

@@ -4,6 +4,7 @@ use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
 use super::EngineError;
+use crate::spec::LoraTarget;
 
 /// The `qwen2.5-1.5b` preset: the config of Qwen/Qwen2.5-1.5B-Instruct, shipped in the repo.
 const QWEN25_15B: &str = include_str!("presets/qwen2.5-1.5b.json");
@@ -179,8 +180,8 @@ impl ModelConfig {
     }
 
     /// `(out_features, in_features)` of a projection in one decoder layer.
-    pub fn projection_shape(&self, target: super::lora::Target) -> (usize, usize) {
-        use super::lora::Target::*;
+    pub fn projection_shape(&self, target: LoraTarget) -> (usize, usize) {
+        use LoraTarget::*;
         let h = self.hidden_size;
         let q = self.num_attention_heads * self.head_dim;
         let kv = self.num_key_value_heads * self.head_dim;

@@ -22,6 +22,8 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde_json::Value;
 
+use crate::spec::DataFormat;
+
 /// Target value meaning "no loss at this position" (the PyTorch / candle convention).
 pub const IGNORE_INDEX: i64 = -100;
 
@@ -147,7 +149,7 @@ pub enum DataError {
     },
     /// [`DataFormat::Auto`] could not decide what the file is.
     #[error(
-        "{path}: cannot tell the data format ({reason}); give the format explicitly (alpaca, text-jsonl or plain-text)"
+        "{path}: cannot tell the data format ({reason}); give the format explicitly (alpaca, text or plain)"
     )]
     UnknownFormat {
         /// The path as given.
@@ -231,67 +233,6 @@ fn json_kind(v: &Value) -> &'static str {
 // ---------------------------------------------------------------------------------------
 // Formats and records
 // ---------------------------------------------------------------------------------------
-
-/// Text format of a dataset file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum DataFormat {
-    /// Decide from the extension and the content:
-    /// `.txt` -> [`DataFormat::PlainText`]; `.json` -> [`DataFormat::Alpaca`];
-    /// `.jsonl` (or any other extension whose content starts with `{`) -> the first
-    /// non-blank line decides: an object with `instruction` or `output` is Alpaca, one with
-    /// `text` is [`DataFormat::TextJsonl`]; other extensions starting with `[` are Alpaca
-    /// arrays, anything else is plain text.
-    #[default]
-    Auto,
-    /// Alpaca instruction data: a JSON array of objects, or one object per line, with
-    /// string fields `instruction` (required), `input` (optional, default `""`; `null` is
-    /// accepted as `""`) and `output` (required). Other fields are ignored. Whether it is
-    /// an array or lines is decided by the first non-whitespace character (`[` = array);
-    /// a `.json` file holding a single non-array JSON document is an error.
-    Alpaca,
-    /// One `{"text": "..."}` object per line; other fields are ignored.
-    TextJsonl,
-    /// One document per non-empty line.
-    PlainText,
-}
-
-impl DataFormat {
-    /// The canonical name, as accepted by [`FromStr`].
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DataFormat::Auto => "auto",
-            DataFormat::Alpaca => "alpaca",
-            DataFormat::TextJsonl => "text-jsonl",
-            DataFormat::PlainText => "plain-text",
-        }
-    }
-}
-
-impl fmt::Display for DataFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for DataFormat {
-    type Err = DataError;
-
-    /// Accepts `auto`, `alpaca`, `text-jsonl` (or `text`, `jsonl`), `plain-text` (or
-    /// `plain`, `txt`), case-insensitively.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "auto" => Ok(DataFormat::Auto),
-            "alpaca" => Ok(DataFormat::Alpaca),
-            "text-jsonl" | "text" | "jsonl" => Ok(DataFormat::TextJsonl),
-            "plain-text" | "plain" | "txt" => Ok(DataFormat::PlainText),
-            _ => Err(DataError::UnknownName {
-                what: "data format",
-                given: s.to_string(),
-                expected: "auto, alpaca, text-jsonl, plain-text",
-            }),
-        }
-    }
-}
 
 /// One training record before tokenisation.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -1103,7 +1044,7 @@ mod tests {
     }
 
     /// Asserts the error message is one line and contains every fragment.
-    fn assert_msg(err: &DataError, fragments: &[&str]) {
+    fn assert_msg(err: &impl fmt::Display, fragments: &[&str]) {
         let msg = err.to_string();
         assert!(!msg.contains('\n'), "multi-line message: {msg:?}");
         for f in fragments {

@@ -8,85 +8,13 @@
 use super::kernels::map_cpu_float;
 use super::nf4::Nf4Linear;
 use super::ops::FrozenLinear;
+use crate::spec::LoraTarget;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::str::FromStr;
 use std::sync::Mutex;
-
-/// A projection of a decoder layer that can carry an adapter (PEFT `target_modules` names
-/// without the `_proj` suffix).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Target {
-    /// `self_attn.q_proj`
-    Q,
-    /// `self_attn.k_proj`
-    K,
-    /// `self_attn.v_proj`
-    V,
-    /// `self_attn.o_proj`
-    O,
-    /// `mlp.gate_proj`
-    Gate,
-    /// `mlp.up_proj`
-    Up,
-    /// `mlp.down_proj`
-    Down,
-}
-
-impl Target {
-    /// All seven projections, in layer order.
-    pub const ALL: [Target; 7] = [
-        Target::Q,
-        Target::K,
-        Target::V,
-        Target::O,
-        Target::Gate,
-        Target::Up,
-        Target::Down,
-    ];
-
-    /// Hugging Face module path inside a decoder layer, e.g. `self_attn.q_proj`.
-    pub fn module_path(self) -> &'static str {
-        match self {
-            Target::Q => "self_attn.q_proj",
-            Target::K => "self_attn.k_proj",
-            Target::V => "self_attn.v_proj",
-            Target::O => "self_attn.o_proj",
-            Target::Gate => "mlp.gate_proj",
-            Target::Up => "mlp.up_proj",
-            Target::Down => "mlp.down_proj",
-        }
-    }
-
-    /// PEFT `target_modules` name, e.g. `q_proj`.
-    pub fn peft_name(self) -> &'static str {
-        self.module_path().rsplit('.').next().unwrap_or("")
-    }
-}
-
-impl FromStr for Target {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        Ok(match s.trim().trim_end_matches("_proj") {
-            "q" => Target::Q,
-            "k" => Target::K,
-            "v" => Target::V,
-            "o" => Target::O,
-            "gate" => Target::Gate,
-            "up" => Target::Up,
-            "down" => Target::Down,
-            other => {
-                return Err(format!(
-                    "unknown LoRA target `{other}` (expected any of q,k,v,o,gate,up,down)"
-                ));
-            }
-        })
-    }
-}
 
 /// LoRA hyper-parameters.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -98,7 +26,7 @@ pub struct LoraConfig {
     /// Dropout probability on the adapter's input (PEFT `lora_dropout`), in [0, 1).
     pub dropout: f64,
     /// Projections that carry an adapter.
-    pub targets: Vec<Target>,
+    pub targets: Vec<LoraTarget>,
 }
 
 impl Default for LoraConfig {
@@ -107,7 +35,7 @@ impl Default for LoraConfig {
             rank: 16,
             alpha: 32.0,
             dropout: 0.0,
-            targets: Target::ALL.to_vec(),
+            targets: LoraTarget::ALL.to_vec(),
         }
     }
 }

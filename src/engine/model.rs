@@ -15,16 +15,16 @@
 use super::attention::{causal_attention, causal_attention_backward};
 use super::config::ModelConfig;
 use super::lora::{
-    BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, LoraProjection, Target,
-    new_adapter,
+    BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, LoraProjection, new_adapter,
 };
 use super::loss::ChunkedCrossEntropy;
-use super::nf4::{Nf4Linear, Nf4Weight, Quant};
+use super::nf4::{Nf4Linear, Nf4Weight};
 use super::ops::{
     FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, rope_backward, rope_tables,
 };
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
+use crate::spec::{LoraTarget, Quant};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::SeedableRng;
@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 pub struct DecoderLayer {
     input_norm: RmsNorm,
     post_norm: RmsNorm,
-    /// Projections in [`Target::ALL`] order: q, k, v, o, gate, up, down.
+    /// Projections in [`LoraTarget::ALL`] order: q, k, v, o, gate, up, down.
     proj: Vec<LoraLinear>,
 }
 
@@ -154,10 +154,12 @@ impl Model {
                 cfg.rms_norm_eps,
             );
             let mut proj = Vec::with_capacity(7);
-            for t in Target::ALL {
+            for t in LoraTarget::ALL {
                 let (o, n) = cfg.projection_shape(t);
                 let w = get(&format!("{p}.{}.weight", t.module_path()), &[o, n])?;
-                let b = if cfg.attention_bias && matches!(t, Target::Q | Target::K | Target::V) {
+                let b = if cfg.attention_bias
+                    && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
+                {
                     Some(get(&format!("{p}.{}.bias", t.module_path()), &[o])?)
                 } else {
                     None
@@ -274,7 +276,7 @@ impl Model {
         &self.device
     }
 
-    /// All adapters, layer by layer in [`Target::ALL`] order.
+    /// All adapters, layer by layer in [`LoraTarget::ALL`] order.
     pub fn adapters(&self) -> Vec<&LoraAdapter> {
         self.layers
             .iter()
@@ -330,7 +332,7 @@ impl Model {
                 format!("{p}.input_layernorm.weight"),
                 l.input_norm.weight().clone(),
             ));
-            for (t, lin) in Target::ALL.iter().zip(&l.proj) {
+            for (t, lin) in LoraTarget::ALL.iter().zip(&l.proj) {
                 v.push((
                     format!("{p}.{}.weight", t.module_path()),
                     lin.base.weight(self.dtype)?,

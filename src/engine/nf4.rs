@@ -166,17 +166,6 @@ fn signed_map() -> &'static [f32; 256] {
     MAP.get_or_init(|| dynamic_map(true))
 }
 
-/// Base-weight quantisation of the target projections (`--quant`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Quant {
-    /// Keep base weights in the compute dtype.
-    #[default]
-    None,
-    /// NF4 with double-quantised statistics (QLoRA, bitsandbytes layout).
-    Nf4,
-}
-
 /// A weight matrix stored as NF4 with double-quantised block statistics.
 ///
 /// All tensors live on the device the weight was quantised for. Memory: `ceil(n/2)` bytes of

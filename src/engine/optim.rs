@@ -8,6 +8,7 @@
 //! (`optim_cuda`), with the same arithmetic; the paged forms keep the state of tensors of at
 //! least [`MIN_PAGED_SIZE`] elements in CUDA unified memory.
 
+use crate::spec::Optimizer;
 use candle_core::{DType, Result, Tensor, Var, backprop::GradStore};
 
 /// AdamW hyper-parameters. Defaults are PyTorch's `torch.optim.AdamW` (betas (0.9, 0.999),
@@ -454,50 +455,6 @@ impl AdamW8bit {
     }
 }
 
-/// The optimizers `--optimizer` can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
-pub enum OptimizerKind {
-    /// [`AdamW`], f32 moments.
-    #[default]
-    #[serde(rename = "adamw")]
-    AdamW,
-    /// [`AdamW8bit`], block-wise 8-bit moments.
-    #[serde(rename = "adamw8bit")]
-    AdamW8bit,
-    /// [`AdamW`] with state of large tensors in CUDA unified memory (bitsandbytes
-    /// `PagedAdamW`).
-    #[serde(rename = "paged_adamw")]
-    PagedAdamW,
-    /// [`AdamW8bit`] with state of large tensors in CUDA unified memory (bitsandbytes
-    /// `PagedAdamW8bit`).
-    #[serde(rename = "paged_adamw8bit")]
-    PagedAdamW8bit,
-}
-
-impl OptimizerKind {
-    /// Parse the `--optimizer` spelling.
-    ///
-    /// Errors: an unknown name (one line, listing the choices).
-    pub fn parse(s: &str) -> std::result::Result<Self, String> {
-        Ok(match s {
-            "adamw" => Self::AdamW,
-            "adamw8bit" => Self::AdamW8bit,
-            "paged_adamw" => Self::PagedAdamW,
-            "paged_adamw8bit" => Self::PagedAdamW8bit,
-            other => {
-                return Err(format!(
-                    "--optimizer {other}: expected adamw, adamw8bit, paged_adamw or paged_adamw8bit"
-                ));
-            }
-        })
-    }
-
-    /// Whether this is a paged variant.
-    pub fn is_paged(self) -> bool {
-        matches!(self, Self::PagedAdamW | Self::PagedAdamW8bit)
-    }
-}
-
 /// An optimizer of either kind behind one interface.
 pub enum AnyOptimizer {
     /// f32 moments.
@@ -510,13 +467,13 @@ impl AnyOptimizer {
     /// Build `kind` over `vars` (f32).
     ///
     /// Errors: a variable is not f32.
-    pub fn new(kind: OptimizerKind, vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
+    pub fn new(kind: Optimizer, vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
         let paged = kind.is_paged();
         Ok(match kind {
-            OptimizerKind::AdamW | OptimizerKind::PagedAdamW => {
+            Optimizer::AdamW | Optimizer::PagedAdamW => {
                 Self::AdamW(AdamW::with_paging(vars, cfg, paged)?)
             }
-            OptimizerKind::AdamW8bit | OptimizerKind::PagedAdamW8bit => {
+            Optimizer::AdamW8bit | Optimizer::PagedAdamW8bit => {
                 Self::AdamW8bit(AdamW8bit::with_paging(vars, cfg, paged)?)
             }
         })
@@ -729,7 +686,7 @@ mod state_tests {
             .iter()
             .map(|&n| Var::zeros(n, DType::F32, &Device::Cpu).unwrap())
             .collect();
-        for kind in [OptimizerKind::PagedAdamW8bit, OptimizerKind::AdamW8bit] {
+        for kind in [Optimizer::PagedAdamW8bit, Optimizer::AdamW8bit] {
             let o = AdamW8bit::with_paging(vars.clone(), AdamWConfig::default(), kind.is_paged())
                 .unwrap();
             let q: Vec<bool> = (0..3).map(|i| o.is_quantized(i)).collect();
@@ -748,7 +705,7 @@ mod state_tests {
                 }
             );
         }
-        let o = AnyOptimizer::new(OptimizerKind::PagedAdamW, vars, AdamWConfig::default()).unwrap();
+        let o = AnyOptimizer::new(Optimizer::PagedAdamW, vars, AdamWConfig::default()).unwrap();
         let b = o.state_bytes_split();
         assert_eq!(
             (b.device, b.managed, b.host),

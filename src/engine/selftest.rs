@@ -11,10 +11,10 @@
 use super::config::ModelSource;
 use super::lora::LoraConfig;
 use super::model::Model;
-use super::nf4::Quant;
 use super::train::parse_device;
 use super::weights::{WeightSource, save_checkpoint};
 use super::{CandleContext, EngineError};
+use crate::spec::Quant;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 

@@ -1,43 +1,29 @@
 //! The training loop: builds the model and data, runs `steps` optimizer steps and reports a
-//! [`StepRecord`] per step and a [`Summary`] at the end.
+//! [`StepRecord`] per step and a [`Summary`] at the end (the records of [`wire`]).
 
 use super::config::ModelSource;
-use super::data::{Batcher, DataFormat, Packing, Record, Tokenizer, bundled_sample, load_records};
+use super::data::{Batcher, Packing, Record, Tokenizer, bundled_sample, load_records};
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
-use super::nf4::Quant;
-use super::optim::{AdamWConfig, AnyOptimizer, OptimizerKind, Schedule, lr_at};
+use super::optim::{AdamWConfig, AnyOptimizer, Schedule, lr_at};
 use super::prof;
 use super::scaler::{LossScaler, LossScalerConfig};
-use super::vram::{MemoryReport, VramReservation};
+use super::vram::{VramReservation, memory_report};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
+use crate::spec::wire::{self, MemoryBreakdown, StepRecord, Summary};
+use crate::spec::{DataFormat, Optimizer, Precision, Quant};
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
-/// Compute precision of the base weights and activations (`--precision`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum Precision {
-    /// IEEE float32 everywhere.
-    Fp32,
-    /// float16 compute with dynamic loss scaling (PyTorch GradScaler semantics), f32 master weights and
-    /// optimizer state.
-    Fp16,
-    /// bfloat16 compute, f32 master weights and optimizer state.
-    Bf16,
-}
-
-impl Precision {
-    /// The candle dtype of the compute path.
-    pub fn dtype(self) -> DType {
-        match self {
-            Precision::Fp32 => DType::F32,
-            Precision::Fp16 => DType::F16,
-            Precision::Bf16 => DType::BF16,
-        }
+/// The candle dtype of the compute path at `precision`.
+pub fn compute_dtype(precision: Precision) -> DType {
+    match precision {
+        Precision::Fp32 => DType::F32,
+        Precision::Fp16 => DType::F16,
+        Precision::Bf16 => DType::BF16,
     }
 }
 
@@ -68,7 +54,7 @@ pub struct TrainOptions {
     /// AdamW settings (shared by every optimizer kind).
     pub adamw: AdamWConfig,
     /// Optimizer: AdamW with f32 or 8-bit block-wise moments.
-    pub optimizer: OptimizerKind,
+    pub optimizer: Optimizer,
     /// Clip the global gradient norm to this (HF Trainer's `max_grad_norm`); 0 disables.
     pub max_grad_norm: f64,
     /// Seed for data order, adapter init, dropout and synthetic weights.
@@ -90,131 +76,11 @@ pub struct TrainOptions {
     pub vram_limit: Option<u64>,
 }
 
-/// One optimizer step, as printed under `--json` (`"type": "step"`).
-#[derive(Debug, Clone, Serialize)]
-pub struct StepRecord {
-    /// 1-based step.
-    pub step: usize,
-    /// Real (non-pad) input tokens in the batch.
-    pub tokens: usize,
-    /// All input positions (batch x seq), pads included.
-    pub padded_tokens: usize,
-    /// Tokens that carry a loss target.
-    pub target_tokens: usize,
-    /// Wall time of the step (forward, backward, optimizer), seconds, device synchronised.
-    pub step_seconds: f64,
-    /// Mean cross-entropy over target tokens (nats).
-    pub loss: f64,
-    /// Learning rate used for this step.
-    pub lr: f64,
-    /// Global gradient L2 norm before clipping (unscaled; inf/NaN on an overflow step).
-    pub grad_norm: f64,
-    /// Loss scale used for this step's backward (null without loss scaling).
-    pub loss_scale: Option<f64>,
-    /// The update was skipped because a gradient was inf or NaN (loss scaling only).
-    pub skipped: bool,
-}
+/// Run header, printed before the first step (`"type": "header"`), with the full options.
+pub type Header = wire::Header<TrainOptions>;
 
-/// Run header, printed before the first step (`"type": "header"`).
-#[derive(Debug, Clone, Serialize)]
-pub struct Header {
-    /// Model name (preset or directory).
-    pub model: String,
-    /// True when base weights are random (no weight files): speed, memory and energy are
-    /// representative, loss values are not.
-    pub synthetic_weights: bool,
-    /// Parameter counts.
-    pub params_total: usize,
-    /// Trainable (adapter) parameters.
-    pub params_trainable: usize,
-    /// Bytes of base weights as held: compute dtype, or NF4 codes plus statistics for
-    /// quantised projections.
-    pub weight_bytes: usize,
-    /// Base-weight quantisation.
-    pub quant: Quant,
-    /// Adapter master weights + optimizer state bytes.
-    pub adapter_and_optimizer_bytes: usize,
-    /// Optimizer state bytes alone.
-    pub optimizer_state_bytes: usize,
-    /// Device string.
-    pub device: String,
-    /// Compute precision.
-    pub precision: Precision,
-    /// Tokenizer in use.
-    pub tokenizer: String,
-    /// Examples in the dataset.
-    pub examples: usize,
-    /// Optimizer-state placement and the VRAM limit.
-    #[serde(flatten)]
-    pub memory: MemoryReport,
-    /// The full options.
-    pub options: TrainOptions,
-}
-
-/// End-of-run summary (`"type": "summary"`).
-#[derive(Debug, Clone, Serialize)]
-pub struct Summary {
-    /// `ok` when every step ran.
-    pub status: &'static str,
-    /// Steps run.
-    pub steps: usize,
-    /// Loss of the last step.
-    pub final_loss: f64,
-    /// Loss of the first step.
-    pub first_loss: f64,
-    /// Real tokens over all steps.
-    pub tokens: usize,
-    /// Seconds over all steps.
-    pub seconds: f64,
-    /// Real tokens per second over steps after warm-up (all steps if none remain).
-    pub tokens_per_s: f64,
-    /// Steps after warm-up, the ones `tokens_per_s` is measured over (0: every step was
-    /// warm-up, and `tokens_per_s` covers them all).
-    pub timed_steps: usize,
-    /// fp16 steps skipped for overflow.
-    pub skipped_steps: usize,
-    /// Peak resident set size of this process, bytes (Linux VmHWM), if known.
-    pub peak_rss_bytes: Option<u64>,
-    /// Where adapters were saved.
-    pub adapter_dir: Option<String>,
-    /// Optimizer-state placement and the VRAM limit (as in the header).
-    #[serde(flatten)]
-    pub memory: MemoryReport,
-    /// Device-memory breakdown from the CUDA memory pool (null on CPU).
-    pub device_memory: Option<MemoryBreakdown>,
-}
-
-/// Where device memory went, from the CUDA stream-ordered pool that candle allocates from
-/// (bytes). The CUDA context, cuBLAS workspace and loaded kernels are outside the pool: NVML's
-/// per-process figure is `pool_reserved_peak_bytes` plus those (typically 0.5-1 GiB).
-#[derive(Debug, Clone, Serialize)]
-pub struct MemoryBreakdown {
-    /// Base weights as held (compute dtype, or NF4 codes and statistics).
-    pub weights_bytes: u64,
-    /// Adapter f32 master weights plus optimizer state.
-    pub adapters_optimizer_bytes: u64,
-    /// Pool bytes in use before the first step: weights, adapter master weights, RoPE tables.
-    /// (Optimizer state on CUDA is allocated outside candle's pool, see the header's
-    /// `optimizer_state_*_bytes`.)
-    pub resident_bytes: u64,
-    /// Peak pool bytes in use during the steps above `resident_bytes`: activations,
-    /// gradients and transients.
-    pub activations_peak_bytes: u64,
-    /// Peak pool bytes held from the driver (live plus cached free blocks).
-    pub pool_reserved_peak_bytes: u64,
-}
-
-/// Events of a run, in order: one header, `steps` steps, one summary.
-#[derive(Debug, Clone, Serialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum TrainEvent {
-    /// Before the first step.
-    Header(Box<Header>),
-    /// After each step.
-    Step(StepRecord),
-    /// After the last step.
-    Summary(Summary),
-}
+/// Events of a run, in order: one header, `steps` steps, one summary (the `--json` lines).
+pub type TrainEvent = wire::Event<TrainOptions>;
 
 /// Parse `cpu` / `cuda` / `cuda:N`.
 ///
@@ -350,7 +216,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         None => None,
     }
     .unwrap_or(WeightSource::Synthetic { seed: opts.seed });
-    let dtype = opts.precision.dtype();
+    let dtype = compute_dtype(opts.precision);
     let mut model = Model::new_quantized(
         cfg, &opts.lora, &weights, dtype, &device, opts.seed, opts.quant,
     )?;
@@ -361,17 +227,17 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     let header = Header {
         model: src.name.clone(),
         synthetic_weights: weights.is_synthetic(),
-        params_total: counts.total,
-        params_trainable: counts.trainable,
-        weight_bytes: model.base_weight_bytes(),
+        params_total: counts.total as u64,
+        params_trainable: counts.trainable as u64,
+        weight_bytes: model.base_weight_bytes() as u64,
         quant: opts.quant,
-        adapter_and_optimizer_bytes: counts.trainable * 4 + optimizer.state_bytes(),
-        optimizer_state_bytes: optimizer.state_bytes(),
+        adapter_and_optimizer_bytes: (counts.trainable * 4 + optimizer.state_bytes()) as u64,
+        optimizer_state_bytes: optimizer.state_bytes() as u64,
         device: opts.device.clone(),
         precision: opts.precision,
         tokenizer: tokenizer.name(),
-        examples: batcher.num_examples(),
-        memory: MemoryReport::new(
+        examples: batcher.num_examples() as u64,
+        memory: memory_report(
             optimizer.state_bytes_split(),
             opts.optimizer,
             &device,
@@ -491,22 +357,23 @@ pub fn train(
             timed_seconds += dt;
         }
         emit(&TrainEvent::Step(StepRecord {
-            step,
-            tokens: batch.real_tokens,
-            padded_tokens: batch.padded_tokens,
-            target_tokens: batch.target_tokens,
+            step: step as u64,
+            tokens: batch.real_tokens as u64,
+            padded_tokens: Some(batch.padded_tokens as u64),
+            target_tokens: Some(batch.target_tokens as u64),
             step_seconds: dt,
-            loss: loss_v,
-            lr,
-            grad_norm,
+            loss: Some(loss_v),
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
             loss_scale,
             skipped,
+            t: 0.0,
         }));
     }
     let device_memory = match (resident, prof::pool_usage(&device)) {
         (Some(resident_bytes), Some(u)) => Some(MemoryBreakdown {
-            weights_bytes: header_weight_bytes as u64,
-            adapters_optimizer_bytes: header_adapter_bytes as u64,
+            weights_bytes: header_weight_bytes,
+            adapters_optimizer_bytes: header_adapter_bytes,
             resident_bytes,
             activations_peak_bytes: u
                 .used_high
@@ -539,16 +406,17 @@ pub fn train(
         None => None,
     };
     let summary = Summary {
-        status: "ok",
-        steps: opts.steps,
+        status: "ok".into(),
+        steps: opts.steps as u64,
         final_loss: last_loss,
         first_loss,
-        tokens,
+        tokens: tokens as u64,
         seconds,
         tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
-        timed_steps,
-        skipped_steps,
+        timed_steps: timed_steps as u64,
+        skipped_steps: skipped_steps as u64,
         peak_rss_bytes: peak_rss_bytes(),
+        peak_vram_bytes: None,
         adapter_dir,
         memory,
         device_memory,

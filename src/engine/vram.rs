@@ -13,6 +13,8 @@
 //! kernels (`optim_cuda`), which keep their state in ordinary or managed memory.
 
 use super::EngineError;
+use crate::spec::Optimizer;
+use crate::spec::wire::MemoryReport;
 use candle_core::Device;
 
 /// Bytes shown as mebibytes with one decimal, for messages.
@@ -264,52 +266,31 @@ mod raw {
     }
 }
 
-/// Where the optimizer state lives and what `--vram-limit` did, for the run header and
-/// summary (flattened into both JSON objects).
-#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
-pub struct MemoryReport {
-    /// Optimizer state in ordinary GPU memory, bytes.
-    pub optimizer_state_device_bytes: usize,
-    /// Optimizer state in CUDA unified memory (paged optimizers), bytes.
-    pub optimizer_state_managed_bytes: usize,
-    /// Optimizer state in host RAM (CPU runs), bytes.
-    pub optimizer_state_host_bytes: usize,
-    /// How paging was applied, for the paged optimizers.
-    pub optimizer_note: Option<String>,
-    /// `--vram-limit` in bytes, if given.
-    pub vram_limit_bytes: Option<u64>,
-    /// Bytes reserved to emulate the limit (process VRAM figures include them).
-    pub vram_reserved_bytes: Option<u64>,
-    /// What the limit did and does not emulate.
-    pub vram_note: Option<String>,
-}
-
-impl MemoryReport {
-    /// Report for an optimizer of `kind` with state `bytes` on `device`, and the reservation.
-    pub fn new(
-        bytes: super::optim::StateBytes,
-        kind: super::optim::OptimizerKind,
-        device: &Device,
-        vram: Option<&VramReservation>,
-    ) -> Self {
-        let optimizer_note = kind.is_paged().then(|| {
-            if device.is_cpu() {
-                "paged: emulated as unpaged on CPU (no device memory to page out of)".to_string()
-            } else {
-                format!(
-                    "paged: state of tensors with at least {} elements in CUDA unified memory, prefetched before each update",
-                    super::optim::MIN_PAGED_SIZE
-                )
-            }
-        });
-        Self {
-            optimizer_state_device_bytes: bytes.device,
-            optimizer_state_managed_bytes: bytes.managed,
-            optimizer_state_host_bytes: bytes.host,
-            optimizer_note,
-            vram_limit_bytes: vram.map(|v| v.limit_bytes),
-            vram_reserved_bytes: vram.map(|v| v.reserved_bytes),
-            vram_note: vram.map(VramReservation::note),
+/// The [`MemoryReport`] of the run header and summary: an optimizer of `kind` with state
+/// `bytes` on `device`, and the `--vram-limit` reservation.
+pub fn memory_report(
+    bytes: super::optim::StateBytes,
+    kind: Optimizer,
+    device: &Device,
+    vram: Option<&VramReservation>,
+) -> MemoryReport {
+    let optimizer_note = kind.is_paged().then(|| {
+        if device.is_cpu() {
+            "paged: emulated as unpaged on CPU (no device memory to page out of)".to_string()
+        } else {
+            format!(
+                "paged: state of tensors with at least {} elements in CUDA unified memory, prefetched before each update",
+                super::optim::MIN_PAGED_SIZE
+            )
         }
+    });
+    MemoryReport {
+        optimizer_state_device_bytes: Some(bytes.device as u64),
+        optimizer_state_managed_bytes: Some(bytes.managed as u64),
+        optimizer_state_host_bytes: Some(bytes.host as u64),
+        optimizer_note,
+        vram_limit_bytes: vram.map(|v| v.limit_bytes),
+        vram_reserved_bytes: vram.map(|v| v.reserved_bytes),
+        vram_note: vram.map(VramReservation::note),
     }
 }

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 /// Every base tensor of a model as `(HF name, shape)`, in load order.
 pub fn tensor_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    use super::lora::Target;
+    use crate::spec::LoraTarget;
     let h = cfg.hidden_size;
     let mut v = vec![(
         "model.embed_tokens.weight".to_string(),
@@ -23,10 +23,10 @@ pub fn tensor_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     for i in 0..cfg.num_hidden_layers {
         let p = format!("model.layers.{i}");
         v.push((format!("{p}.input_layernorm.weight"), vec![h]));
-        for t in Target::ALL {
+        for t in LoraTarget::ALL {
             let (o, n) = cfg.projection_shape(t);
             v.push((format!("{p}.{}.weight", t.module_path()), vec![o, n]));
-            if cfg.attention_bias && matches!(t, Target::Q | Target::K | Target::V) {
+            if cfg.attention_bias && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V) {
                 v.push((format!("{p}.{}.bias", t.module_path()), vec![o]));
             }
         }

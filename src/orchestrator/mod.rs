@@ -19,9 +19,10 @@ pub use process::{RunRequest, RunResult, WorkerCommand};
 pub use queue::{Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueError, QueueSnapshot};
 
 use crate::grid::RunSpec;
-use crate::profile::Device;
+use crate::spec::Device;
+use crate::spec::wire::StepRecord;
 use crate::store::{FinishedRun, Store, StoreError};
-use crate::summary::{RunStatus, RunSummary, StepRecord};
+use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
 /// Where `Move` puts a queued run.

@@ -10,14 +10,10 @@ use serde_json::Value;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::profile::Device;
-use crate::summary::{
-    RunOutcome, RunStatus, RunSummary, StepRecord, WorkerLine, parse_worker_line, summarize,
-};
+use crate::spec::Device;
+use crate::spec::wire::{EXIT_OK, EXIT_OOM, StepRecord};
+use crate::summary::{RunOutcome, RunStatus, RunSummary, WorkerLine, parse_worker_line, summarize};
 use crate::telemetry::{Sampler, TelemetrySample};
-
-/// Exit code with which the worker reports CUDA out of memory.
-pub const EXIT_OOM: i32 = 3;
 
 /// How to start the worker: `program` followed by the spec's `train ...` argv.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,7 +84,8 @@ async fn next_line_lossy<R: AsyncBufRead + Unpin>(r: &mut R) -> std::io::Result<
     Ok(Some(String::from_utf8_lossy(&buf).into_owned()))
 }
 
-/// Classifies an exit: 0 = ok, 3 = oom, other = failed (cause = last stderr line).
+/// Classifies an exit: [`EXIT_OK`] = ok, [`EXIT_OOM`] = oom, other = failed (cause = last
+/// stderr line).
 pub fn classify_exit(
     code: Option<i32>,
     signal: Option<i32>,
@@ -96,7 +93,7 @@ pub fn classify_exit(
 ) -> (RunStatus, Option<String>) {
     let stderr = last_stderr.map(str::to_string);
     match (code, signal) {
-        (Some(0), _) => (RunStatus::Ok, None),
+        (Some(EXIT_OK), _) => (RunStatus::Ok, None),
         (Some(EXIT_OOM), _) => (
             RunStatus::Oom,
             Some(stderr.unwrap_or_else(|| "CUDA out of memory".into())),

@@ -1,0 +1,366 @@
+//! The worker's JSON-lines protocol: what `lorascope train --json` prints on stdout, one
+//! compact JSON object per line, and the exit status it ends with. The engine writes these
+//! records; the orchestrator reads them back with the same types.
+//!
+//! ```text
+//! {"type":"header","model":"tiny",...,"options":{...}}      once, before the first step
+//! {"type":"step","step":1,"tokens":256,...}                 once per optimizer step
+//! {"type":"summary","status":"ok","steps":20,...}           once, after the last step
+//! ```
+//!
+//! Field names and order are the format: the orchestrator stores header and summary lines
+//! as received, and reports read them back. Reading is lenient, because the worker may be a
+//! user's command: unknown fields are ignored everywhere; a step needs only `step`, `tokens`
+//! and `step_seconds`; every field of a [`Summary`] or a [`MemoryReport`] that is absent or of
+//! another type reads as its default (`None`, 0). The memory facts of a header are read by
+//! reading its line as a [`MemoryReport`] (flattened into it).
+
+use serde::{Deserialize, Deserializer, Serialize};
+
+use super::{Precision, Quant};
+
+/// Exit status of a run that completed.
+pub const EXIT_OK: i32 = 0;
+/// Exit status of a run that failed for any reason but memory (cause on stderr's last line).
+pub const EXIT_FAILURE: i32 = 1;
+/// Exit status of a run that ran out of memory (CUDA or host), recorded as `oom`.
+pub const EXIT_OOM: i32 = 3;
+
+/// One line of the worker's output, tagged by `"type"`. `O` is the type of the header's
+/// `options` (the engine's full run options).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Event<O> {
+    /// Before the first step.
+    Header(Box<Header<O>>),
+    /// After each step.
+    Step(StepRecord),
+    /// After the last step.
+    Summary(Summary),
+}
+
+/// Run header (`"type": "header"`), printed before the first step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Header<O> {
+    /// Model name (preset or directory).
+    pub model: String,
+    /// True when base weights are random (no weight files): speed, memory and energy are
+    /// representative, loss values are not.
+    pub synthetic_weights: bool,
+    /// Parameters of the model, adapters included.
+    pub params_total: u64,
+    /// Trainable (adapter) parameters.
+    pub params_trainable: u64,
+    /// Bytes of base weights as held: compute dtype, or NF4 codes plus statistics for
+    /// quantised projections.
+    pub weight_bytes: u64,
+    /// Base-weight quantisation.
+    pub quant: Quant,
+    /// Adapter f32 master weights plus optimizer state, bytes.
+    pub adapter_and_optimizer_bytes: u64,
+    /// Optimizer state alone, bytes.
+    pub optimizer_state_bytes: u64,
+    /// Device string as given (`cpu`, `cuda:0`).
+    pub device: String,
+    /// Compute precision.
+    pub precision: Precision,
+    /// Tokenizer in use.
+    pub tokenizer: String,
+    /// Examples in the dataset.
+    pub examples: u64,
+    /// Optimizer-state placement and the VRAM limit.
+    #[serde(flatten)]
+    pub memory: MemoryReport,
+    /// The full run options.
+    pub options: O,
+}
+
+/// One optimizer step (`"type": "step"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepRecord {
+    /// 1-based step.
+    pub step: u64,
+    /// Real (non-pad) input tokens in the batch.
+    pub tokens: u64,
+    /// All input positions (batch x seq), pads included.
+    #[serde(default)]
+    pub padded_tokens: Option<u64>,
+    /// Tokens that carry a loss target.
+    #[serde(default)]
+    pub target_tokens: Option<u64>,
+    /// Wall time of the step (forward, backward, optimizer) measured by the worker, seconds,
+    /// device synchronised.
+    pub step_seconds: f64,
+    /// Mean cross-entropy over target tokens (nats).
+    #[serde(default)]
+    pub loss: Option<f64>,
+    /// Learning rate used for this step.
+    #[serde(default)]
+    pub lr: Option<f64>,
+    /// Global gradient L2 norm before clipping (unscaled; null for inf/NaN, on an overflow
+    /// step).
+    #[serde(default)]
+    pub grad_norm: Option<f64>,
+    /// Loss scale used for this step's backward (null without loss scaling).
+    #[serde(default)]
+    pub loss_scale: Option<f64>,
+    /// The update was skipped because a gradient was inf or NaN (fp16 loss scaling only).
+    #[serde(default)]
+    pub skipped: bool,
+    /// Arrival time at the orchestrator, seconds since the child was spawned. Not the
+    /// worker's: it writes none (0 here, left out of the JSON).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub t: f64,
+}
+
+fn is_zero(t: &f64) -> bool {
+    *t == 0.0
+}
+
+/// End-of-run summary (`"type": "summary"`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Summary {
+    /// `ok` when every step ran.
+    #[serde(deserialize_with = "lenient")]
+    pub status: String,
+    /// Steps run.
+    #[serde(deserialize_with = "lenient")]
+    pub steps: u64,
+    /// Loss of the last step (nats).
+    #[serde(deserialize_with = "lenient")]
+    pub final_loss: f64,
+    /// Loss of the first step (nats).
+    #[serde(deserialize_with = "lenient")]
+    pub first_loss: f64,
+    /// Real tokens over all steps.
+    #[serde(deserialize_with = "lenient")]
+    pub tokens: u64,
+    /// Seconds over all steps.
+    #[serde(deserialize_with = "lenient")]
+    pub seconds: f64,
+    /// Real tokens per second over steps after warm-up (all steps if none remain).
+    #[serde(deserialize_with = "lenient")]
+    pub tokens_per_s: f64,
+    /// Steps after warm-up, the ones `tokens_per_s` is measured over (0: every step was
+    /// warm-up, and `tokens_per_s` covers them all).
+    #[serde(deserialize_with = "lenient")]
+    pub timed_steps: u64,
+    /// fp16 steps skipped for overflow.
+    #[serde(deserialize_with = "lenient")]
+    pub skipped_steps: u64,
+    /// Peak resident set size of the worker process, bytes (Linux VmHWM), if known.
+    #[serde(deserialize_with = "lenient")]
+    pub peak_rss_bytes: Option<u64>,
+    /// Peak VRAM of the worker process, bytes, for a worker that measures it itself; used
+    /// when the orchestrator has no NVML figure. lorascope's engine leaves it out.
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
+    pub peak_vram_bytes: Option<u64>,
+    /// Where adapters were saved.
+    #[serde(deserialize_with = "lenient")]
+    pub adapter_dir: Option<String>,
+    /// Optimizer-state placement and the VRAM limit (as in the header).
+    #[serde(flatten)]
+    pub memory: MemoryReport,
+    /// Device-memory breakdown from the CUDA memory pool (null on CPU).
+    #[serde(deserialize_with = "lenient")]
+    pub device_memory: Option<MemoryBreakdown>,
+}
+
+/// Where the optimizer state lives and the `--vram-limit` emulation, flattened into both the
+/// header and the summary.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct MemoryReport {
+    /// Optimizer state in ordinary GPU memory, bytes.
+    #[serde(deserialize_with = "lenient")]
+    pub optimizer_state_device_bytes: Option<u64>,
+    /// Optimizer state in CUDA unified memory (paged optimizers), bytes.
+    #[serde(deserialize_with = "lenient")]
+    pub optimizer_state_managed_bytes: Option<u64>,
+    /// Optimizer state in host RAM (CPU runs), bytes.
+    #[serde(deserialize_with = "lenient")]
+    pub optimizer_state_host_bytes: Option<u64>,
+    /// How paging was applied, for the paged optimizers.
+    #[serde(deserialize_with = "lenient")]
+    pub optimizer_note: Option<String>,
+    /// `--vram-limit` in bytes, if given.
+    #[serde(deserialize_with = "lenient")]
+    pub vram_limit_bytes: Option<u64>,
+    /// Bytes reserved to emulate the limit (process VRAM figures include them).
+    #[serde(deserialize_with = "lenient")]
+    pub vram_reserved_bytes: Option<u64>,
+    /// What the limit did and does not emulate.
+    #[serde(deserialize_with = "lenient")]
+    pub vram_note: Option<String>,
+}
+
+/// Where device memory went, from the CUDA stream-ordered pool that candle allocates from
+/// (bytes). The CUDA context, cuBLAS workspace and loaded kernels are outside the pool: NVML's
+/// per-process figure is `pool_reserved_peak_bytes` plus those (typically 0.5-1 GiB).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MemoryBreakdown {
+    /// Base weights as held (compute dtype, or NF4 codes and statistics).
+    pub weights_bytes: u64,
+    /// Adapter f32 master weights plus optimizer state.
+    pub adapters_optimizer_bytes: u64,
+    /// Pool bytes in use before the first step: weights, adapter master weights, RoPE tables.
+    /// (Optimizer state on CUDA is allocated outside candle's pool, see the header's
+    /// `optimizer_state_*_bytes`.)
+    pub resident_bytes: u64,
+    /// Peak pool bytes in use during the steps above `resident_bytes`: activations,
+    /// gradients and transients.
+    pub activations_peak_bytes: u64,
+    /// Peak pool bytes held from the driver (live plus cached free blocks).
+    pub pool_reserved_peak_bytes: u64,
+}
+
+/// A value of `T`, or `T::default()` when the value is of another type.
+fn lenient<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de> + Default,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either<T> {
+        Value(T),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Either::<T>::deserialize(d)? {
+        Either::Value(v) => v,
+        Either::Other(_) => T::default(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn step() -> StepRecord {
+        StepRecord {
+            step: 1,
+            tokens: 32,
+            padded_tokens: Some(32),
+            target_tokens: Some(4),
+            step_seconds: 0.05,
+            loss: Some(6.5),
+            lr: Some(0.0),
+            grad_norm: Some(f64::NAN),
+            loss_scale: None,
+            skipped: false,
+            t: 0.0,
+        }
+    }
+
+    fn memory() -> MemoryReport {
+        MemoryReport {
+            optimizer_state_device_bytes: Some(0),
+            optimizer_state_managed_bytes: Some(0),
+            optimizer_state_host_bytes: Some(2326528),
+            ..MemoryReport::default()
+        }
+    }
+
+    /// The lines as the worker has always written them: names, order, nulls.
+    #[test]
+    fn lines_are_the_documented_format() {
+        let s = serde_json::to_string(&Event::<()>::Step(step())).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"step","step":1,"tokens":32,"padded_tokens":32,"target_tokens":4,"step_seconds":0.05,"loss":6.5,"lr":0.0,"grad_norm":null,"loss_scale":null,"skipped":false}"#
+        );
+        let header = Header {
+            model: "tiny".into(),
+            synthetic_weights: true,
+            params_total: 10,
+            params_trainable: 2,
+            weight_bytes: 40,
+            quant: Quant::None,
+            adapter_and_optimizer_bytes: 24,
+            optimizer_state_bytes: 16,
+            device: "cpu".into(),
+            precision: Precision::Fp32,
+            tokenizer: "bytes".into(),
+            examples: 3,
+            memory: memory(),
+            options: json!({"seed": 1}),
+        };
+        let h = serde_json::to_string(&Event::Header(Box::new(header.clone()))).unwrap();
+        assert_eq!(
+            h,
+            r#"{"type":"header","model":"tiny","synthetic_weights":true,"params_total":10,"params_trainable":2,"weight_bytes":40,"quant":"none","adapter_and_optimizer_bytes":24,"optimizer_state_bytes":16,"device":"cpu","precision":"fp32","tokenizer":"bytes","examples":3,"optimizer_state_device_bytes":0,"optimizer_state_managed_bytes":0,"optimizer_state_host_bytes":2326528,"optimizer_note":null,"vram_limit_bytes":null,"vram_reserved_bytes":null,"vram_note":null,"options":{"seed":1}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Event<Value>>(&h).unwrap(),
+            Event::Header(Box::new(header))
+        );
+        let summary = Summary {
+            status: "ok".into(),
+            steps: 2,
+            final_loss: 7.25,
+            first_loss: 6.5,
+            tokens: 64,
+            seconds: 0.5,
+            tokens_per_s: 128.0,
+            timed_steps: 0,
+            skipped_steps: 0,
+            peak_rss_bytes: Some(1024),
+            peak_vram_bytes: None,
+            adapter_dir: None,
+            memory: memory(),
+            device_memory: None,
+        };
+        let s = serde_json::to_string(&Event::<()>::Summary(summary.clone())).unwrap();
+        assert_eq!(
+            s,
+            r#"{"type":"summary","status":"ok","steps":2,"final_loss":7.25,"first_loss":6.5,"tokens":64,"seconds":0.5,"tokens_per_s":128.0,"timed_steps":0,"skipped_steps":0,"peak_rss_bytes":1024,"adapter_dir":null,"optimizer_state_device_bytes":0,"optimizer_state_managed_bytes":0,"optimizer_state_host_bytes":2326528,"optimizer_note":null,"vram_limit_bytes":null,"vram_reserved_bytes":null,"vram_note":null,"device_memory":null}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Event<Value>>(&s).unwrap(),
+            Event::Summary(summary)
+        );
+    }
+
+    /// The orchestrator's arrival time travels with a record it forwards, and is absent from
+    /// what the worker writes.
+    #[test]
+    fn arrival_time_round_trips() {
+        let mut r = step();
+        r.grad_norm = Some(1.5);
+        r.t = 2.5;
+        let j = serde_json::to_string(&r).unwrap();
+        assert!(j.ends_with(r#""skipped":false,"t":2.5}"#), "{j}");
+        assert_eq!(serde_json::from_str::<StepRecord>(&j).unwrap(), r);
+    }
+
+    /// A user's worker may write any subset of a summary, with odd types: what is usable is
+    /// read, the rest is the default.
+    #[test]
+    fn summary_and_memory_read_leniently() {
+        let v = json!({
+            "type": "summary", "status": "ok", "steps": "four", "peak_rss_bytes": 1048576,
+            "peak_vram_bytes": -1, "vram_limit_bytes": 8.5, "vram_reserved_bytes": 100,
+            "device_memory": {"weights_bytes": 1}, "extra": [1]
+        });
+        let s = Summary::deserialize(&v).unwrap();
+        assert_eq!(s.status, "ok");
+        assert_eq!(s.steps, 0);
+        assert_eq!(s.peak_rss_bytes, Some(1048576));
+        assert_eq!(s.peak_vram_bytes, None);
+        assert_eq!(s.memory.vram_limit_bytes, None);
+        assert_eq!(s.memory.vram_reserved_bytes, Some(100));
+        assert_eq!(s.device_memory, None);
+        let m = MemoryReport::deserialize(&json!({"type": "header", "model": "tiny"})).unwrap();
+        assert_eq!(m, MemoryReport::default());
+    }
+
+    #[test]
+    fn a_step_needs_step_tokens_and_seconds() {
+        let r: StepRecord =
+            serde_json::from_str(r#"{"step":1,"tokens":2,"step_seconds":0.1}"#).unwrap();
+        assert_eq!((r.loss, r.padded_tokens, r.t), (None, None, 0.0));
+        assert!(serde_json::from_str::<StepRecord>(r#"{"step":"x"}"#).is_err());
+    }
+}
