@@ -115,7 +115,7 @@ run "scontrol update jobid=${j}_4 nice=100"
 run "squeue -h -r -j $j -o '%i %T %r %Q %y'"
 run "scontrol update jobid=${j}_5 nice=-100"
 run "squeue -h -r -j $j -o '%i %T %r %Q %y'"
-run "scontrol top ${j}_5"
+run "scontrol top ${j}_4"
 run "squeue -h -r -j $j -o '%i %T %r %Q %y'"
 run "scancel ${j}_3"
 run "squeue -h -r -j $j -t all -o '%i %T %r'"
@@ -132,6 +132,7 @@ useradd -M -r -s /bin/sh lsprobe 2>/dev/null
 j=$(as_user sbatch --parsable --array=0-4%1 -o /dev/null -D "$W" --wrap 'sleep 45')
 wait_state "${j}_0" RUNNING
 run "runuser -u lsprobe -- scontrol hold ${j}_2"
+run "squeue -h -r -j $j -o '%i %T %r'"
 run "runuser -u lsprobe -- scontrol release ${j}_2"
 run "runuser -u lsprobe -- scontrol update jobid=${j}_4 nice=50"
 run "runuser -u lsprobe -- scontrol update jobid=${j}_4 nice=-50"
@@ -140,7 +141,7 @@ run "squeue -h -r -j $j -o '%i %T %r %Q %y'"
 # Without SchedulerParameters=enable_user_top (Slurm's default):
 conf=$(readlink -f /etc/slurm/slurm.conf)
 cp "$conf" "$W/slurm.conf.saved"
-sed -i 's/^SchedulerParameters=enable_user_top$/SchedulerParameters=/' "$conf"
+sed -i 's/^SchedulerParameters=enable_user_top$/#&/' "$conf"
 run "scontrol reconfigure"
 sleep 2
 run "scontrol show config | grep ^SchedulerParameters"
