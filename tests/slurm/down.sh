@@ -21,7 +21,15 @@ case "${1:-}" in
 esac
 [ "$(id -u)" = 0 ] || { echo "down.sh: must be root" >&2; exit 1; }
 
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE: the pid in it runs the program the file is named for (so a
+# stale pid file whose pid was reused by another program does not count).
+alive() {
+  local pid want
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null); want=$(basename "$1" .pid)
+  [ "$want" = mysqld ] && want=mariadbd
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$want" ]
+}
 stop_pidfile() {  # stop_pidfile NAME PIDFILE
   local name=$1 f=$2 pid
   alive "$f" || return 0

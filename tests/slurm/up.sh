@@ -43,7 +43,15 @@ fail() { echo "slurm up.sh: FAILED: $*" >&2; exit 1; }
 log() { echo "slurm up.sh: $*" >&2; }
 t0=$(date +%s.%N)
 elapsed() { awk -v a="$t0" -v b="$(date +%s.%N)" 'BEGIN{printf "%.1f", b-a}'; }
-alive() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# alive PIDFILE: the pid in it runs the program the file is named for (so a
+# stale pid file whose pid was reused by another program does not count).
+alive() {
+  local pid want
+  [ -s "$1" ] || return 1
+  pid=$(cat "$1" 2>/dev/null); want=$(basename "$1" .pid)
+  [ "$want" = mysqld ] && want=mariadbd
+  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$want" ]
+}
 stop_pidfile() {
   local f=$1 pid
   alive "$f" || return 0
@@ -315,7 +323,9 @@ EOF
 fi
 
 # ---------------------------------------------------------------- slurmctld, slurmd
+ctld_was_down=0
 if ! alive "$STATE/run/slurmctld.pid"; then
+  ctld_was_down=1
   log "starting slurmctld"
   # -i: ignore state files that do not match (e.g. half-written ones).
   slurmctld -i >>"$STATE/log/slurmctld.start" 2>&1 \
@@ -357,6 +367,21 @@ case "$state" in
   idle|mixed|allocated|completing) ;;
   *) skip "node $HOST not idle after 30s (state '$state'): $(sinfo -h -N -o '%E' 2>/dev/null | head -n1)" ;;
 esac
+# After slurmctld was killed (e.g. the machine's processes were all ended
+# between a session and its CI run), its saved state can hold jobs "RUNNING"
+# whose processes are gone; they would hold a CPU until their time limit.
+# Cancel those: started before this up.sh, and no processes on the node.
+if [ "$ctld_was_down" = 1 ]; then
+  start_epoch=${t0%.*}
+  squeue -h -t R,CG,S -o '%A %S' 2>/dev/null | while read -r id started; do
+    se=$(date -d "$started" +%s 2>/dev/null) || continue
+    [ "$se" -lt "$start_epoch" ] || continue
+    if ! scontrol listpids "$id" >/dev/null 2>&1; then
+      log "cancelling job $id: recorded running, but it has no processes (left from before a restart)"
+      scancel "$id"
+    fi
+  done
+fi
 log "cluster up in $(elapsed)s (node $HOST $state, $CPUS CPUs, ${MEM} MB, $([ "$CGROUP" = 1 ] && echo 'cgroup v1' || echo 'no cgroups'))"
 
 # ---------------------------------------------------------------- smoke test
