@@ -57,6 +57,15 @@ run "sbatch /nonexistent/script.sh"
 run "sbatch -D /nonexistent --wrap true"
 run "sbatch --wrap true --extra-bogus-flag"
 run "env PATH=/nonexistent sbatch --wrap true 2>&1; echo \"sh exit \$?\""
+scancel -u root 2>/dev/null; sleep 2   # the jobs above (e.g. -c 64 pends forever)
+run "sbatch --test-only --array=0-3%2 -p debug --wrap true"
+run "sbatch --test-only -p nosuchpart --wrap true"
+run "sinfo -h -p nosuchpart -o %P"
+run "sinfo -h -o '%P %a %l %D %c %m %G'"
+run "scontrol show partition nosuchpart"
+j=$(sbatch --parsable --array=0-1 -o /nonexistent/dir/x.out --wrap true); sleep 3
+echo "(job $j: sbatch --array=0-1 -o /nonexistent/dir/x.out --wrap true)"
+run "squeue -h -j $j -t all -o '%i %T %r'; scontrol -o show job ${j}_0 | tr ' ' '\\n' | grep -E '^(JobState|Reason|ExitCode)='"
 scancel -u root 2>/dev/null; sleep 1
 
 section "final states: exit 3, OOM, scancel of a running task, TIMEOUT, a signal"
