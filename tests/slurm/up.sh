@@ -163,7 +163,7 @@ cgroup_usable() {
 case "$CGROUP" in
   auto) if cgroup_usable; then CGROUP=1; else CGROUP=0; fi ;;
   1|0) ;;
-  *) skip "LORASCOPE_SLURM_CGROUP must be auto, 1 or 0" ;;
+  *) fail "LORASCOPE_SLURM_CGROUP must be auto, 1 or 0, not '$CGROUP'" ;;
 esac
 make_track() {
   if [ "$CGROUP" = 1 ]; then
