@@ -24,18 +24,27 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::profile::{GridSection, LoadedProfile, PartialPoint, Profile, parse_bytes};
+use crate::profile::{
+    ALL_GPUS, Axes, GridSection, LoadedProfile, PartialPoint, Profile, parse_bytes,
+};
 use crate::spec::{DataFormat, Device, DeviceKind, LoraTarget, Optimizer, Precision, Quant};
 
 /// One point of the grid: a value for every axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Point {
+    /// Sequences per step.
     pub batch_size: u32,
+    /// Tokens per sequence.
     pub seq_len: u32,
+    /// The optimizer.
     pub optimizer: Optimizer,
+    /// Compute precision.
     pub precision: Precision,
+    /// Base-weight quantisation.
     pub quant: Quant,
+    /// Adapter rank r.
     pub lora_rank: u32,
+    /// Activation checkpointing on.
     pub grad_checkpointing: bool,
 }
 
@@ -65,81 +74,61 @@ impl Point {
             && p.grad_checkpointing
                 .is_none_or(|v| v == self.grad_checkpointing)
     }
-}
-
-/// The axes with defaults applied.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Axes {
-    pub batch_size: Vec<u32>,
-    pub seq_len: Vec<u32>,
-    pub optimizer: Vec<Optimizer>,
-    pub precision: Vec<Precision>,
-    pub quant: Vec<Quant>,
-    pub lora_rank: Vec<u32>,
-    pub grad_checkpointing: Vec<bool>,
-}
-
-impl Axes {
-    /// Axis values from `[grid]`; absent (or empty) axes get their single default.
-    pub fn from_grid(g: &GridSection, default_rank: u32) -> Axes {
-        fn or<T: Clone>(v: &Option<Vec<T>>, d: T) -> Vec<T> {
-            match v {
-                Some(v) if !v.is_empty() => v.clone(),
-                _ => vec![d],
-            }
-        }
-        Axes {
-            batch_size: or(&g.batch_size, 1),
-            seq_len: or(&g.seq_len, 256),
-            optimizer: or(&g.optimizer, Optimizer::AdamW),
-            precision: or(&g.precision, Precision::Fp32),
-            quant: or(&g.quant, Quant::None),
-            lora_rank: or(&g.lora_rank, default_rank),
-            grad_checkpointing: or(&g.grad_checkpointing, false),
-        }
-    }
 
     /// The point an `include` entry describes: unset keys take each axis's first value.
-    pub fn complete(&self, p: &PartialPoint) -> Point {
+    pub fn complete(p: &PartialPoint, axes: &Axes) -> Point {
         Point {
-            batch_size: p.batch_size.unwrap_or(self.batch_size[0]),
-            seq_len: p.seq_len.unwrap_or(self.seq_len[0]),
-            optimizer: p.optimizer.unwrap_or(self.optimizer[0]),
-            precision: p.precision.unwrap_or(self.precision[0]),
-            quant: p.quant.unwrap_or(self.quant[0]),
-            lora_rank: p.lora_rank.unwrap_or(self.lora_rank[0]),
-            grad_checkpointing: p.grad_checkpointing.unwrap_or(self.grad_checkpointing[0]),
+            batch_size: p.batch_size.unwrap_or(axes.batch_size[0]),
+            seq_len: p.seq_len.unwrap_or(axes.seq_len[0]),
+            optimizer: p.optimizer.unwrap_or(axes.optimizer[0]),
+            precision: p.precision.unwrap_or(axes.precision[0]),
+            quant: p.quant.unwrap_or(axes.quant[0]),
+            lora_rank: p.lora_rank.unwrap_or(axes.lora_rank[0]),
+            grad_checkpointing: p.grad_checkpointing.unwrap_or(axes.grad_checkpointing[0]),
         }
     }
 
-    /// The full factorial product, in the documented nesting order.
-    pub fn factorial(&self) -> Vec<Point> {
-        let mut out = Vec::new();
-        for &batch_size in &self.batch_size {
-            for &seq_len in &self.seq_len {
-                for &optimizer in &self.optimizer {
-                    for &precision in &self.precision {
-                        for &quant in &self.quant {
-                            for &lora_rank in &self.lora_rank {
-                                for &grad_checkpointing in &self.grad_checkpointing {
-                                    out.push(Point {
-                                        batch_size,
-                                        seq_len,
-                                        optimizer,
-                                        precision,
-                                        quant,
-                                        lora_rank,
-                                        grad_checkpointing,
-                                    });
-                                }
+    /// This point with every key set (an `include` or `exclude` entry matching it alone).
+    pub fn to_partial(&self) -> PartialPoint {
+        PartialPoint {
+            batch_size: Some(self.batch_size),
+            seq_len: Some(self.seq_len),
+            optimizer: Some(self.optimizer),
+            precision: Some(self.precision),
+            quant: Some(self.quant),
+            lora_rank: Some(self.lora_rank),
+            grad_checkpointing: Some(self.grad_checkpointing),
+        }
+    }
+}
+
+/// The full factorial product of `axes`, in the documented nesting order.
+pub fn factorial(axes: &Axes) -> Vec<Point> {
+    let mut out = Vec::new();
+    for &batch_size in &axes.batch_size {
+        for &seq_len in &axes.seq_len {
+            for &optimizer in &axes.optimizer {
+                for &precision in &axes.precision {
+                    for &quant in &axes.quant {
+                        for &lora_rank in &axes.lora_rank {
+                            for &grad_checkpointing in &axes.grad_checkpointing {
+                                out.push(Point {
+                                    batch_size,
+                                    seq_len,
+                                    optimizer,
+                                    precision,
+                                    quant,
+                                    lora_rank,
+                                    grad_checkpointing,
+                                });
                             }
                         }
                     }
                 }
             }
         }
-        out
     }
+    out
 }
 
 /// Result of [`expand_points`].
@@ -154,17 +143,17 @@ pub struct PointExpansion {
 /// Expands `[grid]` into points (see the module docs for the order).
 pub fn expand_points(g: &GridSection, default_rank: u32) -> PointExpansion {
     let axes = Axes::from_grid(g, default_rank);
-    let factorial = axes.factorial();
+    let all = factorial(&axes);
     let unmatched_excludes = g
         .exclude
         .iter()
         .enumerate()
-        .filter(|(_, ex)| !factorial.iter().any(|p| p.matches(ex)))
+        .filter(|(_, ex)| !all.iter().any(|p| p.matches(ex)))
         .map(|(i, _)| i)
         .collect();
     let mut points: Vec<Point> = Vec::new();
-    let includes = g.include.iter().map(|p| axes.complete(p));
-    let kept = factorial
+    let includes = g.include.iter().map(|p| Point::complete(p, &axes));
+    let kept = all
         .into_iter()
         .filter(|p| !g.exclude.iter().any(|ex| p.matches(ex)));
     for p in includes.chain(kept) {
@@ -182,7 +171,9 @@ pub fn expand_points(g: &GridSection, default_rank: u32) -> PointExpansion {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ModelRef {
+    /// `model.preset`.
     Preset(String),
+    /// `model.path`, as written (relative to the profile).
     Path(String),
 }
 
@@ -190,19 +181,33 @@ pub enum ModelRef {
 /// Field order is part of the id: do not reorder (bump the `v1` prefix instead).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResolvedConfig {
+    /// The model, as written.
     pub model: ModelRef,
+    /// `data.path`, as written.
     pub data_path: String,
+    /// `data.format`.
     pub data_format: DataFormat,
+    /// `data.packing`.
     pub packing: bool,
+    /// `lora.alpha`.
     pub lora_alpha: f64,
+    /// `lora.dropout`.
     pub lora_dropout: f64,
+    /// `lora.targets`, sorted and deduplicated.
     pub lora_targets: Vec<LoraTarget>,
+    /// `run.steps`.
     pub steps: u32,
+    /// `run.warmup_steps`.
     pub warmup_steps: u32,
+    /// `run.seed`.
     pub seed: u64,
+    /// `run.lr` (`None`: the worker's default).
     pub lr: Option<f64>,
+    /// `run.vram_limit` in bytes.
     pub vram_limit_bytes: Option<u64>,
+    /// CPU or CUDA (not the GPU index).
     pub device_kind: DeviceKind,
+    /// The point's axis values.
     pub point: Point,
 }
 
@@ -225,6 +230,7 @@ pub struct RunSpec {
     pub id: String,
     /// Position in the expanded grid (0-based).
     pub index: usize,
+    /// What the id hashes.
     pub config: ResolvedConfig,
     /// `--model` value for the worker: the preset, or the directory resolved against the
     /// profile's directory.
@@ -332,7 +338,7 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
         .devices
         .first()
         .and_then(|d| {
-            if d == crate::profile::ALL_GPUS {
+            if d == ALL_GPUS {
                 Some(DeviceKind::Cuda)
             } else {
                 Device::parse(d).map(Device::kind)
@@ -484,5 +490,130 @@ optimizer = ["adamw", "paged_adamw8bit"]
         );
         let s = specs(&src);
         insta::assert_snapshot!(s[0].train_args().join(" "), @"train --model tiny --data /profiles/data/a.jsonl --format auto --batch-size 1 --seq-len 64 --steps 10 --warmup-steps 2 --lora-rank 16 --lora-alpha 32 --lora-dropout 0 --lora-targets q,k,v,o --lr 0.0002 --seed 0 --device cuda:0 --precision fp32 --quant nf4 --optimizer adamw --vram-limit 8GiB --no-packing --grad-checkpointing --json");
+    }
+
+    #[test]
+    fn embedded_quickstart_has_four_points() {
+        let lp = crate::profile::load_embedded().expect("embedded quickstart parses");
+        assert_eq!(expand(&lp).len(), 4);
+    }
+
+    /// The profile decides "an exclude matches nothing" and "no point is left" from the axes
+    /// alone; here every small combination of excludes (and an include or none) is checked
+    /// against the expansion itself.
+    #[test]
+    fn profile_validation_agrees_with_the_expansion() {
+        let base = parse_str(
+            &BASE.replace(
+                "optimizer = [\"adamw\", \"paged_adamw8bit\"]",
+                "optimizer = [\"adamw\"]",
+            ),
+            "t.toml",
+        )
+        .unwrap();
+        let pp = |f: &dyn Fn(&mut PartialPoint)| {
+            let mut p = PartialPoint::default();
+            f(&mut p);
+            p
+        };
+        let candidates = [
+            pp(&|p| p.batch_size = Some(1)),
+            pp(&|p| p.batch_size = Some(2)),
+            pp(&|p| p.batch_size = Some(4)),
+            pp(&|p| p.seq_len = Some(64)),
+            pp(&|p| p.seq_len = Some(128)),
+            pp(&|p| {
+                p.batch_size = Some(1);
+                p.seq_len = Some(64);
+            }),
+            pp(&|p| {
+                p.batch_size = Some(2);
+                p.seq_len = Some(128);
+            }),
+            pp(&|p| p.optimizer = Some(Optimizer::AdamW)),
+            pp(&|p| p.optimizer = Some(Optimizer::AdamW8bit)),
+            pp(&|p| p.grad_checkpointing = Some(false)),
+            pp(&|p| p.grad_checkpointing = Some(true)),
+            pp(&|p| p.lora_rank = Some(16)),
+        ];
+        let n = candidates.len();
+        let mut picks: Vec<Vec<usize>> = vec![vec![]];
+        for a in 0..n {
+            picks.push(vec![a]);
+            for b in a + 1..n {
+                picks.push(vec![a, b]);
+                for c in b + 1..n {
+                    picks.push(vec![a, b, c]);
+                }
+            }
+        }
+        let (mut rejected, mut empty) = (0, 0);
+        for pick in &picks {
+            for include in [None, Some(pp(&|p| p.batch_size = Some(8)))] {
+                let mut p = base.clone();
+                p.grid.exclude = pick.iter().map(|&i| candidates[i].clone()).collect();
+                p.grid.include = include.into_iter().collect();
+                let e = expand_points(&p.grid, p.lora.rank);
+                let want = match (e.unmatched_excludes.first(), e.points.is_empty()) {
+                    (Some(i), _) => Some(format!(
+                        "grid.exclude[{i}]: this exclude entry matches no point"
+                    )),
+                    (None, true) => Some("grid: the grid has no points left".to_string()),
+                    (None, false) => None,
+                };
+                let text = toml::to_string(&p).unwrap();
+                let got = parse_str(&text, "t.toml").err().map(|e| e.to_string());
+                match (&want, &got) {
+                    (None, None) => {}
+                    (Some(w), Some(g)) if g.contains(w.as_str()) => {}
+                    _ => panic!("excludes {pick:?}: expected {want:?}, got {got:?}\n{text}"),
+                }
+                rejected += usize::from(want.is_some());
+                empty += usize::from(e.points.is_empty());
+            }
+        }
+        // Both kinds of failure, and passes, are among the cases.
+        assert!(empty > 0 && rejected > empty && rejected < 2 * picks.len());
+    }
+
+    /// Imports point down: the data modules use neither the front ends (cli, ui, daemon, the
+    /// worker command) nor the orchestrator; the profile does not use the grid; telemetry
+    /// uses only spec.
+    #[test]
+    fn data_modules_import_down() {
+        let files: &[(&str, &str)] = &[
+            ("grid.rs", include_str!("grid.rs")),
+            ("telemetry.rs", include_str!("telemetry.rs")),
+            ("store/mod.rs", include_str!("store/mod.rs")),
+            ("store/runs.rs", include_str!("store/runs.rs")),
+            ("report.rs", include_str!("report.rs")),
+            ("summary.rs", include_str!("summary.rs")),
+            ("profile/mod.rs", include_str!("profile/mod.rs")),
+            ("profile/schema.rs", include_str!("profile/schema.rs")),
+            ("profile/error.rs", include_str!("profile/error.rs")),
+            ("profile/validate.rs", include_str!("profile/validate.rs")),
+            ("profile/load.rs", include_str!("profile/load.rs")),
+            ("profile/devices.rs", include_str!("profile/devices.rs")),
+            ("profile/tests.rs", include_str!("profile/tests.rs")),
+        ];
+        let uses = |src: &str, module: &str| {
+            let pat = format!("crate::{module}");
+            src.lines()
+                .filter(|l| !l.trim_start().starts_with("//"))
+                .any(|l| l.contains(&pat))
+        };
+        for (name, src) in files {
+            for up in ["cli", "ui", "daemon", "worker", "orchestrator"] {
+                assert!(!uses(src, up), "src/{name} uses crate::{up}");
+            }
+            if name.starts_with("profile/") {
+                assert!(!uses(src, "grid"), "src/{name} uses crate::grid");
+            }
+            if *name == "telemetry.rs" {
+                for other in ["profile", "grid", "store", "summary", "report", "engine"] {
+                    assert!(!uses(src, other), "src/{name} uses crate::{other}");
+                }
+            }
+        }
     }
 }
