@@ -76,7 +76,7 @@ pub fn load(path: &Path) -> Result<LoadedProfile, ProfileError> {
 /// Parses and validates profile text; `file` is only used in error messages.
 ///
 /// Errors: [`ProfileError::Invalid`] at the first problem (TOML syntax, schema, then the
-/// checks of [`super::validate`]), located at `file:line:column` and the key.
+/// checks of `validate`), located at `file:line:column` and the key.
 pub fn parse_str(source: &str, file: &str) -> Result<Profile, ProfileError> {
     let profile: Profile =
         toml::from_str(source).map_err(|e| ProfileError::from_toml(&e, source, file))?;

@@ -1,5 +1,5 @@
 //! The dashboard's state: built from orchestrator [`Event`]s, changed by key presses
-//! ([`super::input`]), and rendered by [`super::view`]. Nothing here does I/O or reads a
+//! (`input`), and rendered by [`super::view`]. Nothing here does I/O or reads a
 //! clock: the event loop sets [`App::now`] and carries out the [`Action`]s that keys return.
 
 use std::collections::HashMap;
@@ -28,17 +28,24 @@ pub enum Action {
 /// The main views.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
+    /// The queue (with the live panel and the table beside / below when there is room).
     Queue,
+    /// The live panels of the running runs.
     Live,
+    /// The comparison table.
     Table,
+    /// One run's configuration, summary and charts.
     Detail,
 }
 
 /// A dialog on top of the view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Modal {
+    /// The key help.
     Help,
+    /// Cancel this running entry?
     ConfirmCancel(EntryId),
+    /// Stop the running sweep and quit?
     ConfirmQuit,
     /// File name being typed.
     SaveAs(String),
@@ -47,17 +54,26 @@ pub enum Modal {
 /// Columns of the comparison table (sortable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Column {
+    /// The point (sorts by queue position).
     Point,
+    /// [`RunSummary::tokens_per_s`].
     TokensPerS,
+    /// [`RunSummary::s_per_10k_tokens`].
     SPer10k,
+    /// [`RunSummary::peak_mem_bytes`].
     PeakMem,
+    /// [`RunSummary::mean_w`].
     MeanW,
+    /// [`RunSummary::j_per_token`].
     JPerToken,
+    /// [`RunSummary::final_loss`].
     Loss,
+    /// The run status (sorts by name).
     Status,
 }
 
 impl Column {
+    /// Every column, in table order (the sort keys step through it).
     pub const ALL: [Column; 8] = [
         Column::Point,
         Column::TokensPerS,
@@ -69,6 +85,7 @@ impl Column {
         Column::Status,
     ];
 
+    /// The column's header.
     pub fn title(self) -> &'static str {
         match self {
             Column::Point => "point",
@@ -104,54 +121,81 @@ impl Column {
 /// One step as the charts need it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepPoint {
+    /// 1-based optimizer step.
     pub step: u64,
+    /// The step's real tokens / its seconds (0 for a zero-length step).
     pub tokens_per_s: f64,
+    /// Training loss, when reported.
     pub loss: Option<f64>,
+    /// fp16 loss scale, when used.
     pub loss_scale: Option<f64>,
+    /// Wall time of the step (s).
     pub step_seconds: f64,
 }
 
 /// What the dashboard knows about one queue entry.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunView {
+    /// Index of its point in [`App::specs`].
     pub spec_index: usize,
+    /// `cpu` / `cuda:N` once started.
     pub device: Option<String>,
+    /// 1-based attempt of the latest start (retries count up).
     pub attempt: u32,
     /// [`App::now`] when it started.
     pub started_at: Option<f64>,
     /// [`App::now`] when it finished.
     pub finished_at: Option<f64>,
+    /// The latest [`MAX_POINTS`] steps of the current attempt.
     pub steps: Vec<StepPoint>,
+    /// The latest [`MAX_POINTS`] power samples (W).
     pub power: Vec<f64>,
+    /// The latest telemetry sample (the gauges).
     pub last_sample: Option<TelemetrySample>,
+    /// Its summary once finished.
     pub summary: Option<RunSummary>,
 }
 
 /// The dashboard state.
 #[derive(Debug, Clone)]
 pub struct App {
+    /// The sweep's (profile's) name.
     pub name: String,
     /// The profile as loaded (to save the sweep).
     pub profile: Profile,
+    /// The grid's points, in grid order.
     pub specs: Vec<RunSpec>,
+    /// `run.steps`: steps per run.
     pub steps_total: u32,
+    /// `run.vram_limit` (bytes): the scale of the memory gauge.
     pub vram_limit: Option<u64>,
     /// Host memory (bytes), the scale of the RSS gauge on CPU.
     pub mem_total: Option<u64>,
+    /// The store's sweep id, once started.
     pub sweep_id: Option<i64>,
+    /// The orchestrator's latest queue.
     pub queue: QueueSnapshot,
+    /// What is known about each entry.
     pub runs: HashMap<EntryId, RunView>,
     /// Entries in the order they (last) started.
     pub start_order: Vec<EntryId>,
+    /// The view shown.
     pub view: View,
+    /// The selected entry of the queue (and the detail's run).
     pub selected: Option<EntryId>,
+    /// The selected row of the comparison table.
     pub table_selected: Option<EntryId>,
+    /// The table's sort column.
     pub sort: Column,
+    /// Descending (for numbers: larger first).
     pub sort_desc: bool,
+    /// The run the table's ratios divide by.
     pub baseline: Option<EntryId>,
+    /// The dialog shown, if any.
     pub modal: Option<Modal>,
     /// Status line message and whether it is an error.
     pub message: Option<(String, bool)>,
+    /// The sweep has finished (or the event stream ended).
     pub sweep_finished: bool,
     /// Quit requested; leave once the sweep has finished.
     pub quitting: bool,
@@ -370,6 +414,7 @@ impl App {
             .collect()
     }
 
+    /// The point an entry runs.
     pub fn spec_of(&self, id: &str) -> Option<&RunSpec> {
         let i = self.queue.entries.iter().find(|e| e.id == id)?.spec_index;
         self.specs.get(i)

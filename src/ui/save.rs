@@ -20,13 +20,18 @@ use crate::profile::{Axes, Profile};
 /// Errors from saving.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
+    /// No point is left to save.
     #[error("every point is skipped: nothing to save")]
     Empty,
+    /// The profile does not serialise as TOML.
     #[error("cannot serialise the profile: {0}")]
     Toml(#[from] toml::ser::Error),
+    /// Writing or renaming the file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file being written.
         path: String,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },

@@ -5,9 +5,9 @@
 //! hints), and at most one dialog on top. From 120 columns the queue view also shows the live
 //! panel, and from 36 rows the comparison table below them.
 //!
-//! One file per panel ([`queue`], [`live`], [`table`], [`detail`]), the help overlay
-//! ([`help`], from [`super::keys`]), the other dialogs ([`modals`]), and the shared pieces
-//! ([`widgets`]); this file lays them out and draws the header and footer.
+//! One file per panel (`queue`, `live`, `table`, `detail`), the help overlay
+//! (`help`, from [`super::keys`]), the other dialogs (`modals`), and the shared pieces
+//! (`widgets`); this file lays them out and draws the header and footer.
 
 mod detail;
 mod help;
