@@ -15,17 +15,24 @@ use crate::summary::{RunStatus, RunSummary, Spread};
 /// Output format of `lorascope report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
+    /// Aligned text columns for a terminal.
     Table,
+    /// A Markdown table.
     Md,
+    /// CSV, every field (RFC 4180 quoting).
     Csv,
+    /// A JSON array of [`PointRow`]s.
     Json,
 }
 
 /// One point of the comparison.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PointRow {
+    /// Position in the grid.
     pub index: usize,
+    /// The point's stable id.
     pub spec_id: String,
+    /// The point's label.
     pub label: String,
     /// Runs counted (latest per repeat).
     pub runs: usize,
@@ -33,23 +40,33 @@ pub struct PointRow {
     pub status: String,
     /// Cause of the first non-ok run.
     pub cause: Option<String>,
+    /// Over ok runs (tokens/s); so are the other spreads.
     pub tokens_per_s: Option<Spread>,
+    /// Tokens including padding per second.
     pub padded_tokens_per_s: Option<Spread>,
+    /// Seconds per 10,000 tokens.
     pub s_per_10k_tokens: Option<Spread>,
     /// Max over ok runs (bytes).
     pub peak_mem_bytes: Option<u64>,
     /// `vram_process`, `vram_device` or `rss`.
     pub peak_mem_kind: Option<String>,
+    /// Mean board power (W).
     pub mean_w: Option<Spread>,
+    /// Max over ok runs (W).
     pub max_w: Option<f64>,
+    /// Energy over the timed window (J).
     pub energy_j: Option<Spread>,
+    /// Energy per real token (J).
     pub j_per_token: Option<Spread>,
     /// Energy from integrated power (J), to check against the counter.
     pub energy_j_integrated: Option<Spread>,
     /// `counter` or `integrated`.
     pub energy_source: Option<String>,
+    /// The last reported loss.
     pub final_loss: Option<Spread>,
+    /// fp16 steps skipped by the loss scaler, summed over ok runs.
     pub skipped_steps: u64,
+    /// The ok runs' notes, joined by `; `.
     pub note: Option<String>,
 }
 

@@ -15,16 +15,24 @@ use crate::telemetry::TelemetrySample;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunStatus {
+    /// In flight (or its row was left by a killed orchestrator).
     Running,
+    /// Finished all its steps.
     Ok,
+    /// Ran out of memory (the worker exited with the OOM exit code of [`crate::spec::wire`]).
     Oom,
+    /// Any other failure: another non-zero exit code, or killed by a signal.
     Failed,
+    /// Cancelled by the user.
     Cancelled,
+    /// The orchestrator stopped while it was in flight.
     Interrupted,
+    /// Skipped by the user before it ran.
     Skipped,
 }
 
 impl RunStatus {
+    /// The lower-case name, as stored and printed (`ok`, `oom`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             RunStatus::Running => "running",
@@ -37,6 +45,7 @@ impl RunStatus {
         }
     }
 
+    /// The status named `s` (an [`RunStatus::as_str`] name), else `None`.
     pub fn parse(s: &str) -> Option<RunStatus> {
         Some(match s {
             "running" => RunStatus::Running,
@@ -73,8 +82,11 @@ impl std::fmt::Display for RunStatus {
 /// A classified stdout line of the worker.
 #[derive(Debug, Clone, PartialEq)]
 pub enum WorkerLine {
+    /// The `header` record, as JSON.
     Header(Value),
+    /// A `step` record (`t` reset to 0).
     Step(StepRecord),
+    /// The `summary` record, as JSON.
     Summary(Value),
     /// A JSON object of another (or no) type: ignored.
     Other(Value),
@@ -108,9 +120,11 @@ pub fn parse_worker_line(line: &str) -> WorkerLine {
 /// The per-run result. Rates are over the timed window; peaks over the whole run.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RunSummary {
+    /// How the run ended (`None` until known).
     pub status: Option<RunStatus>,
     /// Why it is not ok (the worker's last stderr line, "cancelled by user", ...).
     pub cause: Option<String>,
+    /// The worker's exit code, if it exited.
     pub exit_code: Option<i32>,
     /// Step records received.
     pub steps: u64,
@@ -118,20 +132,31 @@ pub struct RunSummary {
     pub timed_steps: u64,
     /// Real tokens in the timed window.
     pub tokens: u64,
+    /// Tokens including padding in the timed window (`padded_tokens` of a step, else its
+    /// `tokens`).
     pub padded_tokens: u64,
     /// Sum of `step_seconds` over the timed window (s).
     pub timed_seconds: f64,
+    /// `tokens / timed_seconds` (tokens/s).
     pub tokens_per_s: Option<f64>,
+    /// `padded_tokens / timed_seconds` (tokens/s).
     pub padded_tokens_per_s: Option<f64>,
+    /// Seconds per 10,000 real tokens.
     pub s_per_10k_tokens: Option<f64>,
     /// The headline peak: process VRAM, else device VRAM, else peak RSS (bytes).
     pub peak_mem_bytes: Option<u64>,
     /// `vram_process`, `vram_device` or `rss`.
     pub peak_mem_kind: Option<String>,
+    /// Peak device memory of the worker's process (NVML, else the worker's own report),
+    /// less the `--vram-limit` reservation (bytes).
     pub peak_vram_process_bytes: Option<u64>,
+    /// Peak device memory used by all processes, less the reservation (bytes).
     pub peak_vram_device_bytes: Option<u64>,
+    /// Peak resident set size of the worker (VmRSS / VmHWM, or its own report) (bytes).
     pub peak_rss_bytes: Option<u64>,
+    /// Mean board power over the timed window's samples (all samples if none fall in it) (W).
     pub mean_w: Option<f64>,
+    /// Maximum of the same samples (W).
     pub max_w: Option<f64>,
     /// Energy over the timed window (J), from `energy_source`.
     pub energy_j: Option<f64>,
@@ -139,7 +164,9 @@ pub struct RunSummary {
     pub energy_source: Option<String>,
     /// Energy from integrated power, always computed when power was sampled (J).
     pub energy_j_integrated: Option<f64>,
+    /// `energy_j / tokens` (J per real token).
     pub j_per_token: Option<f64>,
+    /// The loss of the last step that reported one.
     pub final_loss: Option<f64>,
     /// fp16 steps skipped by the loss scaler (whole run).
     pub skipped_steps: u64,
@@ -204,9 +231,13 @@ fn integrate(pts: &[(f64, f64)], a: f64, b: f64) -> Option<f64> {
 /// Inputs of [`summarize`] besides the records.
 #[derive(Debug, Clone, Default)]
 pub struct RunOutcome {
+    /// How the run ended, as the orchestrator classified it.
     pub status: Option<RunStatus>,
+    /// Why it is not ok.
     pub cause: Option<String>,
+    /// The worker's exit code.
     pub exit_code: Option<i32>,
+    /// Wall time from spawn to exit (s).
     pub wall_seconds: f64,
     /// The worker's `summary` line, if any.
     pub worker_summary: Option<Value>,
@@ -376,9 +407,13 @@ pub fn summarize(
 /// Median, min and max of a set of values (for repeats).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 pub struct Spread {
+    /// The median.
     pub median: f64,
+    /// The smallest value.
     pub min: f64,
+    /// The largest value.
     pub max: f64,
+    /// How many (finite) values.
     pub n: usize,
 }
 

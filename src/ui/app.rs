@@ -1,14 +1,12 @@
-//! The dashboard's state: built from orchestrator [`Event`]s, changed by key presses, and
-//! rendered by [`super::view`]. Nothing here does I/O or reads a clock: the event loop sets
-//! [`App::now`] and carries out the [`Action`]s that keys return.
+//! The dashboard's state: built from orchestrator [`Event`]s, changed by key presses
+//! (`input`), and rendered by [`super::view`]. Nothing here does I/O or reads a
+//! clock: the event loop sets [`App::now`] and carries out the [`Action`]s that keys return.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
-
 use crate::grid::RunSpec;
-use crate::orchestrator::{Command, EntryId, EntryState, Event, MoveTo, QueueSnapshot};
+use crate::orchestrator::{Command, EntryId, EntryState, Event, QueueSnapshot};
 use crate::profile::Profile;
 use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
@@ -30,17 +28,24 @@ pub enum Action {
 /// The main views.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum View {
+    /// The queue (with the live panel and the table beside / below when there is room).
     Queue,
+    /// The live panels of the running runs.
     Live,
+    /// The comparison table.
     Table,
+    /// One run's configuration, summary and charts.
     Detail,
 }
 
 /// A dialog on top of the view.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Modal {
+    /// The key help.
     Help,
+    /// Cancel this running entry?
     ConfirmCancel(EntryId),
+    /// Stop the running sweep and quit?
     ConfirmQuit,
     /// File name being typed.
     SaveAs(String),
@@ -49,17 +54,26 @@ pub enum Modal {
 /// Columns of the comparison table (sortable).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Column {
+    /// The point (sorts by queue position).
     Point,
+    /// [`RunSummary::tokens_per_s`].
     TokensPerS,
+    /// [`RunSummary::s_per_10k_tokens`].
     SPer10k,
+    /// [`RunSummary::peak_mem_bytes`].
     PeakMem,
+    /// [`RunSummary::mean_w`].
     MeanW,
+    /// [`RunSummary::j_per_token`].
     JPerToken,
+    /// [`RunSummary::final_loss`].
     Loss,
+    /// The run status (sorts by name).
     Status,
 }
 
 impl Column {
+    /// Every column, in table order (the sort keys step through it).
     pub const ALL: [Column; 8] = [
         Column::Point,
         Column::TokensPerS,
@@ -71,6 +85,7 @@ impl Column {
         Column::Status,
     ];
 
+    /// The column's header.
     pub fn title(self) -> &'static str {
         match self {
             Column::Point => "point",
@@ -106,54 +121,81 @@ impl Column {
 /// One step as the charts need it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepPoint {
+    /// 1-based optimizer step.
     pub step: u64,
+    /// The step's real tokens / its seconds (0 for a zero-length step).
     pub tokens_per_s: f64,
+    /// Training loss, when reported.
     pub loss: Option<f64>,
+    /// fp16 loss scale, when used.
     pub loss_scale: Option<f64>,
+    /// Wall time of the step (s).
     pub step_seconds: f64,
 }
 
 /// What the dashboard knows about one queue entry.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct RunView {
+    /// Index of its point in [`App::specs`].
     pub spec_index: usize,
+    /// `cpu` / `cuda:N` once started.
     pub device: Option<String>,
+    /// 1-based attempt of the latest start (retries count up).
     pub attempt: u32,
     /// [`App::now`] when it started.
     pub started_at: Option<f64>,
     /// [`App::now`] when it finished.
     pub finished_at: Option<f64>,
+    /// The latest [`MAX_POINTS`] steps of the current attempt.
     pub steps: Vec<StepPoint>,
+    /// The latest [`MAX_POINTS`] power samples (W).
     pub power: Vec<f64>,
+    /// The latest telemetry sample (the gauges).
     pub last_sample: Option<TelemetrySample>,
+    /// Its summary once finished.
     pub summary: Option<RunSummary>,
 }
 
 /// The dashboard state.
 #[derive(Debug, Clone)]
 pub struct App {
+    /// The sweep's (profile's) name.
     pub name: String,
     /// The profile as loaded (to save the sweep).
     pub profile: Profile,
+    /// The grid's points, in grid order.
     pub specs: Vec<RunSpec>,
+    /// `run.steps`: steps per run.
     pub steps_total: u32,
+    /// `run.vram_limit` (bytes): the scale of the memory gauge.
     pub vram_limit: Option<u64>,
     /// Host memory (bytes), the scale of the RSS gauge on CPU.
     pub mem_total: Option<u64>,
+    /// The store's sweep id, once started.
     pub sweep_id: Option<i64>,
+    /// The orchestrator's latest queue.
     pub queue: QueueSnapshot,
+    /// What is known about each entry.
     pub runs: HashMap<EntryId, RunView>,
     /// Entries in the order they (last) started.
     pub start_order: Vec<EntryId>,
+    /// The view shown.
     pub view: View,
+    /// The selected entry of the queue (and the detail's run).
     pub selected: Option<EntryId>,
+    /// The selected row of the comparison table.
     pub table_selected: Option<EntryId>,
+    /// The table's sort column.
     pub sort: Column,
+    /// Descending (for numbers: larger first).
     pub sort_desc: bool,
+    /// The run the table's ratios divide by.
     pub baseline: Option<EntryId>,
+    /// The dialog shown, if any.
     pub modal: Option<Modal>,
     /// Status line message and whether it is an error.
     pub message: Option<(String, bool)>,
+    /// The sweep has finished (or the event stream ended).
     pub sweep_finished: bool,
     /// Quit requested; leave once the sweep has finished.
     pub quitting: bool,
@@ -372,6 +414,7 @@ impl App {
             .collect()
     }
 
+    /// The point an entry runs.
     pub fn spec_of(&self, id: &str) -> Option<&RunSpec> {
         let i = self.queue.entries.iter().find(|e| e.id == id)?.spec_index;
         self.specs.get(i)
@@ -504,290 +547,11 @@ impl App {
         }
     }
 
-    fn say(&mut self, msg: impl Into<String>, err: bool) {
-        self.message = Some((msg.into(), err));
-    }
-
-    fn move_selection(&mut self, rows: &[EntryId], delta: isize, table: bool) {
-        if rows.is_empty() {
-            return;
-        }
-        let cur = if table {
-            &self.table_selected
-        } else {
-            &self.selected
-        };
-        let pos = cur
-            .as_ref()
-            .and_then(|s| rows.iter().position(|r| r == s))
-            .unwrap_or(0) as isize;
-        let new = (pos + delta).clamp(0, rows.len() as isize - 1) as usize;
-        let id = Some(rows[new].clone());
-        if table {
-            self.table_selected = id;
-        } else {
-            self.selected = id;
-        }
-    }
-
     /// The entry the queue commands act on: the table's selection in the table view.
     pub fn target(&self) -> Option<EntryId> {
         match self.view {
             View::Table => self.table_selected.clone(),
             _ => self.selected.clone(),
-        }
-    }
-
-    /// Handles a key press; returns what the event loop must do.
-    pub fn on_key(&mut self, key: KeyEvent) -> Option<Action> {
-        if key.kind == KeyEventKind::Release {
-            return None;
-        }
-        self.dirty = true;
-        let ctrl = key.modifiers.contains(KeyModifiers::CONTROL);
-        if ctrl && matches!(key.code, KeyCode::Char('c')) {
-            return self.quit_now();
-        }
-        if let Some(modal) = self.modal.clone() {
-            return self.on_modal_key(modal, key);
-        }
-        self.message = None;
-        let table = self.view == View::Table;
-        let shift = key.modifiers.contains(KeyModifiers::SHIFT);
-        match key.code {
-            KeyCode::Char('?') => self.modal = Some(Modal::Help),
-            KeyCode::Char('q') | KeyCode::Char('D') if self.attached => return self.quit_now(),
-            KeyCode::Char('D') => {
-                self.say(
-                    "not attached to a daemon: `lorascope run PROFILE --detach` starts sweeps that outlive the terminal",
-                    true,
-                );
-            }
-            KeyCode::Char('q') => {
-                if self.sweep_finished {
-                    return self.quit_now();
-                }
-                self.modal = Some(Modal::ConfirmQuit);
-            }
-            KeyCode::Char('1') => self.view = View::Queue,
-            KeyCode::Char('2') => self.view = View::Live,
-            KeyCode::Char('3') => self.view = View::Table,
-            KeyCode::Tab => {
-                self.view = match self.view {
-                    View::Queue => View::Live,
-                    View::Live => View::Table,
-                    View::Table | View::Detail => View::Queue,
-                }
-            }
-            KeyCode::Enter | KeyCode::Char('d') => {
-                if self.target().is_some() {
-                    if table {
-                        self.selected = self.table_selected.clone();
-                    }
-                    self.view = View::Detail;
-                }
-            }
-            KeyCode::Esc => {
-                if self.view == View::Detail {
-                    self.view = View::Queue;
-                }
-            }
-            KeyCode::Up if shift => return self.move_cmd(MoveTo::Up),
-            KeyCode::Down if shift => return self.move_cmd(MoveTo::Down),
-            KeyCode::Char('K') => return self.move_cmd(MoveTo::Up),
-            KeyCode::Char('J') => return self.move_cmd(MoveTo::Down),
-            KeyCode::Char('t') => return self.move_cmd(MoveTo::Top),
-            KeyCode::Up | KeyCode::Char('k') => {
-                let rows = if table {
-                    self.table_rows()
-                } else {
-                    self.rows()
-                };
-                self.move_selection(&rows, -1, table);
-            }
-            KeyCode::Down | KeyCode::Char('j') => {
-                let rows = if table {
-                    self.table_rows()
-                } else {
-                    self.rows()
-                };
-                self.move_selection(&rows, 1, table);
-            }
-            KeyCode::Home | KeyCode::Char('g') => {
-                let rows = if table {
-                    self.table_rows()
-                } else {
-                    self.rows()
-                };
-                self.move_selection(&rows, -(rows.len() as isize), table);
-            }
-            KeyCode::End | KeyCode::Char('G') => {
-                let rows = if table {
-                    self.table_rows()
-                } else {
-                    self.rows()
-                };
-                self.move_selection(&rows, rows.len() as isize, table);
-            }
-            KeyCode::Char('p') => {
-                if self.sweep_finished {
-                    self.say("the sweep has finished", true);
-                    return None;
-                }
-                let cmd = if self.queue.paused {
-                    Command::Resume
-                } else {
-                    Command::Pause
-                };
-                return Some(Action::Send(cmd));
-            }
-            KeyCode::Char('s') => {
-                let id = self.target()?;
-                if self.state(&id) != Some(EntryState::Queued) {
-                    self.say("only a queued run can be skipped", true);
-                    return None;
-                }
-                return Some(Action::Send(Command::Skip { id }));
-            }
-            KeyCode::Char('c') => {
-                let id = self.target()?;
-                match self.state(&id) {
-                    Some(EntryState::Running { .. }) => {
-                        self.modal = Some(Modal::ConfirmCancel(id));
-                    }
-                    Some(EntryState::Queued) => {
-                        return Some(Action::Send(Command::Cancel { id }));
-                    }
-                    _ => self.say("only a running or queued run can be cancelled", true),
-                }
-            }
-            KeyCode::Char('r') => {
-                let id = self.target()?;
-                if !matches!(self.state(&id), Some(EntryState::Done { .. })) {
-                    self.say("only a finished run can be retried", true);
-                    return None;
-                }
-                if self.sweep_finished {
-                    self.say("the sweep has finished: run it again with --resume", true);
-                    return None;
-                }
-                return Some(Action::Send(Command::Retry { id }));
-            }
-            KeyCode::Char('w') => {
-                self.modal = Some(Modal::SaveAs(format!("{}-saved.toml", self.name)));
-            }
-            KeyCode::Left | KeyCode::Char('h') | KeyCode::Char('<') if table => {
-                let i = Column::ALL
-                    .iter()
-                    .position(|c| *c == self.sort)
-                    .unwrap_or(0);
-                self.sort = Column::ALL[(i + Column::ALL.len() - 1) % Column::ALL.len()];
-                self.sort_desc = self.sort.higher_is_better();
-            }
-            KeyCode::Right | KeyCode::Char('l') | KeyCode::Char('>') if table => {
-                let i = Column::ALL
-                    .iter()
-                    .position(|c| *c == self.sort)
-                    .unwrap_or(0);
-                self.sort = Column::ALL[(i + 1) % Column::ALL.len()];
-                self.sort_desc = self.sort.higher_is_better();
-            }
-            KeyCode::Char('o') if table => self.sort_desc = !self.sort_desc,
-            KeyCode::Char('b') => {
-                let id = self.target()?;
-                if self
-                    .runs
-                    .get(&id)
-                    .and_then(|r| r.summary.as_ref())
-                    .is_none()
-                {
-                    self.say("the baseline must be a finished run", true);
-                    return None;
-                }
-                self.say(format!("baseline: {id}"), false);
-                self.baseline = Some(id);
-            }
-            _ => self.dirty = false,
-        }
-        None
-    }
-
-    fn move_cmd(&mut self, to: MoveTo) -> Option<Action> {
-        let id = self.target()?;
-        if self.state(&id) != Some(EntryState::Queued) {
-            self.say("only a queued run can be moved", true);
-            return None;
-        }
-        Some(Action::Send(Command::Move { id, to }))
-    }
-
-    fn quit_now(&mut self) -> Option<Action> {
-        self.modal = None;
-        self.quitting = true;
-        if self.attached {
-            // Detach: the daemon keeps the sweep.
-            return Some(Action::Quit);
-        }
-        if self.sweep_finished {
-            Some(Action::Quit)
-        } else {
-            self.say("stopping the sweep…", false);
-            Some(Action::Send(Command::Shutdown))
-        }
-    }
-
-    fn on_modal_key(&mut self, modal: Modal, key: KeyEvent) -> Option<Action> {
-        let yes = matches!(key.code, KeyCode::Char('y') | KeyCode::Char('Y'));
-        match modal {
-            Modal::Help => {
-                self.modal = None;
-                None
-            }
-            Modal::ConfirmQuit => {
-                self.modal = None;
-                if yes { self.quit_now() } else { None }
-            }
-            Modal::ConfirmCancel(id) => {
-                self.modal = None;
-                if yes {
-                    Some(Action::Send(Command::Cancel { id }))
-                } else {
-                    None
-                }
-            }
-            Modal::SaveAs(mut name) => match key.code {
-                KeyCode::Esc => {
-                    self.modal = None;
-                    None
-                }
-                KeyCode::Enter => {
-                    self.modal = None;
-                    let name = name.trim().to_string();
-                    if name.is_empty() {
-                        self.say("save cancelled: no file name", true);
-                        return None;
-                    }
-                    Some(Action::Save(PathBuf::from(name)))
-                }
-                KeyCode::Backspace => {
-                    name.pop();
-                    self.modal = Some(Modal::SaveAs(name));
-                    None
-                }
-                KeyCode::Char('u') if key.modifiers.contains(KeyModifiers::CONTROL) => {
-                    self.modal = Some(Modal::SaveAs(String::new()));
-                    None
-                }
-                KeyCode::Char(c) if !c.is_control() => {
-                    name.push(c);
-                    self.modal = Some(Modal::SaveAs(name));
-                    None
-                }
-                _ => {
-                    self.modal = Some(Modal::SaveAs(name));
-                    None
-                }
-            },
         }
     }
 

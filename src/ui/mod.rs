@@ -1,7 +1,9 @@
 //! The terminal dashboard of `lorascope run` (ratatui + crossterm on a tokio event loop).
 //!
-//! - [`app`]: the state, built from orchestrator [`Event`]s; keys become [`Command`]s.
-//! - [`view`]: rendering (queue, live, comparison table, run detail, help).
+//! - [`app`]: the state, built from orchestrator [`Event`]s.
+//! - [`keys`]: every key in one table, for key handling, the help overlay and the footer.
+//! - `input`: keys -> what happens ([`App::on_key`]): state changes and [`Command`]s.
+//! - [`view`]: rendering, one file per panel (queue, live, table, detail) and for the dialogs.
 //! - [`theme`]: 16-colour styles, `NO_COLOR`.
 //! - [`save`]: the sweep as a TOML profile, written atomically.
 //!
@@ -13,6 +15,8 @@
 //! spinning without a terminal.
 
 pub mod app;
+mod input;
+pub mod keys;
 pub mod save;
 pub mod theme;
 pub mod view;
@@ -65,7 +69,12 @@ enum Input {
 #[derive(Debug)]
 pub enum Feed {
     /// An orchestrator event; `at` (daemon clock, s) dates it when it is replayed.
-    Event { at: Option<f64>, event: Event },
+    Event {
+        /// When it happened on the daemon clock (s); `None`: now.
+        at: Option<f64>,
+        /// The event.
+        event: Event,
+    },
     /// Replace the state (another sweep started); colours and the clock are kept.
     Reset(Box<App>),
     /// A status line message and whether it is an error.

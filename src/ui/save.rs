@@ -14,34 +14,27 @@
 use std::io::Write;
 use std::path::Path;
 
-use crate::grid::{Axes, Point, RunSpec};
-use crate::profile::{PartialPoint, Profile};
+use crate::grid::{RunSpec, factorial};
+use crate::profile::{Axes, Profile};
 
 /// Errors from saving.
 #[derive(Debug, thiserror::Error)]
 pub enum SaveError {
+    /// No point is left to save.
     #[error("every point is skipped: nothing to save")]
     Empty,
+    /// The profile does not serialise as TOML.
     #[error("cannot serialise the profile: {0}")]
     Toml(#[from] toml::ser::Error),
+    /// Writing or renaming the file failed.
     #[error("{path}: {source}")]
     Io {
+        /// The file being written.
         path: String,
+        /// The OS error.
         #[source]
         source: std::io::Error,
     },
-}
-
-fn full(p: &Point) -> PartialPoint {
-    PartialPoint {
-        batch_size: Some(p.batch_size),
-        seq_len: Some(p.seq_len),
-        optimizer: Some(p.optimizer),
-        precision: Some(p.precision),
-        quant: Some(p.quant),
-        lora_rank: Some(p.lora_rank),
-        grad_checkpointing: Some(p.grad_checkpointing),
-    }
 }
 
 /// The profile text for `profile` with its points in `order` (indices into `specs`, first
@@ -66,18 +59,21 @@ pub fn profile_text(
     }
     let g = &profile.grid;
     let axes = Axes::from_grid(g, profile.lora.rank);
-    let factorial = axes.factorial();
+    let all = factorial(&axes);
     let mut out = profile.clone();
-    out.grid.include = kept.iter().map(|&i| full(&specs[i].config.point)).collect();
+    out.grid.include = kept
+        .iter()
+        .map(|&i| specs[i].config.point.to_partial())
+        .collect();
     let mut skipped_labels = Vec::new();
     for &i in skipped {
         let Some(s) = specs.get(i) else { continue };
         let p = s.config.point;
         skipped_labels.push(format!("{} ({})", s.label(), s.id));
-        let in_factorial = factorial.contains(&p);
+        let in_factorial = all.contains(&p);
         let already = g.exclude.iter().any(|ex| p.matches(ex));
         if in_factorial && !already {
-            out.grid.exclude.push(full(&p));
+            out.grid.exclude.push(p.to_partial());
         }
     }
     let body = toml::to_string(&out)?;

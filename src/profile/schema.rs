@@ -1,0 +1,268 @@
+//! The serde types of a profile, one per TOML section, with their defaults. Unknown keys are
+//! rejected everywhere (`deny_unknown_fields`); what serde cannot check (ranges, emptiness,
+//! consistency) is checked by [`super::validate`].
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant};
+
+/// A parsed, validated profile.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    /// Optional human name; defaults to the file stem.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// `[model]` (required).
+    pub model: ModelSection,
+    /// `[data]` (required).
+    pub data: DataSection,
+    /// `[lora]` (optional: rank 16, alpha 32, no dropout, q/k/v/o).
+    #[serde(default)]
+    pub lora: LoraSection,
+    /// `[run]` (required: at least `steps`).
+    pub run: RunSection,
+    /// `[grid]` (optional: one point of default axis values).
+    #[serde(default)]
+    pub grid: GridSection,
+}
+
+/// `[model]`: a preset name (e.g. `tiny`, `qwen2.5-1.5b`) or a model directory. Exactly one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// A model preset of the engine (`tiny`, or a published config in `src/engine/presets/`).
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// A directory with `config.json` and safetensors weights, relative to the profile.
+    #[serde(default)]
+    pub path: Option<String>,
+}
+
+/// `[data]`: dataset path (`"sample"` = the bundled sample), format and packing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// A JSONL file relative to the profile, or `"sample"`.
+    pub path: String,
+    /// How records are read (`auto` detects it from the first record).
+    #[serde(default)]
+    pub format: DataFormat,
+    /// Pack several records into one sequence (default true).
+    #[serde(default = "default_true")]
+    pub packing: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// `[lora]`: adapter settings. `rank` is the default of the `grid.lora_rank` axis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Adapter rank r (> 0) when `grid.lora_rank` is absent.
+    #[serde(default = "default_rank")]
+    pub rank: u32,
+    /// Scaling numerator (> 0): the adapter's output is scaled by `alpha / r` (PEFT's
+    /// `lora_alpha`).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// Dropout probability on the adapter input, in [0, 1) (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub dropout: f64,
+    /// Projections that get an adapter; non-empty, no duplicates.
+    #[serde(default = "default_targets")]
+    pub targets: Vec<LoraTarget>,
+}
+
+fn default_rank() -> u32 {
+    16
+}
+fn default_alpha() -> f64 {
+    32.0
+}
+pub(super) fn default_targets() -> Vec<LoraTarget> {
+    vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O]
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection {
+            rank: default_rank(),
+            alpha: default_alpha(),
+            dropout: 0.0,
+            targets: default_targets(),
+        }
+    }
+}
+
+/// `[run]`: settings shared by every point.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunSection {
+    /// Optimizer steps per run (> 0).
+    pub steps: u32,
+    /// Steps excluded from the timed window.
+    #[serde(default)]
+    pub warmup_steps: u32,
+    /// Runs per point (> 0); the report gives the median and min-max.
+    #[serde(default = "default_repeats")]
+    pub repeats: u32,
+    /// Seed of the data order, adapter init, dropout and synthetic (preset) weights.
+    #[serde(default)]
+    pub seed: u64,
+    /// e.g. `"8GiB"`: passed to the worker as `--vram-limit`, which emulates a card of that
+    /// size by reserving the rest of the GPU's free memory before the model loads (capacity
+    /// only: bandwidth and compute are the real card's). CUDA devices only. The accepted
+    /// sizes are those of [`parse_bytes`].
+    #[serde(default)]
+    pub vram_limit: Option<String>,
+    /// `["cpu"]` or `["cuda:0", "cuda:1", ...]`: one run at a time per device.
+    #[serde(default = "default_devices")]
+    pub devices: Vec<String>,
+    /// Learning rate; the worker's default when absent.
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+fn default_repeats() -> u32 {
+    1
+}
+fn default_devices() -> Vec<String> {
+    vec!["cpu".to_string()]
+}
+
+/// `[grid]`: axes (each a list) plus `exclude` / `include` point tables. An absent axis has
+/// one value, see [`Axes`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GridSection {
+    /// Sequences per step.
+    #[serde(default)]
+    pub batch_size: Option<Vec<u32>>,
+    /// Tokens per sequence.
+    #[serde(default)]
+    pub seq_len: Option<Vec<u32>>,
+    /// Optimizers.
+    #[serde(default)]
+    pub optimizer: Option<Vec<Optimizer>>,
+    /// Compute precisions.
+    #[serde(default)]
+    pub precision: Option<Vec<Precision>>,
+    /// Base-weight quantisations.
+    #[serde(default)]
+    pub quant: Option<Vec<Quant>>,
+    /// Adapter ranks (absent: `lora.rank`).
+    #[serde(default)]
+    pub lora_rank: Option<Vec<u32>>,
+    /// Activation checkpointing off / on.
+    #[serde(default)]
+    pub grad_checkpointing: Option<Vec<bool>>,
+    /// Factorial points matching every key of an entry are removed.
+    #[serde(default)]
+    pub exclude: Vec<PartialPoint>,
+    /// Points added before the factorial ones; unset keys take each axis's first value.
+    #[serde(default)]
+    pub include: Vec<PartialPoint>,
+}
+
+/// A point with some axes set (an `exclude` or `include` entry); `None` = not set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialPoint {
+    /// See [`GridSection::batch_size`].
+    #[serde(default)]
+    pub batch_size: Option<u32>,
+    /// See [`GridSection::seq_len`].
+    #[serde(default)]
+    pub seq_len: Option<u32>,
+    /// See [`GridSection::optimizer`].
+    #[serde(default)]
+    pub optimizer: Option<Optimizer>,
+    /// See [`GridSection::precision`].
+    #[serde(default)]
+    pub precision: Option<Precision>,
+    /// See [`GridSection::quant`].
+    #[serde(default)]
+    pub quant: Option<Quant>,
+    /// See [`GridSection::lora_rank`].
+    #[serde(default)]
+    pub lora_rank: Option<u32>,
+    /// See [`GridSection::grad_checkpointing`].
+    #[serde(default)]
+    pub grad_checkpointing: Option<bool>,
+}
+
+/// The axes of `[grid]` with the defaults applied: every axis has at least one value, in the
+/// order written. An absent (or empty) axis has one value: batch_size 1, seq_len 256,
+/// optimizer adamw, precision fp32, quant none, lora_rank = `lora.rank`,
+/// grad_checkpointing false. The points themselves (the factorial product, includes and
+/// excludes) are [`crate::grid`]'s.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Axes {
+    /// See [`GridSection::batch_size`].
+    pub batch_size: Vec<u32>,
+    /// See [`GridSection::seq_len`].
+    pub seq_len: Vec<u32>,
+    /// See [`GridSection::optimizer`].
+    pub optimizer: Vec<Optimizer>,
+    /// See [`GridSection::precision`].
+    pub precision: Vec<Precision>,
+    /// See [`GridSection::quant`].
+    pub quant: Vec<Quant>,
+    /// See [`GridSection::lora_rank`].
+    pub lora_rank: Vec<u32>,
+    /// See [`GridSection::grad_checkpointing`].
+    pub grad_checkpointing: Vec<bool>,
+}
+
+impl Axes {
+    /// Axis values from `[grid]`; absent (or empty) axes get their single default
+    /// (`default_rank` for `lora_rank`: the profile's `lora.rank`).
+    pub fn from_grid(g: &GridSection, default_rank: u32) -> Axes {
+        fn or<T: Clone>(v: &Option<Vec<T>>, d: T) -> Vec<T> {
+            match v {
+                Some(v) if !v.is_empty() => v.clone(),
+                _ => vec![d],
+            }
+        }
+        Axes {
+            batch_size: or(&g.batch_size, 1),
+            seq_len: or(&g.seq_len, 256),
+            optimizer: or(&g.optimizer, Optimizer::AdamW),
+            precision: or(&g.precision, Precision::Fp32),
+            quant: or(&g.quant, Quant::None),
+            lora_rank: or(&g.lora_rank, default_rank),
+            grad_checkpointing: or(&g.grad_checkpointing, false),
+        }
+    }
+}
+
+/// Parses a byte size such as `8GiB`, `512 MiB`, `8GB` or `1024` (bytes).
+/// Binary units: KiB MiB GiB TiB; decimal units: KB MB GB TB; `B` or none = bytes.
+pub fn parse_bytes(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let num: f64 = num.parse().ok()?;
+    let mult: f64 = match unit.trim() {
+        "" | "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
+        "KB" | "kB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "TB" => 1e12,
+        _ => return None,
+    };
+    let v = num * mult;
+    if !v.is_finite() || v < 1.0 {
+        return None;
+    }
+    Some(v.round() as u64)
+}
