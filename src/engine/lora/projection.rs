@@ -21,7 +21,7 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 /// Inputs: `x` (tokens, in) in the compute dtype, `A` (r, in) and `B` (out, r) f32 master
 /// weights (cast to the compute dtype inside). Output (tokens, out) in the compute dtype.
 /// Nothing but the inputs is kept for backward: the dropout mask is a counter-based hash of
-/// (`seed`, element index) ([`dropout_keep`]) and `dropout(x) A^T` (tokens x r) is recomputed.
+/// (`seed`, element index) ([`super::dropout_keep`]) and `dropout(x) A^T` (tokens x r) is recomputed.
 /// Backward returns `dx = dy W + mask * (scale * dy B) A / (1 - p)`,
 /// `dA = (scale * dy B)^T dropout(x)` and `dB = scale * dy^T (dropout(x) A^T)` in f32; the
 /// base weight gets no gradient.
@@ -33,7 +33,7 @@ pub struct LoraProjection {
     pub(crate) scale: f64,
     /// Drop probability of the adapter input, in [0, 1) (0: no dropout).
     pub(crate) dropout: f64,
-    /// Seed of the regenerable dropout mask ([`dropout_keep`]); 0 without dropout.
+    /// Seed of the regenerable dropout mask ([`super::dropout_keep`]); 0 without dropout.
     pub(crate) seed: u64,
 }
 
