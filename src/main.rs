@@ -62,7 +62,7 @@ fn selftest_optim(_device: usize, _steps: usize) -> i32 {
 
 #[cfg(feature = "cuda")]
 fn selftest_optim(device: usize, steps: usize) -> i32 {
-    use lorascope::engine::optim_cuda::{SELFTEST_TOL, selftest};
+    use lorascope::engine::optim::{SELFTEST_TOL, selftest};
     let t0 = std::time::Instant::now();
     let cases = match selftest(device, steps.max(1)) {
         Ok(c) => c,

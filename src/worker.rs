@@ -155,7 +155,9 @@ impl TrainArgs {
                     ))
                 })?;
                 if self.device == "cpu" {
-                    return Err(EngineError::Invalid(crate::engine::vram::cpu_refusal(v)));
+                    return Err(EngineError::Invalid(
+                        crate::engine::cuda::vram::cpu_refusal(v),
+                    ));
                 }
                 Some(bytes)
             }

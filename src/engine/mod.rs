@@ -1,28 +1,20 @@
 //! The training engine: a decoder-only transformer with LoRA adapters, trained with candle.
 //! It knows nothing of queues or terminals.
 
-pub mod attention;
 pub mod config;
+pub mod cuda;
 pub mod data;
-pub mod kernels;
 pub mod lora;
-#[cfg(feature = "cuda")]
-mod lora_cuda;
-pub mod loss;
 pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
-#[cfg(feature = "cuda")]
-pub mod optim_cuda;
 pub mod prof;
 pub mod scaler;
 pub mod selftest;
-pub mod swiglu;
 #[cfg(test)]
 mod testutil;
 pub mod train;
-pub mod vram;
 pub mod weights;
 
 /// Errors of the engine. Every message is one line naming the file or item at fault and what was
@@ -98,7 +90,7 @@ fn device_free_total() -> String {
     {
         use candle_core::cuda_backend::cudarc::driver::result;
         if let Ok((free, total)) = result::mem_get_info() {
-            return free_total_note(free as u64, total as u64, vram::active_limit());
+            return free_total_note(free as u64, total as u64, cuda::vram::active_limit());
         }
     }
     String::new()

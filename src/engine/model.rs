@@ -12,15 +12,14 @@
 //! kept, and the layer is recomputed in backward. Gradients must then be taken with
 //! [`Model::backward`], which merges the adapter gradients found during recomputation.
 
-use super::attention::{causal_attention, causal_attention_backward};
 use super::config::ModelConfig;
 use super::lora::{
     BaseLinear, DropoutRng, LoraAdapter, LoraConfig, LoraLinear, LoraProjection, new_adapter,
 };
-use super::loss::ChunkedCrossEntropy;
 use super::nf4::{Nf4Linear, Nf4Weight};
 use super::ops::{
-    FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope, rope_backward, rope_tables,
+    ChunkedCrossEntropy, FrozenLinear, InputGradCustomOp, InputGradOp, RmsNorm, apply_rope,
+    causal_attention, causal_attention_backward, rope_backward, rope_tables,
 };
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
@@ -459,7 +458,7 @@ fn layer_forward(
     let h = l.post_norm.forward(&x)?;
     let gate = proj(4, &h)?;
     let up = proj(5, &h)?;
-    let m = proj(6, &super::swiglu::swiglu(&gate, &up)?)?;
+    let m = proj(6, &super::ops::swiglu(&gate, &up)?)?;
     x + m
 }
 
@@ -589,7 +588,7 @@ impl LayerSaved {
         let h2 = l.post_norm.plain(&x1)?;
         let gate = proj(4, &h2)?;
         let up = proj(5, &h2)?;
-        let act = super::swiglu::swiglu(&gate, &up)?;
+        let act = super::ops::swiglu(&gate, &up)?;
         Ok(Self {
             ops,
             h1,
@@ -663,7 +662,7 @@ impl LayerSaved {
         // MLP: out = x1 + down(swiglu(gate(h2), up(h2))), h2 = post_norm(x1).
         let dact = back(6, &act, &dout)?;
         drop(act);
-        let (dgate, dup) = super::swiglu::swiglu_backward(&gate, &up, &dact)?;
+        let (dgate, dup) = super::ops::swiglu_backward(&gate, &up, &dact)?;
         drop((gate, up, dact));
         let dh2 = (back(4, &h2, &dgate)? + back(5, &h2, &dup)?)?;
         drop((h2, dgate, dup));

@@ -2,13 +2,14 @@
 //! [`StepRecord`] per step and a [`Summary`] at the end (the records of [`wire`]).
 
 use super::config::ModelSource;
+use super::cuda::vram::VramReservation;
 use super::data::{Batcher, Packing, Record, Tokenizer, bundled_sample, load_records};
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
+use super::optim::memory_report;
 use super::optim::{AdamWConfig, AnyOptimizer, Schedule, lr_at};
 use super::prof;
 use super::scaler::{LossScaler, LossScalerConfig};
-use super::vram::{VramReservation, memory_report};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use crate::spec::wire::{self, MemoryBreakdown, StepRecord, Summary};
@@ -72,7 +73,7 @@ pub struct TrainOptions {
     pub loss_scaling: Option<LossScalerConfig>,
     /// Save the trained adapters (PEFT format) here at the end.
     pub save_adapter: Option<PathBuf>,
-    /// Emulate a card with this many bytes (CUDA only; see [`super::vram`]).
+    /// Emulate a card with this many bytes (CUDA only; see [`super::cuda::vram`]).
     pub vram_limit: Option<u64>,
 }
 
@@ -181,7 +182,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     // Before anything is allocated on the device: what is left is what the smaller card has.
     let vram = opts
         .vram_limit
-        .map(|limit| super::vram::reserve(&device, limit))
+        .map(|limit| super::cuda::vram::reserve(&device, limit))
         .transpose()?;
     let tokenizer = Tokenizer::from_model_dir(src.dir.as_deref())?;
     if tokenizer.min_vocab_size() > cfg.vocab_size {

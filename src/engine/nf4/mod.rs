@@ -10,7 +10,7 @@
 //!   q[1::2]`); an odd element count is padded with the code of 0.0 in the last low nibble;
 //! - double quantisation: `offset = mean(absmax)`, then `absmax - offset` is quantised
 //!   block-wise to 8 bits with [`ABSMAX_BLOCK`] = 256 entries per block against bitsandbytes'
-//!   signed dynamic map ([`dynamic_map`]`(true)`), one f32 absmax per 256-block.
+//!   signed dynamic map ([`blockwise::dynamic_map`]`(true)`), one f32 absmax per 256-block.
 //!
 //! Dequantisation is `NF4_CODE[q] * (DYN[qabsmax[b]] * absmax2[b / 256] + offset)` with
 //! `b = i / 64`, computed in f32 and cast to the requested dtype, as bitsandbytes'
@@ -20,10 +20,18 @@
 //! is stored as the code for 0.0 (bitsandbytes divides by zero there).
 //!
 //! The CPU path is plain loops over slices; the CUDA path (`--features cuda`) is a dequantise
-//! kernel compiled at run time with NVRTC.
+//! kernel compiled at run time with NVRTC (`cuda/kernels/nf4.cu`, launched from `nf4/cuda.rs`).
+//! The 8-bit block-wise quantisation of the statistics is [`blockwise`], shared with the 8-bit
+//! optimizers.
 
+pub mod blockwise;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use crate::engine::ops::{InputGradOp, add_bias, apply_projection, contiguous_range};
+use crate::engine::prof;
+use blockwise::{dequantize_blockwise, nearest_sorted, quantize_blockwise, signed_map};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
-use std::sync::OnceLock;
 
 /// Elements per NF4 block (bitsandbytes' default `blocksize=64` for 4-bit weights).
 pub const NF4_BLOCK: usize = 64;
@@ -59,113 +67,6 @@ pub fn nearest_nf4(x: f32) -> u8 {
     nearest_sorted(&NF4_CODE, x) as u8
 }
 
-/// Index of the entry of the ascending table `code` nearest to `x`; ties go to the lower index.
-/// NaN maps to the entry nearest 0.
-fn nearest_sorted(code: &[f32], x: f32) -> usize {
-    let x = if x.is_nan() { 0.0 } else { x };
-    let hi = code.partition_point(|&c| c < x);
-    if hi == 0 {
-        return 0;
-    }
-    if hi == code.len() {
-        return code.len() - 1;
-    }
-    let lo = hi - 1;
-    if (x - code[lo]) <= (code[hi] - x) {
-        lo
-    } else {
-        hi
-    }
-}
-
-/// bitsandbytes' `create_dynamic_map(signed, max_exponent_bits=7, total_bits=8)`: 256 ascending
-/// f32 values in [-1, 1] (signed) or [0, 1] (unsigned) made of a decimal exponent
-/// `10^(i-6)`, i = 0..6, times the midpoints of an even split of [0.1, 1] with `2^i` (signed)
-/// or `2^(i+1)` (unsigned) intervals, plus 0 and 1 (Dettmers 2015, "8-Bit Approximations for
-/// Parallelism in Deep Learning"). Computed in f32 as torch does (`linspace`, midpoints, scale),
-/// so entries agree with bitsandbytes' to within an f32 rounding.
-pub fn dynamic_map(signed: bool) -> [f32; 256] {
-    let max_exp = 7i32;
-    let mut data: Vec<f32> = Vec::with_capacity(256);
-    for i in 0..max_exp {
-        let items = if signed {
-            (1usize << i) + 1
-        } else {
-            (1usize << (i + 1)) + 1
-        };
-        let bounds = linspace_f32(0.1, 1.0, items);
-        let scale = 10f64.powi(i - (max_exp - 1)) as f32;
-        for w in bounds.windows(2) {
-            let mean = (w[0] + w[1]) / 2.0;
-            data.push(scale * mean);
-            if signed {
-                data.push(-scale * mean);
-            }
-        }
-    }
-    data.push(0.0);
-    data.push(1.0);
-    debug_assert_eq!(data.len(), 256);
-    data.sort_by(|a, b| a.total_cmp(b));
-    let mut out = [0f32; 256];
-    out.copy_from_slice(&data);
-    out
-}
-
-/// `torch.linspace(start, end, steps)` in f32: the first half stepped from `start`, the second
-/// half stepped back from `end`.
-fn linspace_f32(start: f32, end: f32, steps: usize) -> Vec<f32> {
-    if steps == 1 {
-        return vec![start];
-    }
-    let step = (end - start) / (steps - 1) as f32;
-    let half = steps / 2;
-    (0..steps)
-        .map(|i| {
-            if i < half {
-                start + step * i as f32
-            } else {
-                end - step * (steps - 1 - i) as f32
-            }
-        })
-        .collect()
-}
-
-/// bitsandbytes' `quantize_blockwise(x, code, blocksize)`: per block of `block` elements, the
-/// absolute maximum, and each element divided by it and replaced by the index of the nearest
-/// `code` entry (`code` ascending, 256 entries). A final partial block has its own absmax. An
-/// all-zero block gets absmax 0 and the code index nearest 0.
-///
-/// Returns (codes, one per element; absmax, one f32 per block).
-pub fn quantize_blockwise(x: &[f32], code: &[f32; 256], block: usize) -> (Vec<u8>, Vec<f32>) {
-    let mut q = Vec::with_capacity(x.len());
-    let mut absmax = Vec::with_capacity(x.len().div_ceil(block));
-    for chunk in x.chunks(block) {
-        let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-        absmax.push(m);
-        let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
-        q.extend(
-            chunk
-                .iter()
-                .map(|v| nearest_sorted(code, (v * inv).clamp(-1.0, 1.0)) as u8),
-        );
-    }
-    (q, absmax)
-}
-
-/// bitsandbytes' `dequantize_blockwise`: `code[q[i]] * absmax[i / block]`, f32.
-pub fn dequantize_blockwise(q: &[u8], absmax: &[f32], code: &[f32; 256], block: usize) -> Vec<f32> {
-    q.iter()
-        .enumerate()
-        .map(|(i, &c)| code[c as usize] * absmax[i / block])
-        .collect()
-}
-
-fn signed_map() -> &'static [f32; 256] {
-    static MAP: OnceLock<[f32; 256]> = OnceLock::new();
-    MAP.get_or_init(|| dynamic_map(true))
-}
-
 /// A weight matrix stored as NF4 with double-quantised block statistics.
 ///
 /// All tensors live on the device the weight was quantised for. Memory: `ceil(n/2)` bytes of
@@ -176,7 +77,8 @@ pub struct Nf4Weight {
     /// Packed 4-bit codes, u8, `ceil(n/2)` elements; element `2k` in the high nibble of byte
     /// `k`, element `2k+1` in the low nibble.
     pub packed: Tensor,
-    /// 8-bit codes of `absmax - offset` against [`dynamic_map`]`(true)`, u8, one per 64-block.
+    /// 8-bit codes of `absmax - offset` against [`blockwise::dynamic_map`]`(true)`, u8, one
+    /// per 64-block.
     pub qabsmax: Tensor,
     /// Absolute maximum of each 256-block of `absmax - offset`, f32.
     pub absmax2: Tensor,
@@ -284,9 +186,7 @@ struct Dequant {
 }
 
 fn cpu_slice<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    let (a, b) = l
-        .contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg("nf4 buffers must be contiguous".into()))?;
+    let (a, b) = contiguous_range(l, "nf4 buffers")?;
     Ok(&s.as_slice::<T>()?[a..b])
 }
 
@@ -355,134 +255,6 @@ impl CustomOp3 for Dequant {
     }
 }
 
-#[cfg(feature = "cuda")]
-mod cuda {
-    //! The CUDA dequantise kernel: one thread per packed byte (two weights), NVRTC-compiled
-    //! once per process, with the NF4 and dynamic maps baked in as constants.
-    use super::{Dequant, NF4_BLOCK, NF4_CODE, signed_map};
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::{CudaStorage, DType, Layout, Result, Shape};
-    use std::sync::OnceLock;
-
-    fn err(e: impl std::fmt::Display) -> candle_core::Error {
-        candle_core::Error::Msg(format!("nf4 cuda kernel: {e}"))
-    }
-
-    fn table(v: &[f32]) -> String {
-        v.iter()
-            .map(|x| format!("{x:e}f"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    }
-
-    fn source() -> String {
-        format!(
-            r#"
-__constant__ float NF4[16] = {{ {nf4} }};
-__constant__ float DYN[256] = {{ {dyn_} }};
-
-__device__ __forceinline__ unsigned short f32_to_bf16(float x) {{
-    unsigned int u = __float_as_uint(x);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (unsigned short)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (unsigned short)(u >> 16);
-}}
-__device__ __forceinline__ unsigned short f32_to_f16(float x) {{
-    unsigned short h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(x));
-    return h;
-}}
-
-#define NF4_KERNEL(NAME, T, CONV)                                                        \
-extern "C" __global__ void NAME(const unsigned char* packed, const unsigned char* qabsmax, \
-                                const float* absmax2, float offset, T* out,              \
-                                unsigned long long n) {{                                  \
-    unsigned long long k = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;     \
-    unsigned long long e = 2 * k;                                                         \
-    if (e >= n) return;                                                                   \
-    unsigned long long b = e / {blk};                                                     \
-    float a = DYN[qabsmax[b]] * absmax2[b / {blk2}] + offset;                             \
-    unsigned char byte = packed[k];                                                       \
-    out[e] = CONV(NF4[byte >> 4] * a);                                                    \
-    if (e + 1 < n) out[e + 1] = CONV(NF4[byte & 15] * a);                                 \
-}}
-
-#define ID(x) (x)
-NF4_KERNEL(nf4_dequant_f32, float, ID)
-NF4_KERNEL(nf4_dequant_f16, unsigned short, f32_to_f16)
-NF4_KERNEL(nf4_dequant_bf16, unsigned short, f32_to_bf16)
-"#,
-            nf4 = table(&NF4_CODE),
-            dyn_ = table(signed_map()),
-            blk = NF4_BLOCK,
-            blk2 = super::ABSMAX_BLOCK,
-        )
-    }
-
-    fn ptx() -> Result<&'static str> {
-        static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-        PTX.get_or_init(|| {
-            cudarc::nvrtc::compile_ptx(source())
-                .map(|p| p.to_src())
-                .map_err(|e| e.to_string())
-        })
-        .as_deref()
-        .map_err(err)
-    }
-
-    type In<'a> = (&'a CudaStorage, &'a Layout);
-
-    pub(super) fn dequantize(
-        op: &Dequant,
-        (p, pl): In,
-        (q, ql): In,
-        (a, al): In,
-    ) -> Result<(CudaStorage, Shape)> {
-        if pl.start_offset() != 0 || ql.start_offset() != 0 || al.start_offset() != 0 {
-            candle_core::bail!("nf4: buffers must start at offset 0");
-        }
-        let dev = p.device().clone();
-        let packed = p.as_cuda_slice::<u8>()?;
-        let qabsmax = q.as_cuda_slice::<u8>()?;
-        let absmax2 = a.as_cuda_slice::<f32>()?;
-        let n = op.n as u64;
-        let threads = op.n.div_ceil(2) as u32;
-        let cfg = LaunchConfig::for_num_elems(threads.max(1));
-        let name = match op.dtype {
-            DType::F32 => "nf4_dequant_f32",
-            DType::F16 => "nf4_dequant_f16",
-            DType::BF16 => "nf4_dequant_bf16",
-            other => candle_core::bail!("nf4: cannot dequantise to {other:?} on CUDA"),
-        };
-        let func = dev.get_or_load_custom_func(name, "lorascope_nf4", ptx()?)?;
-        let offset = op.offset;
-        macro_rules! launch {
-            ($t:ty) => {{
-                // SAFETY: every element 0..n is written by the kernel before it is read.
-                let mut out = unsafe { dev.alloc::<$t>(op.n) }?;
-                let mut b = func.builder();
-                b.arg(packed);
-                b.arg(qabsmax);
-                b.arg(absmax2);
-                b.arg(&offset);
-                b.arg(&mut out);
-                b.arg(&n);
-                // SAFETY: argument types match the kernel signature above.
-                unsafe { b.launch(cfg) }.map_err(err)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let storage = match op.dtype {
-            DType::F32 => launch!(f32),
-            DType::F16 => launch!(half::f16),
-            _ => launch!(half::bf16),
-        };
-        Ok((storage, Shape::from(op.n)))
-    }
-}
-
 /// A frozen linear projection `y = x W^T + b` whose weight is an [`Nf4Weight`]: the QLoRA base
 /// layer (bitsandbytes `Linear4bit` with `requires_grad=False`).
 ///
@@ -522,22 +294,22 @@ impl Nf4Linear {
 
     /// Apply to `x` (..., in) -> (..., out). Records a graph node only when `x` is tracked.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        super::ops::apply_projection(self, x, self.shape())
+        apply_projection(self, x, self.shape())
     }
 }
 
-impl super::ops::InputGradOp for Nf4Linear {
+impl InputGradOp for Nf4Linear {
     const NAME: &'static str = "nf4-linear";
     fn plain(&self, x2: &Tensor) -> Result<Tensor> {
-        let w = super::prof::section("nf4", "dequant", x2.device(), || {
+        let w = prof::section("nf4", "dequant", x2.device(), || {
             self.weight.dequantize(x2.dtype())
         })?;
         let y = x2.matmul(&w.t()?)?;
         drop(w);
-        super::ops::add_bias(y, self.bias.as_ref())
+        add_bias(y, self.bias.as_ref())
     }
     fn input_grad(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = super::prof::section("nf4", "dequant", grad.device(), || {
+        let w = prof::section("nf4", "dequant", grad.device(), || {
             self.weight.dequantize(grad.dtype())
         })?;
         Ok(Some(grad.matmul(&w)?))
@@ -577,31 +349,6 @@ mod tests {
         // 8 positive, 7 negative values.
         assert_eq!(NF4_CODE.iter().filter(|&&v| v > 0.0).count(), 8);
         assert_eq!(NF4_CODE.iter().filter(|&&v| v < 0.0).count(), 7);
-    }
-
-    #[test]
-    fn dynamic_maps_follow_the_definition() {
-        let s = dynamic_map(true);
-        let u = dynamic_map(false);
-        for m in [&s, &u] {
-            assert!(m.windows(2).all(|w| w[0] <= w[1]));
-            assert_eq!(m[255], 1.0);
-            assert!(m.contains(&0.0));
-        }
-        assert!((s[0] + 0.992_968_75).abs() < 1e-6, "signed min {}", s[0]);
-        assert_eq!(u[0], 0.0);
-        // Smallest magnitudes: 1e-6 * midpoint of [0.1, 1] = 0.55e-6 (signed, 2 bounds);
-        // unsigned: 1e-6 * midpoint of [0.1, 0.55] = 0.325e-6.
-        let min_pos_s = s.iter().copied().filter(|&v| v > 0.0).fold(1.0, f32::min);
-        let min_pos_u = u.iter().copied().filter(|&v| v > 0.0).fold(1.0, f32::min);
-        assert!((min_pos_s - 0.55e-6).abs() < 1e-12);
-        assert!((min_pos_u - 0.325e-6).abs() < 1e-12);
-        // Signed: 127 positive, 127 negative, zero, one.
-        assert_eq!(s.iter().filter(|&&v| v > 0.0).count(), 128);
-        assert_eq!(s.iter().filter(|&&v| v < 0.0).count(), 127);
-        // Largest below 1 in the signed map: 0.1 exponent level, 64 midpoints of [0.1, 1].
-        let step = 0.9f32 / 64.0;
-        assert!((s[254] - (1.0 - step / 2.0)).abs() < 1e-6, "{}", s[254]);
     }
 
     #[test]
@@ -745,24 +492,5 @@ mod tests {
                 .unwrap(),
             0.0
         );
-    }
-
-    #[test]
-    fn blockwise_8bit_roundtrip_is_nearest() {
-        let map = dynamic_map(true);
-        let x: Vec<f32> = (0..600)
-            .map(|k| ((k * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let (q, a) = quantize_blockwise(&x, &map, 256);
-        assert_eq!(a.len(), 3);
-        let d = dequantize_blockwise(&q, &a, &map, 256);
-        for (k, (&xv, &dv)) in x.iter().zip(&d).enumerate() {
-            let s = xv / a[k / 256];
-            let best = map
-                .iter()
-                .map(|c| (c - s).abs())
-                .fold(f32::INFINITY, f32::min);
-            assert!(((dv / a[k / 256]) - s).abs() <= best + 1e-7);
-        }
     }
 }

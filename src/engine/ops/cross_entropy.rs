@@ -7,15 +7,17 @@
 //! 2.5 GB). Backward recomputes each chunk's logits and returns only the gradient of the hidden
 //! states (`lm_head` is frozen), as Liger-Kernel's fused linear cross-entropy does.
 //!
-//! On CUDA (f32/f16/bf16, unless `LORASCOPE_FUSED=0`) each chunk's logits stay in the compute
-//! dtype as cuBLAS writes them, and the per-row work is one NVRTC kernel pass instead of ~8
-//! candle passes: [`RowLoss`] (one block per row: logsumexp and the target logit, f32) in
+//! On the fused path ([`crate::engine::cuda::fused_path`]: CUDA, f32/f16/bf16, unless
+//! `LORASCOPE_FUSED=0`) each chunk's logits stay in the compute dtype as cuBLAS writes them,
+//! and the per-row work is one NVRTC kernel pass (`cuda/kernels/cross_entropy.cu`) instead of
+//! ~8 candle passes: [`RowLoss`] (one block per row: logsumexp and the target logit, f32) in
 //! forward, [`RowGrad`] (`dz = (softmax(z) - onehot(target)) * w`, written straight in the
 //! compute dtype) in backward. Elsewhere the generic candle code runs; the CPU loops of the two
 //! row ops mirror the kernels and are what the unit tests check against the generic code.
 
-use super::kernels::map_cpu_float;
-use candle_core::{CpuStorage, CustomOp3, D, DType, Device, Layout, Result, Shape, Tensor};
+use super::{CpuLoops, InputGradOp, apply, contiguous_range, cpu_map, stat_dtype};
+use crate::engine::cuda::fused_path;
+use candle_core::{CpuStorage, CustomOp3, Device, Layout, Result, Shape, Tensor, WithDType};
 
 /// Ignored target id, as PyTorch's `ignore_index` default.
 pub const IGNORE_INDEX: i64 = -100;
@@ -85,25 +87,12 @@ impl ChunkedCrossEntropy {
 
     /// Mean loss (scalar f32; f64 when `h` is f64) for hidden states `h` (tokens, hidden) in the compute dtype.
     pub fn forward(&self, h: &Tensor) -> Result<Tensor> {
-        super::ops::apply(self, h)
+        apply(self, h)
     }
 
     /// Logits of rows `start..start + len`, (len, vocab) in the compute dtype.
     fn logits_raw(&self, h: &Tensor, start: usize, len: usize) -> Result<Tensor> {
         h.narrow(0, start, len)?.matmul(&self.lm_head.t()?)
-    }
-
-    fn logits(&self, h: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        self.logits_raw(h, start, len)?
-            .to_dtype(super::ops::stat_dtype(h.dtype()))
-    }
-
-    /// Whether `h` runs through the fused row kernels: CUDA, f32/f16/bf16, and
-    /// [`super::kernels::fused_kernels`].
-    fn use_fused(h: &Tensor) -> bool {
-        h.device().is_cuda()
-            && matches!(h.dtype(), DType::F32 | DType::F16 | DType::BF16)
-            && super::kernels::fused_kernels()
     }
 
     /// [`Self::loss`] through [`RowLoss`]: per-row `mask * (lse - z[target])` per chunk, summed.
@@ -127,7 +116,7 @@ impl ChunkedCrossEntropy {
     /// [`Self::grad`] through [`RowGrad`], with per-row weights `mask * grad_out / count`.
     fn grad_fused(&self, h: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
         let n = h.dim(0)?;
-        let f = super::ops::stat_dtype(h.dtype());
+        let f = stat_dtype(h.dtype());
         let g = grad_out.to_dtype(f)?.affine(1.0 / self.count as f64, 0.0)?;
         let w = self.mask.to_dtype(f)?.broadcast_mul(&g)?;
         let mut parts = Vec::new();
@@ -144,63 +133,25 @@ impl ChunkedCrossEntropy {
         Tensor::cat(&parts, 0)
     }
 
+    /// The mean loss: [`Self::loss_fused`] on the fused path, [`generic::loss`] otherwise.
     fn loss(&self, h: &Tensor) -> Result<Tensor> {
-        if Self::use_fused(h) {
+        if fused_path(h.dtype(), h.device()) {
             return self.loss_fused(h);
         }
-        let n = h.dim(0)?;
-        let f = super::ops::stat_dtype(h.dtype());
-        let mut total = Tensor::zeros((), f, h.device())?;
-        let mut start = 0;
-        while start < n {
-            let len = self.chunk.min(n - start);
-            let z = self.logits(h, start, len)?;
-            let max = z.max_keepdim(D::Minus1)?;
-            let lse = (z
-                .broadcast_sub(&max)?
-                .exp()?
-                .sum_keepdim(D::Minus1)?
-                .log()?
-                + &max)?;
-            let idx = self.idx.narrow(0, start, len)?.unsqueeze(1)?;
-            let picked = z.gather(&idx, 1)?;
-            let per = (lse - picked)?.squeeze(1)?;
-            let m = self.mask.narrow(0, start, len)?.to_dtype(f)?;
-            total = (total + (per * m)?.sum_all()?)?;
-            start += len;
-        }
-        total.affine(1.0 / self.count as f64, 0.0)
+        generic::loss(self, h)
     }
 
+    /// The gradient of the hidden states: [`Self::grad_fused`] on the fused path,
+    /// [`generic::grad`] otherwise.
     fn grad(&self, h: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
-        if Self::use_fused(h) {
+        if fused_path(h.dtype(), h.device()) {
             return self.grad_fused(h, grad_out);
         }
-        let n = h.dim(0)?;
-        let f = super::ops::stat_dtype(h.dtype());
-        let g = grad_out.to_dtype(f)?.affine(1.0 / self.count as f64, 0.0)?;
-        let vocab = self.lm_head.dim(0)?;
-        let mut parts = Vec::new();
-        let mut start = 0;
-        while start < n {
-            let len = self.chunk.min(n - start);
-            let z = self.logits(h, start, len)?;
-            let max = z.max_keepdim(D::Minus1)?;
-            let e = z.broadcast_sub(&max)?.exp()?;
-            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
-            let idx = self.idx.narrow(0, start, len)?.unsqueeze(1)?;
-            let onehot = Tensor::ones((len, 1), f, h.device())?;
-            let hot = Tensor::zeros((len, vocab), f, h.device())?.scatter_add(&idx, &onehot, 1)?;
-            let m = self.mask.narrow(0, start, len)?.unsqueeze(1)?.to_dtype(f)?;
-            let dz = (p - hot)?.broadcast_mul(&m)?.broadcast_mul(&g)?;
-            parts.push(dz.to_dtype(h.dtype())?.matmul(&self.lm_head)?);
-            start += len;
-        }
-        Tensor::cat(&parts, 0)
+        generic::grad(self, h, grad_out)
     }
 }
 
-impl super::ops::InputGradOp for ChunkedCrossEntropy {
+impl InputGradOp for ChunkedCrossEntropy {
     const NAME: &'static str = "chunked-cross-entropy";
     fn plain(&self, h: &Tensor) -> Result<Tensor> {
         self.loss(h)
@@ -245,11 +196,101 @@ fn row_args(
             l3.shape()
         );
     }
-    let range = |l: &Layout| {
-        l.contiguous_offsets()
-            .ok_or_else(|| candle_core::Error::Msg(format!("{name}: inputs must be contiguous")))
-    };
+    let range = |l: &Layout| contiguous_range(l, name);
     Ok(((rows, vocab), [range(l1)?, range(l2)?, range(l3)?]))
+}
+
+/// [`RowGrad`]'s CPU loops over the logits, with the rows' targets and weights.
+struct GradLoops<'a> {
+    targets: &'a [u32],
+    weights: Vec<f64>,
+    vocab: usize,
+}
+
+impl CpuLoops for GradLoops<'_> {
+    const NAME: &'static str = "cross-entropy-rows-grad";
+    fn f<T: WithDType>(&self, xs: &[&[T]]) -> Result<Vec<T>> {
+        Ok(cpu::grad(xs[0], self.targets, &self.weights, self.vocab))
+    }
+}
+
+impl CustomOp3 for RowLoss {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((rows, vocab), [r1, r2, r3]) = row_args(self.name(), l1, l2, l3)?;
+        let (t, w) = (cpu::targets(s2, r2)?, cpu::weights(s3, r3)?);
+        let f32s = |v: Vec<f64>| CpuStorage::F32(v.into_iter().map(|x| x as f32).collect());
+        let out = match s1 {
+            CpuStorage::F64(z) => CpuStorage::F64(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
+            CpuStorage::F32(z) => f32s(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
+            CpuStorage::F16(z) => f32s(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
+            CpuStorage::BF16(z) => f32s(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
+            _ => candle_core::bail!("cross-entropy-rows: unsupported logits dtype"),
+        };
+        Ok((out, Shape::from(rows)))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((rows, vocab), ranges) = row_args(self.name(), l1, l2, l3)?;
+        let out = cuda::rows(cuda::Kind::Loss, [s1, s2, s3], ranges, rows, vocab)?;
+        Ok((out, Shape::from(rows)))
+    }
+}
+
+impl CustomOp3 for RowGrad {
+    fn name(&self) -> &'static str {
+        "cross-entropy-rows-grad"
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let ((rows, vocab), [_, r2, r3]) = row_args(self.name(), l1, l2, l3)?;
+        let (targets, weights) = (cpu::targets(s2, r2)?, cpu::weights(s3, r3)?);
+        let loops = GradLoops {
+            targets,
+            weights,
+            vocab,
+        };
+        Ok((cpu_map(&loops, &[(s1, l1)])?, Shape::from((rows, vocab))))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let ((rows, vocab), ranges) = row_args(self.name(), l1, l2, l3)?;
+        let out = cuda::rows(cuda::Kind::Grad, [s1, s2, s3], ranges, rows, vocab)?;
+        Ok((out, Shape::from((rows, vocab))))
+    }
 }
 
 mod cpu {
@@ -314,173 +355,81 @@ mod cpu {
     }
 }
 
-impl CustomOp3 for RowLoss {
-    fn name(&self) -> &'static str {
-        "cross-entropy-rows"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let ((rows, vocab), [r1, r2, r3]) = row_args(self.name(), l1, l2, l3)?;
-        let (t, w) = (cpu::targets(s2, r2)?, cpu::weights(s3, r3)?);
-        let f32s = |v: Vec<f64>| CpuStorage::F32(v.into_iter().map(|x| x as f32).collect());
-        let out = match s1 {
-            CpuStorage::F64(z) => CpuStorage::F64(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
-            CpuStorage::F32(z) => f32s(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
-            CpuStorage::F16(z) => f32s(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
-            CpuStorage::BF16(z) => f32s(cpu::loss(&z[r1.0..r1.1], t, &w, vocab)),
-            _ => candle_core::bail!("cross-entropy-rows: unsupported logits dtype"),
-        };
-        Ok((out, Shape::from(rows)))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let ((rows, vocab), ranges) = row_args(self.name(), l1, l2, l3)?;
-        let out = cuda::rows(cuda::Kind::Loss, [s1, s2, s3], ranges, rows, vocab)?;
-        Ok((out, Shape::from(rows)))
-    }
-}
+mod generic {
+    //! The candle composition (the CPU model, CUDA with `LORASCOPE_FUSED=0`, the tests'
+    //! reference): each chunk's logits in f32 (f64 for f64), then candle ops.
+    use super::super::stat_dtype;
+    use super::ChunkedCrossEntropy;
+    use candle_core::{D, Result, Tensor};
 
-impl CustomOp3 for RowGrad {
-    fn name(&self) -> &'static str {
-        "cross-entropy-rows-grad"
+    /// Logits of rows `start..start + len` in the statistics dtype.
+    fn logits(ce: &ChunkedCrossEntropy, h: &Tensor, start: usize, len: usize) -> Result<Tensor> {
+        ce.logits_raw(h, start, len)?
+            .to_dtype(stat_dtype(h.dtype()))
     }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let ((rows, vocab), [r1, r2, r3]) = row_args(self.name(), l1, l2, l3)?;
-        let (t, w) = (cpu::targets(s2, r2)?, cpu::weights(s3, r3)?);
-        let out = map_cpu_float!(
-            "cross-entropy-rows-grad: unsupported logits dtype",
-            (s1 => z),
-            T => cpu::grad(&z[r1.0..r1.1], t, &w, vocab)
-        );
-        Ok((out, Shape::from((rows, vocab))))
+
+    /// The mean loss: per chunk, logsumexp minus the target logit, masked, summed.
+    pub fn loss(ce: &ChunkedCrossEntropy, h: &Tensor) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        let f = stat_dtype(h.dtype());
+        let mut total = Tensor::zeros((), f, h.device())?;
+        let mut start = 0;
+        while start < n {
+            let len = ce.chunk.min(n - start);
+            let z = logits(ce, h, start, len)?;
+            let max = z.max_keepdim(D::Minus1)?;
+            let lse = (z
+                .broadcast_sub(&max)?
+                .exp()?
+                .sum_keepdim(D::Minus1)?
+                .log()?
+                + &max)?;
+            let idx = ce.idx.narrow(0, start, len)?.unsqueeze(1)?;
+            let picked = z.gather(&idx, 1)?;
+            let per = (lse - picked)?.squeeze(1)?;
+            let m = ce.mask.narrow(0, start, len)?.to_dtype(f)?;
+            total = (total + (per * m)?.sum_all()?)?;
+            start += len;
+        }
+        total.affine(1.0 / ce.count as f64, 0.0)
     }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-        s3: &candle_core::CudaStorage,
-        l3: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let ((rows, vocab), ranges) = row_args(self.name(), l1, l2, l3)?;
-        let out = cuda::rows(cuda::Kind::Grad, [s1, s2, s3], ranges, rows, vocab)?;
-        Ok((out, Shape::from((rows, vocab))))
+
+    /// The hidden states' gradient: per chunk, `(softmax(z) - onehot) * mask * g / count`,
+    /// times `lm_head`.
+    pub fn grad(ce: &ChunkedCrossEntropy, h: &Tensor, grad_out: &Tensor) -> Result<Tensor> {
+        let n = h.dim(0)?;
+        let f = stat_dtype(h.dtype());
+        let g = grad_out.to_dtype(f)?.affine(1.0 / ce.count as f64, 0.0)?;
+        let vocab = ce.lm_head.dim(0)?;
+        let mut parts = Vec::new();
+        let mut start = 0;
+        while start < n {
+            let len = ce.chunk.min(n - start);
+            let z = logits(ce, h, start, len)?;
+            let max = z.max_keepdim(D::Minus1)?;
+            let e = z.broadcast_sub(&max)?.exp()?;
+            let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
+            let idx = ce.idx.narrow(0, start, len)?.unsqueeze(1)?;
+            let onehot = Tensor::ones((len, 1), f, h.device())?;
+            let hot = Tensor::zeros((len, vocab), f, h.device())?.scatter_add(&idx, &onehot, 1)?;
+            let m = ce.mask.narrow(0, start, len)?.unsqueeze(1)?.to_dtype(f)?;
+            let dz = (p - hot)?.broadcast_mul(&m)?.broadcast_mul(&g)?;
+            parts.push(dz.to_dtype(h.dtype())?.matmul(&ce.lm_head)?);
+            start += len;
+        }
+        Tensor::cat(&parts, 0)
     }
 }
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! NVRTC kernels: one block of 1024 threads per logits row, one online (max, sum-exp) pass
-    //! over the row in f32, merged across the block; backward makes a second pass writing dz.
-    use super::super::kernels::{self, PRELUDE};
+    //! Launcher of `cuda/kernels/cross_entropy.cu`: one block of 1024 threads per logits row.
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row};
+    use crate::engine::cuda::{kernel_name, source};
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::{CudaStorage, DType, Result};
 
-    const MODULE: &str = "lorascope_cross_entropy";
-    pub(super) const SRC: &str = r#"
-__device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2) {
-    float mm = fmaxf(m, m2);
-    if (mm == NEG_INF) { m = mm; s = 0.f; return; }
-    s = s * expf(m - mm) + s2 * expf(m2 - mm);
-    m = mm;
-}
-
-// Online (max, sum exp(x - max)) of this thread's elements, then of the whole block.
-template <typename T>
-__device__ __forceinline__ void row_lse(const T* r, int vocab, float& m, float& s) {
-    __shared__ float sm[32];
-    __shared__ float ss[32];
-    m = NEG_INF; s = 0.f;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
-        float x = ld(r[j]);
-        if (x > m) { s = s * expf(m - x) + 1.f; m = x; }
-        else s += expf(x - m);
-    }
-    for (int o = 16; o > 0; o >>= 1) {
-        float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-        float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-        lse_merge(m, s, m2, s2);
-    }
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) { sm[wid] = m; ss[wid] = s; }
-    __syncthreads();
-    if (wid == 0) {
-        int nw = (blockDim.x + 31) >> 5;
-        m = lane < nw ? sm[lane] : NEG_INF;
-        s = lane < nw ? ss[lane] : 0.f;
-        for (int o = 16; o > 0; o >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, o);
-            float s2 = __shfl_xor_sync(0xffffffffu, s, o);
-            lse_merge(m, s, m2, s2);
-        }
-        if (lane == 0) { sm[0] = m; ss[0] = s; }
-    }
-    __syncthreads();
-    m = sm[0]; s = ss[0];
-}
-
-#define CE_KERNELS(SUF, T)                                                                    \
-extern "C" __global__ void __launch_bounds__(1024) ce_rows_loss_##SUF(const T* z,            \
-        const unsigned int* tgt, const float* w, float* loss, int vocab) {                    \
-    long long row = blockIdx.x;                                                               \
-    float c = w[row];                                                                         \
-    if (c == 0.f) { if (threadIdx.x == 0) loss[row] = 0.f; return; }                          \
-    const T* r = z + row * (long long)vocab;                                                  \
-    float m, s;                                                                               \
-    row_lse(r, vocab, m, s);                                                                  \
-    if (threadIdx.x == 0) loss[row] = c * (m + logf(s) - ld(r[tgt[row]]));                    \
-}                                                                                             \
-extern "C" __global__ void __launch_bounds__(1024) ce_rows_grad_##SUF(const T* z,            \
-        const unsigned int* tgt, const float* w, T* dz, int vocab) {                          \
-    long long row = blockIdx.x;                                                               \
-    float c = w[row];                                                                         \
-    const T* r = z + row * (long long)vocab;                                                  \
-    T* d = dz + row * (long long)vocab;                                                       \
-    if (c == 0.f) {                                                                           \
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x) st(d + j, 0.f);                 \
-        return;                                                                               \
-    }                                                                                         \
-    float m, s;                                                                               \
-    row_lse(r, vocab, m, s);                                                                  \
-    float k = c / s;                                                                          \
-    int t = (int)tgt[row];                                                                    \
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {                                   \
-        float p = expf(ld(r[j]) - m) * k;                                                     \
-        st(d + j, j == t ? p - c : p);                                                        \
-    }                                                                                         \
-}
-
-CE_KERNELS(f32, float)
-CE_KERNELS(f16, f16_t)
-CE_KERNELS(bf16, bf16_t)
-"#;
+    static MODULE: Module = Module::new("lorascope_cross_entropy", source::CROSS_ENTROPY);
 
     /// Which kernel: per-row loss (f32 out, (rows)) or logits gradient (`z`'s dtype, (rows, vocab)).
     #[derive(Clone, Copy)]
@@ -497,7 +446,11 @@ CE_KERNELS(bf16, bf16_t)
         rows: usize,
         vocab: usize,
     ) -> Result<CudaStorage> {
-        let suf = kernels::dtype_suffix(z.dtype(), "cross-entropy rows")?;
+        let root = match kind {
+            Kind::Loss => "ce_rows_loss",
+            Kind::Grad => "ce_rows_grad",
+        };
+        let name = kernel_name(root, z.dtype(), "cross-entropy rows")?;
         if t.dtype() != DType::U32 || w.dtype() != DType::F32 {
             candle_core::bail!(
                 "cross-entropy rows: targets {:?} / weights {:?}, expected u32 / f32",
@@ -508,53 +461,28 @@ CE_KERNELS(bf16, bf16_t)
         if rows == 0 || vocab == 0 || vocab > i32::MAX as usize || rows > u32::MAX as usize {
             candle_core::bail!("cross-entropy rows: unsupported shape ({rows}, {vocab})");
         }
-        let dev = z.device().clone();
-        let name = match kind {
-            Kind::Loss => format!("ce_rows_loss_{suf}"),
-            Kind::Grad => format!("ce_rows_grad_{suf}"),
+        let dev = z.device();
+        let out = match kind {
+            Kind::Loss => Buf::alloc(dev, DType::F32, rows)?,
+            Kind::Grad => Buf::alloc(dev, z.dtype(), rows * vocab)?,
         };
-        let func =
-            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
-        let tv = t.as_cuda_slice::<u32>()?.slice(r2.0..r2.1);
-        let wv = w.as_cuda_slice::<f32>()?.slice(r3.0..r3.1);
-        let v32 = vocab as i32;
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (1024, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        macro_rules! go {
-            ($ty:ty, $out:ty, $n:expr) => {{
-                let zv = z.as_cuda_slice::<$ty>()?.slice(r1.0..r1.1);
-                // SAFETY: the kernel writes every element (one per row, or every logit).
-                let mut out = unsafe { dev.alloc::<$out>($n) }?;
-                let mut lb = func.builder();
-                lb.arg(&zv);
-                lb.arg(&tv);
-                lb.arg(&wv);
-                lb.arg(&mut out);
-                lb.arg(&v32);
-                // SAFETY: argument types match the kernel signature.
-                unsafe { lb.launch(cfg) }.map_err(kernels::err)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let all = rows * vocab;
-        Ok(match (kind, z.dtype()) {
-            (Kind::Loss, DType::F32) => go!(f32, f32, rows),
-            (Kind::Loss, DType::F16) => go!(half::f16, f32, rows),
-            (Kind::Loss, _) => go!(half::bf16, f32, rows),
-            (Kind::Grad, DType::F32) => go!(f32, f32, all),
-            (Kind::Grad, DType::F16) => go!(half::f16, half::f16, all),
-            (Kind::Grad, _) => go!(half::bf16, half::bf16, all),
-        })
+        let args = [
+            Buf::view(z, r1)?.arg(),
+            Buf::view(t, r2)?.arg(),
+            Buf::view(w, r3)?.arg(),
+            out.arg(),
+            Arg::I32(vocab as i32),
+        ];
+        launch(dev, &MODULE, &name, per_row(rows, 1024), &args)?;
+        out.into_storage()
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::super::testutil::max_abs_diff as max_diff;
     use super::*;
+    use crate::engine::testutil::max_abs_diff as max_diff;
+    use candle_core::DType;
 
     fn setup(dt: DType) -> (Tensor, ChunkedCrossEntropy, Vec<i64>) {
         let dev = Device::Cpu;
@@ -582,7 +510,7 @@ mod tests {
             let (h, ce, _) = setup(dt);
             let g = Tensor::new(0.75f64, &Device::Cpu)
                 .unwrap()
-                .to_dtype(super::super::ops::stat_dtype(dt))
+                .to_dtype(stat_dtype(dt))
                 .unwrap();
             for chunk in [1, 4, 100] {
                 let ce = ce.clone().with_chunk(chunk);

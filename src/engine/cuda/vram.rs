@@ -9,12 +9,10 @@
 //! would. Only capacity is emulated: bandwidth, compute and the smaller card's own context
 //! overhead are the host card's.
 //!
-//! The raw allocation helper [`RawBuf`] (CUDA builds) is shared with the fused optimizer
-//! kernels (`optim_cuda`), which keep their state in ordinary or managed memory.
+//! The raw allocation helper `RawBuf` (CUDA builds) is also what the fused optimizer kernels
+//! (`optim::cuda`) keep their state in, ordinary or managed memory.
 
-use super::EngineError;
-use crate::spec::Optimizer;
-use crate::spec::wire::MemoryReport;
+use crate::engine::EngineError;
 use candle_core::Device;
 
 /// Bytes shown as mebibytes with one decimal, for messages.
@@ -263,34 +261,5 @@ mod raw {
             // SAFETY: allocated by malloc_sync / malloc_managed above, freed once.
             let _ = unsafe { result::free_sync(self.ptr) };
         }
-    }
-}
-
-/// The [`MemoryReport`] of the run header and summary: an optimizer of `kind` with state
-/// `bytes` on `device`, and the `--vram-limit` reservation.
-pub fn memory_report(
-    bytes: super::optim::StateBytes,
-    kind: Optimizer,
-    device: &Device,
-    vram: Option<&VramReservation>,
-) -> MemoryReport {
-    let optimizer_note = kind.is_paged().then(|| {
-        if device.is_cpu() {
-            "paged: emulated as unpaged on CPU (no device memory to page out of)".to_string()
-        } else {
-            format!(
-                "paged: state of tensors with at least {} elements in CUDA unified memory, prefetched before each update",
-                super::optim::MIN_PAGED_SIZE
-            )
-        }
-    });
-    MemoryReport {
-        optimizer_state_device_bytes: Some(bytes.device as u64),
-        optimizer_state_managed_bytes: Some(bytes.managed as u64),
-        optimizer_state_host_bytes: Some(bytes.host as u64),
-        optimizer_note,
-        vram_limit_bytes: vram.map(|v| v.limit_bytes),
-        vram_reserved_bytes: vram.map(|v| v.reserved_bytes),
-        vram_note: vram.map(VramReservation::note),
     }
 }

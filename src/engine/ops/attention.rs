@@ -14,10 +14,18 @@
 //! `dK = dS^T Q / sqrt(d)`. Query heads are grouped per key/value head as
 //! (batch, kv_heads, group * T, d), so K and V are never repeated and `dK`, `dV` sum over the
 //! group inside the matmul.
+//!
+//! The softmax kernels are the only path on either device (`LORASCOPE_FUSED=0` leaves
+//! attention as it is): CUDA launches `cuda/kernels/attention.cu`, the CPU runs their loops.
+//! `generic` (tests only) is attention from differentiable candle primitives, the reference.
 
-use super::kernels::map_cpu_float;
-use super::ops::{cpu_in, cpu_out};
-use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+#[cfg(feature = "cuda")]
+use super::contiguous_range;
+use super::{CpuLoops, cpu_in, cpu_map, cpu_out};
+use crate::engine::prof;
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
+};
 
 /// Causal scaled-dot-product attention with grouped-query attention.
 ///
@@ -60,7 +68,7 @@ pub(crate) fn causal_attention_backward(
         v.contiguous()?,
         grad.contiguous()?,
     );
-    let (dq, dk, dv) = super::prof::section("causal-attention", "bwd", q.device(), || {
+    let (dq, dk, dv) = prof::section("causal-attention", "bwd", q.device(), || {
         Attention.backward(&q, &k, &v, &grad)
     })?;
     match (dq, dk, dv) {
@@ -146,15 +154,12 @@ impl CustomOp3 for Attention {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        use super::ops::{cuda_in, cuda_out};
+        use super::{cuda_in, cuda_out};
         let q = cuda_in(s1, l1)?;
         let dev = q.device().clone();
-        cuda_out(super::prof::section(
-            "causal-attention",
-            "fwd",
-            &dev,
-            || self.forward(&q, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?),
-        )?)
+        cuda_out(prof::section("causal-attention", "fwd", &dev, || {
+            self.forward(&q, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?)
+        })?)
     }
     fn bwd(
         &self,
@@ -164,9 +169,9 @@ impl CustomOp3 for Attention {
         _o: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        // Detached: see `ops::InputGradCustomOp::bwd`.
+        // Detached: see `InputGradCustomOp::bwd`.
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        super::prof::section("causal-attention", "bwd", q.device(), || {
+        prof::section("causal-attention", "bwd", q.device(), || {
             self.backward(&q, &k, &v, &grad)
         })
     }
@@ -189,11 +194,6 @@ pub struct CausalSoftmaxGrad {
     pub scale: f64,
 }
 
-fn contiguous_range(l: &Layout, what: &str) -> Result<(usize, usize)> {
-    l.contiguous_offsets()
-        .ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
-}
-
 fn check_rows(l: &Layout, t: usize, what: &str) -> Result<usize> {
     let n = l.shape().elem_count();
     if t == 0 || l.shape().dims().last() != Some(&t) {
@@ -202,7 +202,88 @@ fn check_rows(l: &Layout, t: usize, what: &str) -> Result<usize> {
     Ok(n / t)
 }
 
+impl CausalSoftmaxGrad {
+    /// Rows of `P` (`l1`), checked against `dP` (`l2`).
+    fn check(&self, l1: &Layout, l2: &Layout) -> Result<usize> {
+        let rows = check_rows(l1, self.t, self.name())?;
+        if l1.shape() != l2.shape() {
+            candle_core::bail!(
+                "causal-softmax-grad: P {:?} vs dP {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        Ok(rows)
+    }
+}
+
+impl CpuLoops for CausalSoftmax {
+    const NAME: &'static str = "causal-softmax";
+    fn f<T: WithDType>(&self, xs: &[&[T]]) -> Result<Vec<T>> {
+        Ok(cpu::softmax(xs[0], self.t))
+    }
+}
+
+impl CpuLoops for CausalSoftmaxGrad {
+    const NAME: &'static str = "causal-softmax-grad";
+    fn f<T: WithDType>(&self, xs: &[&[T]]) -> Result<Vec<T>> {
+        Ok(cpu::softmax_grad(xs[0], xs[1], self.t, self.scale))
+    }
+}
+
+impl CustomOp1 for CausalSoftmax {
+    fn name(&self) -> &'static str {
+        <Self as CpuLoops>::NAME
+    }
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        check_rows(l, self.t, self.name())?;
+        Ok((cpu_map(self, &[(s, l)])?, l.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = check_rows(l, self.t, self.name())?;
+        let range = contiguous_range(l, self.name())?;
+        let out = cuda::softmax((s, range), rows, self.t)?;
+        Ok((out, l.shape().clone()))
+    }
+}
+
+impl CustomOp2 for CausalSoftmaxGrad {
+    fn name(&self) -> &'static str {
+        <Self as CpuLoops>::NAME
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.check(l1, l2)?;
+        Ok((cpu_map(self, &[(s1, l1), (s2, l2)])?, l1.shape().clone()))
+    }
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let rows = self.check(l1, l2)?;
+        let r1 = contiguous_range(l1, self.name())?;
+        let r2 = contiguous_range(l2, self.name())?;
+        let out = cuda::softmax_grad((s1, r1), (s2, r2), rows, self.t, self.scale as f32)?;
+        Ok((out, l1.shape().clone()))
+    }
+}
+
 mod cpu {
+    //! The kernels' formulas as loops (f64 statistics, one rounding to the storage dtype).
     use candle_core::WithDType;
 
     pub fn softmax<T: WithDType>(s: &[T], t: usize) -> Vec<T> {
@@ -247,251 +328,14 @@ mod cpu {
     }
 }
 
-impl CustomOp1 for CausalSoftmax {
-    fn name(&self) -> &'static str {
-        "causal-softmax"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        check_rows(l, self.t, "causal-softmax")?;
-        let (a, b) = contiguous_range(l, "causal-softmax")?;
-        let t = self.t;
-        let out = map_cpu_float!("causal-softmax: unsupported dtype", (s => v), T => {
-            cpu::softmax(&v[a..b], t)
-        });
-        Ok((out, l.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s: &candle_core::CudaStorage,
-        l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let rows = check_rows(l, self.t, "causal-softmax")?;
-        let range = contiguous_range(l, "causal-softmax")?;
-        let out = cuda::softmax(s, range, rows, self.t)?;
-        Ok((out, l.shape().clone()))
-    }
-}
-
-impl CustomOp2 for CausalSoftmaxGrad {
-    fn name(&self) -> &'static str {
-        "causal-softmax-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        check_rows(l1, self.t, "causal-softmax-grad")?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "causal-softmax-grad: P {:?} vs dP {:?}",
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let (a1, b1) = contiguous_range(l1, "causal-softmax-grad")?;
-        let (a2, b2) = contiguous_range(l2, "causal-softmax-grad")?;
-        let (t, sc) = (self.t, self.scale);
-        let out = map_cpu_float!(
-            "causal-softmax-grad: P and dP must share a float dtype",
-            (s1 => p, s2 => d),
-            T => cpu::softmax_grad(&p[a1..b1], &d[a2..b2], t, sc)
-        );
-        Ok((out, l1.shape().clone()))
-    }
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        s1: &candle_core::CudaStorage,
-        l1: &Layout,
-        s2: &candle_core::CudaStorage,
-        l2: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let rows = check_rows(l1, self.t, "causal-softmax-grad")?;
-        if l1.shape() != l2.shape() {
-            candle_core::bail!(
-                "causal-softmax-grad: P {:?} vs dP {:?}",
-                l1.shape(),
-                l2.shape()
-            );
-        }
-        let r1 = contiguous_range(l1, "causal-softmax-grad")?;
-        let r2 = contiguous_range(l2, "causal-softmax-grad")?;
-        let out = cuda::softmax_grad(s1, r1, s2, r2, rows, self.t, self.scale as f32)?;
-        Ok((out, l1.shape().clone()))
-    }
-}
-
-#[cfg(feature = "cuda")]
-mod cuda {
-    //! NVRTC kernels: one thread block (256 threads) per score row; f32 statistics.
-    use super::super::kernels::{self, PRELUDE};
-    use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
-    use candle_core::{CudaStorage, DType, Result};
-
-    const MODULE: &str = "lorascope_attention";
-    const SRC: &str = r#"
-__device__ __forceinline__ float block_reduce(float v, bool is_max) {
-    __shared__ float shared[32];
-    for (int o = 16; o > 0; o >>= 1) {
-        float w = __shfl_xor_sync(0xffffffffu, v, o);
-        v = is_max ? fmaxf(v, w) : v + w;
-    }
-    int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    __syncthreads();
-    if (lane == 0) shared[wid] = v;
-    __syncthreads();
-    int nw = (blockDim.x + 31) >> 5;
-    v = (threadIdx.x < nw) ? shared[threadIdx.x] : (is_max ? NEG_INF : 0.f);
-    if (wid == 0) {
-        for (int o = 16; o > 0; o >>= 1) {
-            float w = __shfl_xor_sync(0xffffffffu, v, o);
-            v = is_max ? fmaxf(v, w) : v + w;
-        }
-        if (lane == 0) shared[0] = v;
-    }
-    __syncthreads();
-    float r = shared[0];
-    __syncthreads();
-    return r;
-}
-
-#define SOFTMAX_KERNELS(SUF, T)                                                               \
-extern "C" __global__ void causal_softmax_##SUF(const T* s, T* p, int t) {                   \
-    long long row = blockIdx.x;                                                               \
-    int valid = (int)(row % t) + 1;                                                           \
-    const T* x = s + row * t; T* y = p + row * t;                                             \
-    float m = NEG_INF;                                                                      \
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, ld(x[j]));            \
-    m = block_reduce(m, true);                                                                \
-    float sum = 0.f;                                                                          \
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) sum += __expf(ld(x[j]) - m);       \
-    sum = block_reduce(sum, false);                                                           \
-    float inv = 1.f / sum;                                                                    \
-    for (int j = threadIdx.x; j < t; j += blockDim.x)                                         \
-        st(y + j, j < valid ? __expf(ld(x[j]) - m) * inv : 0.f);                             \
-}                                                                                             \
-extern "C" __global__ void causal_softmax_grad_##SUF(const T* p, const T* dp, T* ds, int t,  \
-                                                    float scale) {                            \
-    long long row = blockIdx.x;                                                               \
-    int valid = (int)(row % t) + 1;                                                           \
-    const T* a = p + row * t; const T* g = dp + row * t; T* y = ds + row * t;                 \
-    float delta = 0.f;                                                                        \
-    for (int j = threadIdx.x; j < valid; j += blockDim.x) delta += ld(a[j]) * ld(g[j]);      \
-    delta = block_reduce(delta, false);                                                       \
-    for (int j = threadIdx.x; j < t; j += blockDim.x)                                         \
-        st(y + j, j < valid ? scale * ld(a[j]) * (ld(g[j]) - delta) : 0.f);                  \
-}
-
-SOFTMAX_KERNELS(f32, float)
-SOFTMAX_KERNELS(f16, f16_t)
-SOFTMAX_KERNELS(bf16, bf16_t)
-"#;
-
-    fn suffix(dt: DType) -> Result<&'static str> {
-        kernels::dtype_suffix(dt, "causal softmax")
-    }
-
-    /// One block per row (grid.x allows 2^31 - 1 blocks).
-    fn cfg(rows: usize) -> Result<LaunchConfig> {
-        if rows > i32::MAX as usize {
-            candle_core::bail!(
-                "causal softmax: {rows} rows exceed one CUDA grid; lower the batch size"
-            );
-        }
-        Ok(LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        })
-    }
-
-    pub fn softmax(
-        s: &CudaStorage,
-        (a, b): (usize, usize),
-        rows: usize,
-        t: usize,
-    ) -> Result<CudaStorage> {
-        let dev = s.device().clone();
-        let name = format!("causal_softmax_{}", suffix(s.dtype())?);
-        let func =
-            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
-        let t32 = t as i32;
-        macro_rules! go {
-            ($ty:ty) => {{
-                let x = s.as_cuda_slice::<$ty>()?.slice(a..b);
-                // SAFETY: the kernel writes every element.
-                let mut out = unsafe { dev.alloc::<$ty>(b - a) }?;
-                let mut lb = func.builder();
-                lb.arg(&x);
-                lb.arg(&mut out);
-                lb.arg(&t32);
-                // SAFETY: argument types match the kernel signature.
-                unsafe { lb.launch(cfg(rows)?) }.map_err(kernels::err)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match s.dtype() {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            _ => go!(half::bf16),
-        })
-    }
-
-    pub fn softmax_grad(
-        p: &CudaStorage,
-        (a1, b1): (usize, usize),
-        dp: &CudaStorage,
-        (a2, b2): (usize, usize),
-        rows: usize,
-        t: usize,
-        scale: f32,
-    ) -> Result<CudaStorage> {
-        if p.dtype() != dp.dtype() {
-            candle_core::bail!("causal-softmax-grad: P and dP dtypes differ");
-        }
-        let dev = p.device().clone();
-        let name = format!("causal_softmax_grad_{}", suffix(p.dtype())?);
-        let func =
-            dev.get_or_load_custom_func(&name, MODULE, kernels::ptx(MODULE, PRELUDE, SRC)?)?;
-        let t32 = t as i32;
-        macro_rules! go {
-            ($ty:ty) => {{
-                let x = p.as_cuda_slice::<$ty>()?.slice(a1..b1);
-                let g = dp.as_cuda_slice::<$ty>()?.slice(a2..b2);
-                // SAFETY: the kernel writes every element.
-                let mut out = unsafe { dev.alloc::<$ty>(b1 - a1) }?;
-                let mut lb = func.builder();
-                lb.arg(&x);
-                lb.arg(&g);
-                lb.arg(&mut out);
-                lb.arg(&t32);
-                lb.arg(&scale);
-                // SAFETY: argument types match the kernel signature.
-                unsafe { lb.launch(cfg(rows)?) }.map_err(kernels::err)?;
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        Ok(match p.dtype() {
-            DType::F32 => go!(f32),
-            DType::F16 => go!(half::f16),
-            _ => go!(half::bf16),
-        })
-    }
-}
-
 #[cfg(test)]
-mod tests {
-    use super::super::testutil::{max_abs_diff, rand_uniform};
-    use super::*;
-    use candle_core::{D, DType, Var};
+mod generic {
+    //! Attention from differentiable candle primitives, the tests' reference: HF `repeat_kv`,
+    //! `softmax(Q K^T / sqrt(d) + mask) V` with an additive -1e30 causal mask.
+    use candle_core::{D, Result, Tensor};
 
-    /// Attention from differentiable candle primitives (f64), the reference.
-    fn naive(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    /// Attention of `q` (b, qh, t, d) over `k`, `v` (b, kvh, t, d), differentiable.
+    pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, qh, t, d) = q.dims4()?;
         let kvh = k.dim(1)?;
         let g = qh / kvh;
@@ -510,6 +354,72 @@ mod tests {
         let p = e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?;
         p.matmul(&v)
     }
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    //! Launchers of `cuda/kernels/attention.cu`: one 256-thread block per score row.
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row};
+    use crate::engine::cuda::{kernel_name, source};
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
+    use candle_core::{CudaStorage, Result};
+
+    static MODULE: Module = Module::new("lorascope_attention", source::ATTENTION);
+
+    type In<'a> = (&'a CudaStorage, (usize, usize));
+
+    /// One block per row (grid.x allows 2^31 - 1 blocks).
+    fn cfg(rows: usize) -> Result<LaunchConfig> {
+        if rows > i32::MAX as usize {
+            candle_core::bail!(
+                "causal softmax: {rows} rows exceed one CUDA grid; lower the batch size"
+            );
+        }
+        Ok(per_row(rows, 256))
+    }
+
+    /// [`super::CausalSoftmax`] over `rows` score rows of length `t`.
+    pub fn softmax((s, range): In, rows: usize, t: usize) -> Result<CudaStorage> {
+        let dev = s.device();
+        let name = kernel_name("causal_softmax", s.dtype(), "causal softmax")?;
+        let out = Buf::alloc(dev, s.dtype(), range.1 - range.0)?;
+        let args = [Buf::view(s, range)?.arg(), out.arg(), Arg::I32(t as i32)];
+        launch(dev, &MODULE, &name, cfg(rows)?, &args)?;
+        out.into_storage()
+    }
+
+    /// [`super::CausalSoftmaxGrad`] of `P`, `dP` (`rows` rows of length `t`).
+    pub fn softmax_grad(
+        (p, pr): In,
+        (dp, dpr): In,
+        rows: usize,
+        t: usize,
+        scale: f32,
+    ) -> Result<CudaStorage> {
+        if p.dtype() != dp.dtype() {
+            candle_core::bail!("causal-softmax-grad: P and dP dtypes differ");
+        }
+        let dev = p.device();
+        let name = kernel_name("causal_softmax_grad", p.dtype(), "causal softmax")?;
+        let out = Buf::alloc(dev, p.dtype(), pr.1 - pr.0)?;
+        let args = [
+            Buf::view(p, pr)?.arg(),
+            Buf::view(dp, dpr)?.arg(),
+            out.arg(),
+            Arg::I32(t as i32),
+            Arg::F32(scale),
+        ];
+        launch(dev, &MODULE, &name, cfg(rows)?, &args)?;
+        out.into_storage()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::testutil::{max_abs_diff, rand_uniform};
+    use candle_core::{DType, Var};
 
     fn rand(shape: (usize, usize, usize, usize), seed: u64) -> Tensor {
         rand_uniform(&[shape.0, shape.1, shape.2, shape.3], seed, -1.0, 1.0)
@@ -523,7 +433,7 @@ mod tests {
         let v = Var::from_tensor(&rand((b, kvh, t, d), 3)).unwrap();
         let w = rand((b, qh, t, d), 4);
         let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
-        let reference = naive(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
+        let reference = generic::attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
         assert!(max_abs_diff(&fused, &reference) < 1e-12);
         let gf = (&fused * &w)
             .unwrap()
@@ -565,7 +475,7 @@ mod tests {
             rand((b, kvh, t, d), 6),
             rand((b, kvh, t, d), 7),
         );
-        let reference = naive(&q, &k, &v).unwrap();
+        let reference = generic::attention(&q, &k, &v).unwrap();
         for dt in [DType::F16, DType::BF16] {
             let c = |x: &Tensor| x.to_dtype(dt).unwrap();
             let o = causal_attention(&c(&q), &c(&k), &c(&v))

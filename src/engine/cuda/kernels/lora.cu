@@ -1,0 +1,35 @@
+// The LoRA family (lora/): the dropout hash `keep` (mirrored by lora/dropout.rs
+// `dropout_keep`), inverted dropout with that mask, and the elementwise steps of the direct
+// LoRA projection (f32 master cast, bias rows, masked accumulate). One thread per element,
+// grid-stride.
+__device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long i,
+                                     unsigned long long thr) {
+    unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    return (z >> 40) >= thr;
+}
+#define GRID_STRIDE(i, n) \
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; \
+         i < (n); i += (unsigned long long)gridDim.x * blockDim.x)
+#define LORA_KERNELS(SUF, T)                                                                   \
+extern "C" __global__ void lora_cast_##SUF(const float* src, T* dst, unsigned long long n,     \
+                                           float scale) {                                      \
+    GRID_STRIDE(i, n) st(dst + i, src[i] * scale);                                             \
+}                                                                                              \
+extern "C" __global__ void lora_bias_rows_##SUF(T* y, const T* b, unsigned long long n,        \
+                                                unsigned long long cols) {                     \
+    GRID_STRIDE(i, n) y[i] = b[i % cols];                                                      \
+}                                                                                              \
+extern "C" __global__ void hash_dropout_##SUF(const T* x, T* y, unsigned long long n,          \
+        unsigned long long seed, unsigned long long thr, float inv) {                          \
+    GRID_STRIDE(i, n) st(y + i, keep(seed, i, thr) ? ld(x[i]) * inv : 0.f);                    \
+}                                                                                              \
+extern "C" __global__ void lora_dropout_add_##SUF(T* acc, const T* t, unsigned long long n,    \
+        unsigned long long seed, unsigned long long thr, float inv) {                          \
+    GRID_STRIDE(i, n) if (keep(seed, i, thr)) st(acc + i, ld(acc[i]) + ld(t[i]) * inv);        \
+}
+LORA_KERNELS(f32, float)
+LORA_KERNELS(f16, f16_t)
+LORA_KERNELS(bf16, bf16_t)

@@ -1,0 +1,114 @@
+//! The engine's CUDA layer, below every op: which path an op takes, kernel names, the CUDA C++
+//! sources, and (`--features cuda`) the NVRTC compile cache, the one launch helper and device
+//! buffers as kernel arguments ([`launch`]); `--vram-limit` ([`vram`]).
+//!
+//! Kernels are CUDA C++ in `kernels/*.cu`, one file per op family, `include_str!`'d
+//! ([`source`]) and compiled by NVRTC at first use (no nvcc at build time), each behind the
+//! shared prelude `kernels/prelude.cuh` (f16/bf16 storage types, `ld`/`st` in f32). Every
+//! kernel exists for f32, f16 and bf16 storage, named `<root>_<suffix>` ([`kernel_name`]).
+//!
+//! An op asks [`fused_path`] whether its tensors take its kernels (CUDA, a dtype with a kernel,
+//! `LORASCOPE_FUSED` not `0`), plus its own shape check where it has one; otherwise it runs its
+//! generic candle code.
+//!
+//! Imports: nothing above this module (ops, nf4, lora, optim import it).
+
+#[cfg(feature = "cuda")]
+pub(crate) mod launch;
+pub mod vram;
+
+use candle_core::{DType, Device};
+
+/// The CUDA C++ sources, one per op family, compiled by NVRTC at run time (see
+/// `launch::Module`: each module is [`PRELUDE`], a generated header where the op has one, then
+/// its source).
+pub mod source {
+    /// `f16_t`/`bf16_t` storage types, `ld(x) -> float` and `st(ptr, float)` for them and for
+    /// `float` (round to nearest even on store, as PyTorch's casts), and `NEG_INF`.
+    pub const PRELUDE: &str = include_str!("kernels/prelude.cuh");
+    /// `rms_norm_fwd_*`, `rms_norm_bwd_*` (`ops::RmsNorm`).
+    pub const RMS_NORM: &str = include_str!("kernels/rms_norm.cu");
+    /// `rope_*` (`ops::apply_rope`, forward and adjoint).
+    pub const ROPE: &str = include_str!("kernels/rope.cu");
+    /// `causal_softmax_*`, `causal_softmax_grad_*` (`ops::causal_attention`).
+    pub const ATTENTION: &str = include_str!("kernels/attention.cu");
+    /// `swiglu_fwd_*`, `swiglu_bwd_*` (`ops::swiglu`).
+    pub const SWIGLU: &str = include_str!("kernels/swiglu.cu");
+    /// `ce_rows_loss_*`, `ce_rows_grad_*` (`ops::ChunkedCrossEntropy`).
+    pub const CROSS_ENTROPY: &str = include_str!("kernels/cross_entropy.cu");
+    /// The dropout hash `keep`, `hash_dropout_*` and the LoRA projection's `lora_cast_*`,
+    /// `lora_bias_rows_*`, `lora_dropout_add_*` (`lora`).
+    pub const LORA: &str = include_str!("kernels/lora.cu");
+    /// `nf4_dequant_*` (`nf4`); needs the header of NF4 and dynamic-map tables.
+    pub const NF4: &str = include_str!("kernels/nf4.cu");
+    /// `lorascope_adamw32`, `lorascope_adamw_f32state`, `lorascope_adamw8_blockwise`,
+    /// `lorascope_sumsq` (`optim`); needs the header of 8-bit state maps, `--fmad=false`.
+    pub const OPTIM: &str = include_str!("kernels/optim.cu");
+}
+
+/// Whether tensors of `dtype` on `device` take the engine's fused CUDA kernels: a CUDA device,
+/// f32/f16/bf16, and `LORASCOPE_FUSED` not set to `0` (read once per process; `0` makes the
+/// GPU run each op's generic candle code instead, for comparison and as a fallback). Always
+/// false on the CPU. Ops add their own shape checks on top.
+pub fn fused_path(dtype: DType, device: &Device) -> bool {
+    device.is_cuda() && has_kernel(dtype) && fused_kernels_on()
+}
+
+/// Whether the kernels are instantiated for `dtype` (f32, f16, bf16).
+fn has_kernel(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
+/// `LORASCOPE_FUSED` is not `0` (read once per process).
+fn fused_kernels_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").as_deref() != Ok("0"))
+}
+
+/// The kernel-name suffix of the float dtypes the kernels are instantiated for (`f32`, `f16`,
+/// `bf16`, as in `swiglu_fwd_bf16`).
+///
+/// Errors: any other dtype, naming the op (`what`) that has no kernel for it.
+pub fn dtype_suffix(dt: DType, what: &str) -> candle_core::Result<&'static str> {
+    Ok(match dt {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        other => candle_core::bail!("{what}: no CUDA kernel for {other:?}"),
+    })
+}
+
+/// The name of kernel `root` instantiated for `dt`: `<root>_<suffix>` (see [`dtype_suffix`]).
+///
+/// Errors: as [`dtype_suffix`].
+pub fn kernel_name(root: &str, dt: DType, what: &str) -> candle_core::Result<String> {
+    Ok(format!("{root}_{}", dtype_suffix(dt, what)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{dtype_suffix, fused_path, kernel_name};
+    use candle_core::{DType, Device};
+
+    /// Kernel names end in the dtype's suffix; other dtypes are refused with the op's name.
+    #[test]
+    fn dtype_suffixes() {
+        assert_eq!(dtype_suffix(DType::F32, "op").unwrap(), "f32");
+        assert_eq!(dtype_suffix(DType::F16, "op").unwrap(), "f16");
+        assert_eq!(dtype_suffix(DType::BF16, "op").unwrap(), "bf16");
+        assert_eq!(
+            kernel_name("rope", DType::BF16, "rope").unwrap(),
+            "rope_bf16"
+        );
+        let e = dtype_suffix(DType::F64, "swiglu").unwrap_err().to_string();
+        assert!(e.contains("swiglu: no CUDA kernel for F64"), "{e}");
+    }
+
+    /// The CPU never takes the fused path, whatever the dtype.
+    #[test]
+    fn cpu_takes_the_generic_path() {
+        for dt in [DType::F32, DType::F16, DType::BF16, DType::F64] {
+            assert!(!fused_path(dt, &Device::Cpu));
+        }
+    }
+}

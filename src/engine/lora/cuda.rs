@@ -1,0 +1,357 @@
+//! CUDA path of [`super::LoraProjection`]: the adapted projection as direct cuBLAS `GemmEx`
+//! calls and small NVRTC kernels (`cuda/kernels/lora.cu`), without candle tensor ops in
+//! between; and the launcher of the dropout kernel, which [`super::HashDropout`] shares.
+//!
+//! Why: at batch 2 x 2048 with gradient checkpointing the step was host-bound (on an H200 the
+//! host took 364 ms to issue a 365 ms step). Each candle op costs the host tens of
+//! microseconds (tensor bookkeeping, layout copies, a fresh allocation), and the adapted
+//! projection was ~11 of them forward and ~18 backward, plus a device copy of its input and
+//! output at the custom-op boundary. Here forward is 5-7 launches and backward 9-10, the
+//! scaling and residual adds ride on cuBLAS's `alpha`/`beta`, and the adapter gradients come
+//! out of cuBLAS in f32 directly (PEFT: f32 master weights, fp32 gradient accumulation).
+//!
+//! Maths (row-major; `d(x) = mask * x / (1 - p)`, the regenerable [`super::dropout_keep`]
+//! mask; `s = alpha / r`; `A` (r, in), `B` (out, r) f32 masters cast to the compute dtype):
+//! - forward: `y = x W^T + b + (d(x) A^T) (s B)^T`;
+//! - backward: `du = dy (s B)`, `dB = s dy^T (d(x) A^T)`, `dA = du^T d(x)`,
+//!   `dx = dy W + mask * (du A) / (1 - p)`.
+//!
+//! GEMMs run with `CUBLAS_COMPUTE_32F` (f32 accumulation, as PyTorch's default for 16-bit
+//! matmuls), inputs and outputs in the compute dtype except the f32 adapter gradients.
+
+use super::{BaseLinear, HashDropout, LoraProjection};
+use crate::engine::cuda::launch::{Arg, Buf, Module, err, grid_stride, launch};
+use crate::engine::cuda::{kernel_name, source};
+use crate::engine::ops::cuda_buf;
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
+use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor};
+
+/// The LoRA family's kernels (`cuda/kernels/lora.cu`), the dropout kernel included.
+static MODULE: Module = Module::new("lorascope_lora", source::LORA);
+
+/// At most this many 256-thread blocks per elementwise launch (grid-stride loops cover the
+/// rest).
+const MAX_BLOCKS: usize = 65_535 * 16;
+
+fn blas_type(dt: DType) -> Result<bsys::cudaDataType> {
+    Ok(match dt {
+        DType::F32 => bsys::cudaDataType::CUDA_R_32F,
+        DType::F16 => bsys::cudaDataType::CUDA_R_16F,
+        DType::BF16 => bsys::cudaDataType::CUDA_R_16BF,
+        other => candle_core::bail!("lora cuda: unsupported dtype {other:?}"),
+    })
+}
+
+/// Row-major `C (m x n) = alpha op(A) op(B) + beta C` with f32 accumulation; `op(A)` is
+/// (m x k), stored (k x m) when `ta`; `op(B)` is (k x n), stored (n x k) when `tb`. All three
+/// contiguous. cuBLAS is column-major, so this computes `C^T = op(B)^T op(A)^T`.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    dev: &CudaDevice,
+    (m, n, k): (usize, usize, usize),
+    a: &Buf,
+    ta: bool,
+    b: &Buf,
+    tb: bool,
+    c: &Buf,
+    alpha: f32,
+    beta: f32,
+) -> Result<()> {
+    use bsys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let dim = |v: usize| i32::try_from(v).map_err(err);
+    let (transa, lda) = if tb {
+        (CUBLAS_OP_T, k)
+    } else {
+        (CUBLAS_OP_N, n)
+    };
+    let (transb, ldb) = if ta {
+        (CUBLAS_OP_T, m)
+    } else {
+        (CUBLAS_OP_N, k)
+    };
+    let blas_handle = dev.cublas_handle();
+    // SAFETY: the buffers hold (m x k), (k x n) and (m x n) elements of their dtypes (checked by
+    // the callers' shapes) and live until the stream has run the call; alpha/beta are f32 as
+    // CUBLAS_COMPUTE_32F requires.
+    unsafe {
+        blas::gemm_ex(
+            *blas_handle.handle(),
+            transa,
+            transb,
+            dim(n)?,
+            dim(m)?,
+            dim(k)?,
+            &alpha as *const f32 as *const _,
+            b.ptr() as *const _,
+            blas_type(b.dtype())?,
+            dim(lda)?,
+            a.ptr() as *const _,
+            blas_type(a.dtype())?,
+            dim(ldb)?,
+            &beta as *const f32 as *const _,
+            c.ptr() as *mut _,
+            blas_type(c.dtype())?,
+            dim(n)?,
+            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+    }
+    .map_err(err)
+}
+
+/// Launch the grid-stride elementwise kernel `root_<dtype>` over `n` elements with `args`.
+fn elementwise(dev: &CudaDevice, root: &str, dt: DType, n: usize, args: &[Arg]) -> Result<()> {
+    let name = kernel_name(root, dt, "lora projection")?;
+    launch(dev, &MODULE, &name, grid_stride(n, MAX_BLOCKS), args)
+}
+
+/// Inverted dropout of `x[a..b]` with [`HashDropout`]'s mask (`hash_dropout_*`): the
+/// [`HashDropout`] op on CUDA, and `d(x)` of the direct projection.
+///
+/// Errors: a dtype without a kernel, device errors.
+pub(super) fn hash_dropout(
+    s: &CudaStorage,
+    (a, b): (usize, usize),
+    d: &HashDropout,
+) -> Result<CudaStorage> {
+    let dev = s.device();
+    let out = Buf::alloc(dev, s.dtype(), b - a)?;
+    dropout_into(dev, d, &Buf::view(s, (a, b))?, &out, b - a)?;
+    out.into_storage()
+}
+
+/// `out = d(x)` over `n` elements.
+fn dropout_into(dev: &CudaDevice, d: &HashDropout, x: &Buf, out: &Buf, n: usize) -> Result<()> {
+    let (seed, thr, inv) = d.kernel_args();
+    let args = [
+        x.arg(),
+        out.arg(),
+        Arg::U64(n as u64),
+        Arg::U64(seed),
+        Arg::U64(thr),
+        Arg::F32(inv),
+    ];
+    elementwise(dev, "hash_dropout", x.dtype(), n, &args)
+}
+
+/// `A` (r, in) or `s B` (out, r), f32 masters, in the compute dtype.
+fn cast(dev: &CudaDevice, src: &Buf, n: usize, dt: DType, scale: f64) -> Result<Buf> {
+    if src.dtype() != DType::F32 {
+        candle_core::bail!(
+            "lora cuda: adapter weights must be f32 masters, got {:?}",
+            src.dtype()
+        );
+    }
+    let out = Buf::alloc(dev, dt, n)?;
+    let args = [
+        src.arg(),
+        out.arg(),
+        Arg::U64(n as u64),
+        Arg::F32(scale as f32),
+    ];
+    elementwise(dev, "lora_cast", dt, n, &args)?;
+    Ok(out)
+}
+
+/// `d(x)`, or `x` itself (borrowed) without dropout.
+fn dropped(dev: &CudaDevice, op: &LoraProjection, x: &Buf, n: usize) -> Result<Buf> {
+    if op.dropout <= 0.0 {
+        return Ok(x.borrow());
+    }
+    let out = Buf::alloc(dev, x.dtype(), n)?;
+    dropout_into(dev, &op.hash_dropout(), x, &out, n)?;
+    Ok(out)
+}
+
+/// The base weight (out, in) in `dt` (NF4: a fresh dequantised copy) and its bias.
+fn base_weight(base: &BaseLinear, dt: DType) -> Result<(Tensor, Option<Tensor>)> {
+    let w = base.weight(dt)?.contiguous()?;
+    let b = base
+        .bias()
+        .map(|b| b.to_dtype(dt)?.contiguous())
+        .transpose()?;
+    Ok((w, b))
+}
+
+/// Forward on CUDA storages: `x` (tokens, in), `A` (r, in) f32, `B` (out, r) f32, all
+/// contiguous. Returns `y` (tokens, out) in `x`'s dtype.
+///
+/// Errors: shapes that do not match the base weight, unsupported dtypes, device errors.
+pub(crate) fn forward(
+    op: &LoraProjection,
+    (sx, lx): (&CudaStorage, &Layout),
+    (sa, la): (&CudaStorage, &Layout),
+    (sb, lb): (&CudaStorage, &Layout),
+) -> Result<CudaStorage> {
+    let dev = sx.device().clone();
+    let dt = sx.dtype();
+    let (tokens, inp) = lx.shape().dims2()?;
+    let (r, inp_a) = la.shape().dims2()?;
+    let (out, r_b) = lb.shape().dims2()?;
+    let (w_out, w_in) = op.base.shape();
+    if inp_a != inp || r_b != r || w_in != inp || w_out != out {
+        candle_core::bail!(
+            "lora cuda: x {:?}, A {:?}, B {:?}, base ({w_out}, {w_in})",
+            lx.shape(),
+            la.shape(),
+            lb.shape()
+        );
+    }
+    if sa.dtype() != DType::F32 || sb.dtype() != DType::F32 {
+        candle_core::bail!("lora cuda: adapter weights must be f32 masters");
+    }
+    let x = Buf::view(sx, contiguous(lx)?)?;
+    let y = Buf::alloc(&dev, dt, tokens * out)?;
+    let (w, bias) = base_weight(&op.base, dt)?;
+    let beta = match &bias {
+        Some(b) if b.elem_count() != out => {
+            candle_core::bail!("lora cuda: bias {:?} for {out} outputs", b.shape())
+        }
+        Some(b) => {
+            let b = cuda_buf(b, "lora bias")?;
+            let n = tokens * out;
+            let args = [y.arg(), b.arg(), Arg::U64(n as u64), Arg::U64(out as u64)];
+            elementwise(&dev, "lora_bias_rows", dt, n, &args)?;
+            1.0
+        }
+        None => 0.0,
+    };
+    gemm(
+        &dev,
+        (tokens, out, inp),
+        &x,
+        false,
+        &cuda_buf(&w, "lora base weight")?,
+        true,
+        &y,
+        1.0,
+        beta,
+    )?;
+    drop(w);
+    let ac = cast(&dev, &Buf::view(sa, contiguous(la)?)?, r * inp, dt, 1.0)?;
+    let bc = cast(
+        &dev,
+        &Buf::view(sb, contiguous(lb)?)?,
+        out * r,
+        dt,
+        op.scale,
+    )?;
+    let xd = dropped(&dev, op, &x, tokens * inp)?;
+    let u = Buf::alloc(&dev, dt, tokens * r)?;
+    gemm(&dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
+    gemm(&dev, (tokens, out, r), &u, false, &bc, true, &y, 1.0, 1.0)?;
+    y.into_storage()
+}
+
+/// Backward on detached CUDA tensors: `x` (tokens, in), `a` (r, in) f32, `b` (out, r) f32,
+/// `dy` (tokens, out). Returns `(dx, dA, dB)`: `dx` in `x`'s dtype, `dA`, `dB` f32.
+///
+/// Errors: shapes that do not match, unsupported dtypes, device errors.
+pub(crate) fn backward(
+    op: &LoraProjection,
+    x: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let candle_core::Device::Cuda(dev) = x.device() else {
+        candle_core::bail!("lora cuda: expected a CUDA tensor");
+    };
+    let dt = x.dtype();
+    let x = x.contiguous()?;
+    let dy = dy.to_dtype(dt)?.contiguous()?;
+    let (a, b) = (a.contiguous()?, b.contiguous()?);
+    let (tokens, inp) = x.dims2()?;
+    let (r, _) = a.dims2()?;
+    let (out, r_b) = b.dims2()?;
+    if dy.dims2()? != (tokens, out)
+        || a.dims2()? != (r, inp)
+        || r_b != r
+        || op.base.shape() != (out, inp)
+        || a.dtype() != DType::F32
+        || b.dtype() != DType::F32
+    {
+        candle_core::bail!(
+            "lora cuda backward: x {:?}, dy {:?}, A {:?}, B {:?}",
+            x.shape(),
+            dy.shape(),
+            a.shape(),
+            b.shape()
+        );
+    }
+    let (xb, dyb) = (cuda_buf(&x, "lora input")?, cuda_buf(&dy, "lora gradient")?);
+    let dx = Buf::alloc(dev, dt, tokens * inp)?;
+    let w = op.base.weight(dt)?.contiguous()?;
+    gemm(
+        dev,
+        (tokens, inp, out),
+        &dyb,
+        false,
+        &cuda_buf(&w, "lora base weight")?,
+        false,
+        &dx,
+        1.0,
+        0.0,
+    )?;
+    drop(w);
+    let ac = cast(dev, &cuda_buf(&a, "lora A")?, r * inp, dt, 1.0)?;
+    let bc = cast(dev, &cuda_buf(&b, "lora B")?, out * r, dt, op.scale)?;
+    let xd = dropped(dev, op, &xb, tokens * inp)?;
+    let u = Buf::alloc(dev, dt, tokens * r)?;
+    gemm(dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
+    let du = Buf::alloc(dev, dt, tokens * r)?;
+    gemm(
+        dev,
+        (tokens, r, out),
+        &dyb,
+        false,
+        &bc,
+        false,
+        &du,
+        1.0,
+        0.0,
+    )?;
+    let db = Buf::alloc(dev, DType::F32, out * r)?;
+    gemm(
+        dev,
+        (out, r, tokens),
+        &dyb,
+        true,
+        &u,
+        false,
+        &db,
+        op.scale as f32,
+        0.0,
+    )?;
+    let da = Buf::alloc(dev, DType::F32, r * inp)?;
+    gemm(dev, (r, inp, tokens), &du, true, &xd, false, &da, 1.0, 0.0)?;
+    drop(xd);
+    if op.dropout > 0.0 {
+        let t = Buf::alloc(dev, dt, tokens * inp)?;
+        gemm(dev, (tokens, inp, r), &du, false, &ac, false, &t, 1.0, 0.0)?;
+        let (seed, thr, inv) = op.hash_dropout().kernel_args();
+        let n = tokens * inp;
+        let args = [
+            dx.arg(),
+            t.arg(),
+            Arg::U64(n as u64),
+            Arg::U64(seed),
+            Arg::U64(thr),
+            Arg::F32(inv),
+        ];
+        elementwise(dev, "lora_dropout_add", dt, n, &args)?;
+    } else {
+        gemm(dev, (tokens, inp, r), &du, false, &ac, false, &dx, 1.0, 1.0)?;
+    }
+    Ok((
+        dx.into_tensor((tokens, inp))?,
+        da.into_tensor((r, inp))?,
+        db.into_tensor((out, r))?,
+    ))
+}
+
+/// The contiguous range of an input layout.
+fn contiguous(l: &Layout) -> Result<(usize, usize)> {
+    crate::engine::ops::contiguous_range(l, "lora cuda")
+}
