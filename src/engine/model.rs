@@ -62,7 +62,11 @@ pub struct Model {
 struct GradStash(Mutex<HashMap<candle_core::TensorId, Tensor>>);
 
 impl GradStash {
+    /// Add `g` to the gradient stashed for `id`. `g` is detached first: a gradient that still
+    /// carried its graph would keep every saved intermediate of the layer alive for as long as
+    /// the gradient (or an optimizer moment built from it) lives.
     fn add(&self, id: candle_core::TensorId, g: Tensor) -> Result<()> {
+        let g = g.detach();
         let mut m = self
             .0
             .lock()
