@@ -15,7 +15,7 @@ pub mod ops;
 pub mod optim;
 #[cfg(feature = "cuda")]
 pub mod optim_cuda;
-pub mod prof;
+pub mod profiler;
 pub mod scaler;
 pub mod selftest;
 pub mod swiglu;
@@ -24,6 +24,9 @@ mod testutil;
 pub mod train;
 pub mod vram;
 pub mod weights;
+
+/// Short name of [`profiler`], used by the op modules.
+pub(crate) use profiler as prof;
 
 /// Errors of the engine. Every message is one line naming the file or item at fault and what was
 /// expected, so the binary can print it as is.

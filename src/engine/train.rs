@@ -6,7 +6,7 @@ use super::data::{Batcher, Packing, Record, Tokenizer, bundled_sample, load_reco
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
 use super::optim::{AdamWConfig, AnyOptimizer, Schedule, lr_at};
-use super::prof;
+use super::profiler;
 use super::scaler::{LossScaler, LossScalerConfig};
 use super::vram::{VramReservation, memory_report};
 use super::weights::WeightSource;
@@ -114,7 +114,7 @@ pub fn parse_device(s: &str) -> Result<Device, EngineError> {
             e.to_string().lines().next().unwrap_or("")
         ))
     })?;
-    super::prof::configure_device(&dev).ctx("configuring the CUDA memory pool")?;
+    profiler::configure_device(&dev).ctx("configuring the CUDA memory pool")?;
     Ok(dev)
 }
 
@@ -170,7 +170,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     }
     let device = parse_device(&opts.device)?;
     if opts.precision == Precision::Bf16
-        && let Some((major, minor)) = prof::compute_capability(&device)
+        && let Some((major, minor)) = profiler::compute_capability(&device)
         && major < 8
     {
         return Err(EngineError::Invalid(format!(
@@ -285,8 +285,8 @@ pub fn train(
     };
     let mut skipped_steps = 0usize;
     device.synchronize().ctx("synchronising the device")?;
-    let resident = prof::pool_usage(&device).map(|u| u.used);
-    prof::reset_pool_high(&device);
+    let resident = profiler::pool_usage(&device).map(|u| u.used);
+    profiler::reset_pool_high(&device);
     for step in 1..=opts.steps {
         let batch = batcher.next_batch();
         let start = Instant::now();
@@ -297,20 +297,20 @@ pub fn train(
             opts.steps,
             opts.schedule,
         );
-        prof::set_active(step > opts.warmup_steps.min(opts.steps - 1));
-        let loss = prof::section("step", "forward", &device, || {
+        profiler::set_active(step > opts.warmup_steps.min(opts.steps - 1));
+        let loss = profiler::section("step", "forward", &device, || {
             model.loss(&batch.input_ids, &batch.targets, b, t, true)
         })
         .ctx("forward pass")?;
-        prof::trace("after forward", &device);
+        profiler::trace("after forward", &device);
         let loss_scale = scaler.as_ref().map(|s| s.scale());
-        let grads = prof::section("step", "backward", &device, || match loss_scale {
+        let grads = profiler::section("step", "backward", &device, || match loss_scale {
             Some(s) => model.backward(&loss.affine(s, 0.0)?),
             None => model.backward(&loss),
         })
         .ctx("backward pass")?;
-        prof::trace("after backward", &device);
-        let loss_v = prof::section("step", "loss-readback", &device, || {
+        profiler::trace("after backward", &device);
+        let loss_v = profiler::section("step", "loss-readback", &device, || {
             loss.to_dtype(DType::F64)?.to_scalar::<f64>()
         })
         .ctx("reading the loss")?;
@@ -321,7 +321,7 @@ pub fn train(
         }
         // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
         let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
-        let grad_norm = prof::section("step", "grad-norm", &device, || {
+        let grad_norm = profiler::section("step", "grad-norm", &device, || {
             opt.grad_norm_scaled(&grads, unscale)
         })
         .ctx("gradient norm")?;
@@ -337,13 +337,13 @@ pub fn train(
             } else {
                 1.0
             };
-            prof::section("step", "optimizer", &device, || {
+            profiler::section("step", "optimizer", &device, || {
                 opt.step(&grads, lr, clip * unscale)
             })
             .ctx("optimizer step")?;
         }
         drop(grads);
-        prof::section("step", "final-sync", &device, || device.synchronize())
+        profiler::section("step", "final-sync", &device, || device.synchronize())
             .ctx("synchronising the device")?;
         let dt = start.elapsed().as_secs_f64();
         if step == 1 {
@@ -370,20 +370,20 @@ pub fn train(
             t: 0.0,
         }));
     }
-    let device_memory = match (resident, prof::pool_usage(&device)) {
+    let device_memory = match (resident, profiler::pool_usage(&device)) {
         (Some(resident_bytes), Some(u)) => Some(MemoryBreakdown {
             weights_bytes: header_weight_bytes,
             adapters_optimizer_bytes: header_adapter_bytes,
             resident_bytes,
             activations_peak_bytes: u
                 .used_high
-                .max(prof::max_seen())
+                .max(profiler::max_seen())
                 .saturating_sub(resident_bytes),
             pool_reserved_peak_bytes: u.reserved_high,
         }),
         _ => None,
     };
-    let profile = prof::report();
+    let profile = profiler::report();
     if !profile.is_empty() {
         eprint!("{profile}");
     }

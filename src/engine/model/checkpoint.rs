@@ -6,7 +6,7 @@
 use super::layer::{DecoderLayer, HeadLayout, Pass};
 use crate::engine::lora::DropoutRng;
 use crate::engine::ops::InputGradOp;
-use crate::engine::prof;
+use crate::engine::profiler;
 use candle_core::{Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
 use std::collections::HashMap;
@@ -103,19 +103,19 @@ impl InputGradOp for LayerCheckpoint {
     }
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (layer, layout) = (&self.layer, &self.layout);
-        prof::note_used("max at ckpt-layer bwd start", x.device());
+        profiler::note_used("max at ckpt-layer bwd start", x.device());
         let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));
         let x = x.detach();
-        let saved = prof::section("ckpt-layer", "recompute", x.device(), || {
+        let saved = profiler::section("ckpt-layer", "recompute", x.device(), || {
             layer.record(&x, layout, rng.as_ref())
         })?;
-        prof::note_used("max after ckpt recompute", x.device());
-        let dx = prof::section("ckpt-layer", "inner-backward", x.device(), || {
+        profiler::note_used("max after ckpt recompute", x.device());
+        let dx = profiler::section("ckpt-layer", "inner-backward", x.device(), || {
             layer.backward(saved, layout, &x, &grad.detach(), &mut |id, g| {
                 self.stash.add(id, g)
             })
         })?;
-        prof::note_used("max after ckpt inner bwd", x.device());
+        profiler::note_used("max after ckpt inner bwd", x.device());
         Ok(Some(dx))
     }
 }

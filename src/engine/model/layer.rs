@@ -14,6 +14,7 @@
 //! [`DecoderLayer::backward`] walks the same named parts in reverse, chaining each op's own
 //! backward, so gradient checkpointing builds no candle graph when it recomputes a layer.
 
+use crate::engine::CandleContext;
 use crate::engine::EngineError;
 use crate::engine::attention::{causal_attention, causal_attention_backward};
 use crate::engine::config::ModelConfig;
@@ -22,8 +23,8 @@ use crate::engine::lora::{
 };
 use crate::engine::nf4::{Nf4Linear, Nf4Weight};
 use crate::engine::ops::{FrozenLinear, InputGradOp, RmsNorm, apply_rope, rope_backward};
+use crate::engine::profiler;
 use crate::engine::swiglu::{swiglu, swiglu_backward};
-use crate::engine::{CandleContext, prof};
 use crate::spec::{LoraTarget, Quant};
 use candle_core::{Device, Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
@@ -216,7 +217,7 @@ fn project_backward(
     match (op, &lin.adapter) {
         (Some(op), Some(ad)) => {
             let (at, bt) = (ad.a.as_tensor(), ad.b.as_tensor());
-            let (dx, da, db) = prof::section("lora-projection", "bwd", x.device(), || {
+            let (dx, da, db) = profiler::section("lora-projection", "bwd", x.device(), || {
                 op.backward(x, at, bt, dy)
             })?;
             if let Some(da) = da {
@@ -236,7 +237,7 @@ fn project_backward(
 
 /// Input gradient of RMSNorm `n` at `x` for output gradient `g`.
 fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    let g = prof::section("rms-norm", "bwd", x.device(), || n.input_grad(x, g))?;
+    let g = profiler::section("rms-norm", "bwd", x.device(), || n.input_grad(x, g))?;
     g.ok_or_else(|| candle_core::Error::Msg("rms-norm gave no input gradient".into()))
 }
 

@@ -24,8 +24,9 @@ use crate::engine::config::ModelConfig;
 use crate::engine::lora::{DropoutRng, LoraAdapter, LoraConfig};
 use crate::engine::loss::ChunkedCrossEntropy;
 use crate::engine::ops::{InputGradCustomOp, RmsNorm, rope_tables};
+use crate::engine::profiler;
 use crate::engine::weights::WeightSource;
-use crate::engine::{CandleContext, EngineError, prof};
+use crate::engine::{CandleContext, EngineError};
 use crate::spec::Quant;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
@@ -304,13 +305,13 @@ impl Model {
                     self.stash.clone(),
                 )?;
                 x = x.contiguous()?.apply_op1(InputGradCustomOp(op))?;
-                prof::trace("after ckpt layer fwd", &self.device);
+                profiler::trace("after ckpt layer fwd", &self.device);
             }
         } else {
             let rng = train.then_some(&*self.dropout_rng);
             for layer in &self.layers {
                 x = layer.forward(&x, &layout, rng, Pass::Graph)?;
-                prof::trace("after layer fwd", &self.device);
+                profiler::trace("after layer fwd", &self.device);
             }
         }
         self.norm.forward(&x)
