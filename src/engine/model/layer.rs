@@ -352,15 +352,18 @@ impl DecoderLayer {
     /// `rng`, in q, k, v, o, gate, up, down order) on those in `lora.targets`.
     ///
     /// Errors: from `get` (missing or mis-shaped weights), quantisation or adapter creation.
-    pub(crate) fn load(
+    pub(crate) fn load<G>(
         cfg: &ModelConfig,
         lora: &LoraConfig,
         index: usize,
         quant: Quant,
         rng: &mut ChaCha8Rng,
         device: &Device,
-        get: &dyn Fn(&str, &[usize]) -> std::result::Result<Tensor, EngineError>,
-    ) -> std::result::Result<Self, EngineError> {
+        get: &G,
+    ) -> std::result::Result<Self, EngineError>
+    where
+        G: Fn(&str, &[usize]) -> std::result::Result<Tensor, EngineError>,
+    {
         let p = format!("model.layers.{index}");
         let h = cfg.hidden_size;
         let norm = |name: &str| -> std::result::Result<RmsNorm, EngineError> {
