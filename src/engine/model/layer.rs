@@ -25,6 +25,7 @@ use crate::engine::nf4::{Nf4Linear, Nf4Weight};
 use crate::engine::ops::{FrozenLinear, InputGradOp, RmsNorm, apply_rope, rope_backward};
 use crate::engine::profiler;
 use crate::engine::swiglu::{swiglu, swiglu_backward};
+use crate::engine::weights::LayerNames;
 use crate::spec::{LoraTarget, Quant};
 use candle_core::{Device, Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
@@ -364,27 +365,24 @@ impl DecoderLayer {
     where
         G: Fn(&str, &[usize]) -> std::result::Result<Tensor, EngineError>,
     {
-        let p = format!("model.layers.{index}");
+        let names = LayerNames::new(index);
         let h = cfg.hidden_size;
-        let norm = |name: &str| -> std::result::Result<RmsNorm, EngineError> {
-            Ok(RmsNorm::new(
-                get(&format!("{p}.{name}.weight"), &[h])?,
-                cfg.rms_norm_eps,
-            ))
+        let norm = |name: String| -> std::result::Result<RmsNorm, EngineError> {
+            Ok(RmsNorm::new(get(&name, &[h])?, cfg.rms_norm_eps))
         };
         let mut proj = |t: LoraTarget| -> std::result::Result<LoraLinear, EngineError> {
             let (o, n) = cfg.projection_shape(t);
-            let w = get(&format!("{p}.{}.weight", t.module_path()), &[o, n])?;
-            let b = if cfg.attention_bias
-                && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
-            {
-                Some(get(&format!("{p}.{}.bias", t.module_path()), &[o])?)
+            let w = get(&names.weight(t), &[o, n])?;
+            let b = if cfg.projection_has_bias(t) {
+                Some(get(&names.bias(t), &[o])?)
             } else {
                 None
             };
             let adapter = if lora.targets.contains(&t) {
-                let name = format!("base_model.model.{p}.{}", t.module_path());
-                Some(new_adapter(name, o, n, lora, rng, device).ctx("creating LoRA adapters")?)
+                Some(
+                    new_adapter(names.adapter(t), o, n, lora, rng, device)
+                        .ctx("creating LoRA adapters")?,
+                )
             } else {
                 None
             };
@@ -397,7 +395,7 @@ impl DecoderLayer {
             };
             Ok(LoraLinear { base, adapter })
         };
-        let input_norm = norm("input_layernorm")?;
+        let input_norm = norm(names.input_norm())?;
         let attn = Attention {
             q: proj(LoraTarget::Q)?,
             k: proj(LoraTarget::K)?,
@@ -409,7 +407,7 @@ impl DecoderLayer {
             up: proj(LoraTarget::Up)?,
             down: proj(LoraTarget::Down)?,
         };
-        let post_norm = norm("post_attention_layernorm")?;
+        let post_norm = norm(names.post_norm())?;
         Ok(Self {
             input_norm,
             attn,

@@ -25,7 +25,7 @@ use crate::engine::lora::{DropoutRng, LoraAdapter, LoraConfig};
 use crate::engine::loss::ChunkedCrossEntropy;
 use crate::engine::ops::{InputGradCustomOp, RmsNorm, rope_tables};
 use crate::engine::profiler;
-use crate::engine::weights::WeightSource;
+use crate::engine::weights::{EMBED, FINAL_NORM, LM_HEAD, LayerNames, WeightSource};
 use crate::engine::{CandleContext, EngineError};
 use crate::spec::Quant;
 use candle_core::backprop::GradStore;
@@ -108,16 +108,16 @@ impl Model {
         }
         let get = |name: &str, shape: &[usize]| weights.get(name, shape, cfg, dtype, device);
         let h = cfg.hidden_size;
-        let embed = get("model.embed_tokens.weight", &[cfg.vocab_size, h])?;
+        let embed = get(EMBED, &[cfg.vocab_size, h])?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(cfg, lora, i, quant, &mut rng, device, &get).map(Arc::new))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let norm = RmsNorm::new(get("model.norm.weight", &[h])?, cfg.rms_norm_eps);
+        let norm = RmsNorm::new(get(FINAL_NORM, &[h])?, cfg.rms_norm_eps);
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
-            get("lm_head.weight", &[cfg.vocab_size, h])?
+            get(LM_HEAD, &[cfg.vocab_size, h])?
         };
         Ok(Self {
             cfg: cfg.clone(),
@@ -248,30 +248,21 @@ impl Model {
     ///
     /// Errors: a device error while dequantising.
     pub fn base_tensors(&self) -> Result<Vec<(String, Tensor)>> {
-        let mut v = vec![("model.embed_tokens.weight".to_string(), self.embed.clone())];
+        let mut v = vec![(EMBED.to_string(), self.embed.clone())];
         for (i, l) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            v.push((
-                format!("{p}.input_layernorm.weight"),
-                l.input_norm.weight().clone(),
-            ));
+            let names = LayerNames::new(i);
+            v.push((names.input_norm(), l.input_norm.weight().clone()));
             for (t, lin) in l.projections() {
-                v.push((
-                    format!("{p}.{}.weight", t.module_path()),
-                    lin.base.weight(self.dtype)?,
-                ));
+                v.push((names.weight(t), lin.base.weight(self.dtype)?));
                 if let Some(b) = lin.base.bias() {
-                    v.push((format!("{p}.{}.bias", t.module_path()), b.clone()));
+                    v.push((names.bias(t), b.clone()));
                 }
             }
-            v.push((
-                format!("{p}.post_attention_layernorm.weight"),
-                l.post_norm.weight().clone(),
-            ));
+            v.push((names.post_norm(), l.post_norm.weight().clone()));
         }
-        v.push(("model.norm.weight".to_string(), self.norm.weight().clone()));
+        v.push((FINAL_NORM.to_string(), self.norm.weight().clone()));
         if !self.cfg.tie_word_embeddings {
-            v.push(("lm_head.weight".to_string(), self.lm_head.clone()));
+            v.push((LM_HEAD.to_string(), self.lm_head.clone()));
         }
         Ok(v)
     }
