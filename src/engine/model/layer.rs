@@ -14,8 +14,6 @@
 //! [`DecoderLayer::backward`] walks the same named parts in reverse, chaining each op's own
 //! backward, so gradient checkpointing builds no candle graph when it recomputes a layer.
 
-use crate::engine::CandleContext;
-use crate::engine::EngineError;
 use crate::engine::attention::{causal_attention, causal_attention_backward};
 use crate::engine::config::ModelConfig;
 use crate::engine::lora::{
@@ -26,6 +24,7 @@ use crate::engine::ops::{FrozenLinear, InputGradOp, RmsNorm, apply_rope, rope_ba
 use crate::engine::profiler;
 use crate::engine::swiglu::{swiglu, swiglu_backward};
 use crate::engine::weights::LayerNames;
+use crate::engine::{CandleContext, EngineError};
 use crate::spec::{LoraTarget, Quant};
 use candle_core::{Device, Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
