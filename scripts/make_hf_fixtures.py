@@ -920,7 +920,7 @@ def train_tokenizer():
     corpus = [m["content"] for conv in CONVERSATIONS for m in conv]
     corpus += ["system", "user", "assistant", "You are Qwen, created by Alibaba Cloud. You are "
                "a helpful assistant."]
-    sample = REPO / "src" / "engine" / "sample_alpaca.jsonl"
+    sample = REPO / "src" / "engine" / "data" / "sample_alpaca.jsonl"
     for line in sample.read_text().splitlines():
         if line.strip():
             rec = json.loads(line)

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
-"""Generate lorascope's bundled sample dataset (src/engine/sample_alpaca.jsonl).
+"""Generate lorascope's bundled sample dataset (src/engine/data/sample_alpaca.jsonl).
 
 The data is our own: templated instruction tasks with regular, short answers, so a tiny
 byte-level model can visibly learn them within ~100 steps. Output is deterministic
 (fixed seed, no dependence on dict/set ordering), so re-running this script reproduces
 the committed file byte for byte.
 
-Usage: python3 scripts/make_sample_data.py [OUTPUT]   (default: src/engine/sample_alpaca.jsonl)
+Usage: python3 scripts/make_sample_data.py [OUTPUT]   (default: src/engine/data/sample_alpaca.jsonl)
 """
 
 import json
@@ -111,7 +111,7 @@ TASKS = [add, subtract, multiply, parity, next_number, reverse, upper, vowels, l
 
 def main():
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else (
-        Path(__file__).resolve().parent.parent / "src" / "engine" / "sample_alpaca.jsonl")
+        Path(__file__).resolve().parent.parent / "src" / "engine" / "data" / "sample_alpaca.jsonl")
     rng = random.Random(SEED)
     records = []
     for task in TASKS:

@@ -179,6 +179,12 @@ impl ModelConfig {
         embed + self.num_hidden_layers * layer + h + head
     }
 
+    /// Whether projection `target` has a bias: q, k and v when `attention_bias` (Qwen2 sets
+    /// it; transformers' `attention_bias`), never o or the MLP's.
+    pub fn projection_has_bias(&self, target: LoraTarget) -> bool {
+        self.attention_bias && matches!(target, LoraTarget::Q | LoraTarget::K | LoraTarget::V)
+    }
+
     /// `(out_features, in_features)` of a projection in one decoder layer.
     pub fn projection_shape(&self, target: LoraTarget) -> (usize, usize) {
         use LoraTarget::*;

@@ -9,7 +9,7 @@ pub mod model;
 pub mod nf4;
 pub mod ops;
 pub mod optim;
-pub mod prof;
+pub mod profiler;
 pub mod scaler;
 pub mod selftest;
 #[cfg(test)]

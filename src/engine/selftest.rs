@@ -18,7 +18,7 @@ use crate::spec::Quant;
 use candle_core::{DType, Device, Tensor};
 use rand::{Rng, SeedableRng};
 
-/// Largest relative L2 error of logits accepted in fp16 (issue 3's bar).
+/// Largest relative L2 error of logits accepted in fp16.
 pub const LOGITS_TOL: f64 = 1e-2;
 /// Largest relative L2 error of logits accepted in bf16: bf16 keeps 8 mantissa bits to fp16's
 /// 11, so its unit roundoff is 8x larger; on the H200 the GPU-vs-CPU logits error was 1.6e-3

@@ -4,6 +4,7 @@
 
 use super::EngineError;
 use super::config::ModelConfig;
+use crate::spec::LoraTarget;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -12,29 +13,71 @@ use rand_distr::{Distribution, Normal};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// Hugging Face name of the token embedding, (vocab, hidden).
+pub const EMBED: &str = "model.embed_tokens.weight";
+/// Hugging Face name of the final RMSNorm's weight, (hidden).
+pub const FINAL_NORM: &str = "model.norm.weight";
+/// Hugging Face name of the output projection, (vocab, hidden); absent when tied to [`EMBED`].
+pub const LM_HEAD: &str = "lm_head.weight";
+
+/// Hugging Face names of the tensors of one decoder layer, `model.layers.{index}.…`
+/// (`Qwen2DecoderLayer` / `LlamaDecoderLayer` module paths).
+#[derive(Debug, Clone)]
+pub struct LayerNames(String);
+
+impl LayerNames {
+    /// Names of layer `index` (0-based).
+    pub fn new(index: usize) -> Self {
+        Self(format!("model.layers.{index}"))
+    }
+
+    /// `input_layernorm.weight`, (hidden).
+    pub fn input_norm(&self) -> String {
+        format!("{}.input_layernorm.weight", self.0)
+    }
+
+    /// `post_attention_layernorm.weight`, (hidden).
+    pub fn post_norm(&self) -> String {
+        format!("{}.post_attention_layernorm.weight", self.0)
+    }
+
+    /// The weight of projection `t`, e.g. `self_attn.q_proj.weight`, (out, in).
+    pub fn weight(&self, t: LoraTarget) -> String {
+        format!("{}.{}.weight", self.0, t.module_path())
+    }
+
+    /// The bias of projection `t`, e.g. `self_attn.q_proj.bias`, (out); present only when
+    /// [`ModelConfig::projection_has_bias`].
+    pub fn bias(&self, t: LoraTarget) -> String {
+        format!("{}.{}.bias", self.0, t.module_path())
+    }
+
+    /// PEFT's key prefix for the adapter on projection `t`, e.g.
+    /// `base_model.model.model.layers.0.self_attn.q_proj`.
+    pub fn adapter(&self, t: LoraTarget) -> String {
+        format!("base_model.model.{}.{}", self.0, t.module_path())
+    }
+}
+
 /// Every base tensor of a model as `(HF name, shape)`, in load order.
 pub fn tensor_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    use crate::spec::LoraTarget;
     let h = cfg.hidden_size;
-    let mut v = vec![(
-        "model.embed_tokens.weight".to_string(),
-        vec![cfg.vocab_size, h],
-    )];
+    let mut v = vec![(EMBED.to_string(), vec![cfg.vocab_size, h])];
     for i in 0..cfg.num_hidden_layers {
-        let p = format!("model.layers.{i}");
-        v.push((format!("{p}.input_layernorm.weight"), vec![h]));
+        let names = LayerNames::new(i);
+        v.push((names.input_norm(), vec![h]));
         for t in LoraTarget::ALL {
             let (o, n) = cfg.projection_shape(t);
-            v.push((format!("{p}.{}.weight", t.module_path()), vec![o, n]));
-            if cfg.attention_bias && matches!(t, LoraTarget::Q | LoraTarget::K | LoraTarget::V) {
-                v.push((format!("{p}.{}.bias", t.module_path()), vec![o]));
+            v.push((names.weight(t), vec![o, n]));
+            if cfg.projection_has_bias(t) {
+                v.push((names.bias(t), vec![o]));
             }
         }
-        v.push((format!("{p}.post_attention_layernorm.weight"), vec![h]));
+        v.push((names.post_norm(), vec![h]));
     }
-    v.push(("model.norm.weight".to_string(), vec![h]));
+    v.push((FINAL_NORM.to_string(), vec![h]));
     if !cfg.tie_word_embeddings {
-        v.push(("lm_head.weight".to_string(), vec![cfg.vocab_size, h]));
+        v.push((LM_HEAD.to_string(), vec![cfg.vocab_size, h]));
     }
     v
 }

@@ -12,7 +12,7 @@
 
 use super::{BaseLinear, HashDropout};
 use crate::engine::ops::{cpu_in, cpu_out};
-use crate::engine::prof;
+use crate::engine::profiler;
 use candle_core::{CpuStorage, Layout, Result, Shape, Tensor};
 
 /// One LoRA-adapted projection as a single graph node (PEFT `lora.Linear` forward):
@@ -128,14 +128,14 @@ impl candle_core::CustomOp3 for LoraProjection {
         use candle_core::backend::BackendStorage;
         let dev = candle_core::Device::Cuda(s1.device().clone());
         if Self::direct_path(s1.dtype(), &dev, s2.dtype(), s3.dtype()) {
-            let y = prof::section("lora-projection", "fwd", &dev, || {
+            let y = profiler::section("lora-projection", "fwd", &dev, || {
                 super::cuda::forward(self, (s1, l1), (s2, l2), (s3, l3))
             })?;
             let shape = Shape::from((l1.dims()[0], self.base.shape().0));
             return Ok((y, shape));
         }
         let x = cuda_in(s1, l1)?;
-        cuda_out(prof::section("lora-projection", "fwd", &dev, || {
+        cuda_out(profiler::section("lora-projection", "fwd", &dev, || {
             self.forward(&x, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?)
         })?)
     }
@@ -150,7 +150,7 @@ impl candle_core::CustomOp3 for LoraProjection {
         // Detached: see `ops::InputGradCustomOp::bwd` (here `A` and `B` are variables, whose
         // gradients stay in the store, so a graph hanging off them would live all step).
         let (x, a, b, grad) = (x.detach(), a.detach(), b.detach(), grad.detach());
-        prof::section("lora-projection", "bwd", x.device(), || {
+        profiler::section("lora-projection", "bwd", x.device(), || {
             self.backward(&x, &a, &b, &grad)
         })
     }

@@ -29,7 +29,7 @@ pub mod blockwise;
 mod cuda;
 
 use crate::engine::ops::{InputGradOp, add_bias, apply_projection, contiguous_range};
-use crate::engine::prof;
+use crate::engine::profiler;
 use blockwise::{dequantize_blockwise, nearest_sorted, quantize_blockwise, signed_map};
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 
@@ -301,7 +301,7 @@ impl Nf4Linear {
 impl InputGradOp for Nf4Linear {
     const NAME: &'static str = "nf4-linear";
     fn plain(&self, x2: &Tensor) -> Result<Tensor> {
-        let w = prof::section("nf4", "dequant", x2.device(), || {
+        let w = profiler::section("nf4", "dequant", x2.device(), || {
             self.weight.dequantize(x2.dtype())
         })?;
         let y = x2.matmul(&w.t()?)?;
@@ -309,7 +309,7 @@ impl InputGradOp for Nf4Linear {
         add_bias(y, self.bias.as_ref())
     }
     fn input_grad(&self, _x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let w = prof::section("nf4", "dequant", grad.device(), || {
+        let w = profiler::section("nf4", "dequant", grad.device(), || {
             self.weight.dequantize(grad.dtype())
         })?;
         Ok(Some(grad.matmul(&w)?))

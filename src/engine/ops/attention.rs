@@ -22,7 +22,7 @@
 #[cfg(feature = "cuda")]
 use super::contiguous_range;
 use super::{CpuLoops, cpu_in, cpu_map, cpu_out};
-use crate::engine::prof;
+use crate::engine::profiler;
 use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
@@ -68,7 +68,7 @@ pub(crate) fn causal_attention_backward(
         v.contiguous()?,
         grad.contiguous()?,
     );
-    let (dq, dk, dv) = prof::section("causal-attention", "bwd", q.device(), || {
+    let (dq, dk, dv) = profiler::section("causal-attention", "bwd", q.device(), || {
         Attention.backward(&q, &k, &v, &grad)
     })?;
     match (dq, dk, dv) {
@@ -157,7 +157,7 @@ impl CustomOp3 for Attention {
         use super::{cuda_in, cuda_out};
         let q = cuda_in(s1, l1)?;
         let dev = q.device().clone();
-        cuda_out(prof::section("causal-attention", "fwd", &dev, || {
+        cuda_out(profiler::section("causal-attention", "fwd", &dev, || {
             self.forward(&q, &cuda_in(s2, l2)?, &cuda_in(s3, l3)?)
         })?)
     }
@@ -171,7 +171,7 @@ impl CustomOp3 for Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         // Detached: see `InputGradCustomOp::bwd`.
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        prof::section("causal-attention", "bwd", q.device(), || {
+        profiler::section("causal-attention", "bwd", q.device(), || {
             self.backward(&q, &k, &v, &grad)
         })
     }

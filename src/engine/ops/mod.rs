@@ -202,7 +202,7 @@ impl<T: InputGradOp> CustomOp1 for InputGradCustomOp<T> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let x = cuda_in(s, l)?;
         let dev = x.device().clone();
-        cuda_out(crate::engine::prof::section(T::NAME, "fwd", &dev, || {
+        cuda_out(crate::engine::profiler::section(T::NAME, "fwd", &dev, || {
             self.0.plain(&x)
         })?)
     }
@@ -211,7 +211,7 @@ impl<T: InputGradOp> CustomOp1 for InputGradCustomOp<T> {
         // computed from it would carry a graph that keeps its intermediates alive for as long
         // as the gradient is stored.
         let (x, grad) = (x.detach(), grad.detach());
-        crate::engine::prof::section(T::NAME, "bwd", x.device(), || self.0.input_grad(&x, &grad))
+        crate::engine::profiler::section(T::NAME, "bwd", x.device(), || self.0.input_grad(&x, &grad))
     }
 }
 

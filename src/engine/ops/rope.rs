@@ -14,7 +14,7 @@
 
 use super::{CpuLoops, cpu_map};
 use crate::engine::cuda::fused_path;
-use crate::engine::prof;
+use crate::engine::profiler;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 /// Rotary position embedding tables (`cos`, `sin`), each (seq_len, head_dim) in f32, as
@@ -48,7 +48,7 @@ pub fn rope_tables(
 /// of them.
 pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if fused_here(x, cos, sin) {
-        return prof::section("rope", "fwd", x.device(), || rope_fused(x, cos, sin));
+        return profiler::section("rope", "fwd", x.device(), || rope_fused(x, cos, sin));
     }
     generic::forward(x, cos, sin)
 }
@@ -69,7 +69,7 @@ pub(crate) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result
         );
     }
     if !fused_here(grad, cos, sin) {
-        return prof::section("rope", "bwd", grad.device(), || {
+        return profiler::section("rope", "bwd", grad.device(), || {
             generic::backward(grad, cos, sin)
         });
     }
@@ -78,7 +78,7 @@ pub(crate) fn rope_backward(grad: &Tensor, cos: &Tensor, sin: &Tensor) -> Result
         sin: sin.contiguous()?,
         transpose: true,
     };
-    prof::section("rope", "bwd", grad.device(), || {
+    profiler::section("rope", "bwd", grad.device(), || {
         grad.contiguous()?.apply_op1_no_bwd(&adjoint)
     })
 }
@@ -175,7 +175,7 @@ impl CustomOp1 for Rope {
             sin: self.sin.clone(),
             transpose: !self.transpose,
         };
-        prof::section("rope", "bwd", grad.device(), || {
+        profiler::section("rope", "bwd", grad.device(), || {
             Ok(Some(grad.contiguous()?.apply_op1_no_bwd(&adjoint)?))
         })
     }

@@ -17,7 +17,7 @@
 
 use super::{CpuLoops, cpu_map};
 use crate::engine::cuda::fused_path;
-use crate::engine::prof;
+use crate::engine::profiler;
 use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, WithDType};
 
 /// `silu(gate) * up` elementwise (HF `Qwen2MLP`'s `act_fn(gate_proj(x)) * up_proj(x)`).
@@ -58,7 +58,7 @@ struct Swiglu;
 ///
 /// Errors: as [`swiglu`].
 pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
-    prof::section("swiglu", "bwd", g.device(), || {
+    profiler::section("swiglu", "bwd", g.device(), || {
         if uses_custom_op(g) {
             backward(g, u, dy)
         } else {
@@ -114,7 +114,7 @@ impl CustomOp2 for Swiglu {
         let r1 = super::contiguous_range(l1, "swiglu")?;
         let r2 = super::contiguous_range(l2, "swiglu")?;
         let dev = candle_core::Device::Cuda(s1.device().clone());
-        let out = prof::section("swiglu", "fwd", &dev, || cuda::forward((s1, r1), (s2, r2)))?;
+        let out = profiler::section("swiglu", "fwd", &dev, || cuda::forward((s1, r1), (s2, r2)))?;
         Ok((out, l1.shape().clone()))
     }
     fn bwd(
@@ -126,7 +126,7 @@ impl CustomOp2 for Swiglu {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         // Detached: see `InputGradCustomOp::bwd`.
         let (g, u, grad) = (g.detach(), u.detach(), grad.detach());
-        let (dg, du) = prof::section("swiglu", "bwd", g.device(), || backward(&g, &u, &grad))?;
+        let (dg, du) = profiler::section("swiglu", "bwd", g.device(), || backward(&g, &u, &grad))?;
         Ok((Some(dg), Some(du)))
     }
 }

@@ -1,18 +1,23 @@
-//! The training loop: builds the model and data, runs `steps` optimizer steps and reports a
-//! [`StepRecord`] per step and a [`Summary`] at the end (the records of [`wire`]).
+//! The training loop: [`TrainOptions`] are validated and turned into a model, optimizer and
+//! batch source ([`prepare`]), then [`train`] runs `steps` optimizer steps, reporting a
+//! header, a [`StepRecord`] per step and a [`Summary`] at the end (`events.rs`).
+
+mod events;
+
+pub use events::{Header, TrainEvent, peak_rss_bytes};
 
 use super::config::ModelSource;
 use super::cuda::vram::VramReservation;
-use super::data::{Batcher, Packing, Record, Tokenizer, bundled_sample, load_records};
+use super::data::{Batcher, Packing, Tokenizer, load_dataset};
 use super::lora::LoraConfig;
 use super::model::{Model, ParamCounts};
 use super::optim::memory_report;
 use super::optim::{AdamWConfig, AnyOptimizer, Schedule, lr_at};
-use super::prof;
+use super::profiler;
 use super::scaler::{LossScaler, LossScalerConfig};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
-use crate::spec::wire::{self, MemoryBreakdown, StepRecord, Summary};
+use crate::spec::wire::{StepRecord, Summary};
 use crate::spec::{DataFormat, Optimizer, Precision, Quant};
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -77,12 +82,6 @@ pub struct TrainOptions {
     pub vram_limit: Option<u64>,
 }
 
-/// Run header, printed before the first step (`"type": "header"`), with the full options.
-pub type Header = wire::Header<TrainOptions>;
-
-/// Events of a run, in order: one header, `steps` steps, one summary (the `--json` lines).
-pub type TrainEvent = wire::Event<TrainOptions>;
-
 /// Parse `cpu` / `cuda` / `cuda:N`.
 ///
 /// Errors: another string, or `cuda` in a build without the `cuda` feature.
@@ -115,16 +114,8 @@ pub fn parse_device(s: &str) -> Result<Device, EngineError> {
             e.to_string().lines().next().unwrap_or("")
         ))
     })?;
-    super::prof::configure_device(&dev).ctx("configuring the CUDA memory pool")?;
+    profiler::configure_device(&dev).ctx("configuring the CUDA memory pool")?;
     Ok(dev)
-}
-
-/// Peak resident set size (VmHWM) of this process in bytes, on Linux.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Everything built before the first step.
@@ -171,7 +162,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     }
     let device = parse_device(&opts.device)?;
     if opts.precision == Precision::Bf16
-        && let Some((major, minor)) = prof::compute_capability(&device)
+        && let Some((major, minor)) = profiler::compute_capability(&device)
         && major < 8
     {
         return Err(EngineError::Invalid(format!(
@@ -194,11 +185,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
             cfg.vocab_size
         )));
     }
-    let records: Vec<Record> = if opts.data == "sample" {
-        bundled_sample()
-    } else {
-        load_records(std::path::Path::new(&opts.data), opts.format)?
-    };
+    let records = load_dataset(&opts.data, opts.format)?;
     let packing = if opts.packing {
         Packing::Packed
     } else {
@@ -275,19 +262,15 @@ pub fn train(
     emit(&TrainEvent::Header(Box::new(header)));
     let device = model.device().clone();
     let (b, t) = (opts.batch_size, opts.seq_len);
-    let mut first_loss = f64::NAN;
-    let mut last_loss = f64::NAN;
-    let (mut tokens, mut seconds) = (0usize, 0f64);
-    let (mut timed_tokens, mut timed_seconds) = (0usize, 0f64);
+    let mut totals = events::Totals::new(opts.warmup_steps);
     let mut scaler = match (opts.loss_scaling, opts.precision) {
         (Some(cfg), _) => Some(LossScaler::new(cfg)),
         (None, Precision::Fp16) => Some(LossScaler::new(LossScalerConfig::default())),
         (None, _) => None,
     };
-    let mut skipped_steps = 0usize;
     device.synchronize().ctx("synchronising the device")?;
-    let resident = prof::pool_usage(&device).map(|u| u.used);
-    prof::reset_pool_high(&device);
+    let resident = profiler::pool_usage(&device).map(|u| u.used);
+    profiler::reset_pool_high(&device);
     for step in 1..=opts.steps {
         let batch = batcher.next_batch();
         let start = Instant::now();
@@ -298,20 +281,20 @@ pub fn train(
             opts.steps,
             opts.schedule,
         );
-        prof::set_active(step > opts.warmup_steps.min(opts.steps - 1));
-        let loss = prof::section("step", "forward", &device, || {
+        profiler::set_active(step > opts.warmup_steps.min(opts.steps - 1));
+        let loss = profiler::section("step", "forward", &device, || {
             model.loss(&batch.input_ids, &batch.targets, b, t, true)
         })
         .ctx("forward pass")?;
-        prof::trace("after forward", &device);
+        profiler::trace("after forward", &device);
         let loss_scale = scaler.as_ref().map(|s| s.scale());
-        let grads = prof::section("step", "backward", &device, || match loss_scale {
+        let grads = profiler::section("step", "backward", &device, || match loss_scale {
             Some(s) => model.backward(&loss.affine(s, 0.0)?),
             None => model.backward(&loss),
         })
         .ctx("backward pass")?;
-        prof::trace("after backward", &device);
-        let loss_v = prof::section("step", "loss-readback", &device, || {
+        profiler::trace("after backward", &device);
+        let loss_v = profiler::section("step", "loss-readback", &device, || {
             loss.to_dtype(DType::F64)?.to_scalar::<f64>()
         })
         .ctx("reading the loss")?;
@@ -322,7 +305,7 @@ pub fn train(
         }
         // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
         let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
-        let grad_norm = prof::section("step", "grad-norm", &device, || {
+        let grad_norm = profiler::section("step", "grad-norm", &device, || {
             opt.grad_norm_scaled(&grads, unscale)
         })
         .ctx("gradient norm")?;
@@ -330,33 +313,22 @@ pub fn train(
             Some(s) => s.update(grad_norm.is_finite()),
             None => false,
         };
-        if skipped {
-            skipped_steps += 1;
-        } else {
+        if !skipped {
             let clip = if opts.max_grad_norm > 0.0 && grad_norm > opts.max_grad_norm {
                 opts.max_grad_norm / (grad_norm + 1e-6)
             } else {
                 1.0
             };
-            prof::section("step", "optimizer", &device, || {
+            profiler::section("step", "optimizer", &device, || {
                 opt.step(&grads, lr, clip * unscale)
             })
             .ctx("optimizer step")?;
         }
         drop(grads);
-        prof::section("step", "final-sync", &device, || device.synchronize())
+        profiler::section("step", "final-sync", &device, || device.synchronize())
             .ctx("synchronising the device")?;
         let dt = start.elapsed().as_secs_f64();
-        if step == 1 {
-            first_loss = loss_v;
-        }
-        last_loss = loss_v;
-        tokens += batch.real_tokens;
-        seconds += dt;
-        if step > opts.warmup_steps {
-            timed_tokens += batch.real_tokens;
-            timed_seconds += dt;
-        }
+        totals.add(step, loss_v, batch.real_tokens, dt, skipped);
         emit(&TrainEvent::Step(StepRecord {
             step: step as u64,
             tokens: batch.real_tokens as u64,
@@ -371,28 +343,16 @@ pub fn train(
             t: 0.0,
         }));
     }
-    let device_memory = match (resident, prof::pool_usage(&device)) {
-        (Some(resident_bytes), Some(u)) => Some(MemoryBreakdown {
-            weights_bytes: header_weight_bytes,
-            adapters_optimizer_bytes: header_adapter_bytes,
-            resident_bytes,
-            activations_peak_bytes: u
-                .used_high
-                .max(prof::max_seen())
-                .saturating_sub(resident_bytes),
-            pool_reserved_peak_bytes: u.reserved_high,
-        }),
-        _ => None,
-    };
-    let profile = prof::report();
+    let device_memory = events::device_memory(
+        resident,
+        profiler::pool_usage(&device),
+        profiler::max_seen(),
+        header_weight_bytes,
+        header_adapter_bytes,
+    );
+    let profile = profiler::report();
     if !profile.is_empty() {
         eprint!("{profile}");
-    }
-    // Steps after warm-up; when warm-up covered every step, tokens/s is over all of them.
-    let timed_steps = opts.steps.saturating_sub(opts.warmup_steps);
-    if timed_steps == 0 {
-        timed_tokens = tokens;
-        timed_seconds = seconds;
     }
     let adapter_dir = match &opts.save_adapter {
         Some(dir) => {
@@ -406,22 +366,7 @@ pub fn train(
         }
         None => None,
     };
-    let summary = Summary {
-        status: "ok".into(),
-        steps: opts.steps as u64,
-        final_loss: last_loss,
-        first_loss,
-        tokens: tokens as u64,
-        seconds,
-        tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
-        timed_steps: timed_steps as u64,
-        skipped_steps: skipped_steps as u64,
-        peak_rss_bytes: peak_rss_bytes(),
-        peak_vram_bytes: None,
-        adapter_dir,
-        memory,
-        device_memory,
-    };
+    let summary = totals.summary(opts.steps, memory, device_memory, adapter_dir);
     emit(&TrainEvent::Summary(summary.clone()));
     Ok(summary)
 }

@@ -1,4 +1,5 @@
-//! Engine self-profiling and CUDA memory-pool control.
+//! The op profiler (engine self-profiling, not the sweep profile of [`crate::profile`]) and CUDA
+//! memory-pool control.
 //!
 //! With `LORASCOPE_PROFILE=1` in the environment, [`section`] synchronises the device around
 //! each named piece of work (attention, projections, norms, recomputed layers, the loss, the
