@@ -8,10 +8,12 @@
 pub mod cli;
 pub mod daemon;
 pub mod engine;
+pub mod fsutil;
 pub mod grid;
 pub mod orchestrator;
 pub mod profile;
 pub mod report;
+pub mod series;
 pub mod spec;
 pub mod store;
 pub mod summary;

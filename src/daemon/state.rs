@@ -9,12 +9,13 @@ use serde::{Deserialize, Serialize};
 
 use super::protocol::{RunningStatus, Stamped, SweepInfo, SweepStatus};
 use crate::orchestrator::{EntryId, EntryState, Event, QueueSnapshot};
+use crate::series::{MAX_POINTS, push_bounded};
 
 /// Version of `state.json`.
 pub const STATE_VERSION: u32 = 1;
 
 /// Step records kept per run for a replay (as many as the dashboard charts).
-pub const STEP_TAIL: usize = crate::ui::app::MAX_POINTS;
+pub const STEP_TAIL: usize = MAX_POINTS;
 
 /// Telemetry samples kept per run for a replay (a minute at 10 Hz).
 pub const SAMPLE_TAIL: usize = 600;
@@ -68,12 +69,8 @@ impl Persisted {
     /// Errors: the directory is not writable, or the disk is full.
     pub fn save(&self, path: &Path) -> Result<(), String> {
         let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        crate::ui::save::write_atomic(path, &text).map_err(|e| e.to_string())?;
-        if let Some(dir) = path.parent()
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
+        crate::fsutil::write_atomic(path, &text).map_err(|e| e.to_string())?;
+        crate::fsutil::sync_parent(path);
         Ok(())
     }
 }
@@ -104,13 +101,6 @@ pub struct History {
     runs: HashMap<EntryId, RunTrack>,
 }
 
-fn push_tail(q: &mut VecDeque<Stamped>, s: &Stamped, max: usize) {
-    if q.len() >= max {
-        q.pop_front();
-    }
-    q.push_back(s.clone());
-}
-
 impl History {
     /// An empty history of sweep `info`.
     pub fn new(info: SweepInfo, steps_per_run: u32) -> History {
@@ -130,11 +120,11 @@ impl History {
             Event::Step { id, record } => {
                 let r = self.runs.entry(id.clone()).or_default();
                 r.step = record.step;
-                push_tail(&mut r.steps, s, STEP_TAIL);
+                push_bounded(&mut r.steps, s.clone(), STEP_TAIL);
             }
             Event::Telemetry { id, .. } => {
                 let r = self.runs.entry(id.clone()).or_default();
-                push_tail(&mut r.samples, s, SAMPLE_TAIL);
+                push_bounded(&mut r.samples, s.clone(), SAMPLE_TAIL);
             }
             Event::QueueChanged { .. } => self.queue = Some(s.clone()),
             Event::RunQueued { id, label, .. } => {
