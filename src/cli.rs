@@ -16,9 +16,10 @@ use tokio::sync::mpsc;
 
 use crate::daemon::client::Client;
 use crate::daemon::protocol::{ClientMsg, ServerMsg};
-use crate::grid::{self, RunSpec};
+use crate::grid;
+use crate::orchestrator::preflight::{self, load_profile, preflight, profile_key};
 use crate::orchestrator::{
-    self, Command, Event, OrchestratorConfig, PlannedRun, SweepPlan, WorkerCommand,
+    self, Command, Event, OrchestratorConfig, SweepPlan, WorkerCommand, plan_runs,
 };
 use crate::profile;
 use crate::report::{self, Format};
@@ -459,10 +460,7 @@ pub fn render_status(r: &crate::daemon::protocol::StatusReport) -> String {
 /// `lorascope run --detach`: queue the sweep on the daemon, starting one if none answers.
 fn run_detached(args: &RunArgs) -> Result<()> {
     // Fail here, on the terminal, for what would fail in the daemon.
-    let lp = match &args.profile {
-        Some(p) => profile::load(p)?,
-        None => profile::load_embedded()?,
-    };
+    let lp = load_profile(args.profile.as_deref())?;
     let overridden = args.worker.is_some()
         || std::env::var_os("LORASCOPE_WORKER").is_some_and(|w| !w.is_empty());
     if !overridden {
@@ -519,7 +517,7 @@ fn run_detached(args: &RunArgs) -> Result<()> {
 fn check(path: &Path, argv: bool) -> Result<()> {
     let lp = profile::load(path)?;
     let specs = grid::expand(&lp);
-    model_and_data_preflight(&lp, &specs)?;
+    preflight::model_and_data(&lp, &specs)?;
     let p = &lp.profile;
     let model = p
         .model
@@ -702,29 +700,6 @@ impl Headless {
     }
 }
 
-fn plan_runs(
-    specs: &[RunSpec],
-    repeats: u32,
-    done: &dyn Fn(&RunSpec, u32) -> bool,
-) -> (Vec<PlannedRun>, usize) {
-    let mut runs = Vec::new();
-    let mut already = 0;
-    // Repeat-major: every point once, then every point again (spreads drift over repeats).
-    for repeat in 0..repeats {
-        for (i, s) in specs.iter().enumerate() {
-            if done(s, repeat) {
-                already += 1;
-            } else {
-                runs.push(PlannedRun {
-                    spec_index: i,
-                    repeat,
-                });
-            }
-        }
-    }
-    (runs, already)
-}
-
 /// Runs the sweep with the dashboard on the terminal. If the dashboard ends first (the
 /// terminal went away, a signal, a panic) the sweep is shut down; otherwise the dashboard
 /// stays open after the sweep until the user quits.
@@ -770,22 +745,11 @@ async fn run_with_dashboard(
     Ok(outcome?)
 }
 
-/// The key that `--resume` finds a profile's sweeps by: its canonical path.
-pub(crate) fn profile_key(lp: &profile::LoadedProfile) -> String {
-    std::fs::canonicalize(&lp.path)
-        .unwrap_or_else(|_| lp.path.clone())
-        .display()
-        .to_string()
-}
-
 fn run(args: RunArgs) -> Result<()> {
     if args.detach {
         return run_detached(&args);
     }
-    let lp = match &args.profile {
-        Some(p) => profile::load(p)?,
-        None => profile::load_embedded()?,
-    };
+    let lp = load_profile(args.profile.as_deref())?;
     let specs = grid::expand(&lp);
     if args.worker.is_none() {
         // Only the real engine has these constraints (test workers stand in for it).
@@ -806,10 +770,11 @@ fn run(args: RunArgs) -> Result<()> {
         Some(sw) => {
             let interrupted = store.mark_interrupted(sw.id)?;
             let statuses = store.latest_statuses(sw.id)?;
-            let (runs, already) = plan_runs(&specs, repeats, &|s: &RunSpec, r: u32| {
+            let (runs, finished) = plan_runs(specs.len(), repeats, |i, r| {
                 statuses
-                    .get(&(s.id.clone(), r))
-                    .is_some_and(|st| st.is_finished(args.retry_failed))
+                    .get(&(specs[i].id.clone(), r))
+                    .copied()
+                    .filter(|st| st.is_finished(args.retry_failed))
             });
             if interrupted > 0 {
                 eprintln!(
@@ -817,7 +782,7 @@ fn run(args: RunArgs) -> Result<()> {
                     sw.id
                 );
             }
-            (sw.id, runs, already)
+            (sw.id, runs, finished.len())
         }
         None => {
             if args.resume {
@@ -827,8 +792,8 @@ fn run(args: RunArgs) -> Result<()> {
                 );
             }
             let id = store.create_sweep(&lp.name(), &profile_key, &lp.source)?;
-            let (runs, already) = plan_runs(&specs, repeats, &|_, _| false);
-            (id, runs, already)
+            let (runs, _) = plan_runs(specs.len(), repeats, |_, _| None);
+            (id, runs, 0)
         }
     };
 
@@ -918,59 +883,6 @@ fn run(args: RunArgs) -> Result<()> {
     if !rows.is_empty() && rows.iter().all(|r| !r.status.starts_with("ok")) {
         bail!(
             "no point of sweep {sweep_id} finished ok; see each run's cause above (`lorascope report --sweep {sweep_id}`)"
-        );
-    }
-    Ok(())
-}
-
-/// Checks, before any run starts, what would make every point fail the same way: a missing
-/// data file, or CUDA devices in a build without CUDA.
-/// Checks a profile's model and data before any run: the model resolves (preset name or a
-/// directory with `config.json`), every grid sequence length fits its `max_position_embeddings`,
-/// and the data file exists. Used by `profile check` and before a sweep starts.
-///
-/// Errors: one line naming the profile, the key and what to do.
-pub(crate) fn model_and_data_preflight(
-    lp: &profile::LoadedProfile,
-    specs: &[grid::RunSpec],
-) -> Result<()> {
-    let file = lp.path.display();
-    let data = &lp.profile.data.path;
-    if data != "sample" {
-        let p = lp.base_dir.join(data);
-        if !p.exists() {
-            bail!(
-                "{file}: data.path `{data}` not found (resolved to {}; paths are relative to the profile)",
-                p.display()
-            );
-        }
-    }
-    let Some(first) = specs.first() else {
-        return Ok(());
-    };
-    let src = crate::engine::config::ModelSource::resolve(&first.model_arg)
-        .map_err(|e| anyhow::anyhow!("{file}: model: {e}"))?;
-    let max_pos = src.config.max_position_embeddings;
-    if let Some(s) = specs
-        .iter()
-        .find(|s| s.config.point.seq_len as usize > max_pos)
-    {
-        bail!(
-            "{file}: grid.seq_len {} is above {}'s max_position_embeddings ({max_pos}); remove it from the grid",
-            s.config.point.seq_len,
-            src.name
-        );
-    }
-    Ok(())
-}
-
-pub(crate) fn preflight(lp: &profile::LoadedProfile) -> Result<()> {
-    model_and_data_preflight(lp, &grid::expand(lp))?;
-    let wants_cuda = lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
-    if wants_cuda && !candle_core::utils::cuda_is_available() {
-        bail!(
-            "{}: run.devices asks for a GPU but this lorascope was built without CUDA; rebuild with `cargo build --release --features cuda` or use devices = [\"cpu\"]",
-            lp.path.display()
         );
     }
     Ok(())

@@ -35,8 +35,10 @@ use super::protocol::{
 };
 use super::state::{History, Job, Persisted, STATE_VERSION};
 use crate::grid::expand_profile;
+use crate::orchestrator::preflight::{load_profile, preflight, profile_key};
 use crate::orchestrator::{
     self, Command, EntryState, Event, OrchestratorConfig, PlannedRun, Request, SweepPlan, entry_id,
+    plan_runs,
 };
 use crate::profile;
 use crate::store::Store;
@@ -728,16 +730,12 @@ impl Manager {
 
     /// Queues a sweep; returns its id and position.
     fn submit(&mut self, s: &Submit, busy: bool) -> Result<(i64, usize), String> {
-        let lp = match &s.profile {
-            Some(p) => profile::load(p),
-            None => profile::load_embedded(),
-        }
-        .map_err(|e| e.to_string())?;
+        let lp = load_profile(s.profile.as_deref()).map_err(|e| e.to_string())?;
         if !self.worker_overridden {
-            crate::cli::preflight(&lp).map_err(|e| format!("{e:#}"))?;
+            preflight(&lp).map_err(|e| e.to_string())?;
         }
         let store = Store::open(&s.db).map_err(|e| e.to_string())?;
-        let key = crate::cli::profile_key(&lp);
+        let key = profile_key(&lp);
         let existing = if s.resume {
             store.latest_sweep_for(&key).map_err(|e| e.to_string())?
         } else {
@@ -842,20 +840,7 @@ impl Manager {
                     }
                 }
             }
-            _ => {
-                for repeat in 0..repeats {
-                    for i in 0..specs.len() {
-                        let pr = PlannedRun {
-                            spec_index: i,
-                            repeat,
-                        };
-                        match stored(i, repeat) {
-                            Some(st) => finished.push((pr, st)),
-                            None => runs.push(pr),
-                        }
-                    }
-                }
-            }
+            _ => (runs, finished) = plan_runs(specs.len(), repeats, stored),
         }
         // Earlier results, so that an attached dashboard shows them.
         let mut history = History::new(info.clone(), p.run.steps);
