@@ -19,4 +19,3 @@ pub mod store;
 pub mod summary;
 pub mod telemetry;
 pub mod ui;
-pub mod worker;

@@ -121,13 +121,15 @@ pub enum Event {
     },
 }
 
-/// A [`Command`] with an optional reply: `Ok(())` once the queue applied it, `Err(reason)`
-/// when it was rejected (the same reason as [`Event::CommandRejected`]). The daemon uses the
-/// reply to answer `lorascope queue ...` clients; a plain `Command` converts with no reply.
+/// A [`Command`] with an optional reply: `Ok(())` once the queue applied it, the
+/// [`QueueError`] when it was rejected (its message is the reason of
+/// [`Event::CommandRejected`]). The daemon uses the reply to answer `lorascope queue ...`
+/// clients; a plain `Command` converts with no reply. A reply dropped unanswered means the
+/// sweep ended before the command was taken.
 #[derive(Debug)]
 pub struct Request {
     pub command: Command,
-    pub reply: Option<oneshot::Sender<Result<(), String>>>,
+    pub reply: Option<oneshot::Sender<Result<(), QueueError>>>,
 }
 
 impl From<Command> for Request {
@@ -478,7 +480,7 @@ fn handle_command(
         }
         Err(e) => {
             if let Some(r) = reply {
-                let _ = r.send(Err(e.to_string()));
+                let _ = r.send(Err(e.clone()));
             }
             let _ = events.send(Event::CommandRejected {
                 command: cmd,
