@@ -91,6 +91,7 @@ pub(super) struct Hub {
 }
 
 impl Hub {
+    /// A hub for the daemon on `socket` whose manager takes requests on `ctl`.
     pub fn new(socket: PathBuf, ctl: mpsc::UnboundedSender<Ctl>) -> Hub {
         Hub {
             start: Instant::now(),
@@ -107,6 +108,7 @@ impl Hub {
         self.start.elapsed().as_secs_f64()
     }
 
+    /// The shared state (held briefly: never across an await).
     pub fn lock(&self) -> MutexGuard<'_, Shared> {
         // A panic while holding the lock leaves consistent-enough data: keep serving.
         self.shared.lock().unwrap_or_else(|e| e.into_inner())
@@ -138,6 +140,7 @@ impl Hub {
         (self.attached_msg(&sh), rx, sh.seq)
     }
 
+    /// [`ServerMsg::Attached`] for the current sweep, from the locked state `sh`.
     pub fn attached_msg(&self, sh: &Shared) -> ServerMsg {
         ServerMsg::Attached {
             now: self.now(),
@@ -146,6 +149,7 @@ impl Hub {
         }
     }
 
+    /// `lorascope status`'s report.
     pub fn status(&self) -> StatusReport {
         let sh = self.lock();
         StatusReport {
