@@ -8,13 +8,14 @@
 pub mod cli;
 pub mod daemon;
 pub mod engine;
+pub mod fsutil;
 pub mod grid;
 pub mod orchestrator;
 pub mod profile;
 pub mod report;
+pub mod series;
 pub mod spec;
 pub mod store;
 pub mod summary;
 pub mod telemetry;
 pub mod ui;
-pub mod worker;

@@ -362,7 +362,7 @@ fn detached_sweep_attach_detach_kill_client_reattach_same_state() {
         rt.block_on(async {
             tokio::time::timeout(
                 Duration::from_secs(20),
-                lorascope::daemon::client::attached_state(&socket),
+                lorascope::cli::attach::attached_state(&socket),
             )
             .await
         })

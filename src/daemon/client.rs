@@ -1,53 +1,59 @@
-//! Clients of the daemon: the connection, starting a daemon for `run --detach`, and the
-//! dashboard as a client (`lorascope attach`), which is the same [`crate::ui::run`] loop as
-//! a local sweep fed from the socket instead of an in-process orchestrator.
+//! The client side of the socket: a [`Client`] connection past the hello, one method per
+//! request the command line makes, and starting a daemon for `run --detach`
+//! ([`spawn_daemon`]). The dashboard as a client (`lorascope attach`) is built on this in
+//! `cli::attach`; nothing here knows about terminals.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, bail};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
 use tokio_util::codec::{Framed, LinesCodec};
 
-use super::protocol::{ClientMsg, PROTOCOL_VERSION, ServerMsg, Stamped, SweepInfo, client_codec};
-use crate::grid::expand_profile;
+use super::error::DaemonError;
+use super::protocol::{
+    ClientMsg, PROTOCOL_VERSION, ServerMsg, Stamped, StatusReport, Submit, SweepInfo, client_codec,
+};
 use crate::orchestrator::Command;
-use crate::ui::{App, Feed};
 
 /// How long a request may wait for the daemon's reply (the daemon answers at once; only
 /// `wait` and `daemon stop` wait longer, without this limit).
 pub const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The framed socket of a connection: one JSON message per line.
+pub type Conn = Framed<UnixStream, LinesCodec>;
+
 /// A connection to the daemon, past the hello.
 pub struct Client {
-    io: Framed<UnixStream, LinesCodec>,
+    io: Conn,
     /// The daemon's process id.
     pub pid: u32,
     /// The daemon clock at the hello (s).
     pub now: f64,
 }
 
-/// The one-line error for "nothing listens on the socket".
-fn no_daemon(socket: &Path, e: &std::io::Error) -> anyhow::Error {
-    anyhow::anyhow!(
-        "no lorascope daemon on {} ({e}); start one with `lorascope daemon` or `lorascope run PROFILE --detach`",
-        socket.display()
-    )
+/// What [`Client::attach`] returns: the daemon clock, the sweep (none before the first) and
+/// the events to rebuild its state from.
+pub struct Attached {
+    pub now: f64,
+    pub sweep: Option<SweepInfo>,
+    pub replay: Vec<Stamped>,
 }
 
 impl Client {
     /// Connects and exchanges hellos.
     ///
-    /// Errors: no daemon listens on `socket`, or it speaks another protocol version.
-    pub async fn connect(socket: &Path) -> Result<Client> {
+    /// Errors: [`DaemonError::NoDaemon`] when nothing listens on `socket`; the daemon's
+    /// refusal ([`DaemonError::Refused`]) when it speaks another protocol version.
+    pub async fn connect(socket: &Path) -> Result<Client, DaemonError> {
         let stream = UnixStream::connect(socket)
             .await
-            .map_err(|e| no_daemon(socket, &e))?;
+            .map_err(|error| DaemonError::NoDaemon {
+                socket: socket.to_path_buf(),
+                error,
+            })?;
         let io = Framed::new(stream, client_codec());
         let mut c = Client {
             io,
@@ -65,73 +71,140 @@ impl Client {
                 c.now = now;
                 Ok(c)
             }
-            other => bail!("unexpected first reply from the daemon: {}", kind(&other)),
+            other => Err(DaemonError::UnexpectedFirst(other.kind())),
         }
     }
 
     /// Sends one message.
     ///
-    /// Errors: the daemon went away.
-    pub async fn send(&mut self, msg: &ClientMsg) -> Result<()> {
-        let line = serde_json::to_string(msg)?;
-        self.io
-            .send(line)
-            .await
-            .context("the daemon closed the connection")
+    /// Errors: [`DaemonError::SendFailed`]: the daemon went away.
+    pub async fn send(&mut self, msg: &ClientMsg) -> Result<(), DaemonError> {
+        let line = serde_json::to_string(msg).map_err(DaemonError::Encode)?;
+        self.io.send(line).await.map_err(DaemonError::SendFailed)
     }
 
     /// The next message; `None` when the daemon closed the connection.
     ///
-    /// Errors: a read error or a line that is not a daemon message.
-    pub async fn recv(&mut self) -> Result<Option<ServerMsg>> {
+    /// Errors: [`DaemonError::Read`] or [`DaemonError::Malformed`].
+    pub async fn recv(&mut self) -> Result<Option<ServerMsg>, DaemonError> {
         match self.io.next().await {
             None => Ok(None),
-            Some(Err(e)) => Err(anyhow::anyhow!("reading from the daemon: {e}")),
+            Some(Err(e)) => Err(DaemonError::Read(e)),
             Some(Ok(line)) => Ok(Some(
-                serde_json::from_str(&line).context("a malformed message from the daemon")?,
+                serde_json::from_str(&line).map_err(DaemonError::Malformed)?,
             )),
         }
     }
 
-    /// Sends `msg` and returns the reply ([`ServerMsg::Error`] becomes an error), within
-    /// [`REPLY_TIMEOUT`].
+    /// Sends `msg` and returns the reply ([`ServerMsg::Error`] becomes
+    /// [`DaemonError::Refused`]), within [`REPLY_TIMEOUT`].
     ///
-    /// Errors: the daemon refused the request (its reason), went away or did not answer.
-    pub async fn request(&mut self, msg: &ClientMsg) -> Result<ServerMsg> {
+    /// Errors: the daemon refused the request (its reason), went away
+    /// ([`DaemonError::Closed`]) or did not answer ([`DaemonError::NoReply`]).
+    pub async fn request(&mut self, msg: &ClientMsg) -> Result<ServerMsg, DaemonError> {
         self.send(msg).await?;
         let reply = tokio::time::timeout(REPLY_TIMEOUT, self.recv())
             .await
-            .map_err(|_| anyhow::anyhow!("the daemon did not answer within 30 s"))?;
+            .map_err(|_| DaemonError::NoReply)?;
         match reply? {
-            None => bail!("the daemon closed the connection"),
-            Some(ServerMsg::Error { message }) => Err(anyhow::Error::msg(message)),
+            None => Err(DaemonError::Closed),
+            Some(ServerMsg::Error { message }) => Err(DaemonError::Refused(message)),
             Some(m) => Ok(m),
         }
     }
 
     /// Waits for the next message with no time limit; `None` when the daemon closed the
-    /// connection. Replies of [`ServerMsg::Error`] become errors.
+    /// connection. Replies of [`ServerMsg::Error`] become [`DaemonError::Refused`].
     ///
     /// Errors: as [`Client::recv`], or the daemon's error message.
-    pub async fn reply_unbounded(&mut self) -> Result<Option<ServerMsg>> {
+    pub async fn reply_unbounded(&mut self) -> Result<Option<ServerMsg>, DaemonError> {
         match self.recv().await? {
-            Some(ServerMsg::Error { message }) => Err(anyhow::Error::msg(message)),
+            Some(ServerMsg::Error { message }) => Err(DaemonError::Refused(message)),
             m => Ok(m),
         }
     }
-}
 
-/// The message type's name, for errors.
-pub fn kind(m: &ServerMsg) -> &'static str {
-    match m {
-        ServerMsg::Hello { .. } => "hello",
-        ServerMsg::Error { .. } => "error",
-        ServerMsg::Ok { .. } => "ok",
-        ServerMsg::Submitted { .. } => "submitted",
-        ServerMsg::Status(_) => "status",
-        ServerMsg::Attached { .. } => "attached",
-        ServerMsg::Event(_) => "event",
-        ServerMsg::Done { .. } => "done",
+    /// `lorascope status`: the daemon's status report.
+    ///
+    /// Errors: as [`Client::request`], or [`DaemonError::Unexpected`].
+    pub async fn status(&mut self) -> Result<StatusReport, DaemonError> {
+        match self.request(&ClientMsg::Status).await? {
+            ServerMsg::Status(r) => Ok(*r),
+            other => Err(DaemonError::Unexpected(other.kind())),
+        }
+    }
+
+    /// `lorascope queue ...`: an orchestrator command for the running sweep.
+    ///
+    /// Errors: as [`Client::request`]; the queue's reason when it rejects the command.
+    pub async fn command(&mut self, command: Command) -> Result<(), DaemonError> {
+        self.request(&ClientMsg::Command { command }).await?;
+        Ok(())
+    }
+
+    /// `lorascope run --detach`: queues a sweep; returns its id and its position (0: it
+    /// starts now, n: after n others).
+    ///
+    /// Errors: as [`Client::request`] (the daemon's reason when the profile, its checks or
+    /// the database fail), or [`DaemonError::Unexpected`].
+    pub async fn submit(&mut self, submit: Submit) -> Result<(i64, usize), DaemonError> {
+        match self.request(&ClientMsg::Submit(Box::new(submit))).await? {
+            ServerMsg::Submitted { sweep_id, position } => Ok((sweep_id, position)),
+            other => Err(DaemonError::Unexpected(other.kind())),
+        }
+    }
+
+    /// `lorascope daemon stop`: asks the daemon to stop and returns what it said it will do.
+    /// The daemon then closes the connection as it exits: see [`Client::until_closed`].
+    ///
+    /// Errors: as [`Client::request`], or [`DaemonError::Unexpected`].
+    pub async fn stop(&mut self, finish: bool) -> Result<String, DaemonError> {
+        match self.request(&ClientMsg::Stop { finish }).await? {
+            ServerMsg::Ok { message } => Ok(message),
+            other => Err(DaemonError::Unexpected(other.kind())),
+        }
+    }
+
+    /// Reads until the daemon closes the connection (or the connection fails).
+    pub async fn until_closed(&mut self) {
+        while self.recv().await.ok().flatten().is_some() {}
+    }
+
+    /// `lorascope wait`: waits with no time limit until sweep `sweep` (every queued sweep
+    /// with `None`) has ended; `db` picks the database when the id is queued from several.
+    /// Returns `Some((complete, message))`, or `None` when the daemon stopped first.
+    ///
+    /// Errors: as [`Client::reply_unbounded`] (e.g. the sweep is not queued), or
+    /// [`DaemonError::Unexpected`].
+    pub async fn wait(
+        &mut self,
+        sweep: Option<i64>,
+        db: Option<PathBuf>,
+    ) -> Result<Option<(bool, String)>, DaemonError> {
+        self.send(&ClientMsg::Wait { sweep, db }).await?;
+        match self.reply_unbounded().await? {
+            Some(ServerMsg::Done {
+                complete, message, ..
+            }) => Ok(Some((complete, message))),
+            Some(other) => Err(DaemonError::Unexpected(other.kind())),
+            None => Ok(None),
+        }
+    }
+
+    /// Attaches: the sweep and its replay; from then on the daemon sends every event (read
+    /// them from [`Client::into_conn`]).
+    ///
+    /// Errors: as [`Client::request`], or [`DaemonError::Unexpected`].
+    pub async fn attach(&mut self) -> Result<Attached, DaemonError> {
+        match self.request(&ClientMsg::Attach).await? {
+            ServerMsg::Attached { now, sweep, replay } => Ok(Attached { now, sweep, replay }),
+            other => Err(DaemonError::Unexpected(other.kind())),
+        }
+    }
+
+    /// The framed socket, for a client that reads the event stream itself.
+    pub fn into_conn(self) -> Conn {
+        self.io
     }
 }
 
@@ -139,25 +212,30 @@ pub fn kind(m: &ServerMsg) -> &'static str {
 /// terminal, so a hang-up does not reach it), logging to `state_dir()/daemon.log`, and waits
 /// until it listens. Returns its pid.
 ///
-/// Errors: it cannot be started, or exits or stays silent for 15 s (with the log's last line).
-pub fn spawn_daemon(socket: &Path, extra: &[OsString]) -> Result<u32> {
+/// Errors: it cannot be started ([`DaemonError::Io`]), exits
+/// ([`DaemonError::DaemonExited`], with the log's last line) or stays silent for 15 s
+/// ([`DaemonError::DaemonSilent`]).
+pub fn spawn_daemon(socket: &Path, extra: &[OsString]) -> Result<u32, DaemonError> {
     let state = super::state_dir();
-    super::ensure_private_dir(&state).map_err(anyhow::Error::msg)?;
+    super::ensure_private_dir(&state)?;
     let log_path = state.join("daemon.log");
+    let open_log = DaemonError::io(format!("cannot open {}", log_path.display()));
     let log = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&log_path)
-        .with_context(|| format!("cannot open {}", log_path.display()))?;
-    let exe = std::env::current_exe().context("cannot locate the lorascope executable")?;
+        .and_then(|l| Ok((l.try_clone()?, l)));
+    let (log_out, log_err) = log.map_err(open_log)?;
+    let exe = std::env::current_exe()
+        .map_err(DaemonError::io("cannot locate the lorascope executable"))?;
     let mut cmd = std::process::Command::new(exe);
     cmd.arg("daemon")
         .arg("--socket")
         .arg(socket)
         .args(extra)
         .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
+        .stdout(log_out)
+        .stderr(log_err);
     use std::os::unix::process::CommandExt;
     // SAFETY: setsid(2) is async-signal-safe; runs in the child between fork and exec.
     unsafe {
@@ -168,7 +246,9 @@ pub fn spawn_daemon(socket: &Path, extra: &[OsString]) -> Result<u32> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().context("cannot start the daemon")?;
+    let mut child = cmd
+        .spawn()
+        .map_err(DaemonError::io("cannot start the daemon"))?;
     let deadline = Instant::now() + Duration::from_secs(15);
     let last_log = || {
         std::fs::read_to_string(&log_path)
@@ -180,155 +260,26 @@ pub fn spawn_daemon(socket: &Path, extra: &[OsString]) -> Result<u32> {
         if std::os::unix::net::UnixStream::connect(socket).is_ok() {
             return Ok(child.id());
         }
-        if let Some(status) = child.try_wait()? {
+        let exited = child
+            .try_wait()
+            .map_err(DaemonError::io("cannot wait for the daemon"))?;
+        if let Some(status) = exited {
             // Another daemon may have won a race to the socket.
             if std::os::unix::net::UnixStream::connect(socket).is_ok() {
                 return Ok(child.id());
             }
-            bail!(
-                "the daemon exited ({status}) before listening: {} (log: {})",
-                last_log(),
-                log_path.display()
-            );
+            return Err(DaemonError::DaemonExited {
+                status,
+                last_log: last_log(),
+                log: log_path,
+            });
         }
         if Instant::now() > deadline {
-            bail!(
-                "the daemon did not listen on {} within 15 s (log: {})",
-                socket.display(),
-                log_path.display()
-            );
+            return Err(DaemonError::DaemonSilent {
+                socket: socket.to_path_buf(),
+                log: log_path,
+            });
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// A dashboard state for `info`, attached (quitting detaches), its clock at daemon time `now`.
-///
-/// Errors: the profile text no longer parses (a different lorascope version).
-pub fn app_for(info: &SweepInfo, now: f64) -> Result<App> {
-    let p = crate::profile::parse_str(&info.profile_source, &info.profile_path)
-        .map_err(|e| anyhow::anyhow!("sweep {}: {e}", info.sweep_id))?;
-    let specs = expand_profile(&p, &info.base_dir);
-    let name = p.name.clone().unwrap_or_else(|| info.name.clone());
-    let mut app = App::new(name, p, specs);
-    app.attached = true;
-    app.clock_base = now;
-    app.now = now;
-    Ok(app)
-}
-
-fn feed(s: Stamped) -> Feed {
-    Feed::Event {
-        at: Some(s.t),
-        event: s.event,
-    }
-}
-
-/// Connects, attaches and rebuilds the dashboard state from the replay (what `attach` shows
-/// first). `None` when the daemon has not run a sweep yet.
-///
-/// Errors: as [`Client::connect`].
-pub async fn attached_state(socket: &Path) -> Result<Option<App>> {
-    let mut c = Client::connect(socket).await?;
-    let ServerMsg::Attached { now, sweep, replay } = c.request(&ClientMsg::Attach).await? else {
-        bail!("unexpected reply from the daemon");
-    };
-    let Some(info) = sweep else { return Ok(None) };
-    let mut app = app_for(&info, now)?;
-    for s in replay {
-        crate::ui::apply_feed(&mut app, feed(s), now);
-    }
-    Ok(Some(app))
-}
-
-/// `lorascope attach`: the dashboard on this terminal as a client of the daemon. Keys send
-/// commands; q, D or Ctrl-C detach and leave the sweep running.
-///
-/// Errors: no daemon, no sweep yet, or the terminal cannot be set up.
-pub async fn attach_dashboard(socket: &Path) -> Result<()> {
-    let mut c = Client::connect(socket).await?;
-    let pid = c.pid;
-    let ServerMsg::Attached { now, sweep, replay } = c.request(&ClientMsg::Attach).await? else {
-        bail!("unexpected reply from the daemon");
-    };
-    let Some(info) = sweep else {
-        bail!(
-            "the daemon (pid {pid}) has not run a sweep yet: queue one with `lorascope run PROFILE --detach`"
-        );
-    };
-    let mut app = app_for(&info, now)?;
-    app.mem_total = crate::ui::mem_total();
-    app.color = crate::ui::Theme::from_env().color;
-    let (ftx, frx) = mpsc::unbounded_channel::<Feed>();
-    for s in replay {
-        let _ = ftx.send(feed(s));
-    }
-    let _ = ftx.send(Feed::Message(
-        format!("attached to the daemon (pid {pid}): q or D detaches, the sweep keeps running"),
-        false,
-    ));
-    let (ctx, mut crx) = mpsc::unbounded_channel::<Command>();
-    let mut io = c.io;
-    let bridge = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                m = io.next() => {
-                    let Some(Ok(line)) = m else { break };
-                    let _ = match serde_json::from_str::<ServerMsg>(&line) {
-                        Ok(ServerMsg::Event(s)) => ftx.send(feed(s)),
-                        Ok(ServerMsg::Attached { sweep: Some(info), replay, .. }) => {
-                            match app_for(&info, 0.0) {
-                                Ok(app) => {
-                                    let _ = ftx.send(Feed::Reset(Box::new(app)));
-                                    for s in replay {
-                                        let _ = ftx.send(feed(s));
-                                    }
-                                    Ok(())
-                                }
-                                Err(e) => ftx.send(Feed::Message(e.to_string(), true)),
-                            }
-                        }
-                        Ok(ServerMsg::Error { message }) => ftx.send(Feed::Message(message, true)),
-                        Ok(_) => Ok(()),
-                        Err(e) => ftx.send(Feed::Message(format!("a malformed message from the daemon: {e}"), true)),
-                    };
-                }
-                c = crx.recv() => {
-                    let Some(command) = c else { break };
-                    let Ok(line) = serde_json::to_string(&ClientMsg::Command { command }) else { continue };
-                    if io.send(line).await.is_err() {
-                        break;
-                    }
-                }
-            }
-        }
-    });
-    let r = crate::ui::run(app, ctx, frx).await;
-    bridge.abort();
-    r.context("dashboard")?;
-    Ok(())
-}
-
-/// `lorascope attach --json`: the attach stream as JSON lines on stdout (the replay, then
-/// every event) until the daemon or stdout goes away.
-///
-/// Errors: no daemon.
-pub async fn attach_json(socket: &Path) -> Result<()> {
-    let mut c = Client::connect(socket).await?;
-    c.send(&ClientMsg::Attach).await?;
-    let mut out = tokio::io::stdout();
-    while let Some(Ok(line)) = c.io.next().await {
-        if out.write_all(line.as_bytes()).await.is_err()
-            || out.write_all(b"\n").await.is_err()
-            || out.flush().await.is_err()
-        {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// The socket path for the verbs: `--socket`, else the default in the runtime directory.
-pub fn socket_or_default(explicit: Option<&PathBuf>) -> PathBuf {
-    super::socket_path(explicit.map(PathBuf::as_path))
 }

@@ -4,10 +4,14 @@
 //!
 //! - [`protocol`]: newline-delimited, versioned JSON carrying the orchestrator's
 //!   [`Command`](crate::orchestrator::Command) and [`Event`](crate::orchestrator::Event).
-//! - [`server`]: the daemon: a Unix socket (mode 0600, in a 0700 directory; no TCP), a
-//!   manager that runs queued sweeps one after another (each on all of its devices), and the
-//!   state persisted atomically to `state.json` so that a restart re-queues what was running.
-//! - [`client`]: connecting, the one-shot verbs, and the dashboard as a client.
+//! - [`server`]: the daemon: a Unix socket (mode 0600, in a 0700 directory; no TCP), one
+//!   handler per message type, a manager that runs queued sweeps one after another (each on
+//!   all of its devices).
+//! - [`state`]: `state.json`, persisted atomically so that a restart re-queues what was
+//!   running, and the compacted event history that attaching clients are rebuilt from.
+//! - [`client`]: connecting and one method per request; the dashboard as a client is
+//!   `cli::attach` (the daemon knows nothing of terminals).
+//! - [`error`]: [`DaemonError`], the one error type of all of the above.
 //!
 //! Where things live: the socket in [`runtime_dir`] (`$LORASCOPE_RUNTIME_DIR`, else
 //! `$XDG_RUNTIME_DIR/lorascope`, else `/tmp/lorascope-<uid>`); the state and the log of a
@@ -15,9 +19,12 @@
 //! `$XDG_STATE_HOME/lorascope`, i.e. `~/.local/state/lorascope`).
 
 pub mod client;
+pub mod error;
 pub mod protocol;
 pub mod server;
 pub mod state;
+
+pub use error::DaemonError;
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -78,20 +85,23 @@ pub fn socket_path(explicit: Option<&Path>) -> PathBuf {
 
 /// Creates `dir` (and its parents) if needed and makes it private (mode 0700).
 ///
-/// Errors: it cannot be created, or it belongs to another user (then nothing is changed).
-pub fn ensure_private_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    let meta = std::fs::metadata(dir).map_err(|e| format!("cannot read {}: {e}", dir.display()))?;
+/// Errors: [`DaemonError::Io`] (it cannot be created, read or chmodded), or
+/// [`DaemonError::ForeignDir`] (it belongs to another user; then nothing is changed).
+pub fn ensure_private_dir(dir: &Path) -> Result<(), DaemonError> {
+    std::fs::create_dir_all(dir)
+        .map_err(DaemonError::io(format!("cannot create {}", dir.display())))?;
+    let meta = std::fs::metadata(dir)
+        .map_err(DaemonError::io(format!("cannot read {}", dir.display())))?;
     if meta.uid() != uid() {
-        return Err(format!(
-            "{} belongs to another user (uid {}); set LORASCOPE_RUNTIME_DIR to a directory of yours",
-            dir.display(),
-            meta.uid()
-        ));
+        return Err(DaemonError::ForeignDir {
+            dir: dir.to_path_buf(),
+            uid: meta.uid(),
+        });
     }
     if meta.permissions().mode() & 0o777 != 0o700 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| format!("cannot make {} private: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            DaemonError::io(format!("cannot make {} private", dir.display())),
+        )?;
     }
     Ok(())
 }

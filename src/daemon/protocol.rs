@@ -196,6 +196,22 @@ pub enum ServerMsg {
     },
 }
 
+impl ServerMsg {
+    /// The message type's name (its `type` tag), for errors about unexpected replies.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ServerMsg::Hello { .. } => "hello",
+            ServerMsg::Error { .. } => "error",
+            ServerMsg::Ok { .. } => "ok",
+            ServerMsg::Submitted { .. } => "submitted",
+            ServerMsg::Status(_) => "status",
+            ServerMsg::Attached { .. } => "attached",
+            ServerMsg::Event(_) => "event",
+            ServerMsg::Done { .. } => "done",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -233,5 +249,28 @@ mod tests {
             serde_json::from_str::<ClientMsg>(r#"{"type":"hello","version":1}"#).unwrap(),
             ClientMsg::Hello { version: 1 }
         );
+    }
+
+    /// `kind` is the serde tag.
+    #[test]
+    fn kind_is_the_type_tag() {
+        let msgs = [
+            ServerMsg::Ok {
+                message: "m".into(),
+            },
+            ServerMsg::Submitted {
+                sweep_id: 1,
+                position: 0,
+            },
+            ServerMsg::Done {
+                sweep_id: None,
+                complete: true,
+                message: String::new(),
+            },
+        ];
+        for m in msgs {
+            let v: serde_json::Value = serde_json::to_value(&m).unwrap();
+            assert_eq!(v["type"], m.kind());
+        }
     }
 }

@@ -7,14 +7,16 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::error::DaemonError;
 use super::protocol::{RunningStatus, Stamped, SweepInfo, SweepStatus};
 use crate::orchestrator::{EntryId, EntryState, Event, QueueSnapshot};
+use crate::series::{MAX_POINTS, push_bounded};
 
 /// Version of `state.json`.
 pub const STATE_VERSION: u32 = 1;
 
 /// Step records kept per run for a replay (as many as the dashboard charts).
-pub const STEP_TAIL: usize = crate::ui::app::MAX_POINTS;
+pub const STEP_TAIL: usize = MAX_POINTS;
 
 /// Telemetry samples kept per run for a replay (a minute at 10 Hz).
 pub const SAMPLE_TAIL: usize = 600;
@@ -43,21 +45,29 @@ pub struct Persisted {
 impl Persisted {
     /// Reads `path`; a missing file is an empty state.
     ///
-    /// Errors: unreadable or not a state file (the message names the file).
-    pub fn load(path: &Path) -> Result<Persisted, String> {
+    /// Errors: [`DaemonError::StateRead`] (unreadable), [`DaemonError::StateParse`] (not a
+    /// state file) or [`DaemonError::StateVersion`]; each names the file.
+    pub fn load(path: &Path) -> Result<Persisted, DaemonError> {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Persisted::default()),
-            Err(e) => return Err(format!("{}: {e}", path.display())),
+            Err(error) => {
+                return Err(DaemonError::StateRead {
+                    path: path.to_path_buf(),
+                    error,
+                });
+            }
         };
         let p: Persisted =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+            serde_json::from_str(&text).map_err(|error| DaemonError::StateParse {
+                path: path.to_path_buf(),
+                error,
+            })?;
         if p.version != STATE_VERSION {
-            return Err(format!(
-                "{}: state version {} (this lorascope reads {STATE_VERSION})",
-                path.display(),
-                p.version
-            ));
+            return Err(DaemonError::StateVersion {
+                path: path.to_path_buf(),
+                found: p.version,
+            });
         }
         Ok(p)
     }
@@ -65,15 +75,12 @@ impl Persisted {
     /// Writes `path` atomically (temporary file, fsync, rename, fsync of the directory), so
     /// a crash leaves either the old or the new state.
     ///
-    /// Errors: the directory is not writable, or the disk is full.
-    pub fn save(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| e.to_string())?;
-        crate::ui::save::write_atomic(path, &text).map_err(|e| e.to_string())?;
-        if let Some(dir) = path.parent()
-            && let Ok(d) = std::fs::File::open(dir)
-        {
-            let _ = d.sync_all();
-        }
+    /// Errors: [`DaemonError::StateWrite`]: the directory is not writable, or the disk is
+    /// full.
+    pub fn save(&self, path: &Path) -> Result<(), DaemonError> {
+        let text = serde_json::to_string_pretty(self).map_err(DaemonError::Encode)?;
+        crate::fsutil::write_atomic(path, &text)?;
+        crate::fsutil::sync_parent(path);
         Ok(())
     }
 }
@@ -104,13 +111,6 @@ pub struct History {
     runs: HashMap<EntryId, RunTrack>,
 }
 
-fn push_tail(q: &mut VecDeque<Stamped>, s: &Stamped, max: usize) {
-    if q.len() >= max {
-        q.pop_front();
-    }
-    q.push_back(s.clone());
-}
-
 impl History {
     /// An empty history of sweep `info`.
     pub fn new(info: SweepInfo, steps_per_run: u32) -> History {
@@ -130,11 +130,11 @@ impl History {
             Event::Step { id, record } => {
                 let r = self.runs.entry(id.clone()).or_default();
                 r.step = record.step;
-                push_tail(&mut r.steps, s, STEP_TAIL);
+                push_bounded(&mut r.steps, s.clone(), STEP_TAIL);
             }
             Event::Telemetry { id, .. } => {
                 let r = self.runs.entry(id.clone()).or_default();
-                push_tail(&mut r.samples, s, SAMPLE_TAIL);
+                push_bounded(&mut r.samples, s.clone(), SAMPLE_TAIL);
             }
             Event::QueueChanged { .. } => self.queue = Some(s.clone()),
             Event::RunQueued { id, label, .. } => {
@@ -322,7 +322,7 @@ mod tests {
         p.save(&path).unwrap();
         assert_eq!(Persisted::load(&path).unwrap(), p);
         std::fs::write(&path, "{not json").unwrap();
-        let e = Persisted::load(&path).unwrap_err();
+        let e = Persisted::load(&path).unwrap_err().to_string();
         assert!(e.contains("state.json"), "{e}");
     }
 }

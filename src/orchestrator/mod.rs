@@ -6,6 +6,7 @@
 //! Each finished run is written to the [`Store`] in one transaction before its slot starts
 //! the next run.
 
+pub mod preflight;
 pub mod process;
 pub mod queue;
 
@@ -120,13 +121,15 @@ pub enum Event {
     },
 }
 
-/// A [`Command`] with an optional reply: `Ok(())` once the queue applied it, `Err(reason)`
-/// when it was rejected (the same reason as [`Event::CommandRejected`]). The daemon uses the
-/// reply to answer `lorascope queue ...` clients; a plain `Command` converts with no reply.
+/// A [`Command`] with an optional reply: `Ok(())` once the queue applied it, the
+/// [`QueueError`] when it was rejected (its message is the reason of
+/// [`Event::CommandRejected`]). The daemon uses the reply to answer `lorascope queue ...`
+/// clients; a plain `Command` converts with no reply. A reply dropped unanswered means the
+/// sweep ended before the command was taken.
 #[derive(Debug)]
 pub struct Request {
     pub command: Command,
-    pub reply: Option<oneshot::Sender<Result<(), String>>>,
+    pub reply: Option<oneshot::Sender<Result<(), QueueError>>>,
 }
 
 impl From<Command> for Request {
@@ -143,6 +146,29 @@ impl From<Command> for Request {
 pub struct PlannedRun {
     pub spec_index: usize,
     pub repeat: u32,
+}
+
+/// Every entry of a sweep of `n_specs` points and `repeats` repeats, repeat-major (every
+/// point once, then every point again: drift spreads over the repeats), split by `done`:
+/// entries it gives a status for are finished (not run again), the others are to run, in
+/// this order.
+pub fn plan_runs(
+    n_specs: usize,
+    repeats: u32,
+    done: impl Fn(usize, u32) -> Option<RunStatus>,
+) -> (Vec<PlannedRun>, Vec<(PlannedRun, RunStatus)>) {
+    let mut runs = Vec::new();
+    let mut finished = Vec::new();
+    for repeat in 0..repeats {
+        for spec_index in 0..n_specs {
+            let pr = PlannedRun { spec_index, repeat };
+            match done(spec_index, repeat) {
+                Some(status) => finished.push((pr, status)),
+                None => runs.push(pr),
+            }
+        }
+    }
+    (runs, finished)
 }
 
 /// A sweep ready to run.
@@ -454,7 +480,7 @@ fn handle_command(
         }
         Err(e) => {
             if let Some(r) = reply {
-                let _ = r.send(Err(e.to_string()));
+                let _ = r.send(Err(e.clone()));
             }
             let _ = events.send(Event::CommandRejected {
                 command: cmd,

@@ -111,6 +111,7 @@ impl Queue {
         }
     }
 
+    /// The entry with id `id`, in any state.
     pub fn entry(&self, id: &str) -> Option<&Entry> {
         self.entries.iter().find(|e| e.id == id)
     }
@@ -122,10 +123,12 @@ impl Queue {
             .ok_or_else(|| QueueError::Unknown(id.to_string()))
     }
 
+    /// Whether `Pause` is in force (nothing new starts).
     pub fn is_paused(&self) -> bool {
         self.paused
     }
 
+    /// Whether `Shutdown` was applied (nothing new starts, ever).
     pub fn is_shutting_down(&self) -> bool {
         self.shutting_down
     }
@@ -144,6 +147,7 @@ impl Queue {
             .collect()
     }
 
+    /// The queue as events and UIs show it.
     pub fn snapshot(&self) -> QueueSnapshot {
         QueueSnapshot {
             paused: self.paused,

@@ -8,11 +8,9 @@ use std::path::PathBuf;
 use crate::grid::RunSpec;
 use crate::orchestrator::{Command, EntryId, EntryState, Event, QueueSnapshot};
 use crate::profile::Profile;
+use crate::series::MAX_POINTS;
 use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
-
-/// Most step points kept per run (older ones are dropped from the charts).
-pub const MAX_POINTS: usize = 4096;
 
 /// What the event loop must do after a key.
 #[derive(Debug, Clone, PartialEq)]

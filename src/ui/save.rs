@@ -11,11 +11,10 @@
 //! out. Everything else (model, data, LoRA, run settings) is copied, so the stable ids are
 //! the same and the saved profile's results compare with the original's.
 
-use std::io::Write;
-use std::path::Path;
-
 use crate::grid::{RunSpec, factorial};
 use crate::profile::{Axes, Profile};
+
+pub use crate::fsutil::write_atomic;
 
 /// Errors from saving.
 #[derive(Debug, thiserror::Error)]
@@ -92,38 +91,10 @@ pub fn profile_text(
     Ok(text)
 }
 
-/// Writes `text` to `path` atomically: a temporary file in the same directory, flushed and
-/// synced, then renamed over `path`.
-///
-/// Errors: [`SaveError::Io`] naming the path.
-pub fn write_atomic(path: &Path, text: &str) -> Result<(), SaveError> {
-    let io = |source| SaveError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "profile.toml".into());
-    let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    let res = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(text.as_bytes())?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    })();
-    if res.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    res.map_err(io)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
     use crate::grid::expand_profile;
     use crate::profile::{load, parse_str};

@@ -1,0 +1,50 @@
+//! `lorascope profile check PROFILE [--argv]`: validate a profile and print its grid.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::Result;
+
+use crate::grid;
+use crate::orchestrator::preflight;
+use crate::profile;
+
+/// Validates the profile at `path` (and its model and data, as before a sweep) and prints
+/// its expanded grid with ids; with `argv`, each point's worker command line too.
+///
+/// Errors: the profile does not load, or its model or data fail the checks.
+pub fn check(path: &Path, argv: bool) -> Result<()> {
+    let lp = profile::load(path)?;
+    let specs = grid::expand(&lp);
+    preflight::model_and_data(&lp, &specs)?;
+    let p = &lp.profile;
+    let model = p
+        .model
+        .preset
+        .as_ref()
+        .map(|m| format!("preset {m}"))
+        .or_else(|| p.model.path.as_ref().map(|m| format!("path {m}")))
+        .unwrap_or_default();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{}: ok — {} ({}), data {}, {} steps ({} warm-up), {} point(s) x {} repeat(s) on {}",
+        path.display(),
+        lp.name(),
+        model,
+        p.data.path,
+        p.run.steps,
+        p.run.warmup_steps,
+        specs.len(),
+        p.run.repeats,
+        p.run.devices.join(", ")
+    )?;
+    writeln!(out, "{:>4}  {:<12}  point", "#", "id")?;
+    for s in &specs {
+        writeln!(out, "{:>4}  {:<12}  {}", s.index + 1, s.id, s.label())?;
+        if argv {
+            writeln!(out, "      lorascope {}", s.train_args().join(" "))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,266 @@
+//! `lorascope run [PROFILE]`: the sweep runner. It expands the profile's grid, opens (or with
+//! `--resume` continues) the sweep in the results database, runs it through the
+//! orchestrator with the dashboard on a terminal or the [`Headless`] printer otherwise, and
+//! prints the comparison table on stdout. `--detach` queues the sweep on the daemon instead.
+//!
+//! Progress goes to stderr and the table to stdout, so `lorascope run p.toml > table.txt`
+//! keeps the table alone. Ctrl-C stops the runs in flight (recorded `interrupted`) and exits
+//! non-zero; `--resume` continues.
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{Context, Result, bail};
+use tokio::sync::mpsc;
+
+use super::headless::Headless;
+use super::{RunArgs, client_rt, grace, worker_command, worker_overridden};
+use crate::daemon::client::{Client, spawn_daemon};
+use crate::daemon::protocol::Submit;
+use crate::grid;
+use crate::orchestrator::preflight::{load_profile, preflight, profile_key};
+use crate::orchestrator::{
+    self, Command, Event, OrchestratorConfig, SweepOutcome, SweepPlan, plan_runs,
+};
+use crate::profile;
+use crate::report::{self, Format};
+use crate::store::Store;
+
+/// Runs the sweep of `args` (or queues it on the daemon with `--detach`).
+///
+/// Errors: the profile, its checks, its devices or the database fail; the sweep was
+/// interrupted; or no point finished ok.
+pub fn run(args: RunArgs) -> Result<()> {
+    if args.detach {
+        return run_detached(&args);
+    }
+    let lp = load_profile(args.profile.as_deref())?;
+    let specs = grid::expand(&lp);
+    if args.worker.is_none() {
+        // Only the real engine has these constraints (test workers stand in for it).
+        preflight(&lp)?;
+    }
+    let repeats = lp.profile.run.repeats;
+    let devices = profile::resolve_devices(&lp.profile.run.devices)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", lp.path.display()))?;
+    let profile_key = profile_key(&lp);
+    let mut store = Store::open(&args.db)?;
+
+    let resumed = if args.resume {
+        store.latest_sweep_for(&profile_key)?
+    } else {
+        None
+    };
+    let (sweep_id, runs, already_done) = match resumed {
+        Some(sw) => {
+            let interrupted = store.mark_interrupted(sw.id)?;
+            let statuses = store.latest_statuses(sw.id)?;
+            let (runs, finished) = plan_runs(specs.len(), repeats, |i, r| {
+                statuses
+                    .get(&(specs[i].id.clone(), r))
+                    .copied()
+                    .filter(|st| st.is_finished(args.retry_failed))
+            });
+            if interrupted > 0 {
+                eprintln!(
+                    "resuming sweep {}: {interrupted} interrupted run(s) will be re-run",
+                    sw.id
+                );
+            }
+            (sw.id, runs, finished.len())
+        }
+        None => {
+            if args.resume {
+                eprintln!(
+                    "no earlier sweep of {}: starting a new one",
+                    lp.path.display()
+                );
+            }
+            let id = store.create_sweep(&lp.name(), &profile_key, &lp.source)?;
+            let (runs, _) = plan_runs(specs.len(), repeats, |_, _| None);
+            (id, runs, 0)
+        }
+    };
+
+    let cfg = OrchestratorConfig {
+        worker: worker_command(args.worker.clone())?,
+        grace: grace(args.grace_secs),
+        telemetry_period: crate::telemetry::SAMPLE_PERIOD,
+    };
+    let plan = SweepPlan {
+        sweep_id,
+        specs,
+        repeats,
+        runs,
+        already_done,
+        devices,
+        finished: vec![],
+    };
+    let steps = lp.profile.run.steps;
+    let dashboard = !args.headless
+        && std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::io::IsTerminal::is_terminal(&std::io::stdin());
+    let app = dashboard.then(|| {
+        let mut app = crate::ui::App::new(lp.name(), lp.profile.clone(), plan.specs.clone());
+        app.mem_total = crate::ui::mem_total();
+        app.color = crate::ui::Theme::from_env().color;
+        app
+    });
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let outcome = rt.block_on(async {
+        match app {
+            Some(app) => run_with_dashboard(app, plan, &mut store, &cfg).await,
+            None => run_headless(plan, &mut store, &cfg, steps).await,
+        }
+    })?;
+    if !outcome.shutdown {
+        store.finish_sweep(sweep_id)?;
+    }
+    let rows = report::rows(&store.runs(sweep_id)?);
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "sweep {sweep_id} ({})", lp.name())?;
+    out.write_all(report::render(&rows, Format::Table).as_bytes())?;
+    out.flush()?;
+    if outcome.shutdown {
+        bail!(
+            "sweep {sweep_id} interrupted; continue with `lorascope run {} --resume`",
+            lp.path.display()
+        );
+    }
+    if !rows.is_empty() && rows.iter().all(|r| !r.status.starts_with("ok")) {
+        bail!(
+            "no point of sweep {sweep_id} finished ok; see each run's cause above (`lorascope report --sweep {sweep_id}`)"
+        );
+    }
+    Ok(())
+}
+
+/// Runs the sweep with the [`Headless`] printer on stderr. The first Ctrl-C shuts the sweep
+/// down (runs in flight are recorded `interrupted`), a second one exits at once (130).
+async fn run_headless(
+    plan: SweepPlan,
+    store: &mut Store,
+    cfg: &OrchestratorConfig,
+    steps: u32,
+) -> Result<SweepOutcome> {
+    let (ctx, crx) = mpsc::unbounded_channel::<Command>();
+    let (etx, mut erx) = mpsc::unbounded_channel::<Event>();
+    let ctrlc = {
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                eprintln!("interrupt: stopping the run in flight (Ctrl-C again to force)");
+                let _ = ctx.send(Command::Shutdown);
+                if tokio::signal::ctrl_c().await.is_ok() {
+                    std::process::exit(130);
+                }
+            }
+        })
+    };
+    let printer = tokio::spawn(async move {
+        let mut h = Headless::new(steps);
+        while let Some(e) = erx.recv().await {
+            h.on(&e);
+        }
+    });
+    let r = orchestrator::run_sweep(plan, store, cfg, crx, etx).await;
+    ctrlc.abort();
+    drop(ctx);
+    let _ = printer.await;
+    r.map_err(anyhow::Error::from)
+}
+
+/// Runs the sweep with the dashboard on the terminal. If the dashboard ends first (the
+/// terminal went away, a signal, a panic) the sweep is shut down; otherwise the dashboard
+/// stays open after the sweep until the user quits.
+async fn run_with_dashboard(
+    app: crate::ui::App,
+    plan: SweepPlan,
+    store: &mut Store,
+    cfg: &OrchestratorConfig,
+) -> Result<SweepOutcome> {
+    let (ctx, crx) = mpsc::unbounded_channel::<Command>();
+    let (etx, erx) = mpsc::unbounded_channel::<Event>();
+    let mut ui = tokio::spawn(crate::ui::run(app, ctx.clone(), erx));
+    let sweep = orchestrator::run_sweep(plan, store, cfg, crx, etx);
+    tokio::pin!(sweep);
+    let mut ui_result = None;
+    let outcome = loop {
+        tokio::select! {
+            r = &mut sweep => break r,
+            r = &mut ui, if ui_result.is_none() => {
+                let _ = ctx.send(Command::Shutdown);
+                ui_result = Some(r);
+            }
+        }
+    };
+    drop(ctx);
+    let ui_result = match ui_result {
+        Some(r) => r,
+        None => ui.await,
+    };
+    // stderr may be a terminal that is gone: never panic on writing to it.
+    match ui_result {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => {
+            let _ = writeln!(std::io::stderr(), "dashboard: {e}");
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "dashboard stopped: {e}");
+        }
+    }
+    Ok(outcome?)
+}
+
+/// `lorascope run --detach`: queue the sweep on the daemon, starting one if none answers.
+fn run_detached(args: &RunArgs) -> Result<()> {
+    // Fail here, on the terminal, for what would fail in the daemon.
+    let lp = load_profile(args.profile.as_deref())?;
+    if !worker_overridden(args.worker.as_deref()) {
+        preflight(&lp)?;
+    }
+    let socket = args.socket.path();
+    let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
+    let submit = Submit {
+        profile: args.profile.as_deref().map(abs),
+        db: crate::daemon::db_path(&args.db),
+        resume: args.resume,
+        retry_failed: args.retry_failed,
+    };
+    let rt = client_rt()?;
+    let mut started = None;
+    let mut client = match rt.block_on(Client::connect(&socket)) {
+        Ok(c) => c,
+        Err(_) => {
+            let mut extra: Vec<std::ffi::OsString> =
+                vec!["--grace-secs".into(), args.grace_secs.to_string().into()];
+            if let Some(w) = &args.worker {
+                extra.push("--worker".into());
+                extra.push(abs(w).into());
+            }
+            started = Some(spawn_daemon(&socket, &extra)?);
+            rt.block_on(Client::connect(&socket))?
+        }
+    };
+    let (sweep_id, position) = rt.block_on(client.submit(submit))?;
+    let mut out = std::io::stdout().lock();
+    let daemon = match started {
+        Some(pid) => format!("a new daemon (pid {pid})"),
+        None => format!("the daemon (pid {})", client.pid),
+    };
+    let when = if position == 0 {
+        "starts now".to_string()
+    } else {
+        format!("starts after {position} other sweep(s)")
+    };
+    writeln!(
+        out,
+        "sweep {sweep_id} ({}) queued on {daemon}; it {when}. Watch: `lorascope attach` (q detaches), `lorascope status`, `lorascope wait {sweep_id}`",
+        lp.name()
+    )?;
+    Ok(())
+}

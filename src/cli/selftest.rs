@@ -1,0 +1,101 @@
+//! `lorascope selftest engine|optim` (hidden): maintenance checks of the engine and its CUDA
+//! kernels against the CPU code, printed as a table; exit status 0 when every case is within
+//! tolerance, 1 otherwise.
+
+use std::io::Write;
+
+use super::Selftest;
+
+/// Runs the selftest `what`; returns the exit status.
+pub fn run(what: Selftest) -> i32 {
+    match what {
+        Selftest::Engine { device } => selftest_engine(&device),
+        Selftest::Optim { device, steps } => selftest_optim(device, steps),
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn selftest_optim(_device: usize, _steps: usize) -> i32 {
+    let _ = writeln!(
+        std::io::stderr(),
+        "lorascope selftest optim: error: this build has no CUDA; build with `cargo build --release --features cuda`"
+    );
+    1
+}
+
+#[cfg(feature = "cuda")]
+fn selftest_optim(device: usize, steps: usize) -> i32 {
+    use crate::engine::optim::{SELFTEST_TOL, selftest};
+    let t0 = std::time::Instant::now();
+    let cases = match selftest(device, steps.max(1)) {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = e.to_string();
+            eprintln!(
+                "lorascope selftest optim: error: {}",
+                msg.lines().next().unwrap_or("unknown error")
+            );
+            return 1;
+        }
+    };
+    println!(
+        "{:<10} {:<6} {:>8}  {:<13} {:>10} {:>10}  result (tolerance {SELFTEST_TOL:e}, {steps} steps)",
+        "optimizer", "paged", "elems", "state", "max_abs", "max_rel"
+    );
+    let mut ok = true;
+    for c in &cases {
+        ok &= c.pass;
+        println!(
+            "{:<10} {:<6} {:>8}  {:<13} {:>10.3e} {:>10.3e}  {}",
+            c.optimizer,
+            c.paged,
+            c.elems,
+            c.placement,
+            c.max_abs,
+            c.max_rel,
+            if c.pass { "ok" } else { "FAIL" }
+        );
+    }
+    println!(
+        "{} in {:.1} s",
+        if ok { "all ok" } else { "FAILED" },
+        t0.elapsed().as_secs_f64()
+    );
+    if ok { 0 } else { 1 }
+}
+
+fn selftest_engine(device: &str) -> i32 {
+    use crate::engine::selftest;
+    match selftest::run(device) {
+        Ok(cases) => {
+            println!(
+                "{:<18} {:>12} {:>10} {:>12} {:>14}  (vs the CPU path in the same precision; tolerances: fp32 {}, logits {} fp16 / {} bf16, gradients {})",
+                "case",
+                "logits rel",
+                "|dloss|",
+                "grads rel",
+                "logits vs f32",
+                selftest::F32_TOL,
+                selftest::LOGITS_TOL,
+                selftest::LOGITS_TOL_BF16,
+                selftest::GRAD_TOL
+            );
+            for c in &cases {
+                println!(
+                    "{:<18} {:>12.2e} {:>10.2e} {:>12.2e} {:>14.2e}  {}",
+                    c.name,
+                    c.logits_rel,
+                    c.loss_abs,
+                    c.grad_rel,
+                    c.logits_rel_f32,
+                    if c.pass { "ok" } else { "FAIL" }
+                );
+            }
+            if cases.iter().all(|c| c.pass) { 0 } else { 1 }
+        }
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "lorascope selftest: error: {e}");
+            1
+        }
+    }
+}
