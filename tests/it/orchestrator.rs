@@ -1,6 +1,6 @@
 //! The orchestrator against a fake worker (real child processes): queue commands, exit codes.
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::time::{Duration, Instant};

@@ -250,7 +250,7 @@ fn roundtrip(shards: usize) {
     save_checkpoint(dir.path(), &model.base_tensors().unwrap(), shards).unwrap();
     std::fs::write(
         dir.path().join("config.json"),
-        include_str!("../src/engine/presets/tiny.json"),
+        include_str!("../../src/engine/presets/tiny.json"),
     )
     .unwrap();
     let src = ModelSource::resolve(dir.path().to_str().unwrap()).unwrap();

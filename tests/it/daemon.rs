@@ -2,7 +2,7 @@
 //! sweeps, clients that attach, detach, die or send garbage, kill -9 and restart, the queue
 //! verbs, two device slots, and the socket's permissions. Every wait has a deadline.
 
-mod common;
+use crate::common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;

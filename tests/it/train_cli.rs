@@ -129,7 +129,7 @@ fn model_dir(dir: &Path, config: &str) {
     std::fs::write(dir.join("config.json"), config).unwrap();
 }
 
-const TINY: &str = include_str!("../src/engine/presets/tiny.json");
+const TINY: &str = include_str!("../../src/engine/presets/tiny.json");
 
 #[test]
 fn unknown_model_type() {

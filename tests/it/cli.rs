@@ -1,7 +1,7 @@
 //! The `lorascope` binary end to end with a fake worker: run, report, profile check, and
 //! kill -9 of the orchestrator mid-sweep followed by `--resume`.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 use std::path::Path;

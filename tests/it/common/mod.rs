@@ -1,5 +1,4 @@
 //! Test helpers: a fake `lorascope train --json` worker written as a shell script.
-#![allow(dead_code)]
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
