@@ -14,15 +14,15 @@
 //! [`DecoderLayer::backward`] walks the same named parts in reverse, chaining each op's own
 //! backward, so gradient checkpointing builds no candle graph when it recomputes a layer.
 
-use crate::engine::ops::{causal_attention, causal_attention_backward};
 use crate::engine::config::ModelConfig;
 use crate::engine::lora::{
     BaseLinear, DropoutRng, LoraConfig, LoraLinear, LoraProjection, new_adapter,
 };
 use crate::engine::nf4::{Nf4Linear, Nf4Weight};
 use crate::engine::ops::{FrozenLinear, InputGradOp, RmsNorm, apply_rope, rope_backward};
-use crate::engine::profiler;
+use crate::engine::ops::{causal_attention, causal_attention_backward};
 use crate::engine::ops::{swiglu, swiglu_backward};
+use crate::engine::profiler;
 use crate::engine::weights::LayerNames;
 use crate::engine::{CandleContext, EngineError};
 use crate::spec::{LoraTarget, Quant};

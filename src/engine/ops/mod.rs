@@ -202,16 +202,21 @@ impl<T: InputGradOp> CustomOp1 for InputGradCustomOp<T> {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let x = cuda_in(s, l)?;
         let dev = x.device().clone();
-        cuda_out(crate::engine::profiler::section(T::NAME, "fwd", &dev, || {
-            self.0.plain(&x)
-        })?)
+        cuda_out(crate::engine::profiler::section(
+            T::NAME,
+            "fwd",
+            &dev,
+            || self.0.plain(&x),
+        )?)
     }
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // candle hands backward the *tracked* forward input: detach it, or every tensor
         // computed from it would carry a graph that keeps its intermediates alive for as long
         // as the gradient is stored.
         let (x, grad) = (x.detach(), grad.detach());
-        crate::engine::profiler::section(T::NAME, "bwd", x.device(), || self.0.input_grad(&x, &grad))
+        crate::engine::profiler::section(T::NAME, "bwd", x.device(), || {
+            self.0.input_grad(&x, &grad)
+        })
     }
 }
 
