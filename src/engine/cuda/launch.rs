@@ -52,20 +52,16 @@ impl Module {
     }
 
     /// The same module with `header()` between the prelude and the source.
-    pub(crate) const fn with_header(self, header: fn() -> String) -> Self {
-        Self {
-            header: Some(header),
-            ..self
-        }
+    pub(crate) const fn with_header(mut self, header: fn() -> String) -> Self {
+        self.header = Some(header);
+        self
     }
 
     /// The same module compiled with `--fmad=false` (no multiply-add contraction, so the GPU
     /// rounds every product and sum as the CPU does).
-    pub(crate) const fn without_fmad(self) -> Self {
-        Self {
-            fmad: false,
-            ..self
-        }
+    pub(crate) const fn without_fmad(mut self) -> Self {
+        self.fmad = false;
+        self
     }
 
     /// The full text handed to NVRTC.
