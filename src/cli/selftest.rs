@@ -91,11 +91,50 @@ fn selftest_engine(device: &str) -> i32 {
                     if c.pass { "ok" } else { "FAIL" }
                 );
             }
-            if cases.iter().all(|c| c.pass) { 0 } else { 1 }
+            let mut ok = cases.iter().all(|c| c.pass);
+            ok &= nf4_quantize_check(device);
+            if ok { 0 } else { 1 }
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "lorascope selftest: error: {e}");
             1
         }
     }
+}
+
+/// NF4 quantisation on `device` against the host arithmetic, byte for byte, in f32, f16 and
+/// bf16 (on the CPU both are the host loops; on CUDA the quantise kernels). Prints one line per
+/// dtype; true when nothing differs.
+fn nf4_quantize_check(device: &str) -> bool {
+    use crate::engine::nf4::quantize::device_matches_host;
+    let dev = match crate::engine::train::parse_device(device) {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "lorascope selftest: error: {e}");
+            return false;
+        }
+    };
+    let mut ok = true;
+    for dt in [
+        candle_core::DType::F32,
+        candle_core::DType::F16,
+        candle_core::DType::BF16,
+    ] {
+        match device_matches_host(&dev, dt) {
+            Ok((bytes, absmax)) => {
+                let pass = bytes == 0 && absmax == 0;
+                ok &= pass;
+                println!(
+                    "{:<18} {bytes} packed bytes and {absmax} block absmax values differ from the host  {}",
+                    format!("nf4 quantize {dt:?}"),
+                    if pass { "ok" } else { "FAIL" }
+                );
+            }
+            Err(e) => {
+                ok = false;
+                println!("{:<18} error: {e}  FAIL", format!("nf4 quantize {dt:?}"));
+            }
+        }
+    }
+    ok
 }

@@ -89,7 +89,8 @@ impl Module {
     }
 }
 
-/// The process's PTX cache: one compile per (full source, compile options).
+/// The process's PTX cache: one compile per (full source, compile options), backed by the disk
+/// cache of [`super::ptx_cache`] across processes.
 ///
 /// Errors: NVRTC fails to compile `source` (module `name`, for the message); failures are not
 /// cached.
@@ -104,12 +105,44 @@ fn compiled(source: String, options: CompileOptions, name: &str) -> Result<&'sta
     if let Some(p) = map.get(&key) {
         return Ok(p);
     }
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(&key.0, key.1.clone())
-        .map_err(|e| err(format!("compiling {name}: {e}")))?
-        .to_src();
+    // The disk cache (ptx_cache), keyed by source, options and NVRTC version.
+    let disk = super::ptx_cache::dir().map(|d| {
+        let options = format!("{:?}", key.1);
+        let version = nvrtc_version();
+        let entry =
+            super::ptx_cache::key(&[key.0.as_bytes(), options.as_bytes(), version.as_bytes()]);
+        (d, entry)
+    });
+    let cached = disk
+        .as_ref()
+        .and_then(|(d, e)| super::ptx_cache::load(d, e));
+    let ptx = match cached {
+        Some(p) => p,
+        None => {
+            let p = cudarc::nvrtc::compile_ptx_with_opts(&key.0, key.1.clone())
+                .map_err(|e| err(format!("compiling {name}: {e}")))?
+                .to_src();
+            if let Some((d, e)) = &disk {
+                super::ptx_cache::store(d, e, &p);
+            }
+            p
+        }
+    };
     let leaked: &'static str = Box::leak(ptx.into_boxed_str());
     map.insert(key, leaked);
     Ok(leaked)
+}
+
+/// NVRTC's version as `major.minor` (part of the disk cache key), or `unknown`.
+fn nvrtc_version() -> String {
+    let (mut major, mut minor) = (0, 0);
+    // SAFETY: nvrtcVersion writes two ints through valid pointers.
+    let r = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+    if r == cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS {
+        format!("{major}.{minor}")
+    } else {
+        "unknown".to_string()
+    }
 }
 
 /// One kernel parameter, by its C type: a device address (any `T*`), `unsigned long long`,
@@ -188,7 +221,7 @@ pub(crate) struct Buf {
 
 impl Buf {
     /// A fresh, uninitialised buffer of `n` (at least 1) elements of `dt` (f32, f16, bf16,
-    /// f64). The kernel that fills it must write every element read later.
+    /// f64, u8). The kernel that fills it must write every element read later.
     ///
     /// Errors: another dtype, out of memory.
     pub(crate) fn alloc(dev: &CudaDevice, dt: DType, n: usize) -> Result<Self> {
@@ -206,6 +239,7 @@ impl Buf {
             DType::F16 => go::<half::f16>(dev, n)?,
             DType::BF16 => go::<half::bf16>(dev, n)?,
             DType::F64 => go::<f64>(dev, n)?,
+            DType::U8 => go::<u8>(dev, n)?,
             other => candle_core::bail!("cuda buffer: cannot allocate {other:?}"),
         };
         Ok(Self {

@@ -15,6 +15,8 @@
 
 #[cfg(feature = "cuda")]
 pub(crate) mod launch;
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) mod ptx_cache;
 pub mod vram;
 
 use candle_core::{DType, Device};
@@ -41,6 +43,9 @@ pub mod source {
     pub const LORA: &str = include_str!("kernels/lora.cu");
     /// `nf4_dequant_*` (`nf4`); needs the header of NF4 and dynamic-map tables.
     pub const NF4: &str = include_str!("kernels/nf4.cu");
+    /// `nf4_absmax_*`, `nf4_codes_*` (`nf4::quantize`); needs the header of the NF4 table,
+    /// `--fmad=false`.
+    pub const NF4_QUANTIZE: &str = include_str!("kernels/nf4_quantize.cu");
     /// `lorascope_adamw32`, `lorascope_adamw_f32state`, `lorascope_adamw8_blockwise`,
     /// `lorascope_sumsq` (`optim`); needs the header of 8-bit state maps, `--fmad=false`.
     pub const OPTIM: &str = include_str!("kernels/optim.cu");

@@ -1,6 +1,7 @@
-//! Launcher of the NF4 dequantise kernel (`cuda/kernels/nf4.cu`): one thread per packed byte
-//! (two weights), with the NF4 values and the signed dynamic map baked in as constants by the
-//! module's generated header.
+//! Launchers of the NF4 dequantise kernel (`cuda/kernels/nf4.cu`: one thread per packed byte,
+//! two weights) and of the quantise kernels (`cuda/kernels/nf4_quantize.cu`: block absmax, one
+//! warp per 64-block, then the packed codes, one thread per byte), with the NF4 values (and for
+//! dequantisation the signed dynamic map) baked in as constants by generated headers.
 
 use super::blockwise::signed_map;
 use super::{ABSMAX_BLOCK, Dequant, NF4_BLOCK, NF4_CODE};
@@ -8,9 +9,20 @@ use crate::engine::cuda::launch::{Arg, Buf, Module, constant_table, launch};
 use crate::engine::cuda::{kernel_name, source};
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-use candle_core::{CudaStorage, Layout, Result, Shape};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 
 static MODULE: Module = Module::new("lorascope_nf4", source::NF4).with_header(header);
+static QUANTIZE: Module = Module::new("lorascope_nf4_quantize", source::NF4_QUANTIZE)
+    .with_header(quantize_header)
+    .without_fmad();
+
+/// The block size and the NF4 table of `nf4_quantize.cu`.
+fn quantize_header() -> String {
+    format!(
+        "#define NF4_BLOCK {NF4_BLOCK}\n{}",
+        constant_table("NF4", &NF4_CODE)
+    )
+}
 
 /// The block sizes and the two code tables of `nf4.cu`.
 fn header() -> String {
@@ -52,4 +64,44 @@ pub(super) fn dequantize(
     ];
     launch(dev, &MODULE, &name, cfg, &args)?;
     Ok((out.into_storage()?, Shape::from(op.n)))
+}
+
+/// First-level NF4 quantisation of the contiguous flat weight `w` (f32, f16 or bf16, `n`
+/// elements) on its device: the packed codes (u8, `ceil(n/2)`) and the block absmax values
+/// (f32, `ceil(n/64)`), exactly as `nf4::quantize`'s host loops.
+///
+/// Errors: `w` not a contiguous CUDA tensor, another dtype, device errors.
+pub(super) fn quantize(w: &Tensor) -> Result<(Tensor, Tensor)> {
+    let n = w.elem_count();
+    let blocks = n.div_ceil(NF4_BLOCK);
+    let dev = match w.device() {
+        candle_core::Device::Cuda(d) => d.clone(),
+        _ => candle_core::bail!("nf4 quantize: expected a CUDA tensor"),
+    };
+    let input = crate::engine::ops::cuda_buf(w, "nf4 quantize input")?;
+    let absmax = Buf::alloc(&dev, DType::F32, blocks)?;
+    // One warp per block, eight warps per thread block.
+    let cfg = LaunchConfig {
+        grid_dim: (blocks.div_ceil(8).max(1) as u32, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let name = kernel_name("nf4_absmax", w.dtype(), "nf4 quantize")?;
+    launch(
+        &dev,
+        &QUANTIZE,
+        &name,
+        cfg,
+        &[input.arg(), absmax.arg(), Arg::U64(n as u64)],
+    )?;
+    let packed = Buf::alloc(&dev, DType::U8, n.div_ceil(2))?;
+    let cfg = LaunchConfig::for_num_elems(n.div_ceil(2).max(1) as u32);
+    let name = kernel_name("nf4_codes", w.dtype(), "nf4 quantize")?;
+    let args = [input.arg(), absmax.arg(), packed.arg(), Arg::U64(n as u64)];
+    launch(&dev, &QUANTIZE, &name, cfg, &args)?;
+    drop(input);
+    Ok((
+        packed.into_tensor(n.div_ceil(2))?,
+        absmax.into_tensor(blocks)?,
+    ))
 }

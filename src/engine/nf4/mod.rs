@@ -20,13 +20,15 @@
 //! is stored as the code for 0.0 (bitsandbytes divides by zero there).
 //!
 //! The CPU path is plain loops over slices; the CUDA path (`--features cuda`) is a dequantise
-//! kernel compiled at run time with NVRTC (`cuda/kernels/nf4.cu`, launched from `nf4/cuda.rs`).
+//! kernel and two quantise kernels compiled at run time with NVRTC (`cuda/kernels/nf4.cu`,
+//! `cuda/kernels/nf4_quantize.cu`, launched from `nf4/cuda.rs`; [`quantize`]).
 //! The 8-bit block-wise quantisation of the statistics is [`blockwise`], shared with the 8-bit
 //! optimizers.
 
 pub mod blockwise;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod quantize;
 
 use crate::engine::ops::{InputGradOp, add_bias, apply_projection, contiguous_range};
 use crate::engine::profiler;
@@ -89,50 +91,46 @@ pub struct Nf4Weight {
 }
 
 impl Nf4Weight {
-    /// Quantise a 2-D weight (out, in) of any float dtype on any device. The arithmetic runs
-    /// on the host in f32; the result is placed on `w`'s device.
+    /// Quantise a 2-D weight (out, in) of any float dtype on any device, in f32 arithmetic. On
+    /// a CUDA device taking the fused path the block statistics and codes are computed there
+    /// (the 8-bit double quantisation of the absmax values, one per 64 weights, on the host);
+    /// otherwise everything runs on the host. The result is on `w`'s device.
     ///
     /// Errors: `w` is not 2-D, or a device copy fails.
     pub fn quantize(w: &Tensor) -> Result<Self> {
         let (o, i) = w.dims2()?;
-        let x: Vec<f32> = w
-            .to_device(&Device::Cpu)?
-            .to_dtype(DType::F32)?
-            .flatten_all()?
-            .to_vec1()?;
-        let n = x.len();
-        let mut packed = vec![0u8; n.div_ceil(2)];
-        let mut absmax = Vec::with_capacity(n.div_ceil(NF4_BLOCK));
-        for (b, chunk) in x.chunks(NF4_BLOCK).enumerate() {
-            let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
-            absmax.push(m);
-            let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
-            for (j, v) in chunk.iter().enumerate() {
-                let k = b * NF4_BLOCK + j;
-                let q = nearest_nf4((v * inv).clamp(-1.0, 1.0));
-                if k.is_multiple_of(2) {
-                    packed[k / 2] |= q << 4;
-                } else {
-                    packed[k / 2] |= q;
-                }
-            }
-        }
-        // An odd count pads the last low nibble with the code of 0.0 (index 7), as
-        // bitsandbytes pads the scaled values with a zero before packing.
-        if !n.is_multiple_of(2) {
-            packed[n / 2] |= nearest_nf4(0.0);
-        }
+        let (packed, absmax) = quantize::first_level(w)?;
+        Self::with_statistics(packed, &absmax, (o, i), w.device())
+    }
+
+    /// [`Nf4Weight::quantize`] with all the arithmetic on the host (the reference the device
+    /// path is checked against); the result is placed on `w`'s device.
+    ///
+    /// Errors: `w` is not 2-D, or a device copy fails.
+    pub fn quantize_on_host(w: &Tensor) -> Result<Self> {
+        let (o, i) = w.dims2()?;
+        let (packed, absmax) = quantize::on_host(w, w.device())?;
+        Self::with_statistics(packed, &absmax, (o, i), w.device())
+    }
+
+    /// Double-quantise the block `absmax` values (on the host: one value per 64 weights) and
+    /// assemble the weight from its packed codes.
+    fn with_statistics(
+        packed: Tensor,
+        absmax: &[f32],
+        shape: (usize, usize),
+        dev: &Device,
+    ) -> Result<Self> {
         let offset =
             (absmax.iter().map(|&a| a as f64).sum::<f64>() / absmax.len().max(1) as f64) as f32;
         let centred: Vec<f32> = absmax.iter().map(|a| a - offset).collect();
         let (qabsmax, absmax2) = quantize_blockwise(&centred, signed_map(), ABSMAX_BLOCK);
-        let dev = w.device();
         Ok(Self {
-            packed: Tensor::from_vec(packed, n.div_ceil(2), dev)?,
+            packed,
             qabsmax: Tensor::from_vec(qabsmax, absmax.len(), dev)?,
             absmax2: Tensor::from_vec(absmax2.clone(), absmax2.len(), dev)?,
             offset,
-            shape: (o, i),
+            shape,
         })
     }
 
