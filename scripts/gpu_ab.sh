@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
-# Two lorascope builds on the same points in one sitting on the GPU machine: `lorascope train`
-# directly (no orchestrator), alternating A and B per point, ROUNDS times. Prints tokens/s,
+# Several lorascope builds on the same points in one sitting on the GPU machine: `lorascope
+# train` directly (no orchestrator), the builds in turn on each point, ROUNDS times. Prints tokens/s,
 # time from process start to the first step record (start-up), peak process VRAM (nvidia-smi,
 # 5 Hz) and the loss at the last step for each run, then a table of the medians.
-# Run from the repository root on the device machine with `.carry/` holding A.gz and B.gz
-# (bash ../shared/cuda/pack.sh BINARY; renamed), alpaca_en_demo.json; results under $OUT.
+# Run from the repository root on the device machine with `.carry/` holding <NAME>.gz for each
+# NAME in BINS (default "A B"; bash ../shared/cuda/pack.sh BINARY, renamed) and
+# alpaca_en_demo.json; results under $OUT.
 # POINTS: "batch,seq,precision,quant,grad_ckpt[,optimizer[,model]]"; STEPS (35), WARMUP (5).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRARY_PATH:-}
-A=${A:-.carry/A.gz}; B=${B:-.carry/B.gz}
-gunzip -c "$A" > /tmp/lorascope-A && chmod +x /tmp/lorascope-A
-gunzip -c "$B" > /tmp/lorascope-B && chmod +x /tmp/lorascope-B
+BINS=${BINS:-"A B"}
+for x in $BINS; do gunzip -c ".carry/$x.gz" > "/tmp/lorascope-$x" && chmod +x "/tmp/lorascope-$x"; done
 DATA=$PWD/.carry/alpaca_en_demo.json
 POINTS=${POINTS:-"1,512,fp16,nf4,0 2,2048,bf16,nf4,1"}
 STEPS=${STEPS:-35}; WARMUP=${WARMUP:-5}; ROUNDS=${ROUNDS:-1}
@@ -20,7 +20,7 @@ for r in $(seq "$ROUNDS"); do
 for pt in $POINTS; do
   IFS=, read -r b s p q c o m <<< "$pt"
   o=${o:-adamw}; m=${m:-qwen2.5-1.5b}
-  for which in A B; do
+  for which in $BINS; do
     tag="$which-$m-b${b}s${s}-${p}-${q}-ck${c}-${o}-r$r"
     args=(train --model "$m" --data "$DATA" --device cuda:0 --batch-size "$b" --seq-len "$s"
           --precision "$p" --quant "$q" --optimizer "$o" --steps "$STEPS" --warmup-steps "$WARMUP"
@@ -61,18 +61,21 @@ PY
   done
 done
 done
-python3 - "$OUT/ab.txt" <<'PY'
+python3 - "$OUT/ab.txt" $BINS <<'PY'
 import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
+bins = sys.argv[2:]
 points = []
 for r in rows:
     if r[1] not in points:
         points.append(r[1])
-print("== A/B medians: point | A tok/s | B tok/s | B/A | A start s | B start s | A VRAM GiB | B VRAM GiB | A loss | B loss")
+def med(w, p, i):
+    v = [float(r[i]) for r in rows if r[0] == w and r[1] == p]
+    return statistics.median(v) if v else float("nan")
+print("== medians per build: tok/s (x first build) | start-up s | peak VRAM GiB | final loss")
+print("point | " + " | ".join(bins))
 for p in points:
-    def med(w, i):
-        v = [float(r[i]) for r in rows if r[0] == w and r[1] == p]
-        return statistics.median(v) if v else float("nan")
-    a, b = med("A", 2), med("B", 2)
-    print(f"{p} | {a:.0f} | {b:.0f} | {b / a if a == a and a else float('nan'):.3f} | {med('A', 3):.1f} | {med('B', 3):.1f} | {med('A', 4):.2f} | {med('B', 4):.2f} | {med('A', 5):.4f} | {med('B', 5):.4f}")
+    base = med(bins[0], p, 2)
+    cells = [f"{med(b, p, 2):.0f} ({med(b, p, 2) / base:.3f}x) {med(b, p, 3):.1f}s {med(b, p, 4):.2f}G {med(b, p, 5):.4f}" for b in bins]
+    print(p + " | " + " | ".join(cells))
 PY
