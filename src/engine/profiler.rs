@@ -144,6 +144,14 @@ pub fn reset_pool_high(dev: &Device) {
     let _ = pool::reset_high(dev);
 }
 
+/// Hand the memory pool's free bytes back to the driver (CUDA `cuMemPoolTrimTo(pool, 0)`;
+/// no-op on CPU). Called once between loading the model and the first step, so the blocks that
+/// held start-up transients (dense weights before quantisation) neither count toward the
+/// process's peak nor fragment the pool that training then grows.
+pub fn trim_pool(dev: &Device) {
+    let _ = pool::trim(dev);
+}
+
 /// When profiling synchronised (`LORASCOPE_PROFILE=1`) on CUDA, record the pool's bytes in use
 /// right now under `label` (the maximum over calls is kept); otherwise nothing.
 pub fn note_used(label: &'static str, dev: &Device) {
@@ -310,6 +318,13 @@ mod pool {
         d.cuda_stream().context().compute_capability().ok()
     }
 
+    pub fn trim(dev: &Device) -> Option<()> {
+        let p = default_pool(dev)?;
+        // SAFETY: a valid pool handle; trimming only releases memory no allocation uses.
+        let r = unsafe { sys::cuMemPoolTrimTo(p, 0) };
+        (r == sys::CUresult::CUDA_SUCCESS).then_some(())
+    }
+
     pub fn reset_high(dev: &Device) -> Option<()> {
         use sys::CUmemPool_attribute::*;
         let p = default_pool(dev)?;
@@ -328,6 +343,10 @@ mod pool {
     }
 
     pub fn usage(_dev: &Device) -> Option<PoolUsage> {
+        None
+    }
+
+    pub fn trim(_dev: &Device) -> Option<()> {
         None
     }
 

@@ -269,6 +269,7 @@ pub fn train(
         (None, _) => None,
     };
     device.synchronize().ctx("synchronising the device")?;
+    profiler::trim_pool(&device);
     let resident = profiler::pool_usage(&device).map(|u| u.used);
     profiler::reset_pool_high(&device);
     for step in 1..=opts.steps {
