@@ -134,6 +134,11 @@ fn peak_rss_does_not_grow_with_steps_on_cpu() {
             Err(e) => failures.push(e),
         }
     }
+    // The table, for `-- --nocapture` (BENCHMARKS.md records it).
+    println!(
+        "{:<40} {:>12} {:>12} {:>11}\n{table}",
+        "combination", "peak N", "peak 4N", "rise"
+    );
     assert!(
         failures.is_empty(),
         "peak RSS grew by more than {} MiB from {N} to {} steps: {failures:?}\n{table}",
