@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::store::RunRow;
-use crate::summary::{RunStatus, RunSummary, Spread};
+use crate::summary::{MemoryGrowth, RunStatus, RunSummary, Spread};
 
 /// Output format of `lorascope report`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,6 +50,9 @@ pub struct PointRow {
     pub peak_mem_bytes: Option<u64>,
     /// `vram_process`, `vram_device` or `rss`.
     pub peak_mem_kind: Option<String>,
+    /// The largest memory rise over the timed window among ok runs: when set, the table shows
+    /// it in place of the peak, which is then a leak's and not the point's cost.
+    pub mem_growth: Option<MemoryGrowth>,
     /// Mean board power (W).
     pub mean_w: Option<Spread>,
     /// Max over ok runs (W).
@@ -140,6 +143,10 @@ fn point_row(index: usize, spec_id: String, rs: &[&RunRow]) -> PointRow {
         s_per_10k_tokens: spread(|s| s.s_per_10k_tokens),
         peak_mem_bytes: ok.iter().filter_map(|s| s.peak_mem_bytes).max(),
         peak_mem_kind: ok.iter().find_map(|s| s.peak_mem_kind.clone()),
+        mem_growth: ok
+            .iter()
+            .filter_map(|s| s.mem_growth)
+            .max_by_key(|g| g.bytes),
         mean_w: spread(|s| s.mean_w),
         max_w: ok.iter().filter_map(|s| s.max_w).reduce(f64::max),
         energy_j: spread(|s| s.energy_j),
@@ -210,8 +217,11 @@ fn cells(r: &PointRow, max_cause: Option<usize>) -> Vec<String> {
         };
         status = format!("{status}: {c}");
     }
-    let mem = match (&r.peak_mem_kind, r.peak_mem_bytes) {
-        (Some(k), Some(_)) if k == "rss" => format!("{} RSS", human_bytes(r.peak_mem_bytes)),
+    let mem = match (&r.mem_growth, &r.peak_mem_kind, r.peak_mem_bytes) {
+        (Some(g), _, _) => format!("grew {}", g.short()),
+        (None, Some(k), Some(_)) if k == "rss" => {
+            format!("{} RSS", human_bytes(r.peak_mem_bytes))
+        }
         _ => human_bytes(r.peak_mem_bytes),
     };
     vec![
@@ -248,7 +258,8 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
             let mut out = String::from(
                 "index,id,point,runs,status,cause,tokens_per_s,tokens_per_s_min,tokens_per_s_max,\
                  padded_tokens_per_s,s_per_10k_tokens,peak_mem_bytes,peak_mem_kind,mean_w,max_w,\
-                 energy_j,energy_j_integrated,j_per_token,energy_source,final_loss,skipped_steps\n",
+                 energy_j,energy_j_integrated,j_per_token,energy_source,final_loss,skipped_steps,\
+                 mem_growth_bytes,mem_growth_steps\n",
             );
             let f = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
             let med = |s: &Option<Spread>| f(s.map(|s| s.median));
@@ -275,6 +286,12 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                     r.energy_source.clone().unwrap_or_default(),
                     med(&r.final_loss),
                     r.skipped_steps.to_string(),
+                    r.mem_growth
+                        .map(|g| g.bytes.to_string())
+                        .unwrap_or_default(),
+                    r.mem_growth
+                        .map(|g| g.steps.to_string())
+                        .unwrap_or_default(),
                 ];
                 let line: Vec<String> = fields.iter().map(|s| csv_field(s)).collect();
                 out.push_str(&line.join(","));
@@ -393,6 +410,36 @@ mod tests {
         assert_eq!(r[1].status, "oom");
         assert_eq!(r[1].tokens_per_s, None);
         assert_eq!(r[1].cause.as_deref(), Some("CUDA out of memory"));
+    }
+
+    /// A point whose memory kept rising shows the rise in place of its peak, in every format.
+    #[test]
+    fn rising_memory_replaces_the_peak() {
+        let mut runs = sample();
+        let g = crate::summary::MemoryGrowth {
+            bytes: 660 << 20,
+            steps: 24,
+            source: crate::summary::GrowthSource::Steps,
+        };
+        runs[0].summary.as_mut().unwrap().mem_growth = Some(g);
+        let r = rows(&runs);
+        assert_eq!(r[0].mem_growth, Some(g));
+        let table = render(&r, Format::Table);
+        assert!(table.contains("grew +660.0 MiB/24 steps"), "{table}");
+        assert!(
+            !table.lines().nth(2).unwrap().contains("300.0 MiB"),
+            "{table}"
+        );
+        let csv = render(&r, Format::Csv);
+        assert!(
+            csv.lines()
+                .nth(1)
+                .unwrap()
+                .ends_with(&format!(",{},24", 660u64 << 20))
+        );
+        let j: serde_json::Value = serde_json::from_str(&render(&r, Format::Json)).unwrap();
+        assert_eq!(j[0]["mem_growth"]["bytes"], 660u64 << 20);
+        assert!(j[1]["mem_growth"].is_null());
     }
 
     #[test]

@@ -11,6 +11,15 @@ use serde_json::Value;
 use crate::spec::wire::{self, MemoryReport, StepRecord};
 use crate::telemetry::TelemetrySample;
 
+mod growth;
+mod samples;
+
+use samples::{integrate, interp};
+
+pub use growth::{
+    GrowthSource, MIN_GROWTH_BYTES, MIN_GROWTH_FRACTION, MemoryGrowth, memory_growth,
+};
+
 /// How a run ended (or that it is still running / was skipped).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -147,6 +156,9 @@ pub struct RunSummary {
     pub peak_mem_bytes: Option<u64>,
     /// `vram_process`, `vram_device` or `rss`.
     pub peak_mem_kind: Option<String>,
+    /// Memory still rising over the timed window ([`memory_growth`]'s rule): the peak is then
+    /// not the point's steady cost, and reports show the rise instead.
+    pub mem_growth: Option<MemoryGrowth>,
     /// Peak device memory of the worker's process (NVML, else the worker's own report),
     /// less the `--vram-limit` reservation (bytes).
     pub peak_vram_process_bytes: Option<u64>,
@@ -193,39 +205,6 @@ fn push_note(note: &mut Option<String>, s: &str) {
         }
         None => *note = Some(s.to_string()),
     }
-}
-
-/// Linear interpolation of `(t, v)` samples (sorted by t) at time `t`, clamped at the ends.
-fn interp(pts: &[(f64, f64)], t: f64) -> Option<f64> {
-    let first = pts.first()?;
-    let last = pts.last()?;
-    if t <= first.0 {
-        return Some(first.1);
-    }
-    if t >= last.0 {
-        return Some(last.1);
-    }
-    let i = pts.partition_point(|p| p.0 <= t);
-    let (a, b) = (pts[i - 1], pts[i]);
-    if b.0 <= a.0 {
-        return Some(b.1);
-    }
-    Some(a.1 + (b.1 - a.1) * (t - a.0) / (b.0 - a.0))
-}
-
-/// Trapezoid integral of `(t, v)` over `[a, b]` (samples interpolated at the edges).
-fn integrate(pts: &[(f64, f64)], a: f64, b: f64) -> Option<f64> {
-    if pts.is_empty() || b <= a {
-        return None;
-    }
-    let mut xs: Vec<(f64, f64)> = vec![(a, interp(pts, a)?)];
-    xs.extend(pts.iter().copied().filter(|p| p.0 > a && p.0 < b));
-    xs.push((b, interp(pts, b)?));
-    Some(
-        xs.windows(2)
-            .map(|w| (w[1].0 - w[0].0) * (w[0].1 + w[1].1) / 2.0)
-            .sum(),
-    )
 }
 
 /// Inputs of [`summarize`] besides the records.
@@ -348,14 +327,28 @@ pub fn summarize(
         (None, None)
     };
 
-    // Power and energy over the timed window.
-    if let (Some(first), Some(last)) = (timed.first(), timed.last()) {
+    // The timed window in arrival seconds.
+    let window = timed.first().zip(timed.last()).map(|(first, last)| {
         let t_start = if steps.len() > w && w > 0 {
             steps[w - 1].t
         } else {
             (first.t - first.step_seconds).max(0.0)
         };
-        let t_end = last.t;
+        (t_start, last.t)
+    });
+    s.mem_growth = growth::of_run(timed, window, samples);
+    if let Some(g) = s.mem_growth {
+        push_note(
+            &mut s.note,
+            &format!(
+                "{}: still rising, so the peak is not the point's cost",
+                g.describe()
+            ),
+        );
+    }
+
+    // Power and energy over the timed window.
+    if let Some((t_start, t_end)) = window {
         let power: Vec<(f64, f64)> = samples
             .iter()
             .filter_map(|x| x.power_w.map(|p| (x.t, p)))
@@ -456,6 +449,7 @@ mod tests {
             grad_norm: None,
             loss_scale: None,
             skipped: i == 2,
+            mem_bytes: None,
             t,
         }
     }

@@ -96,7 +96,7 @@ impl Headless {
                 let status = s.status.unwrap_or(RunStatus::Failed);
                 let detail = if status == RunStatus::Ok {
                     format!(
-                        "{} tok/s, peak {}{}",
+                        "{} tok/s, peak {}{}{}",
                         s.tokens_per_s
                             .map(|v| format!("{v:.1}"))
                             .unwrap_or_else(|| "-".into()),
@@ -105,7 +105,10 @@ impl Headless {
                             " RSS"
                         } else {
                             ""
-                        }
+                        },
+                        s.mem_growth
+                            .map(|g| format!(", {}", g.describe()))
+                            .unwrap_or_default()
                     )
                 } else {
                     s.cause.clone().unwrap_or_default()

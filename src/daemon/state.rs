@@ -263,6 +263,7 @@ mod tests {
                 grad_norm: None,
                 loss_scale: None,
                 skipped: false,
+                mem_bytes: None,
                 t: 0.0,
             },
         }

@@ -107,6 +107,12 @@ pub struct StepRecord {
     /// The update was skipped because a gradient was inf or NaN (fp16 loss scaling only).
     #[serde(default)]
     pub skipped: bool,
+    /// Memory the worker holds at the end of the step, after the optimizer update, bytes: the
+    /// CUDA pool's bytes in use on a GPU, else the process's resident set (Linux VmRSS).
+    /// A series that keeps rising over the timed window is a leak, not the run's cost (see
+    /// `summary::memory_growth`). Null when the worker cannot say.
+    #[serde(default)]
+    pub mem_bytes: Option<u64>,
     /// Arrival time at the orchestrator, seconds since the child was spawned. Not the
     /// worker's: it writes none (0 here, left out of the JSON).
     #[serde(default, skip_serializing_if = "is_zero")]
@@ -250,6 +256,7 @@ mod tests {
             grad_norm: Some(f64::NAN),
             loss_scale: None,
             skipped: false,
+            mem_bytes: Some(125829120),
             t: 0.0,
         }
     }
@@ -269,7 +276,7 @@ mod tests {
         let s = serde_json::to_string(&Event::<()>::Step(step())).unwrap();
         assert_eq!(
             s,
-            r#"{"type":"step","step":1,"tokens":32,"padded_tokens":32,"target_tokens":4,"step_seconds":0.05,"loss":6.5,"lr":0.0,"grad_norm":null,"loss_scale":null,"skipped":false}"#
+            r#"{"type":"step","step":1,"tokens":32,"padded_tokens":32,"target_tokens":4,"step_seconds":0.05,"loss":6.5,"lr":0.0,"grad_norm":null,"loss_scale":null,"skipped":false,"mem_bytes":125829120}"#
         );
         let header = Header {
             model: "tiny".into(),
@@ -331,7 +338,10 @@ mod tests {
         r.grad_norm = Some(1.5);
         r.t = 2.5;
         let j = serde_json::to_string(&r).unwrap();
-        assert!(j.ends_with(r#""skipped":false,"t":2.5}"#), "{j}");
+        assert!(
+            j.ends_with(r#""skipped":false,"mem_bytes":125829120,"t":2.5}"#),
+            "{j}"
+        );
         assert_eq!(serde_json::from_str::<StepRecord>(&j).unwrap(), r);
     }
 
@@ -361,6 +371,7 @@ mod tests {
         let r: StepRecord =
             serde_json::from_str(r#"{"step":1,"tokens":2,"step_seconds":0.1}"#).unwrap();
         assert_eq!((r.loss, r.padded_tokens, r.t), (None, None, 0.0));
+        assert_eq!(r.mem_bytes, None);
         assert!(serde_json::from_str::<StepRecord>(r#"{"step":"x"}"#).is_err());
     }
 }

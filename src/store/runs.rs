@@ -251,6 +251,7 @@ impl Store {
                 grad_norm: None,
                 loss_scale: r.get(8)?,
                 skipped: r.get(9)?,
+                mem_bytes: None,
             })
         })?;
         Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)

@@ -10,6 +10,7 @@ mod cli;
 mod daemon;
 mod engine;
 mod layout;
+mod leak;
 mod orchestrator;
 mod quickstart;
 mod train_cli;

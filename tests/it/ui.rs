@@ -7,7 +7,7 @@ use lorascope::grid::expand_profile;
 use lorascope::orchestrator::{Command, Entry, EntryState, Event, MoveTo, QueueSnapshot, entry_id};
 use lorascope::profile::parse_str;
 use lorascope::spec::wire::StepRecord;
-use lorascope::summary::{RunStatus, RunSummary};
+use lorascope::summary::{GrowthSource, MemoryGrowth, RunStatus, RunSummary};
 use lorascope::telemetry::TelemetrySample;
 use lorascope::ui::{Action, App, Column, Modal, View, view};
 use ratatui::Terminal;
@@ -65,6 +65,7 @@ fn step(step: u64, tps: f64, loss: f64) -> StepRecord {
         grad_norm: None,
         loss_scale: None,
         skipped: false,
+        mem_bytes: None,
         t: step as f64 * 0.1,
     }
 }
@@ -248,6 +249,26 @@ fn detail_view() {
     snap_both("detail_done", &app);
     app.selected = app.running().first().cloned();
     snap_both("detail_running", &app);
+}
+
+/// A run whose memory kept rising: the table marks its peak (never "best") and the detail
+/// says how much it grew.
+#[test]
+fn rising_memory_is_flagged_in_table_and_detail() {
+    let mut app = fixture(false);
+    let id = app.start_order[1].clone();
+    let run = app.runs.get_mut(&id).unwrap();
+    let s = run.summary.as_mut().unwrap();
+    s.mem_growth = Some(MemoryGrowth {
+        bytes: 660 << 20,
+        steps: 24,
+        source: GrowthSource::Steps,
+    });
+    app.view = View::Table;
+    snap_both("table_rising_memory", &app);
+    app.selected = Some(id);
+    app.view = View::Detail;
+    snap_both("detail_rising_memory", &app);
 }
 
 #[test]

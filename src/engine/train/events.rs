@@ -14,10 +14,29 @@ pub type TrainEvent = wire::Event<TrainOptions>;
 
 /// Peak resident set size (VmHWM) of this process in bytes, on Linux.
 pub fn peak_rss_bytes() -> Option<u64> {
+    proc_status_kib("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// Resident set size now (VmRSS) of this process in bytes, on Linux.
+pub fn rss_bytes() -> Option<u64> {
+    proc_status_kib("VmRSS:").map(|kb| kb * 1024)
+}
+
+/// The value in kB of the `/proc/self/status` line starting with `key`.
+fn proc_status_kib(key: &str) -> Option<u64> {
     let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The memory a step leaves held, for [`wire::StepRecord::mem_bytes`]: the CUDA pool's bytes
+/// in use on a GPU, else the resident set (CPU).
+pub(super) fn step_mem_bytes(device: &candle_core::Device) -> Option<u64> {
+    match crate::engine::profiler::pool_usage(device) {
+        Some(u) => Some(u.used),
+        None if device.is_cpu() => rss_bytes(),
+        None => None,
+    }
 }
 
 /// Running totals of the training loop: losses, tokens and seconds over all steps and over

@@ -4,7 +4,7 @@
 
 mod events;
 
-pub use events::{Header, TrainEvent, peak_rss_bytes};
+pub use events::{Header, TrainEvent, peak_rss_bytes, rss_bytes};
 
 use super::config::ModelSource;
 use super::cuda::vram::VramReservation;
@@ -242,6 +242,29 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
     })
 }
 
+/// Test-only: with `LORASCOPE_TEST_ONLY_LEAK_STEPS=1` every step's loss tensor, and through
+/// its graph the step's activations, is kept until the run ends: a real leak, for testing that
+/// sweeps flag memory that rises over the timed window. Never set it for a measurement.
+struct TestOnlyLeak(Option<Vec<candle_core::Tensor>>);
+
+impl TestOnlyLeak {
+    fn from_env() -> Self {
+        let on = std::env::var_os("LORASCOPE_TEST_ONLY_LEAK_STEPS").is_some_and(|v| v == "1");
+        if on {
+            eprintln!(
+                "LORASCOPE_TEST_ONLY_LEAK_STEPS=1: keeping every step's graph (a deliberate leak for tests)"
+            );
+        }
+        Self(on.then(Vec::new))
+    }
+
+    fn keep(&mut self, loss: &candle_core::Tensor) {
+        if let Some(v) = &mut self.0 {
+            v.push(loss.clone());
+        }
+    }
+}
+
 /// Run training, calling `emit` for the header, every step and the summary.
 ///
 /// Errors: anything from [`prepare`], out of memory during a step, a non-finite loss.
@@ -272,6 +295,7 @@ pub fn train(
     profiler::trim_pool(&device);
     let resident = profiler::pool_usage(&device).map(|u| u.used);
     profiler::reset_pool_high(&device);
+    let mut leaked = TestOnlyLeak::from_env();
     for step in 1..=opts.steps {
         let batch = batcher.next_batch();
         let start = Instant::now();
@@ -288,6 +312,7 @@ pub fn train(
         })
         .ctx("forward pass")?;
         profiler::trace("after forward", &device);
+        leaked.keep(&loss);
         let loss_scale = scaler.as_ref().map(|s| s.scale());
         let grads = profiler::section("step", "backward", &device, || match loss_scale {
             Some(s) => model.backward(&loss.affine(s, 0.0)?),
@@ -341,6 +366,7 @@ pub fn train(
             grad_norm: Some(grad_norm),
             loss_scale,
             skipped,
+            mem_bytes: events::step_mem_bytes(&device),
             t: 0.0,
         }));
     }

@@ -104,6 +104,12 @@ pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
                     s.peak_mem_kind.clone().unwrap_or_else(|| "–".into())
                 ),
             ));
+            if let Some(g) = s.mem_growth {
+                sum.push(Line::from(vec![
+                    Span::styled(format!("{:<16}", "memory"), t.dim()),
+                    Span::styled(format!("grew {}: peak is not its cost", g.short()), t.bad()),
+                ]));
+            }
             sum.push(kv(
                 t,
                 "mean / max W",

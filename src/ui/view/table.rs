@@ -32,10 +32,18 @@ fn metric_cell(
         (true, Some(v), Some(b)) if b != 0.0 => format!(" {:.2}×", v / b),
         _ => String::new(),
     };
+    // A peak that was still rising is a leak's, not the run's: marked, never "best".
+    let rising = col == Column::PeakMem && s.mem_growth.is_some();
+    let text = if rising { format!("{text} ↗") } else { text };
     let best = s.status == Some(RunStatus::Ok)
         && v.is_some()
+        && !rising
         && app.best(col).is_some_and(|b| Some(b) == v);
-    let style = if best { t.best() } else { t.text() };
+    let style = match (rising, best) {
+        (true, _) => t.bad(),
+        (false, true) => t.best(),
+        (false, false) => t.text(),
+    };
     Cell::from(Line::from(vec![
         Span::styled(text, style),
         Span::styled(ratio, t.dim()),
