@@ -50,6 +50,10 @@ pub struct PointRow {
     pub peak_mem_bytes: Option<u64>,
     /// `vram_process`, `vram_device` or `rss`.
     pub peak_mem_kind: Option<String>,
+    /// The memory model's predicted peak (bytes; max over the runs that have one).
+    pub predicted_peak_bytes: Option<u64>,
+    /// `measured / predicted - 1` of the peak over ok runs.
+    pub prediction_error: Option<Spread>,
     /// Mean board power (W).
     pub mean_w: Option<Spread>,
     /// Max over ok runs (W).
@@ -140,6 +144,11 @@ fn point_row(index: usize, spec_id: String, rs: &[&RunRow]) -> PointRow {
         s_per_10k_tokens: spread(|s| s.s_per_10k_tokens),
         peak_mem_bytes: ok.iter().filter_map(|s| s.peak_mem_bytes).max(),
         peak_mem_kind: ok.iter().find_map(|s| s.peak_mem_kind.clone()),
+        predicted_peak_bytes: rs
+            .iter()
+            .filter_map(|r| r.summary.as_ref()?.predicted_peak_bytes)
+            .max(),
+        prediction_error: spread(|s| s.prediction_error),
         mean_w: spread(|s| s.mean_w),
         max_w: ok.iter().filter_map(|s| s.max_w).reduce(f64::max),
         energy_j: spread(|s| s.energy_j),
@@ -186,13 +195,14 @@ pub fn human_bytes(b: Option<u64>) -> String {
     }
 }
 
-const HEADERS: [&str; 10] = [
+const HEADERS: [&str; 11] = [
     "#",
     "id",
     "point",
     "tokens/s",
     "s/10k tok",
     "peak mem",
+    "predicted",
     "mean W",
     "J/token",
     "final loss",
@@ -214,6 +224,11 @@ fn cells(r: &PointRow, max_cause: Option<usize>) -> Vec<String> {
         (Some(k), Some(_)) if k == "rss" => format!("{} RSS", human_bytes(r.peak_mem_bytes)),
         _ => human_bytes(r.peak_mem_bytes),
     };
+    let predicted = match (r.predicted_peak_bytes, &r.prediction_error) {
+        (None, _) => "-".to_string(),
+        (p, None) => human_bytes(p),
+        (p, Some(e)) => format!("{} ({:+.1}%)", human_bytes(p), e.median * 100.0),
+    };
     vec![
         (r.index + 1).to_string(),
         r.spec_id.clone(),
@@ -221,6 +236,7 @@ fn cells(r: &PointRow, max_cause: Option<usize>) -> Vec<String> {
         spread_str(&r.tokens_per_s, 1),
         spread_str(&r.s_per_10k_tokens, 2),
         mem,
+        predicted,
         spread_str(&r.mean_w, 1),
         spread_str(&r.j_per_token, 4),
         spread_str(&r.final_loss, 4),
@@ -248,7 +264,8 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
             let mut out = String::from(
                 "index,id,point,runs,status,cause,tokens_per_s,tokens_per_s_min,tokens_per_s_max,\
                  padded_tokens_per_s,s_per_10k_tokens,peak_mem_bytes,peak_mem_kind,mean_w,max_w,\
-                 energy_j,energy_j_integrated,j_per_token,energy_source,final_loss,skipped_steps\n",
+                 energy_j,energy_j_integrated,j_per_token,energy_source,final_loss,skipped_steps,\
+                 predicted_peak_bytes,prediction_error\n",
             );
             let f = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
             let med = |s: &Option<Spread>| f(s.map(|s| s.median));
@@ -275,6 +292,10 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                     r.energy_source.clone().unwrap_or_default(),
                     med(&r.final_loss),
                     r.skipped_steps.to_string(),
+                    r.predicted_peak_bytes
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    med(&r.prediction_error),
                 ];
                 let line: Vec<String> = fields.iter().map(|s| csv_field(s)).collect();
                 out.push_str(&line.join(","));
@@ -289,7 +310,11 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                 HEADERS
                     .iter()
                     .enumerate()
-                    .map(|(i, _)| if (3..9).contains(&i) { "---:|" } else { "---|" })
+                    .map(|(i, _)| if (3..10).contains(&i) {
+                        "---:|"
+                    } else {
+                        "---|"
+                    })
                     .collect::<String>()
             ));
             for r in rows {
@@ -313,7 +338,7 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                 let mut line = String::new();
                 for (i, cell) in row.iter().enumerate() {
                     let pad = widths[i] - cell.chars().count();
-                    let right = (3..9).contains(&i) || i == 0;
+                    let right = (3..10).contains(&i) || i == 0;
                     if i > 0 {
                         line.push_str("  ");
                     }

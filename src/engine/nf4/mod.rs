@@ -28,6 +28,7 @@ pub mod blockwise;
 #[cfg(feature = "cuda")]
 mod cuda;
 
+use crate::engine::memory::host;
 use crate::engine::ops::{InputGradOp, add_bias, apply_projection, contiguous_range};
 use crate::engine::profiler;
 use blockwise::{dequantize_blockwise, nearest_sorted, quantize_blockwise, signed_map};
@@ -101,7 +102,7 @@ impl Nf4Weight {
             .flatten_all()?
             .to_vec1()?;
         let n = x.len();
-        let mut packed = vec![0u8; n.div_ceil(2)];
+        let mut packed: Vec<u8> = host::try_zeroed(n.div_ceil(2), "NF4 codes")?;
         let mut absmax = Vec::with_capacity(n.div_ceil(NF4_BLOCK));
         for (b, chunk) in x.chunks(NF4_BLOCK).enumerate() {
             let m = chunk.iter().fold(0f32, |m, v| m.max(v.abs()));
