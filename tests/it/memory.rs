@@ -95,7 +95,7 @@ fn a_failing_allocation_is_oom_not_an_abort() {
         return;
     }
     let mut cmd = Command::new("prlimit");
-    cmd.args(["--as=3221225472", "--", BIN])
+    cmd.args(["--as=2147483648", "--", BIN])
         .env("LORASCOPE_MEM_AVAILABLE", "unlimited");
     let o = train_7b(&mut cmd);
     let line = one_line(&o);

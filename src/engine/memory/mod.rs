@@ -130,8 +130,8 @@ pub struct MemoryEstimate {
     pub overhead: u64,
     /// Whether `overhead` is a measurement of this GPU (CUDA) rather than the default.
     pub overhead_measured: bool,
-    /// CPU: the transient of loading a weight (the largest tensor in f32, plus its NF4
-    /// codes), when it exceeds the training peak's transient; else 0.
+    /// CPU: the transient of loading the largest weight beyond the weight itself (an f32
+    /// copy, and the dense tensor under NF4), where it exceeds the peak phase; else 0.
     pub loading: u64,
     /// The predicted peak: process VRAM (CUDA) or peak RSS (CPU).
     pub peak: u64,

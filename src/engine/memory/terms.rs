@@ -311,19 +311,32 @@ fn phase(name: &'static str, kept: &[Alloc], ws: Vec<Alloc>, grads: u64) -> Phas
     }
 }
 
-/// Host bytes of loading one weight beyond the model itself (`weights.rs`, `nf4/mod.rs`):
-/// the largest tensor is read or synthesised in f32 and converted to the compute dtype;
-/// under NF4 the f32 copy and its codes exist at once while it is quantised.
+/// Host bytes of loading one weight beyond the model itself (`weights.rs`, `nf4/mod.rs`),
+/// the largest over the tensors: each is read or synthesised in f32 and becomes the weight as
+/// is in fp32 (no extra); converted to fp16/bf16 the f32 copy is extra; a projection quantised
+/// to NF4 has its f32 copy and the dense tensor in the compute dtype alive while its codes are
+/// made.
 pub(super) fn loading_transient(p: &MemoryPoint) -> u64 {
     let c = p.config;
-    let largest = LoraTarget::ALL
+    let e = dtype_bytes(p.precision);
+    let f32_copy = |n: usize| {
+        if p.precision == Precision::Fp32 {
+            0
+        } else {
+            4 * n
+        }
+    };
+    let embed = f32_copy(c.vocab_size * c.hidden_size);
+    let proj = LoraTarget::ALL
         .iter()
         .map(|&t| {
             let (o, i) = c.projection_shape(t);
-            o * i
+            match p.quant {
+                crate::spec::Quant::None => f32_copy(o * i),
+                crate::spec::Quant::Nf4 => 4 * o * i + e * o * i,
+            }
         })
-        .chain([c.vocab_size * c.hidden_size])
         .max()
         .unwrap_or(0);
-    (largest * 4 + largest * dtype_bytes(p.precision)) as u64
+    embed.max(proj) as u64
 }
