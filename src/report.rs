@@ -53,6 +53,10 @@ pub struct PointRow {
     /// The largest memory rise over the timed window among ok runs: when set, the table shows
     /// it in place of the peak, which is then a leak's and not the point's cost.
     pub mem_growth: Option<MemoryGrowth>,
+    /// The memory model's predicted peak (bytes; max over the runs that have one).
+    pub predicted_peak_bytes: Option<u64>,
+    /// `measured / predicted - 1` of the peak over ok runs.
+    pub prediction_error: Option<Spread>,
     /// Mean board power (W).
     pub mean_w: Option<Spread>,
     /// Max over ok runs (W).
@@ -147,6 +151,11 @@ fn point_row(index: usize, spec_id: String, rs: &[&RunRow]) -> PointRow {
             .iter()
             .filter_map(|s| s.mem_growth)
             .max_by_key(|g| g.bytes),
+        predicted_peak_bytes: rs
+            .iter()
+            .filter_map(|r| r.summary.as_ref()?.predicted_peak_bytes)
+            .max(),
+        prediction_error: spread(|s| s.prediction_error),
         mean_w: spread(|s| s.mean_w),
         max_w: ok.iter().filter_map(|s| s.max_w).reduce(f64::max),
         energy_j: spread(|s| s.energy_j),
@@ -193,13 +202,14 @@ pub fn human_bytes(b: Option<u64>) -> String {
     }
 }
 
-const HEADERS: [&str; 10] = [
+const HEADERS: [&str; 11] = [
     "#",
     "id",
     "point",
     "tokens/s",
     "s/10k tok",
     "peak mem",
+    "predicted",
     "mean W",
     "J/token",
     "final loss",
@@ -224,6 +234,11 @@ fn cells(r: &PointRow, max_cause: Option<usize>) -> Vec<String> {
         }
         _ => human_bytes(r.peak_mem_bytes),
     };
+    let predicted = match (r.predicted_peak_bytes, &r.prediction_error) {
+        (None, _) => "-".to_string(),
+        (p, None) => human_bytes(p),
+        (p, Some(e)) => format!("{} ({:+.1}%)", human_bytes(p), e.median * 100.0),
+    };
     vec![
         (r.index + 1).to_string(),
         r.spec_id.clone(),
@@ -231,6 +246,7 @@ fn cells(r: &PointRow, max_cause: Option<usize>) -> Vec<String> {
         spread_str(&r.tokens_per_s, 1),
         spread_str(&r.s_per_10k_tokens, 2),
         mem,
+        predicted,
         spread_str(&r.mean_w, 1),
         spread_str(&r.j_per_token, 4),
         spread_str(&r.final_loss, 4),
@@ -259,7 +275,7 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                 "index,id,point,runs,status,cause,tokens_per_s,tokens_per_s_min,tokens_per_s_max,\
                  padded_tokens_per_s,s_per_10k_tokens,peak_mem_bytes,peak_mem_kind,mean_w,max_w,\
                  energy_j,energy_j_integrated,j_per_token,energy_source,final_loss,skipped_steps,\
-                 mem_growth_bytes,mem_growth_steps\n",
+                 mem_growth_bytes,mem_growth_steps,predicted_peak_bytes,prediction_error\n",
             );
             let f = |v: Option<f64>| v.map(|v| v.to_string()).unwrap_or_default();
             let med = |s: &Option<Spread>| f(s.map(|s| s.median));
@@ -292,6 +308,10 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                     r.mem_growth
                         .map(|g| g.steps.to_string())
                         .unwrap_or_default(),
+                    r.predicted_peak_bytes
+                        .map(|v| v.to_string())
+                        .unwrap_or_default(),
+                    med(&r.prediction_error),
                 ];
                 let line: Vec<String> = fields.iter().map(|s| csv_field(s)).collect();
                 out.push_str(&line.join(","));
@@ -306,7 +326,11 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                 HEADERS
                     .iter()
                     .enumerate()
-                    .map(|(i, _)| if (3..9).contains(&i) { "---:|" } else { "---|" })
+                    .map(|(i, _)| if (3..10).contains(&i) {
+                        "---:|"
+                    } else {
+                        "---|"
+                    })
                     .collect::<String>()
             ));
             for r in rows {
@@ -330,7 +354,7 @@ pub fn render(rows: &[PointRow], format: Format) -> String {
                 let mut line = String::new();
                 for (i, cell) in row.iter().enumerate() {
                     let pad = widths[i] - cell.chars().count();
-                    let right = (3..9).contains(&i) || i == 0;
+                    let right = (3..10).contains(&i) || i == 0;
                     if i > 0 {
                         line.push_str("  ");
                     }

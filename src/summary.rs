@@ -30,6 +30,10 @@ pub enum RunStatus {
     Ok,
     /// Ran out of memory (the worker exited with the OOM exit code of [`crate::spec::wire`]).
     Oom,
+    /// Not run: the memory model predicted it over its VRAM limit by more than the model's
+    /// stated error (`run.verify_oom = true` runs such points instead).
+    #[serde(rename = "predicted-oom")]
+    PredictedOom,
     /// Any other failure: another non-zero exit code, or killed by a signal.
     Failed,
     /// Cancelled by the user.
@@ -47,6 +51,7 @@ impl RunStatus {
             RunStatus::Running => "running",
             RunStatus::Ok => "ok",
             RunStatus::Oom => "oom",
+            RunStatus::PredictedOom => "predicted-oom",
             RunStatus::Failed => "failed",
             RunStatus::Cancelled => "cancelled",
             RunStatus::Interrupted => "interrupted",
@@ -60,6 +65,7 @@ impl RunStatus {
             "running" => RunStatus::Running,
             "ok" => RunStatus::Ok,
             "oom" => RunStatus::Oom,
+            "predicted-oom" => RunStatus::PredictedOom,
             "failed" => RunStatus::Failed,
             "cancelled" => RunStatus::Cancelled,
             "interrupted" => RunStatus::Interrupted,
@@ -71,12 +77,12 @@ impl RunStatus {
     /// Whether `--resume` treats a point whose latest run has this status as done.
     /// Policy: ok, oom, failed and cancelled are outcomes (a failure or OOM is deterministic;
     /// a cancel was a person's choice) and are not re-run; interrupted, skipped and running
-    /// (a row left by a killed orchestrator) are re-run. `--retry-failed` also re-runs failed
-    /// and cancelled points.
+    /// (a row left by a killed orchestrator) are re-run. `--retry-failed` also re-runs failed,
+    /// cancelled and predicted-oom points (the last after `run.verify_oom = true`, say).
     pub fn is_finished(self, retry_failed: bool) -> bool {
         match self {
             RunStatus::Ok | RunStatus::Oom => true,
-            RunStatus::Failed | RunStatus::Cancelled => !retry_failed,
+            RunStatus::Failed | RunStatus::Cancelled | RunStatus::PredictedOom => !retry_failed,
             RunStatus::Running | RunStatus::Interrupted | RunStatus::Skipped => false,
         }
     }
@@ -193,6 +199,13 @@ pub struct RunSummary {
     pub optimizer_state_bytes: Option<u64>,
     /// The part of `optimizer_state_bytes` in CUDA unified memory (paged optimizers).
     pub optimizer_state_managed_bytes: Option<u64>,
+    /// The memory model's predicted peak (process VRAM for CUDA runs, peak RSS for CPU
+    /// runs), bytes ([`crate::engine::memory`]).
+    #[serde(default)]
+    pub predicted_peak_bytes: Option<u64>,
+    /// `measured / predicted - 1` for that peak (0.05: measured 5% above the prediction).
+    #[serde(default)]
+    pub prediction_error: Option<f64>,
     /// Notes: e.g. "steps <= warmup_steps: all steps timed", telemetry unavailability.
     pub note: Option<String>,
 }

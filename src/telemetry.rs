@@ -81,6 +81,28 @@ pub fn nvml_status() -> Result<(), String> {
     }
 }
 
+/// A GPU as NVML names it: model name, driver version and memory capacity (bytes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuIdentity {
+    /// `NVIDIA H200`.
+    pub name: String,
+    /// `580.159.04`.
+    pub driver: String,
+    /// Total device memory, bytes.
+    pub total_bytes: u64,
+}
+
+/// The identity of GPU `index` (NVML, physical index), or None without NVML.
+pub fn gpu_identity(index: u32) -> Option<GpuIdentity> {
+    let nvml = nvml().as_ref().ok()?;
+    let dev = nvml.device_by_index(index).ok()?;
+    Some(GpuIdentity {
+        name: dev.name().ok()?,
+        driver: nvml.sys_driver_version().ok()?,
+        total_bytes: dev.memory_info().ok()?.total,
+    })
+}
+
 /// How many GPUs NVML reports.
 ///
 /// Errors: NVML cannot be loaded (no driver) or cannot count.

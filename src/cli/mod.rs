@@ -82,6 +82,14 @@ pub enum SweepCommand {
     Run(RunArgs),
     /// Print the comparison table of a recorded sweep.
     Report(ReportArgs),
+    /// Predict every point's peak memory (VRAM or host RAM) and whether it fits its limit.
+    Estimate {
+        /// The profile (TOML).
+        profile: PathBuf,
+        /// One JSON object per point instead of the table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Profile tools.
     Profile {
         #[command(subcommand)]
@@ -286,6 +294,7 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
         SweepCommand::Profile {
             command: ProfileCommand::Check { profile, argv },
         } => commands::profile::check(&profile, argv),
+        SweepCommand::Estimate { profile, json } => commands::estimate::run(&profile, json),
         SweepCommand::Daemon(args) => commands::daemon::run(args),
         SweepCommand::Attach { json, socket } => attach::run(&socket.path(), json),
         SweepCommand::Status { json, socket } => commands::status::run(&socket.path(), json),

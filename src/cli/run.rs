@@ -86,6 +86,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         worker: worker_command(args.worker.clone())?,
         grace: grace(args.grace_secs),
         telemetry_period: crate::telemetry::SAMPLE_PERIOD,
+        context_cache: Some(
+            crate::daemon::state_dir().join(crate::orchestrator::fit::ContextCache::FILE),
+        ),
     };
     let plan = SweepPlan {
         sweep_id,

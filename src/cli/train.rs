@@ -151,7 +151,8 @@ impl TrainArgs {
             Some(v) => {
                 let bytes = crate::profile::parse_bytes(v).ok_or_else(|| {
                     EngineError::Invalid(format!(
-                        "--vram-limit {v}: expected a size such as 8GiB, 8GB or 7800MiB"
+                        "--vram-limit {v}: expected a size such as 8GiB, 8GB or 7800MiB, or a card name ({})",
+                        crate::spec::Card::expected()
                     ))
                 })?;
                 if self.device == "cpu" {
@@ -341,7 +342,10 @@ pub fn run(args: &TrainArgs) -> i32 {
             let msg = e.to_string();
             let line = msg.lines().next().unwrap_or("unknown error");
             eprintln!("lorascope train: error: {line}");
-            if matches!(e, EngineError::OutOfMemory { .. }) {
+            if matches!(
+                e,
+                EngineError::OutOfMemory { .. } | EngineError::InsufficientMemory(_)
+            ) {
                 EXIT_OOM
             } else {
                 EXIT_FAILURE

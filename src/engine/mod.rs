@@ -5,6 +5,7 @@ pub mod config;
 pub mod cuda;
 pub mod data;
 pub mod lora;
+pub mod memory;
 pub mod model;
 pub mod nf4;
 pub mod ops;
@@ -53,6 +54,11 @@ pub enum EngineError {
         /// Backend message (with free/total memory where known).
         detail: String,
     },
+    /// The point needs more memory than the machine has (checked before allocating, by
+    /// [`memory`]): one line with the bytes needed, the bytes available and what to change.
+    /// Reported with the out-of-memory exit status.
+    #[error("{0}")]
+    InsufficientMemory(String),
     /// Any other tensor-library error, with context.
     #[error("{context}: {source}")]
     Candle {

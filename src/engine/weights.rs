@@ -4,6 +4,7 @@
 
 use super::EngineError;
 use super::config::ModelConfig;
+use super::memory::host;
 use crate::spec::LoraTarget;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
@@ -245,6 +246,13 @@ impl WeightSource {
                         view.dtype()
                     )));
                 }
+                // The tensor as read, and its conversion: fail as out of memory, not abort.
+                let n: usize = shape.iter().product();
+                host::probe(
+                    n * (4 + dtype.size_in_bytes()),
+                    &format!("loading `{name}`"),
+                )
+                .map_err(|e| super::classify(e, &format!("loading `{name}`")))?;
                 let t = files.load(name, &Device::Cpu).map_err(|e| {
                     werr(format!("tensor `{name}`: {}", first_line(&e.to_string())))
                 })?;
@@ -341,7 +349,10 @@ fn synth(
         let mut rng = ChaCha8Rng::seed_from_u64(name_seed(seed, name));
         let dist = Normal::new(0.0f32, cfg.initializer_range as f32)
             .map_err(|e| EngineError::Invalid(format!("initializer_range: {e}")))?;
-        let v: Vec<f32> = (0..n).map(|_| dist.sample(&mut rng)).collect();
+        let what = format!("initialising `{name}`");
+        let mut v: Vec<f32> = host::try_zeroed(n, &what).map_err(ctx)?;
+        v.iter_mut().for_each(|x| *x = dist.sample(&mut rng));
+        host::probe(n * dtype.size_in_bytes(), &what).map_err(ctx)?;
         Tensor::from_vec(v, shape, device)
             .and_then(|t| t.to_dtype(dtype))
             .map_err(ctx)

@@ -105,6 +105,10 @@ pub struct RunSpec {
     pub data_arg: String,
     /// `--vram-limit` value as written in the profile.
     pub vram_limit: Option<String>,
+    /// `run.verify_oom`: run the point even when predicted over its VRAM limit. Not part of
+    /// the id (it decides whether the point runs, not its result).
+    #[serde(default)]
+    pub verify_oom: bool,
 }
 
 impl RunSpec {
@@ -240,6 +244,7 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
             model_arg: model_arg.clone(),
             data_arg: data_arg.clone(),
             vram_limit: p.run.vram_limit.clone(),
+            verify_oom: p.run.verify_oom,
         });
     }
     specs

@@ -29,10 +29,14 @@ pub struct Point {
 impl Point {
     /// Short human label, e.g. `bs2 seq128 adamw fp32 none r8 gc`.
     pub fn label(&self) -> String {
+        let v = |n: u32| match n {
+            crate::profile::AXIS_MAX => "=max".to_string(),
+            n => n.to_string(),
+        };
         format!(
             "bs{} seq{} {} {} {} r{}{}",
-            self.batch_size,
-            self.seq_len,
+            v(self.batch_size),
+            v(self.seq_len),
             self.optimizer,
             self.precision,
             self.quant,

@@ -6,6 +6,8 @@
 //! Each finished run is written to the [`Store`] in one transaction before its slot starts
 //! the next run.
 
+pub mod fit;
+mod launch;
 pub mod preflight;
 pub mod process;
 pub mod queue;
@@ -25,6 +27,7 @@ use crate::spec::wire::StepRecord;
 use crate::store::{FinishedRun, Store, StoreError};
 use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
+use fit::MemoryCheck;
 
 /// Where `Move` puts a queued run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -195,6 +198,8 @@ pub struct OrchestratorConfig {
     /// SIGTERM -> SIGKILL grace period.
     pub grace: Duration,
     pub telemetry_period: Duration,
+    /// The measured-CUDA-context cache ([`fit::ContextCache`]; None: not cached).
+    pub context_cache: Option<std::path::PathBuf>,
 }
 
 /// Entry id of a spec and repeat: the spec id, or `<id>.<n>` (1-based) when repeats > 1.
@@ -287,6 +292,8 @@ pub async fn run_sweep<C: Into<Request>>(
     let mut counts: BTreeMap<String, usize> = BTreeMap::new();
     let mut commands_open = true;
     let mut store_error: Option<StoreError> = None;
+    let mut memory = MemoryCheck::new(cfg.context_cache.as_deref(), &devices);
+    let mut predicted: HashMap<EntryId, (Option<u64>, usize)> = HashMap::new();
 
     loop {
         // Take every command already waiting before launching (e.g. a pause sent up front).
@@ -318,6 +325,47 @@ pub async fn run_sweep<C: Into<Request>>(
             };
             let spec = &plan.specs[entry.spec_index];
             let device = devices[slot];
+            let prediction = memory.predict(spec, slot);
+            let refusal = launch::refusal(&prediction, spec);
+            let prediction = prediction.ok();
+            predicted.insert(
+                id.clone(),
+                (prediction.as_ref().map(|p| p.estimate.peak), slot),
+            );
+            if let Some((status, cause)) = refusal {
+                let status = queue.finish(&id, status);
+                *counts.entry(status.as_str().to_string()).or_default() += 1;
+                let summary = RunSummary {
+                    status: Some(status),
+                    cause: Some(cause),
+                    predicted_peak_bytes: prediction.as_ref().map(|p| p.estimate.peak),
+                    ..RunSummary::default()
+                };
+                let dev = device.to_string();
+                let run_id = launch::record_not_run(
+                    store,
+                    plan.sweep_id,
+                    spec,
+                    entry.repeat,
+                    &dev,
+                    &summary,
+                )
+                .map_err(|e| store_error = Some(e))
+                .ok();
+                emit(Event::RunFinished {
+                    id,
+                    run_id,
+                    label: spec.label(),
+                    summary: Box::new(summary),
+                });
+                emit(Event::QueueChanged {
+                    queue: queue.snapshot(),
+                });
+                continue;
+            }
+            let max_plan = prediction
+                .as_ref()
+                .and_then(|p| launch::MaxPlan::of(p, matches!(device, Device::Cuda(_))));
             let argv = spec.train_args();
             let run_id = match store.start_run(
                 plan.sweep_id,
@@ -358,6 +406,23 @@ pub async fn run_sweep<C: Into<Request>>(
             };
             let itx = itx.clone();
             tokio::spawn(async move {
+                let (mut req, mut krx, mut armed) = (req, krx, true);
+                let mut note = None;
+                if let Some(mp) = max_plan {
+                    match launch::resolve_max(&req, mp, &mut krx, &mut armed).await {
+                        launch::Found::Value { value, note: n } => {
+                            launch::set_arg(&mut req.argv, mp.axis.flag(), &value.to_string());
+                            note = Some(n);
+                        }
+                        launch::Found::Outcome(r) => {
+                            let _ = itx.send(Internal::Done(id, r));
+                            return;
+                        }
+                    }
+                }
+                if !armed {
+                    krx = oneshot::channel().1;
+                }
                 let (mtx, mut mrx) = mpsc::unbounded_channel();
                 let fwd = {
                     let itx = itx.clone();
@@ -368,7 +433,13 @@ pub async fn run_sweep<C: Into<Request>>(
                         }
                     })
                 };
-                let result = process::execute(req, krx, mtx).await;
+                let mut result = process::execute(req, krx, mtx).await;
+                if let Some(n) = note {
+                    result.summary.note = Some(match result.summary.note.take() {
+                        Some(old) => format!("{n}; {old}"),
+                        None => n,
+                    });
+                }
                 let _ = fwd.await;
                 let _ = itx.send(Internal::Done(id, Box::new(result)));
             });
@@ -412,6 +483,14 @@ pub async fn run_sweep<C: Into<Request>>(
                             });
                         }
                         *counts.entry(status.as_str().to_string()).or_default() += 1;
+                        if let Some((peak, slot)) = predicted.remove(&id) {
+                            if let Some(p) = peak {
+                                fit::annotate(&mut result.summary, p);
+                            }
+                            if let Some(w) = memory.learn(slot, &result) {
+                                emit(Event::Warning { id: Some(id.clone()), message: w });
+                            }
+                        }
                         let fl = in_flight.remove(&id);
                         let run_id = fl.as_ref().map(|f| f.run_id);
                         if let Some(run_id) = run_id {

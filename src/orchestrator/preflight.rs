@@ -79,10 +79,10 @@ pub fn model_and_data(lp: &LoadedProfile, specs: &[RunSpec]) -> Result<(), Prefl
         error: Box::new(error),
     })?;
     let max_pos = src.config.max_position_embeddings;
-    if let Some(s) = specs
-        .iter()
-        .find(|s| s.config.point.seq_len as usize > max_pos)
-    {
+    if let Some(s) = specs.iter().find(|s| {
+        let t = s.config.point.seq_len;
+        t != crate::profile::AXIS_MAX && t as usize > max_pos
+    }) {
         return Err(PreflightError::SeqLen {
             file,
             seq_len: s.config.point.seq_len,

@@ -38,8 +38,8 @@ pub use devices::{ALL_GPUS, resolve_devices, resolve_devices_with};
 pub use error::{KeySeg, ProfileError, line_col, render_key_path};
 pub use load::{EMBEDDED_QUICKSTART, LoadedProfile, load, load_embedded, parse_str};
 pub use schema::{
-    Axes, DataSection, GridSection, LoraSection, ModelSection, PartialPoint, Profile, RunSection,
-    parse_bytes,
+    AXIS_MAX, Axes, DataSection, GridSection, LoraSection, ModelSection, PartialPoint, Profile,
+    RunSection, parse_bytes,
 };
 
 #[cfg(test)]

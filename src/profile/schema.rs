@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant};
+use crate::spec::{Card, DataFormat, LoraTarget, Optimizer, Precision, Quant};
 
 /// A parsed, validated profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -112,7 +112,8 @@ pub struct RunSection {
     /// Seed of the data order, adapter init, dropout and synthetic (preset) weights.
     #[serde(default)]
     pub seed: u64,
-    /// e.g. `"8GiB"`: passed to the worker as `--vram-limit`, which emulates a card of that
+    /// e.g. `"8GiB"` or a card name (`"rtx4060"`, [`crate::spec::Card`]): passed to the
+    /// worker as `--vram-limit`, which emulates a card of that
     /// size by reserving the rest of the GPU's free memory before the model loads (capacity
     /// only: bandwidth and compute are the real card's). CUDA devices only. The accepted
     /// sizes are those of [`parse_bytes`].
@@ -124,6 +125,10 @@ pub struct RunSection {
     /// Learning rate; the worker's default when absent.
     #[serde(default)]
     pub lr: Option<f64>,
+    /// Run CUDA points that the memory model predicts over their VRAM limit (by more than
+    /// its stated error) instead of recording them `predicted-oom`, to check the prediction.
+    #[serde(default)]
+    pub verify_oom: bool,
 }
 
 fn default_repeats() -> u32 {
@@ -138,11 +143,11 @@ fn default_devices() -> Vec<String> {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GridSection {
-    /// Sequences per step.
-    #[serde(default)]
+    /// Sequences per step; `"max"` ([`AXIS_MAX`]): the largest that fits the point's limit.
+    #[serde(default, with = "max_axis")]
     pub batch_size: Option<Vec<u32>>,
-    /// Tokens per sequence.
-    #[serde(default)]
+    /// Tokens per sequence; `"max"` ([`AXIS_MAX`]) as for `batch_size`.
+    #[serde(default, with = "max_axis")]
     pub seq_len: Option<Vec<u32>>,
     /// Optimizers.
     #[serde(default)]
@@ -165,6 +170,55 @@ pub struct GridSection {
     /// Points added before the factorial ones; unset keys take each axis's first value.
     #[serde(default)]
     pub include: Vec<PartialPoint>,
+}
+
+/// The value of a `batch_size` or `seq_len` entry written `"max"`: the largest value whose
+/// run fits the point's memory limit, predicted by the memory model and confirmed by short
+/// probe runs when the sweep reaches the point ([`crate::orchestrator::fit`]).
+pub const AXIS_MAX: u32 = u32::MAX;
+
+/// (De)serialisation of an axis of integers that may hold `"max"` ([`AXIS_MAX`]).
+mod max_axis {
+    use super::AXIS_MAX;
+    use serde::de::Error as _;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Deserialize, Serialize)]
+    #[serde(untagged)]
+    enum Value {
+        Number(u32),
+        Word(String),
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u32>>, D::Error> {
+        let Some(v) = Option::<Vec<Value>>::deserialize(d)? else {
+            return Ok(None);
+        };
+        v.into_iter()
+            .map(|x| match x {
+                Value::Number(n) if n != AXIS_MAX => Ok(n),
+                Value::Word(w) if w == "max" => Ok(AXIS_MAX),
+                Value::Number(n) => Err(D::Error::custom(format!("{n} is too large"))),
+                Value::Word(w) => Err(D::Error::custom(format!(
+                    "expected a positive integer or \"max\", got {w:?}"
+                ))),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u32>>, s: S) -> Result<S::Ok, S::Error> {
+        v.as_ref()
+            .map(|v| {
+                v.iter()
+                    .map(|&n| match n {
+                        AXIS_MAX => Value::Word("max".into()),
+                        n => Value::Number(n),
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .serialize(s)
+    }
 }
 
 /// A point with some axes set (an `exclude` or `include` entry); `None` = not set.
@@ -239,10 +293,14 @@ impl Axes {
     }
 }
 
-/// Parses a byte size such as `8GiB`, `512 MiB`, `8GB` or `1024` (bytes).
+/// Parses a byte size such as `8GiB`, `512 MiB`, `8GB` or `1024` (bytes), or a card name of
+/// [`Card`] (`rtx4060`: its memory capacity).
 /// Binary units: KiB MiB GiB TiB; decimal units: KB MB GB TB; `B` or none = bytes.
 pub fn parse_bytes(s: &str) -> Option<u64> {
     let s = s.trim();
+    if let Some(card) = Card::parse(s) {
+        return Some(card.bytes());
+    }
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
         .unwrap_or(s.len());

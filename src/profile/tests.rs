@@ -231,3 +231,19 @@ fn all_visible_gpus() {
     .to_string();
     assert!(e.contains("must be the only device"), "{e}");
 }
+
+/// `batch_size = ["max"]` parses to the search sentinel and serialises back as "max"; a word
+/// other than "max", or "max" on both axes, is refused.
+#[test]
+fn max_axis_values() {
+    let base = "[model]\npreset = \"tiny\"\n[data]\npath = \"sample\"\n[run]\nsteps = 2\n[grid]\n";
+    let p = parse_str(&format!("{base}batch_size = [1, \"max\"]\n"), "p.toml").unwrap();
+    assert_eq!(p.grid.batch_size, Some(vec![1, crate::profile::AXIS_MAX]));
+    let back = toml::to_string(&p.grid).unwrap();
+    assert!(back.contains("\"max\""), "{back}");
+    let e = parse_str(&format!("{base}batch_size = [\"big\"]\n"), "p.toml").unwrap_err();
+    assert!(e.to_string().contains("batch_size"), "{e}");
+    let both = format!("{base}batch_size = [\"max\"]\nseq_len = [\"max\"]\n");
+    let e = parse_str(&both, "p.toml").unwrap_err().to_string();
+    assert!(e.contains("one axis at a time"), "{e}");
+}

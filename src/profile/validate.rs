@@ -126,7 +126,10 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
     {
         return Err((
             vec![k("run"), k("vram_limit")],
-            format!("expected a size such as \"8GiB\" or \"512MiB\", got {v:?}"),
+            format!(
+                "expected a size such as \"8GiB\" or \"512MiB\", or a card ({}), got {v:?}",
+                crate::spec::Card::expected()
+            ),
         ));
     }
     if let Some(lr) = r.lr
@@ -173,6 +176,13 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
         ));
     }
     let g = &p.grid;
+    let has_max = |a: &Option<Vec<u32>>| a.as_ref().is_some_and(|v| v.contains(&super::AXIS_MAX));
+    if has_max(&g.batch_size) && has_max(&g.seq_len) {
+        return Err((
+            vec![k("grid"), k("seq_len")],
+            "\"max\" can be searched on one axis at a time: give seq_len numbers when batch_size has \"max\" (or the other way round)".into(),
+        ));
+    }
     check_axis(&g.batch_size, "batch_size", positive("batch_size"))?;
     check_axis(&g.seq_len, "seq_len", positive("seq_len"))?;
     check_axis(&g.optimizer, "optimizer", |_| Ok(()))?;

@@ -11,6 +11,7 @@
 //! lower-case names the worker's command-line flags take (`fp16`, `nf4`, `paged_adamw8bit`,
 //! `gate`, `text`, `cuda:0`, ...). A name that is not one of them is an [`UnknownName`].
 
+mod cards;
 mod data;
 mod device;
 mod lora;
@@ -18,6 +19,7 @@ mod numerics;
 mod optimizer;
 pub mod wire;
 
+pub use cards::Card;
 pub use data::DataFormat;
 pub use device::{Device, DeviceKind};
 pub use lora::LoraTarget;

@@ -106,7 +106,13 @@ fn profile_check_shipped_profiles_and_errors() {
     let o = check(&root.join("profiles/rtx4060-case-study.toml"));
     let s = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{s}");
-    let points: Vec<&str> = s.lines().skip(2).map(|l| l[20..].trim()).collect();
+    // After the header line (`#  id  point  predicted memory`): the label, then the memory.
+    let points: Vec<&str> = s
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with('#'))
+        .skip(1)
+        .map(|l| l[20..].split("  ").next().unwrap_or("").trim())
+        .collect();
     assert_eq!(points[0], "bs1 seq512 adamw fp16 nf4 r16 gc");
     assert_eq!(points[1], "bs2 seq2048 paged_adamw8bit fp16 nf4 r16 gc");
     assert_eq!(points[2], "bs2 seq1024 paged_adamw8bit bf16 nf4 r16 gc");

@@ -11,6 +11,7 @@ mod daemon;
 mod engine;
 mod layout;
 mod leak;
+mod memory;
 mod orchestrator;
 mod quickstart;
 mod train_cli;

@@ -46,6 +46,7 @@ fn cfg(dir: &Path, sleep: f64) -> OrchestratorConfig {
         },
         grace: Duration::from_millis(300),
         telemetry_period: Duration::from_millis(20),
+        context_cache: None,
     }
 }
 

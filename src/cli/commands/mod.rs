@@ -3,6 +3,7 @@
 //! `wait`. Each exposes `run` (or `check`) taking its parsed arguments.
 
 pub mod daemon;
+pub mod estimate;
 pub mod profile;
 pub mod queue;
 pub mod report;

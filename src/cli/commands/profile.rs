@@ -39,9 +39,24 @@ pub fn check(path: &Path, argv: bool) -> Result<()> {
         p.run.repeats,
         p.run.devices.join(", ")
     )?;
-    writeln!(out, "{:>4}  {:<12}  point", "#", "id")?;
-    for s in &specs {
-        writeln!(out, "{:>4}  {:<12}  {}", s.index + 1, s.id, s.label())?;
+    let (preds, note) = super::estimate::predictions(&lp, &specs);
+    if !note.is_empty() {
+        writeln!(out, "{note}")?;
+    }
+    writeln!(
+        out,
+        "{:>4}  {:<12}  {:<34}  predicted memory",
+        "#", "id", "point"
+    )?;
+    for (s, pred) in specs.iter().zip(&preds) {
+        writeln!(
+            out,
+            "{:>4}  {:<12}  {:<34}  {}",
+            s.index + 1,
+            s.id,
+            s.label(),
+            super::estimate::check_column(pred, s.verify_oom)
+        )?;
         if argv {
             writeln!(out, "      lorascope {}", s.train_args().join(" "))?;
         }

@@ -154,6 +154,10 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
             worker: opts.worker.clone(),
             grace: opts.grace,
             telemetry_period: crate::telemetry::SAMPLE_PERIOD,
+            context_cache: Some(
+                opts.state_dir
+                    .join(crate::orchestrator::fit::ContextCache::FILE),
+            ),
         },
         worker_overridden: opts.worker_overridden,
     };

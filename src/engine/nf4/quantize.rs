@@ -5,6 +5,7 @@
 //! `lorascope selftest engine` checks the two agree byte for byte ([`device_matches_host`]).
 
 use super::{NF4_BLOCK, nearest_nf4};
+use crate::engine::memory::host;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// Absolute maximum of each [`NF4_BLOCK`]-element block of `x` (the last block may be short);
@@ -19,9 +20,11 @@ pub(super) fn block_absmax(x: &[f32]) -> Vec<f32> {
 /// `k`; each element is `clamp(x / absmax, -1, 1)` (0 when absmax is 0) mapped to its nearest
 /// NF4 value. An odd count pads the last low nibble with the code of 0.0, as bitsandbytes pads
 /// the scaled values with a zero before packing.
-pub(super) fn pack_codes(x: &[f32], absmax: &[f32]) -> Vec<u8> {
+///
+/// Errors: the host cannot allocate the codes (out of memory, reported, not aborted).
+pub(super) fn pack_codes(x: &[f32], absmax: &[f32]) -> Result<Vec<u8>> {
     let n = x.len();
-    let mut packed = vec![0u8; n.div_ceil(2)];
+    let mut packed: Vec<u8> = host::try_zeroed(n.div_ceil(2), "NF4 codes")?;
     for (b, chunk) in x.chunks(NF4_BLOCK).enumerate() {
         let m = absmax[b];
         let inv = if m > 0.0 { 1.0 / m } else { 0.0 };
@@ -38,7 +41,7 @@ pub(super) fn pack_codes(x: &[f32], absmax: &[f32]) -> Vec<u8> {
     if !n.is_multiple_of(2) {
         packed[n / 2] |= nearest_nf4(0.0);
     }
-    packed
+    Ok(packed)
 }
 
 /// First-level quantisation of a 2-D weight `w` (f32, f16 or bf16 for the device path; any
@@ -69,7 +72,7 @@ pub(super) fn on_host(w: &Tensor, dev: &Device) -> Result<(Tensor, Vec<f32>)> {
         .flatten_all()?
         .to_vec1()?;
     let absmax = block_absmax(&x);
-    let packed = pack_codes(&x, &absmax);
+    let packed = pack_codes(&x, &absmax)?;
     let len = packed.len();
     Ok((Tensor::from_vec(packed, len, dev)?, absmax))
 }
@@ -132,7 +135,7 @@ mod tests {
         x[2] = f32::NAN;
         x[64] = 0.5;
         assert_eq!(block_absmax(&x), vec![2.0, 0.5]);
-        let p = pack_codes(&x, &block_absmax(&x));
+        let p = pack_codes(&x, &block_absmax(&x)).unwrap();
         // -2/2 = -1 -> 0; 1/2 = 0.5 lies between 0.4407 (12) and 0.5626 (13), nearer 12; NaN -> 7.
         assert_eq!(p[0], 0x0c);
         assert_eq!(p[1] >> 4, 7);

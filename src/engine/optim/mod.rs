@@ -75,6 +75,12 @@ impl AnyOptimizer {
     /// Errors: a variable is not f32.
     pub fn new(kind: Optimizer, vars: Vec<Var>, cfg: AdamWConfig) -> Result<Self> {
         let paged = kind.is_paged();
+        // Two moments of at most f32 each, on the host for CPU runs: fail as out of memory
+        // rather than abort when they cannot be had.
+        if vars.first().is_some_and(|v| v.device().is_cpu()) {
+            let n: usize = vars.iter().map(|v| v.elem_count()).sum();
+            crate::engine::memory::host::probe(8 * n, "optimizer state")?;
+        }
         Ok(match kind {
             Optimizer::AdamW | Optimizer::PagedAdamW => {
                 Self::AdamW(AdamW::with_paging(vars, cfg, paged)?)

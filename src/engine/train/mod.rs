@@ -6,10 +6,11 @@ mod events;
 
 pub use events::{Header, TrainEvent, peak_rss_bytes, rss_bytes};
 
-use super::config::ModelSource;
+use super::config::{ModelConfig, ModelSource};
 use super::cuda::vram::VramReservation;
 use super::data::{Batcher, Packing, Tokenizer, load_dataset};
 use super::lora::LoraConfig;
+use super::memory::{self, MemoryPoint, host};
 use super::model::{Model, ParamCounts};
 use super::optim::memory_report;
 use super::optim::{AdamWConfig, AnyOptimizer, Schedule, lr_at};
@@ -18,7 +19,7 @@ use super::scaler::{LossScaler, LossScalerConfig};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
 use crate::spec::wire::{StepRecord, Summary};
-use crate::spec::{DataFormat, Optimizer, Precision, Quant};
+use crate::spec::{DataFormat, DeviceKind, Optimizer, Precision, Quant};
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
@@ -118,6 +119,48 @@ pub fn parse_device(s: &str) -> Result<Device, EngineError> {
     Ok(dev)
 }
 
+/// The memory model's view of a run of `opts` on a model of `cfg`; `cuda_context` is the
+/// measured context of the GPU, if known.
+pub fn memory_point<'a>(
+    opts: &'a TrainOptions,
+    cfg: &'a ModelConfig,
+    cuda_context: Option<u64>,
+) -> MemoryPoint<'a> {
+    MemoryPoint {
+        config: cfg,
+        lora_rank: opts.lora.rank,
+        lora_targets: &opts.lora.targets,
+        quant: opts.quant,
+        precision: opts.precision,
+        batch_size: opts.batch_size,
+        seq_len: opts.seq_len,
+        optimizer: opts.optimizer,
+        grad_checkpointing: opts.grad_checkpointing,
+        device: if opts.device == "cpu" {
+            DeviceKind::Cpu
+        } else {
+            DeviceKind::Cuda
+        },
+        cuda_context,
+    }
+}
+
+/// A CPU run: refuse before allocating when the predicted peak RSS is above the host memory
+/// this process may use ([`host::available`]). GPU runs are checked against the card by the
+/// orchestrator, which knows the measured context and `run.verify_oom`.
+///
+/// Errors: [`EngineError::InsufficientMemory`], one line.
+fn check_host_memory(opts: &TrainOptions, cfg: &ModelConfig) -> Result<(), EngineError> {
+    if opts.device != "cpu" {
+        return Ok(());
+    }
+    let Some(avail) = host::available() else {
+        return Ok(());
+    };
+    let est = memory::estimate(&memory_point(opts, cfg, None));
+    host::check_fits(&est, &avail, opts.precision, opts.quant)
+}
+
 /// Everything built before the first step.
 pub struct Prepared {
     /// The model.
@@ -160,6 +203,7 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
             opts.seq_len, cfg.max_position_embeddings, src.name
         )));
     }
+    check_host_memory(opts, cfg)?;
     let device = parse_device(&opts.device)?;
     if opts.precision == Precision::Bf16
         && let Some((major, minor)) = profiler::compute_capability(&device)

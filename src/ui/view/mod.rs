@@ -214,7 +214,7 @@ fn status_style(t: Theme, s: RunStatus) -> Style {
     match s {
         RunStatus::Ok => t.ok(),
         RunStatus::Running => t.running(),
-        RunStatus::Oom | RunStatus::Failed => t.bad(),
+        RunStatus::Oom | RunStatus::PredictedOom | RunStatus::Failed => t.bad(),
         RunStatus::Cancelled | RunStatus::Interrupted => t.warn(),
         RunStatus::Skipped => t.dim(),
     }

@@ -119,7 +119,7 @@ pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
             cells.push(metric_cell(app, t, s, c, base, wide));
         }
         let mark = match status {
-            RunStatus::Oom | RunStatus::Failed => "✗ ",
+            RunStatus::Oom | RunStatus::PredictedOom | RunStatus::Failed => "✗ ",
             _ => "",
         };
         cells.push(Cell::from(Span::styled(

@@ -1,0 +1,342 @@
+//! The terms of the memory model, each as the list of tensors the engine allocates for it
+//! (shapes from the code named in each function's doc).
+
+use super::{MemoryPoint, POOL_PAGE};
+use crate::engine::nf4::{ABSMAX_BLOCK, NF4_BLOCK};
+use crate::engine::optim::{MIN_8BIT_SIZE, STATE_BLOCK};
+use crate::spec::{DeviceKind, LoraTarget, Optimizer, Precision};
+
+/// Rows x vocab logit elements per loss chunk (`ops/cross_entropy.rs`'s `CHUNK_ELEMS`).
+const LOSS_CHUNK_ELEMS: usize = 32 << 20;
+
+/// `count` tensors of `bytes` each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Alloc {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+impl Alloc {
+    fn new(count: usize, bytes: usize) -> Self {
+        Self {
+            count: count as u64,
+            bytes: bytes as u64,
+        }
+    }
+
+    /// All bytes of these tensors.
+    pub fn bytes(&self) -> u64 {
+        self.count * self.bytes
+    }
+}
+
+/// Pool page rounding of `allocs`: tensors of at least 1 MiB are mapped in whole
+/// [`POOL_PAGE`]s; smaller ones are sub-allocated and counted exactly.
+pub(super) fn rounding(allocs: &[Alloc]) -> u64 {
+    allocs
+        .iter()
+        .filter(|a| a.bytes >= 1 << 20)
+        .map(|a| a.count * (a.bytes.div_ceil(POOL_PAGE) * POOL_PAGE - a.bytes))
+        .sum()
+}
+
+/// Bytes per element of the compute dtype.
+pub(super) fn dtype_bytes(p: Precision) -> usize {
+    match p {
+        Precision::Fp32 => 4,
+        Precision::Fp16 | Precision::Bf16 => 2,
+    }
+}
+
+/// Bytes of an NF4 weight of `n` elements (`Nf4Weight::bytes`): packed codes (two per byte),
+/// one 8-bit absmax per [`NF4_BLOCK`], one f32 second-level absmax per [`ABSMAX_BLOCK`]
+/// blocks, and the f32 offset.
+pub(super) fn nf4_allocs(n: usize) -> [Alloc; 3] {
+    let blocks = n.div_ceil(NF4_BLOCK);
+    [
+        Alloc::new(1, n.div_ceil(2)),
+        Alloc::new(1, blocks),
+        Alloc::new(1, 4 * blocks.div_ceil(ABSMAX_BLOCK) + 4),
+    ]
+}
+
+/// The base weights (`Model::new_quantized`, `Model::base_weight_bytes`): embedding (vocab,
+/// hidden), final norm, `lm_head` unless tied, and per layer two norms, the seven projections
+/// (dense in the compute dtype, or NF4 with `quant = nf4`) and q/k/v biases when
+/// `attention_bias`.
+pub(super) fn base_weights(p: &MemoryPoint) -> Vec<Alloc> {
+    let c = p.config;
+    let e = dtype_bytes(p.precision);
+    let h = c.hidden_size;
+    let mut v = vec![Alloc::new(1, c.vocab_size * h * e), Alloc::new(1, h * e)];
+    if !c.tie_word_embeddings {
+        v.push(Alloc::new(1, c.vocab_size * h * e));
+    }
+    let l = c.num_hidden_layers;
+    v.push(Alloc::new(2 * l, h * e));
+    for t in LoraTarget::ALL {
+        let (out, inp) = c.projection_shape(t);
+        match p.quant {
+            crate::spec::Quant::None => v.push(Alloc::new(l, out * inp * e)),
+            crate::spec::Quant::Nf4 => v.extend(nf4_allocs(out * inp).map(|a| Alloc {
+                count: a.count * l as u64,
+                ..a
+            })),
+        }
+        if c.projection_has_bias(t) {
+            v.push(Alloc::new(l, out * e));
+        }
+    }
+    v
+}
+
+/// Element counts of every adapter tensor, A (r, in) then B (out, r) per targeted projection
+/// per layer (`lora::new_adapter`).
+pub(super) fn adapter_tensors(p: &MemoryPoint) -> Vec<(usize, usize)> {
+    let mut v = Vec::new();
+    for t in LoraTarget::ALL {
+        if !p.lora_targets.contains(&t) {
+            continue;
+        }
+        let (out, inp) = p.config.projection_shape(t);
+        v.push((p.config.num_hidden_layers, p.lora_rank * inp));
+        v.push((p.config.num_hidden_layers, out * p.lora_rank));
+    }
+    v
+}
+
+/// The adapters' f32 master weights.
+pub(super) fn adapters(p: &MemoryPoint) -> Vec<Alloc> {
+    adapter_tensors(p)
+        .into_iter()
+        .map(|(count, n)| Alloc::new(count, 4 * n))
+        .collect()
+}
+
+/// Optimizer state per adapter tensor of `n` elements (`optim/`): AdamW two f32 moments;
+/// AdamW8bit two moments of one byte per element plus one f32 absmax per [`STATE_BLOCK`]
+/// for `n >= MIN_8BIT_SIZE`, f32 below. Paged variants hold the same bytes (in unified
+/// memory on CUDA).
+pub(super) fn optimizer_state(p: &MemoryPoint) -> Vec<Alloc> {
+    let eight_bit = matches!(
+        p.optimizer,
+        Optimizer::AdamW8bit | Optimizer::PagedAdamW8bit
+    );
+    adapter_tensors(p)
+        .into_iter()
+        .map(|(count, n)| {
+            let moment = if eight_bit && n >= MIN_8BIT_SIZE {
+                n + 4 * n.div_ceil(STATE_BLOCK)
+            } else {
+                4 * n
+            };
+            Alloc::new(2 * count, moment)
+        })
+        .collect()
+}
+
+/// Tensors alive at one moment of a step, on top of the resident weights, adapters and
+/// optimizer state.
+#[derive(Debug, Clone)]
+pub(super) struct Phase {
+    /// `forward`, `loss backward` or `layer backward`.
+    pub name: &'static str,
+    /// Activations kept for backward.
+    pub kept: u64,
+    /// The largest op's working set.
+    pub transient: u64,
+    /// Adapter gradients alive.
+    pub grads: u64,
+    allocs: Vec<Alloc>,
+}
+
+impl Phase {
+    /// All bytes of the phase.
+    pub fn total(&self) -> u64 {
+        self.kept + self.transient + self.grads
+    }
+
+    /// Its tensors (for pool rounding).
+    pub fn all(&self) -> Vec<Alloc> {
+        self.allocs.clone()
+    }
+}
+
+/// Sizes of one step's activation tensors in bytes: `n = batch * seq` tokens.
+struct Shapes {
+    /// (n, hidden).
+    nh: usize,
+    /// (n, q_heads * head_dim).
+    nq: usize,
+    /// (n, kv_heads * head_dim).
+    nk: usize,
+    /// (n, intermediate).
+    ni: usize,
+    /// One attention score matrix (batch, q_heads, seq, seq).
+    scores: usize,
+    /// Rows of one loss chunk times vocab, in the compute dtype.
+    loss_chunk: usize,
+}
+
+impl Shapes {
+    fn new(p: &MemoryPoint) -> Self {
+        let c = p.config;
+        let e = dtype_bytes(p.precision);
+        let n = p.batch_size * p.seq_len;
+        let rows = (LOSS_CHUNK_ELEMS / c.vocab_size).max(1).min(n);
+        let loss_e = if p.device == DeviceKind::Cuda { e } else { 4 };
+        Self {
+            nh: n * c.hidden_size * e,
+            nq: n * c.num_attention_heads * c.head_dim * e,
+            nk: n * c.num_key_value_heads * c.head_dim * e,
+            ni: n * c.intermediate_size * e,
+            scores: p.batch_size * c.num_attention_heads * p.seq_len * p.seq_len * e,
+            loss_chunk: rows * c.vocab_size * loss_e,
+        }
+    }
+
+    /// The graph of one layer without checkpointing (`DecoderLayer::forward`, `Pass::Graph`):
+    /// candle keeps every op's inputs, so every intermediate lives until backward: the input,
+    /// `h1`, the o output, `x1`, `h2` and the down output (hidden); q as projected, as heads
+    /// and after RoPE, the attention output as heads and flattened (q width); k as projected,
+    /// as heads and after RoPE, v as projected and as heads (kv width); gate, up and their
+    /// SwiGLU (intermediate).
+    fn graph_layer(&self) -> Vec<Alloc> {
+        vec![
+            Alloc::new(6, self.nh),
+            Alloc::new(5, self.nq),
+            Alloc::new(5, self.nk),
+            Alloc::new(3, self.ni),
+        ]
+    }
+
+    /// One recomputed layer (`DecoderLayer::record`'s `LayerSaved`): `h1`, `x1`, `h2`
+    /// (hidden), q and the attention output (q width), k and v (kv width), gate, up and
+    /// their SwiGLU (intermediate).
+    fn recorded_layer(&self) -> Vec<Alloc> {
+        vec![
+            Alloc::new(3, self.nh),
+            Alloc::new(2, self.nq),
+            Alloc::new(2, self.nk),
+            Alloc::new(3, self.ni),
+        ]
+    }
+
+    /// The largest backward working set inside one layer: the MLP's (the output gradient, the
+    /// SwiGLU input gradients and the gradient of the down input: intermediate x 3, plus
+    /// the hidden gradient), or attention's (`ops/attention.rs`: probabilities, their
+    /// gradient and the score gradient, three score matrices, with the grouped queries and
+    /// the output gradient).
+    fn layer_backward_ws(&self) -> Vec<Alloc> {
+        let mlp = [Alloc::new(3, self.ni), Alloc::new(2, self.nh)];
+        let attn = [Alloc::new(3, self.scores), Alloc::new(3, self.nq)];
+        let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
+        if sum(&mlp) >= sum(&attn) {
+            mlp.to_vec()
+        } else {
+            attn.to_vec()
+        }
+    }
+}
+
+/// The phases of a step whose largest is the peak (see [`super::estimate`]).
+pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
+    let s = Shapes::new(p);
+    let c = p.config;
+    let l = c.num_hidden_layers;
+    let e = dtype_bytes(p.precision);
+    let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
+    let scale = |a: Vec<Alloc>, k: usize| -> Vec<Alloc> {
+        a.into_iter()
+            .map(|x| Alloc {
+                count: x.count * k as u64,
+                ..x
+            })
+            .collect()
+    };
+    // What the forward pass keeps: every layer's graph, or each checkpointed layer's input;
+    // plus the final norm's input and output.
+    let kept: Vec<Alloc> = if p.grad_checkpointing {
+        vec![Alloc::new(l + 2, s.nh)]
+    } else {
+        let mut v = scale(s.graph_layer(), l);
+        v.push(Alloc::new(2, s.nh));
+        v
+    };
+    // The largest op of a layer's forward: attention scores then probabilities, or a
+    // dequantised NF4 weight (the largest projection) next to its input and output.
+    let dequant = match p.quant {
+        crate::spec::Quant::Nf4 => {
+            let (o, i) = c.projection_shape(LoraTarget::Gate);
+            o * i * e
+        }
+        crate::spec::Quant::None => 0,
+    };
+    let fwd_ws = if 2 * s.scores + s.nq >= dequant + s.ni {
+        vec![Alloc::new(2, s.scores), Alloc::new(1, s.nq)]
+    } else {
+        vec![Alloc::new(1, dequant), Alloc::new(1, s.ni)]
+    };
+    let forward = phase("forward", &kept, fwd_ws, 0);
+    // Loss backward (`ChunkedCrossEntropy::grad`): one chunk's logits and their gradient,
+    // with the hidden-state gradient assembled from the chunks and concatenated.
+    let loss_ws = vec![Alloc::new(2, s.loss_chunk), Alloc::new(2, s.nh)];
+    let loss_backward = phase("loss backward", &kept, loss_ws, 0);
+    // Backward of the last layer: what is kept, one layer recomputed (checkpointing) or its
+    // graph, the layer's backward buffers and the flowing gradient (hidden x 2), and every
+    // adapter gradient (the last layer's first, the rest soon after: counted whole).
+    let mut ws = s.layer_backward_ws();
+    ws.push(Alloc::new(2, s.nh));
+    if p.grad_checkpointing {
+        ws.extend(s.recorded_layer());
+    }
+    if p.quant == crate::spec::Quant::Nf4 {
+        ws.push(Alloc::new(1, dequant));
+    }
+    let grads = sum(&adapters(p));
+    let layer_backward = phase("layer backward", &kept, ws, grads);
+    [forward, loss_backward, layer_backward]
+}
+
+fn phase(name: &'static str, kept: &[Alloc], ws: Vec<Alloc>, grads: u64) -> Phase {
+    let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
+    let mut allocs = kept.to_vec();
+    allocs.extend(ws.iter().copied());
+    Phase {
+        name,
+        kept: sum(kept),
+        transient: sum(&ws),
+        grads,
+        allocs,
+    }
+}
+
+/// Host bytes of loading one weight beyond the model itself (`weights.rs`, `nf4/mod.rs`),
+/// the largest over the tensors: each is read or synthesised in f32 and becomes the weight as
+/// is in fp32 (no extra); converted to fp16/bf16 the f32 copy is extra; a projection quantised
+/// to NF4 has its f32 copy and the dense tensor in the compute dtype alive while its codes are
+/// made.
+pub(super) fn loading_transient(p: &MemoryPoint) -> u64 {
+    let c = p.config;
+    let e = dtype_bytes(p.precision);
+    let f32_copy = |n: usize| {
+        if p.precision == Precision::Fp32 {
+            0
+        } else {
+            4 * n
+        }
+    };
+    let embed = f32_copy(c.vocab_size * c.hidden_size);
+    let proj = LoraTarget::ALL
+        .iter()
+        .map(|&t| {
+            let (o, i) = c.projection_shape(t);
+            match p.quant {
+                crate::spec::Quant::None => f32_copy(o * i),
+                crate::spec::Quant::Nf4 => 4 * o * i + e * o * i,
+            }
+        })
+        .max()
+        .unwrap_or(0);
+    embed.max(proj) as u64
+}

@@ -1,0 +1,171 @@
+//! Each term against sizes computed by hand for the tiny preset (hidden 256, intermediate 704,
+//! 4 layers, 8 query / 2 kv heads of 32, vocab 512, tied, q/k/v biases), and against the
+//! engine's own accounting of a model and optimizer built on the CPU.
+
+use super::*;
+use crate::engine::config::ModelSource;
+use crate::engine::lora::LoraConfig;
+use crate::engine::model::Model;
+use crate::engine::optim::{AdamWConfig, AnyOptimizer};
+use crate::engine::weights::WeightSource;
+use candle_core::{DType, Device};
+
+fn tiny() -> ModelConfig {
+    ModelSource::resolve("tiny").unwrap().config
+}
+
+fn point(cfg: &ModelConfig, quant: Quant, optimizer: Optimizer, ckpt: bool) -> MemoryPoint<'_> {
+    MemoryPoint {
+        config: cfg,
+        lora_rank: 8,
+        lora_targets: &LoraTarget::ALL,
+        quant,
+        precision: Precision::Fp32,
+        batch_size: 2,
+        seq_len: 64,
+        optimizer,
+        grad_checkpointing: ckpt,
+        device: DeviceKind::Cpu,
+        cuda_context: None,
+    }
+}
+
+/// Dense f32: embedding 512x256 (tied), final norm, per layer two norms, projections of
+/// 704,512 elements and 384 bias elements: 11,811,840 bytes (2,952,960 parameters x 4).
+/// NF4: per layer 363,464 bytes of codes and statistics (q and o 33,812, k and v 8,456,
+/// gate, up and down 92,976) plus norms and biases: 1,993,504 bytes.
+#[test]
+fn base_weights_by_hand() {
+    let c = tiny();
+    let dense = estimate(&point(&c, Quant::None, Optimizer::AdamW, false));
+    assert_eq!(dense.weights, 11_811_840);
+    assert_eq!(dense.weights, 4 * c.num_parameters() as u64);
+    let nf4 = estimate(&point(&c, Quant::Nf4, Optimizer::AdamW, false));
+    assert_eq!(nf4.weights, 1_993_504);
+}
+
+/// r = 8 on all seven projections: A 8 x (6 x 256 + 704) and B (256 + 64 + 64 + 256 + 704 +
+/// 704 + 256) x 8 per layer = 36,352 parameters, 145,408 in four layers, 581,632 f32 bytes.
+/// AdamW: two f32 moments, 1,163,264 bytes. AdamW8bit: only down's A and gate's and up's B
+/// (5,632 elements) reach 4,096 and take 5,632 + 4 x 22 bytes per moment; the rest f32.
+#[test]
+fn adapters_and_optimizer_state_by_hand() {
+    let c = tiny();
+    let e = estimate(&point(&c, Quant::None, Optimizer::AdamW, false));
+    assert_eq!(e.adapters, 581_632);
+    assert_eq!(e.optimizer_state, 1_163_264);
+    let e8 = estimate(&point(&c, Quant::None, Optimizer::AdamW8bit, false));
+    let per_layer_moment = (6 * 2048 + 2048 + 512 + 512 + 2048 + 2048) * 4 + 3 * (5632 + 88);
+    assert_eq!(e8.optimizer_state, 2 * 4 * per_layer_moment);
+    let paged = estimate(&point(&c, Quant::None, Optimizer::PagedAdamW8bit, false));
+    assert_eq!(paged.optimizer_state, e8.optimizer_state);
+}
+
+/// Batch 2 x 64 = 128 tokens in f32: hidden and q widths 131,072 bytes, kv 32,768,
+/// intermediate 360,448. Without checkpointing a layer's graph keeps 6 + 5 + 5 + 3 tensors
+/// (2,686,976 bytes), four layers plus the final norm's input and output 11,010,048; with
+/// checkpointing the four layer inputs and those two, 786,432.
+#[test]
+fn activations_kept_by_hand() {
+    let c = tiny();
+    let mut p = point(&c, Quant::None, Optimizer::AdamW, false);
+    let kept = |p: &MemoryPoint| terms::phases(p)[0].kept;
+    assert_eq!(kept(&p), 11_010_048);
+    p.grad_checkpointing = true;
+    assert_eq!(kept(&p), 786_432);
+}
+
+/// The loss chunk: 32 Mi / 512 = 65,536 rows, capped at the 128 tokens of the batch; on the
+/// CPU the logits are f32: 128 x 512 x 4 = 262,144 bytes, two of them with the hidden
+/// gradient (2 x 131,072) in loss backward.
+#[test]
+fn loss_backward_by_hand() {
+    let c = tiny();
+    let p = point(&c, Quant::None, Optimizer::AdamW, true);
+    let ph = &terms::phases(&p)[1];
+    assert_eq!(ph.name, "loss backward");
+    assert_eq!(ph.transient, 2 * 262_144 + 2 * 131_072);
+}
+
+/// The peak is the resident terms plus the largest phase, and on CUDA adds page rounding
+/// and the context; the stated error has a floor.
+#[test]
+fn peak_adds_up() {
+    let c = tiny();
+    let mut p = point(&c, Quant::None, Optimizer::AdamW, false);
+    let e = estimate(&p);
+    let sum = e.weights
+        + e.adapters
+        + e.optimizer_state
+        + e.adapter_grads
+        + e.activations
+        + e.transient
+        + e.pool_rounding
+        + e.overhead
+        + e.loading;
+    assert_eq!(e.peak, sum);
+    assert_eq!(e.overhead, HOST_BASELINE);
+    assert_eq!(e.pool_rounding, 0);
+    assert_eq!(e.stated_error(), STATED_ERROR_FLOOR);
+    p.device = DeviceKind::Cuda;
+    let g = estimate(&p);
+    assert_eq!(g.overhead, DEFAULT_CUDA_CONTEXT);
+    assert!(!g.overhead_measured);
+    p.cuda_context = Some(500 << 20);
+    let m = estimate(&p);
+    assert!(m.overhead_measured && m.overhead == 500 << 20);
+    assert_eq!(e.verdict(e.peak), "fits");
+    assert!(
+        e.verdict(e.peak / 2).starts_with("over by"),
+        "{}",
+        e.verdict(e.peak / 2)
+    );
+}
+
+/// Pool rounding: tensors of 1 MiB or more round up to 2 MiB pages, smaller ones are exact.
+#[test]
+fn rounding_to_pool_pages() {
+    use terms::{Alloc, rounding};
+    let a = |count, bytes| Alloc { count, bytes };
+    assert_eq!(rounding(&[a(3, 1000)]), 0);
+    assert_eq!(rounding(&[a(2, 3 << 20)]), 2 << 20);
+    assert_eq!(rounding(&[a(1, 4 << 20)]), 0);
+}
+
+/// The model's weight and optimizer terms equal what the engine itself reports for a model
+/// built on the CPU (`Model::base_weight_bytes`, the trainable parameter count, the
+/// optimizer's `state_bytes`), dense and NF4, for each optimizer.
+#[test]
+fn terms_match_the_engine_accounting() {
+    let c = tiny();
+    let lora = LoraConfig {
+        rank: 8,
+        alpha: 16.0,
+        dropout: 0.0,
+        targets: LoraTarget::ALL.to_vec(),
+    };
+    for quant in [Quant::None, Quant::Nf4] {
+        let model = Model::new_quantized(
+            &c,
+            &lora,
+            &WeightSource::Synthetic { seed: 1 },
+            DType::F32,
+            &Device::Cpu,
+            1,
+            quant,
+        )
+        .unwrap();
+        for opt in [
+            Optimizer::AdamW,
+            Optimizer::AdamW8bit,
+            Optimizer::PagedAdamW,
+            Optimizer::PagedAdamW8bit,
+        ] {
+            let e = estimate(&point(&c, quant, opt, false));
+            assert_eq!(e.weights, model.base_weight_bytes() as u64, "{quant:?}");
+            assert_eq!(e.adapters, 4 * model.param_counts().trainable as u64);
+            let o = AnyOptimizer::new(opt, model.trainable_vars(), AdamWConfig::default()).unwrap();
+            assert_eq!(e.optimizer_state, o.state_bytes() as u64, "{opt:?}");
+        }
+    }
+}
