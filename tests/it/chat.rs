@@ -113,13 +113,13 @@ fn padded_chat_rows_carry_the_mask() {
         let w = &want[w];
         let n = w.ids.len();
         assert!(ids[n..].iter().all(|&x| x == tok.pad_id()));
-        for t in 0..seq_len {
+        for (t, &got) in tg.iter().enumerate() {
             let expect = if t + 1 < n && w.mask[t + 1] {
                 i64::from(w.ids[t + 1])
             } else {
                 IGNORE_INDEX
             };
-            assert_eq!(tg[t], expect, "row {r} position {t}");
+            assert_eq!(got, expect, "row {r} position {t}");
         }
     }
     seen.sort();
