@@ -20,8 +20,9 @@ pub struct TrainArgs {
     /// optional *.safetensors and tokenizer.json).
     #[arg(long, default_value = "tiny")]
     pub model: String,
-    /// Dataset file (.json/.jsonl Alpaca, .jsonl {"text"}, .txt), or `sample` for the bundled
-    /// sample.
+    /// Dataset file (.json/.jsonl Alpaca, chat {"messages"} or ShareGPT {"conversations"},
+    /// .jsonl {"text"}, .txt), or `sample` for the bundled sample. Chat data needs a model
+    /// directory with tokenizer.json and a chat template.
     #[arg(long, default_value = "sample")]
     pub data: String,
     /// Dataset format.
@@ -110,6 +111,12 @@ impl clap::ValueEnum for DataFormat {
         let help = match self {
             DataFormat::Auto => "By extension and content",
             DataFormat::Alpaca => "instruction / input / output records",
+            DataFormat::Chat => {
+                "{\"messages\": [{\"role\", \"content\"}]} conversations, model's chat template"
+            }
+            DataFormat::ShareGpt => {
+                "{\"conversations\": [{\"from\", \"value\"}]} conversations, model's chat template"
+            }
             DataFormat::TextJsonl => "{\"text\": ...} JSON lines",
             DataFormat::PlainText => "One document per line",
         };

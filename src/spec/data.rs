@@ -9,11 +9,12 @@ use super::{UnknownName, spellings};
 #[serde(rename_all = "lowercase")]
 pub enum DataFormat {
     /// Decide from the extension and the content:
-    /// `.txt` -> [`DataFormat::PlainText`]; `.json` -> [`DataFormat::Alpaca`];
-    /// `.jsonl` (or any other extension whose content starts with `{`) -> the first
-    /// non-blank line decides: an object with `instruction` or `output` is Alpaca, one with
-    /// `text` is [`DataFormat::TextJsonl`]; other extensions starting with `[` are Alpaca
-    /// arrays, anything else is plain text.
+    /// `.txt` -> [`DataFormat::PlainText`]; a JSON array (`.json`, or content starting
+    /// with `[`) -> its first element decides, as for lines; `.jsonl` (or any other
+    /// extension whose content starts with `{`) -> the first non-blank line decides: an
+    /// object with `messages` is [`DataFormat::Chat`], one with `conversations`
+    /// [`DataFormat::ShareGpt`], one with `instruction` or `output` Alpaca, one with `text`
+    /// [`DataFormat::TextJsonl`]; anything else is plain text.
     #[default]
     Auto,
     /// Alpaca instruction data (the Stanford Alpaca `alpaca_data.json` layout): a JSON array
@@ -23,6 +24,18 @@ pub enum DataFormat {
     /// non-whitespace character (`[` = array); a `.json` file holding a single non-array JSON
     /// document is an error.
     Alpaca,
+    /// Chat conversations, one per line (or a JSON array of them), as transformers'
+    /// `apply_chat_template` takes them: `{"messages": [{"role": "system" | "user" |
+    /// "assistant" | "tool", "content": "..."}, ...]}`. A message's other keys (`name`,
+    /// `tool_calls`, ...) are passed to the template unchanged. Rendered with the model
+    /// directory's chat template; only the assistant turns (and their end-of-turn token)
+    /// are learned.
+    Chat,
+    /// ShareGPT conversations: `{"conversations": [{"from": "human" | "gpt" | "system",
+    /// "value": "..."}, ...]}` (`human` = user, `gpt` = assistant), otherwise as
+    /// [`DataFormat::Chat`]; other keys of a turn are ignored.
+    #[serde(rename = "sharegpt")]
+    ShareGpt,
     /// One `{"text": "..."}` object per line; other fields are ignored.
     #[serde(rename = "text")]
     TextJsonl,
@@ -34,6 +47,8 @@ pub enum DataFormat {
 spellings!(DataFormat {
     Auto => "auto",
     Alpaca => "alpaca",
+    Chat => "chat",
+    ShareGpt => "sharegpt",
     TextJsonl => "text",
     PlainText => "plain",
 });
@@ -41,18 +56,20 @@ spellings!(DataFormat {
 impl std::str::FromStr for DataFormat {
     type Err = UnknownName;
 
-    /// Accepts `auto`, `alpaca`, `text` (or `text-jsonl`, `jsonl`), `plain` (or
+    /// Accepts `auto`, `alpaca`, `chat` (or `messages`), `sharegpt`, `text` (or `text-jsonl`, `jsonl`), `plain` (or
     /// `plain-text`, `txt`), case-insensitively, surrounding whitespace ignored.
     fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s.trim().to_ascii_lowercase().as_str() {
             "auto" => Ok(DataFormat::Auto),
             "alpaca" => Ok(DataFormat::Alpaca),
+            "chat" | "messages" => Ok(DataFormat::Chat),
+            "sharegpt" => Ok(DataFormat::ShareGpt),
             "text" | "text-jsonl" | "jsonl" => Ok(DataFormat::TextJsonl),
             "plain" | "plain-text" | "txt" => Ok(DataFormat::PlainText),
             _ => Err(UnknownName {
                 what: "data format",
                 given: s.to_string(),
-                expected: "auto, alpaca, text or plain",
+                expected: "auto, alpaca, chat, sharegpt, text or plain",
             }),
         }
     }

@@ -6,6 +6,7 @@
 
 mod common;
 
+mod chat;
 mod cli;
 mod daemon;
 mod engine;

@@ -107,6 +107,9 @@ impl Batcher {
     /// followed by `{output}` and the eos token. Prompt and output are tokenised
     /// separately. Prompt tokens get target -100; output tokens and the eos are learned.
     /// **Text / plain records**: every token is learned, eos appended.
+    /// **Chat records**: the ids of the rendered conversation with its assistant mask
+    /// (see [`super::chat::encode_conversation`]); nothing is appended, the template's
+    /// end-of-turn text closes the conversation.
     ///
     /// **Targets are shifted**: position `i` holds input token `s[i]` and target
     /// `s[i+1]` (or -100 when `s[i+1]` is not learned).
@@ -449,6 +452,7 @@ mod tests {
                         output,
                     } => alpaca_prompt(instruction, input) + output,
                     Record::Text(s) => s.clone(),
+                    Record::Chat { .. } => unreachable!("no chat records here"),
                 };
                 let mut ids = tok.encode(&text);
                 ids.push(256);

@@ -1,13 +1,15 @@
 //! Datasets, tokenizer and batching, in three layers, each usable on its own:
 //!
 //! 1. **Loading** (`load.rs`: [`load_records`], [`load_dataset`], [`bundled_sample`]): a
-//!    dataset file (Alpaca JSON / JSONL, `{"text": ...}` JSONL or plain text) becomes a list
-//!    of [`Record`]s. Every problem is reported as a one-line [`DataError`] naming the file,
+//!    dataset file (Alpaca JSON / JSONL, chat `{"messages": ...}` or ShareGPT
+//!    `{"conversations": ...}` JSON / JSONL, `{"text": ...}` JSONL or plain text) becomes a
+//!    list of [`Record`]s. Every problem is reported as a one-line [`DataError`] naming the file,
 //!    the line or array index, and what was expected.
 //! 2. **Tokenising** (`tokenizer.rs`: [`Tokenizer`]): a Hugging Face `tokenizer.json` when the
 //!    model directory has one, otherwise a documented byte-level fallback (token id = UTF-8
 //!    byte value, 256 = end of sequence, 257 = padding); records become token ids with the
-//!    positions to learn marked (the Alpaca prompt template, [`alpaca_prompt`]).
+//!    positions to learn marked (the Alpaca prompt template, [`alpaca_prompt`]; chat
+//!    conversations through the model's chat template, assistant turns only: [`chat`]).
 //! 3. **Batching** (`batch.rs`: [`Batcher`]): records become fixed-shape [`Batch`]es of input
 //!    ids and pre-shifted targets (`-100` = ignored), either packed into full rows or padded
 //!    one example per row, in a deterministic shuffled order that cycles forever.
@@ -15,10 +17,12 @@
 //! The errors of all three are one enum, [`DataError`], defined here.
 
 mod batch;
+pub mod chat;
 mod load;
 mod tokenizer;
 
 pub use batch::{Batch, Batcher, IGNORE_INDEX, Packing};
+pub use chat::{ChatMessage, ChatRole, ChatTemplate};
 pub use load::{Record, SAMPLE_NAME, bundled_sample, load_dataset, load_records};
 pub use tokenizer::{BYTE_EOS, BYTE_PAD, EOS_CANDIDATES, Tokenizer, alpaca_prompt};
 
@@ -87,11 +91,13 @@ pub enum DataError {
         /// The JSON kind that was found ("an array", "a string", ...).
         found: &'static str,
     },
-    /// A `.json` Alpaca file whose top level is not an array.
-    #[error("{path}: expected a JSON array of Alpaca objects at the top level, found {found}")]
+    /// A `.json` Alpaca / chat / ShareGPT file whose top level is not an array.
+    #[error("{path}: expected a JSON array of {of} objects at the top level, found {found}")]
     NotAnArray {
         /// The path as given.
         path: String,
+        /// The kind of record expected (`Alpaca`, `chat`, `ShareGPT`).
+        of: &'static str,
         /// The JSON kind that was found.
         found: &'static str,
     },
@@ -129,7 +135,7 @@ pub enum DataError {
     },
     /// [`crate::spec::DataFormat::Auto`] could not decide what the file is.
     #[error(
-        "{path}: cannot tell the data format ({reason}); give the format explicitly (alpaca, text or plain)"
+        "{path}: cannot tell the data format ({reason}); give the format explicitly (alpaca, chat, sharegpt, text or plain)"
     )]
     UnknownFormat {
         /// The path as given.
@@ -146,6 +152,24 @@ pub enum DataError {
         given: String,
         /// The accepted names.
         expected: &'static str,
+    },
+    /// A chat row (`messages` / `conversations`) with a bad shape or an unknown role.
+    #[error("{path} {at}: {reason}")]
+    Chat {
+        /// The path as given.
+        path: String,
+        /// Line or array index of the row.
+        at: Location,
+        /// What is wrong, naming the turn (`messages[2].role ...`).
+        reason: String,
+    },
+    /// Chat data without a usable chat template: none in the model directory, the
+    /// byte-level fallback tokenizer, a template that does not compile, raises or fails.
+    #[error("{reason}")]
+    ChatTemplate {
+        /// The whole one-line message: files looked at or the conversation's line, and
+        /// what to do.
+        reason: String,
     },
     /// `tokenizer.json` exists but could not be loaded.
     #[error("{path}: cannot load tokenizer: {reason}")]

@@ -3,7 +3,9 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use super::chat::{ChatTemplate, encode_conversation};
 use super::{DataError, Record, one_line};
 
 /// Byte-level fallback: end-of-sequence token id.
@@ -39,6 +41,9 @@ pub enum Tokenizer {
         pad_id: u32,
         /// Where it was loaded from.
         path: PathBuf,
+        /// The chat template of the same directory, or why there is none (one line);
+        /// only chat data needs it.
+        chat: Result<Arc<ChatTemplate>, String>,
     },
     /// The byte-level fallback.
     Bytes,
@@ -62,7 +67,9 @@ impl Tokenizer {
         }
     }
 
-    /// Loads a `tokenizer.json`. Errors as [`Tokenizer::from_model_dir`].
+    /// Loads a `tokenizer.json`, and the chat template of its directory
+    /// ([`ChatTemplate::from_model_dir`]) for chat data; a missing or broken template is
+    /// an error only when chat data is encoded. Errors as [`Tokenizer::from_model_dir`].
     pub fn from_file(path: &Path) -> Result<Tokenizer, DataError> {
         let shown = path.display().to_string();
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer {
@@ -81,12 +88,34 @@ impl Tokenizer {
             .map(|p| p.pad_id)
             .or_else(|| PAD_CANDIDATES.iter().find_map(|t| inner.token_to_id(t)))
             .unwrap_or(eos_id);
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let chat = ChatTemplate::from_model_dir(dir)
+            .map(Arc::new)
+            .map_err(|e| e.to_string());
         Ok(Tokenizer::Hf {
             inner: Box::new(inner),
             eos_id,
             pad_id,
             path: path.to_path_buf(),
+            chat,
         })
+    }
+
+    /// The model's chat template, needed by chat data.
+    ///
+    /// Errors ([`DataError::ChatTemplate`], one line saying what to do): the byte-level
+    /// fallback (no `tokenizer.json`), or a model directory without a usable template.
+    pub fn chat_template(&self) -> Result<&ChatTemplate, DataError> {
+        match self {
+            Tokenizer::Hf { chat: Ok(t), .. } => Ok(t),
+            Tokenizer::Hf { chat: Err(e), .. } => Err(DataError::ChatTemplate { reason: e.clone() }),
+            Tokenizer::Bytes => Err(DataError::ChatTemplate {
+                reason: "chat data needs the model's tokenizer.json and chat template, but this run uses the byte-level fallback tokenizer (the model has no tokenizer.json); pass --model a directory with tokenizer.json and a tokenizer_config.json holding chat_template, or use --format alpaca or text".into(),
+            }),
+        }
     }
 
     /// Token ids of `text`, with no special tokens added.
@@ -183,7 +212,7 @@ pub fn alpaca_prompt(instruction: &str, input: &str) -> String {
 /// One tokenised record: ids and, per id, whether predicting it is learned.
 #[derive(Debug, Clone)]
 pub(super) struct Example {
-    /// Token ids, ending in eos.
+    /// Token ids, ending in eos (chat: in the template's own end of turn, no eos added).
     pub(super) ids: Vec<u32>,
     /// Per id: whether it is a learned target (false for Alpaca prompt tokens).
     pub(super) learned: Vec<bool>,
@@ -192,11 +221,21 @@ pub(super) struct Example {
 impl Example {
     /// `rec` tokenised with `tok`, eos appended. Alpaca: the prompt ([`alpaca_prompt`]) and
     /// the output are tokenised separately; prompt tokens are not learned, output tokens and
-    /// the eos are. Text: every token and the eos are learned.
+    /// the eos are. Text: every token and the eos are learned. Chat: the ids and assistant
+    /// mask of [`encode_conversation`], nothing appended (the template closes each turn).
     ///
-    /// Errors: [`DataError::Encode`] if the tokenizer fails.
+    /// Errors: [`DataError::Encode`] if the tokenizer fails; chat: no chat template (or
+    /// the byte-level tokenizer), or the template raised or failed.
     pub(super) fn encode(rec: &Record, tok: &Tokenizer) -> Result<Example, DataError> {
         let (mut ids, mut learned) = match rec {
+            Record::Chat { messages, at } => {
+                let template = tok.chat_template()?;
+                let Tokenizer::Hf { inner, .. } = tok else {
+                    unreachable!("chat_template() fails for the byte-level tokenizer")
+                };
+                let (ids, learned) = encode_conversation(template, inner, messages, *at)?;
+                return Ok(Example { ids, learned });
+            }
             Record::Alpaca {
                 instruction,
                 input,
