@@ -40,7 +40,9 @@ POINTS=${POINTS:-"1,512,bf16,none,0 2,2048,bf16,none,0 4,1024,bf16,none,0"}
 /tmp/lorascope report --db "$OUT/lorascope.db" --format json > "$OUT/lorascope.json"
 grep -E "header|breakdown|error" "$OUT/lorascope.log" | head -20
 
-# 2. The reference on the same points (AdamW), grouped by its global --grad-ckpt setting.
+# 2. The reference on the same points (AdamW), grouped by its global --grad-ckpt setting
+#    (SKIP_REF=1: lorascope only).
+[ "${SKIP_REF:-0}" = 1 ] && exit 0
 [ -d /tmp/site/bitsandbytes ] || python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site ${WHL:-.carry/whl}/*.whl
 export PYTHONPATH=/tmp/site
 for ck in 0 1; do
