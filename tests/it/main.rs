@@ -10,6 +10,7 @@ mod common;
 mod cli;
 mod daemon;
 mod engine;
+mod faults;
 mod orchestrator;
 mod quickstart;
 mod train_cli;

@@ -9,14 +9,16 @@ use crate::grid;
 use crate::orchestrator::preflight;
 use crate::profile;
 
-/// Validates the profile at `path` (and its model and data, as before a sweep) and prints
+/// Validates the profile at `path` (and its model, data and devices, as before a sweep) and prints
 /// its expanded grid with ids; with `argv`, each point's worker command line too.
 ///
-/// Errors: the profile does not load, or its model or data fail the checks.
+/// Errors: the profile does not load, its model or data fail the checks, or it asks for
+/// CUDA devices of a build without CUDA.
 pub fn check(path: &Path, argv: bool) -> Result<()> {
     let lp = profile::load(path)?;
     let specs = grid::expand(&lp);
     preflight::model_and_data(&lp, &specs)?;
+    preflight::cuda_build(&lp)?;
     let p = &lp.profile;
     let model = p
         .model
