@@ -62,8 +62,9 @@ impl Health {
     }
 
     /// Checks step `step` (1-based): its mean loss (nats), its global gradient norm (before
-    /// clipping) and whether the loss scaler skipped it (then the gradients overflowed and
-    /// say nothing of a dead run).
+    /// clipping), its number of target tokens (a batch without any has zero gradients by
+    /// construction) and whether the loss scaler skipped it (then the gradients overflowed
+    /// and say nothing of a dead run).
     ///
     /// Errors: [`EngineError::Diverged`] once the gradients have been exactly zero, or the
     /// loss within [`UNIFORM_TOL`] of ln(vocab_size), for [`DEAD_STEPS`] steps in a row.
@@ -72,10 +73,11 @@ impl Health {
         step: usize,
         loss: f64,
         grad_norm: f64,
+        target_tokens: usize,
         skipped: bool,
     ) -> Result<(), EngineError> {
-        let zero = !skipped && grad_norm == 0.0;
-        let uniform = (loss - self.ln_vocab).abs() <= UNIFORM_TOL;
+        let zero = !skipped && target_tokens > 0 && grad_norm == 0.0;
+        let uniform = target_tokens > 0 && (loss - self.ln_vocab).abs() <= UNIFORM_TOL;
         let since = |s: &mut Option<usize>, now: bool| {
             *s = if now { Some(s.unwrap_or(step)) } else { None };
             s.filter(|first| step + 1 - first >= DEAD_STEPS)
@@ -104,10 +106,10 @@ mod tests {
     #[test]
     fn zero_gradients_for_three_steps_are_a_dead_run() {
         let mut h = Health::new(1000, Precision::Fp32);
-        assert!(h.check(1, 6.0, 1.0, false).is_ok());
-        assert!(h.check(2, 6.0, 0.0, false).is_ok());
-        assert!(h.check(3, 6.0, 0.0, false).is_ok());
-        let e = h.check(4, 6.0, 0.0, false).unwrap_err().to_string();
+        assert!(h.check(1, 6.0, 1.0, 9, false).is_ok());
+        assert!(h.check(2, 6.0, 0.0, 9, false).is_ok());
+        assert!(h.check(3, 6.0, 0.0, 9, false).is_ok());
+        let e = h.check(4, 6.0, 0.0, 9, false).unwrap_err().to_string();
         assert!(e.contains("exactly 0 at steps 2-4"), "{e}");
         // A break in the streak (or a skipped fp16 step) starts it again.
         let mut h = Health::new(1000, Precision::Fp16);
@@ -117,7 +119,12 @@ mod tests {
             (3, 0.5, false),
             (4, 0.0, true),
         ] {
-            assert!(h.check(s, 6.0, g, skip).is_ok());
+            assert!(h.check(s, 6.0, g, 9, skip).is_ok());
+        }
+        // Batches without a target token have zero gradients by construction.
+        let mut h = Health::new(1000, Precision::Fp32);
+        for s in 1..=5 {
+            assert!(h.check(s, 0.0, 0.0, 0, false).is_ok());
         }
     }
 
@@ -125,10 +132,10 @@ mod tests {
     fn uniform_output_for_three_steps_is_a_dead_run() {
         let ln = (32000f64).ln();
         let mut h = Health::new(32000, Precision::Bf16);
-        assert!(h.check(1, ln + 1e-3, 0.3, false).is_ok());
-        assert!(h.check(2, ln + 2e-6, 0.3, false).is_ok());
-        assert!(h.check(3, ln - 2e-6, 0.3, false).is_ok());
-        let e = h.check(4, ln, 0.3, false).unwrap_err().to_string();
+        assert!(h.check(1, ln + 1e-3, 0.3, 9, false).is_ok());
+        assert!(h.check(2, ln + 2e-6, 0.3, 9, false).is_ok());
+        assert!(h.check(3, ln - 2e-6, 0.3, 9, false).is_ok());
+        let e = h.check(4, ln, 0.3, 9, false).unwrap_err().to_string();
         assert!(
             e.contains("stuck at ln(vocab_size) = 10.3735 at steps 2-4"),
             "{e}"

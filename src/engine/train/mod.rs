@@ -314,7 +314,7 @@ pub fn train(
             Some(s) => s.update(grad_norm.is_finite()),
             None => false,
         };
-        health.check(step, loss_v, grad_norm, skipped)?;
+        health.check(step, loss_v, grad_norm, batch.target_tokens, skipped)?;
         if !skipped {
             let clip = if opts.max_grad_norm > 0.0 && grad_norm > opts.max_grad_norm {
                 opts.max_grad_norm / (grad_norm + 1e-6)
