@@ -261,7 +261,8 @@ pub enum ProfileCommand {
 }
 
 /// Parses the process's arguments, runs the subcommand and returns the exit status: 0 ok,
-/// 1 an error (printed as one line on stderr); `train` and `selftest` have their own codes.
+/// 1 an error (printed as one line on stderr), 128 + a signal's number for a sweep that
+/// signal interrupted ([`run::Interrupted`]); `train` and `selftest` have their own codes.
 pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
@@ -272,6 +273,9 @@ pub fn main() -> i32 {
             // The reader went away (`lorascope report | head`): nothing left to tell anyone.
             Err(e) if is_broken_pipe(&e) => 0,
             Err(e) => {
+                let code = e
+                    .downcast_ref::<run::Interrupted>()
+                    .map_or(1, run::Interrupted::exit_code);
                 // One line for people: the context chain joined, no backtrace.
                 let msg = format!("{e:#}");
                 // Not eprintln!: stderr may be a terminal that hung up.
@@ -280,7 +284,7 @@ pub fn main() -> i32 {
                     "error: {}",
                     msg.lines().next().unwrap_or("unknown error")
                 );
-                1
+                code
             }
         },
     }

@@ -4,13 +4,16 @@
 //! prints the comparison table on stdout. `--detach` queues the sweep on the daemon instead.
 //!
 //! Progress goes to stderr and the table to stdout, so `lorascope run p.toml > table.txt`
-//! keeps the table alone. Ctrl-C stops the runs in flight (recorded `interrupted`) and exits
-//! non-zero; `--resume` continues.
+//! keeps the table alone. Ctrl-C, SIGTERM or SIGHUP stop the runs in flight (recorded
+//! `interrupted`) and exit 128 + the signal's number ([`Interrupted`]); `--resume` continues.
 
 use std::io::Write;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use anyhow::{Context, Result, bail};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc;
 
 use super::headless::Headless;
@@ -114,9 +117,9 @@ pub fn run(args: RunArgs) -> Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    let outcome = rt.block_on(async {
+    let (outcome, stopped_by) = rt.block_on(async {
         match app {
-            Some(app) => run_with_dashboard(app, plan, &mut store, &cfg).await,
+            Some(app) => Ok((run_with_dashboard(app, plan, &mut store, &cfg).await?, None)),
             None => run_headless(plan, &mut store, &cfg, steps).await,
         }
     })?;
@@ -129,10 +132,19 @@ pub fn run(args: RunArgs) -> Result<()> {
     out.write_all(report::render(&rows, Format::Table).as_bytes())?;
     out.flush()?;
     if outcome.shutdown {
-        bail!(
-            "sweep {sweep_id} interrupted; continue with `lorascope run {} --resume`",
-            lp.path.display()
-        );
+        let by = match stopped_by {
+            Some(libc::SIGTERM) => " by SIGTERM",
+            Some(libc::SIGHUP) => " by SIGHUP",
+            Some(_) => " by SIGINT",
+            None => "",
+        };
+        return Err(Interrupted {
+            sweep_id,
+            profile: lp.path.display().to_string(),
+            signal: stopped_by,
+            by: by.into(),
+        }
+        .into());
     }
     if !rows.is_empty() && rows.iter().all(|r| !r.status.starts_with("ok")) {
         bail!(
@@ -142,26 +154,111 @@ pub fn run(args: RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs the sweep with the [`Headless`] printer on stderr. The first Ctrl-C shuts the sweep
-/// down (runs in flight are recorded `interrupted`), a second one exits at once (130).
+/// A sweep stopped by a signal or the user before it finished: its runs in flight are
+/// recorded `interrupted` and `--resume` continues it. The process exits
+/// [`Interrupted::exit_code`].
+#[derive(Debug, thiserror::Error)]
+#[error("sweep {sweep_id} interrupted{by}; continue with `lorascope run {profile} --resume`")]
+pub struct Interrupted {
+    /// The sweep's id in the results database.
+    pub sweep_id: i64,
+    /// The profile as given (for the resume hint).
+    pub profile: String,
+    /// The signal number that stopped it (`None`: the dashboard was quit mid-sweep).
+    pub signal: Option<i32>,
+    /// ` by SIGTERM`, or empty.
+    by: String,
+}
+
+impl Interrupted {
+    /// The exit status: 128 + the signal's number, as a shell reports a process the signal
+    /// killed (130 SIGINT, 143 SIGTERM, 129 SIGHUP); 130 when the dashboard was quit.
+    pub fn exit_code(&self) -> i32 {
+        128 + self.signal.unwrap_or(libc::SIGINT)
+    }
+}
+
+/// The signals that stop a headless sweep: SIGINT (Ctrl-C), SIGTERM (`kill`, `timeout`,
+/// systemd, Slurm) and SIGHUP (the terminal or SSH session went away). SIGHUP is left alone
+/// when it is ignored on entry (`nohup lorascope run ...` keeps running after logout).
+struct StopSignals {
+    int: Signal,
+    term: Signal,
+    hup: Option<Signal>,
+}
+
+impl StopSignals {
+    /// Installs the handlers (from here on these signals no longer kill the process).
+    ///
+    /// Errors: a handler cannot be installed.
+    fn install() -> std::io::Result<StopSignals> {
+        let hup = if sighup_ignored() {
+            None
+        } else {
+            Some(signal(SignalKind::hangup())?)
+        };
+        Ok(StopSignals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup,
+        })
+    }
+
+    /// The next signal: its number and name.
+    async fn next(&mut self) -> (i32, &'static str) {
+        let StopSignals { int, term, hup } = self;
+        let hup = async {
+            match hup.as_mut() {
+                Some(h) => h.recv().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = int.recv() => (libc::SIGINT, "SIGINT"),
+            _ = term.recv() => (libc::SIGTERM, "SIGTERM"),
+            _ = hup => (libc::SIGHUP, "SIGHUP"),
+        }
+    }
+}
+
+/// Whether SIGHUP's disposition is "ignore" (as `nohup` sets it).
+fn sighup_ignored() -> bool {
+    // SAFETY: a null `act` only reads the current disposition into `old`.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(libc::SIGHUP, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Runs the sweep with the [`Headless`] printer on stderr. The first SIGINT, SIGTERM or
+/// SIGHUP shuts the sweep down (runs in flight are recorded `interrupted`) and is returned;
+/// a second one exits at once (128 + its number).
 async fn run_headless(
     plan: SweepPlan,
     store: &mut Store,
     cfg: &OrchestratorConfig,
     steps: u32,
-) -> Result<SweepOutcome> {
+) -> Result<(SweepOutcome, Option<i32>)> {
     let (ctx, crx) = mpsc::unbounded_channel::<Command>();
     let (etx, mut erx) = mpsc::unbounded_channel::<Event>();
-    let ctrlc = {
+    let signalled = Arc::new(AtomicI32::new(0));
+    let watcher = {
         let ctx = ctx.clone();
+        let signalled = signalled.clone();
+        // Installed before the first worker starts: a signal from here on is ours.
+        let mut signals = StopSignals::install().context("cannot install signal handlers")?;
         tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                eprintln!("interrupt: stopping the run in flight (Ctrl-C again to force)");
-                let _ = ctx.send(Command::Shutdown);
-                if tokio::signal::ctrl_c().await.is_ok() {
-                    std::process::exit(130);
-                }
-            }
+            let (sig, name) = signals.next().await;
+            signalled.store(sig, Ordering::SeqCst);
+            // Not eprintln!: stderr may be a terminal that hung up.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{name}: stopping the run in flight (a second signal exits at once)"
+            );
+            let _ = ctx.send(Command::Shutdown);
+            let (sig, _) = signals.next().await;
+            std::process::exit(128 + sig);
         })
     };
     let printer = tokio::spawn(async move {
@@ -171,10 +268,14 @@ async fn run_headless(
         }
     });
     let r = orchestrator::run_sweep(plan, store, cfg, crx, etx).await;
-    ctrlc.abort();
+    watcher.abort();
     drop(ctx);
     let _ = printer.await;
-    r.map_err(anyhow::Error::from)
+    let sig = match signalled.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    };
+    Ok((r?, sig))
 }
 
 /// Runs the sweep with the dashboard on the terminal. If the dashboard ends first (the

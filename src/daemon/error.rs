@@ -81,6 +81,11 @@ pub enum DaemonError {
         "malformed message ({0}); send one JSON object per line, protocol version {PROTOCOL_VERSION}"
     )]
     BadMessage(serde_json::Error),
+    /// A line that is not UTF-8 text.
+    #[error(
+        "malformed message (the line is not UTF-8); send one JSON object per line, protocol version {PROTOCOL_VERSION}"
+    )]
+    NotUtf8,
     /// The manager has stopped taking requests.
     #[error("the daemon is stopping")]
     Stopping,

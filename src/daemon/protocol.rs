@@ -16,14 +16,17 @@
 //! < {"type":"event","t":13.0,"event":{"event":"step",...}}
 //! ```
 //!
-//! A malformed line gets an [`ServerMsg::Error`] reply and the connection stays open; a line
-//! longer than [`MAX_MESSAGE`] gets an error reply and the connection is closed.
+//! A malformed line (not JSON, not a message, or not UTF-8) gets an [`ServerMsg::Error`]
+//! reply and the connection stays open (before hello: the reply, then the connection is
+//! closed); a line longer than [`MAX_MESSAGE`] gets an error reply and the connection is
+//! closed.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
-use tokio_util::codec::LinesCodec;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder, LinesCodec, LinesCodecError};
 
 use crate::orchestrator::{Command, EntryId, Event, QueueSnapshot};
 use crate::telemetry::TelemetrySample;
@@ -38,9 +41,59 @@ pub const MAX_MESSAGE: usize = 1 << 20;
 /// sweep is big, so 256 MiB.
 pub const MAX_REPLY: usize = 256 << 20;
 
+/// A line a client sent: text, or bytes that are not UTF-8 (consumed whole, so the
+/// connection can carry on after the error reply).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Line {
+    /// A UTF-8 line (newline and a trailing `\r` removed).
+    Text(String),
+    /// A line that is not UTF-8.
+    NotUtf8,
+}
+
+/// The daemon side's codec: [`LinesCodec`] with at most [`MAX_MESSAGE`] bytes a line, except
+/// that a line that is not UTF-8 decodes to [`Line::NotUtf8`] instead of ending the stream.
+#[derive(Debug, Clone)]
+pub struct ServerCodec(LinesCodec);
+
+impl ServerCodec {
+    /// Maps the lines codec's "not UTF-8" error (`InvalidData`, raised after the line was
+    /// consumed) to [`Line::NotUtf8`].
+    fn map(r: Result<Option<String>, LinesCodecError>) -> Result<Option<Line>, LinesCodecError> {
+        match r {
+            Ok(l) => Ok(l.map(Line::Text)),
+            Err(LinesCodecError::Io(e)) if e.kind() == std::io::ErrorKind::InvalidData => {
+                Ok(Some(Line::NotUtf8))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}
+
+impl Decoder for ServerCodec {
+    type Item = Line;
+    type Error = LinesCodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Line>, LinesCodecError> {
+        Self::map(self.0.decode(buf))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Line>, LinesCodecError> {
+        Self::map(self.0.decode_eof(buf))
+    }
+}
+
+impl<T: AsRef<str>> Encoder<T> for ServerCodec {
+    type Error = LinesCodecError;
+
+    fn encode(&mut self, line: T, buf: &mut BytesMut) -> Result<(), LinesCodecError> {
+        self.0.encode(line, buf)
+    }
+}
+
 /// The line codec of the daemon side.
-pub fn server_codec() -> LinesCodec {
-    LinesCodec::new_with_max_length(MAX_MESSAGE)
+pub fn server_codec() -> ServerCodec {
+    ServerCodec(LinesCodec::new_with_max_length(MAX_MESSAGE))
 }
 
 /// The line codec of the client side.

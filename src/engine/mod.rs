@@ -44,6 +44,10 @@ pub enum EngineError {
     /// A run option is out of range or unsupported.
     #[error("{0}")]
     Invalid(String),
+    /// Training diverged (a non-finite loss) or died (gradients exactly zero, or the loss
+    /// stuck at ln(vocab_size)): the run's numbers would not describe real training.
+    #[error("{0}")]
+    Diverged(String),
     /// The device ran out of memory.
     #[error(
         "out of memory while {what}: {detail}; lower --batch-size or --seq-len, or use --grad-checkpointing or --quant nf4"

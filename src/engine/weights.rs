@@ -200,7 +200,8 @@ impl WeightSource {
 
     /// Load one tensor with the expected `shape`, converted to `dtype` on `device`.
     ///
-    /// Errors: the tensor is absent, has another shape, or is not bf16/f16/f32.
+    /// Errors: the tensor is absent, has another shape, is not bf16/f16/f32, or holds a NaN
+    /// or infinity (named with the count and the first element's index).
     pub fn get(
         &self,
         name: &str,
@@ -246,6 +247,12 @@ impl WeightSource {
                         view.dtype()
                     )));
                 }
+                if let Some(bad) = non_finite(view.dtype(), view.data()) {
+                    return Err(werr(format!(
+                        "tensor `{name}` holds {bad}: the checkpoint is corrupt (or was saved after \
+                         training diverged); download or convert it again"
+                    )));
+                }
                 // The tensor as read, and its conversion: fail as out of memory, not abort.
                 let n: usize = shape.iter().product();
                 host::probe(
@@ -264,6 +271,40 @@ impl WeightSource {
     }
 }
 
+/// Describes the non-finite values (NaN, ±inf) of a little-endian bf16/f16/f32 buffer, e.g.
+/// `3 non-finite values (NaN at element 17)`; `None` when every value is finite (or the
+/// dtype is another one). One pass over the bytes, no allocation: an all-ones exponent
+/// field marks inf/NaN in IEEE 754 binary16/32 and in bfloat16.
+fn non_finite(dtype: safetensors::Dtype, data: &[u8]) -> Option<String> {
+    use safetensors::Dtype as S;
+    let (width, exp_mask, mant_mask): (usize, u32, u32) = match dtype {
+        S::F32 => (4, 0x7F80_0000, 0x007F_FFFF),
+        S::BF16 => (2, 0x7F80, 0x007F),
+        S::F16 => (2, 0x7C00, 0x03FF),
+        _ => return None,
+    };
+    let mut count = 0usize;
+    let mut first: Option<(usize, bool)> = None;
+    for (i, c) in data.chunks_exact(width).enumerate() {
+        let bits = if width == 4 {
+            u32::from_le_bytes([c[0], c[1], c[2], c[3]])
+        } else {
+            u32::from(u16::from_le_bytes([c[0], c[1]]))
+        };
+        if bits & exp_mask == exp_mask {
+            count += 1;
+            first.get_or_insert((i, bits & mant_mask != 0));
+        }
+    }
+    let (at, nan) = first?;
+    let what = if nan { "NaN" } else { "inf" };
+    Some(if count == 1 {
+        format!("a non-finite value ({what} at element {at})")
+    } else {
+        format!("{count} non-finite values (the first, {what}, at element {at})")
+    })
+}
+
 fn first_line(s: &str) -> String {
     s.lines().next().unwrap_or("").to_string()
 }
@@ -276,6 +317,13 @@ fn check_header(path: &Path) -> Result<(), EngineError> {
         msg,
     };
     let meta = std::fs::metadata(path).map_err(|e| werr(format!("cannot open ({e})")))?;
+    if meta.is_dir() {
+        return Err(werr(
+            "is a directory, not a safetensors file: move the weights file to this path, or \
+             remove the directory"
+                .into(),
+        ));
+    }
     let len = meta.len();
     let mut f = std::fs::File::open(path).map_err(|e| werr(format!("cannot open ({e})")))?;
     use std::io::Read;
@@ -395,4 +443,42 @@ pub fn save_checkpoint(
         serde_json::to_string_pretty(&index)?,
     )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::non_finite;
+    use half::{bf16, f16};
+    use safetensors::Dtype as S;
+
+    #[test]
+    fn non_finite_values_are_found_in_every_float_dtype() {
+        let f32s = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        assert_eq!(non_finite(S::F32, &f32s(&[1.0, -2.5, f32::MAX, 0.0])), None);
+        assert_eq!(
+            non_finite(S::F32, &f32s(&[1.0, f32::NAN, f32::INFINITY])).unwrap(),
+            "2 non-finite values (the first, NaN, at element 1)"
+        );
+        let bf = |v: &[f32]| {
+            v.iter()
+                .flat_map(|x| bf16::from_f32(*x).to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(non_finite(S::BF16, &bf(&[1.0, 3e38, -1e-30])), None);
+        assert_eq!(
+            non_finite(S::BF16, &bf(&[0.0, 0.0, f32::NEG_INFINITY])).unwrap(),
+            "a non-finite value (inf at element 2)"
+        );
+        let h = |v: &[f32]| {
+            v.iter()
+                .flat_map(|x| f16::from_f32(*x).to_le_bytes())
+                .collect::<Vec<u8>>()
+        };
+        assert_eq!(non_finite(S::F16, &h(&[65504.0, -65504.0, 1e-7])), None);
+        assert!(
+            non_finite(S::F16, &h(&[f32::NAN]))
+                .unwrap()
+                .contains("NaN at element 0")
+        );
+    }
 }

@@ -25,6 +25,7 @@ mod tests;
 
 pub use points::{Point, PointExpansion, expand_points, factorial};
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -216,6 +217,7 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
         })
         .unwrap_or(DeviceKind::Cpu);
     let mut specs: Vec<RunSpec> = Vec::new();
+    let mut ids: HashSet<String> = HashSet::new();
     for point in expand_points(&p.grid, p.lora.rank).points {
         let config = ResolvedConfig {
             model: model.clone(),
@@ -234,7 +236,7 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
             point,
         };
         let id = config.stable_id();
-        if specs.iter().any(|s| s.id == id) {
+        if !ids.insert(id.clone()) {
             continue;
         }
         specs.push(RunSpec {

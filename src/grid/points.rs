@@ -2,6 +2,8 @@
 //! (the order is in [`super`]'s docs). The axes with their defaults are the profile's
 //! [`Axes`]; everything about combining them is here.
 
+use std::collections::HashSet;
+
 use serde::{Deserialize, Serialize};
 
 use crate::profile::{Axes, GridSection, PartialPoint};
@@ -85,8 +87,12 @@ impl Point {
 }
 
 /// The full factorial product of `axes`, in the documented nesting order.
+///
+/// Allocates one [`Point`] per point: callers expand only profiles that passed validation,
+/// which caps the count at [`crate::profile::MAX_GRID_POINTS`].
 pub fn factorial(axes: &Axes) -> Vec<Point> {
-    let mut out = Vec::new();
+    let len = usize::try_from(axes.factorial_len()).unwrap_or(usize::MAX);
+    let mut out = Vec::with_capacity(len.min(crate::profile::MAX_GRID_POINTS as usize));
     for &batch_size in &axes.batch_size {
         for &seq_len in &axes.seq_len {
             for &optimizer in &axes.optimizer {
@@ -122,7 +128,8 @@ pub struct PointExpansion {
     pub unmatched_excludes: Vec<usize>,
 }
 
-/// Expands `[grid]` into points (see the module docs for the order).
+/// Expands `[grid]` into points (see the module docs for the order). Linear in the number of
+/// points (duplicates are found with a hash set).
 pub fn expand_points(g: &GridSection, default_rank: u32) -> PointExpansion {
     let axes = Axes::from_grid(g, default_rank);
     let all = factorial(&axes);
@@ -133,16 +140,12 @@ pub fn expand_points(g: &GridSection, default_rank: u32) -> PointExpansion {
         .filter(|(_, ex)| !all.iter().any(|p| p.matches(ex)))
         .map(|(i, _)| i)
         .collect();
-    let mut points: Vec<Point> = Vec::new();
     let includes = g.include.iter().map(|p| Point::complete(p, &axes));
     let kept = all
         .into_iter()
         .filter(|p| !g.exclude.iter().any(|ex| p.matches(ex)));
-    for p in includes.chain(kept) {
-        if !points.contains(&p) {
-            points.push(p);
-        }
-    }
+    let mut seen: HashSet<Point> = HashSet::with_capacity(g.include.len());
+    let points: Vec<Point> = includes.chain(kept).filter(|p| seen.insert(*p)).collect();
     PointExpansion {
         points,
         unmatched_excludes,

@@ -482,7 +482,6 @@ pub async fn run_sweep<C: Into<Request>>(
                                 _ => "orchestrator shut down while the run was in flight".to_string(),
                             });
                         }
-                        *counts.entry(status.as_str().to_string()).or_default() += 1;
                         if let Some((peak, slot)) = predicted.remove(&id) {
                             if let Some(p) = peak {
                                 fit::annotate(&mut result.summary, p);
@@ -501,10 +500,19 @@ pub async fn run_sweep<C: Into<Request>>(
                                 steps: &result.steps,
                                 samples: &result.samples,
                             };
+                            // The outcome is told (event, progress line) only once it is
+                            // committed: a result that could not be recorded is reported as
+                            // what the database holds, a run in flight that `--resume` re-runs.
                             if let Err(e) = store.finish_run(run_id, &fin) {
+                                result.summary.status = Some(RunStatus::Interrupted);
+                                result.summary.cause = Some(format!(
+                                    "its result could not be recorded ({e}); `--resume` runs it again"
+                                ));
                                 store_error.get_or_insert(e);
                             }
                         }
+                        let status = result.summary.status.unwrap_or(RunStatus::Failed);
+                        *counts.entry(status.as_str().to_string()).or_default() += 1;
                         let label = queue
                             .entry(&id)
                             .map(|e| plan.specs[e.spec_index].label())

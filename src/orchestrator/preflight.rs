@@ -100,6 +100,14 @@ pub fn model_and_data(lp: &LoadedProfile, specs: &[RunSpec]) -> Result<(), Prefl
 /// Errors: as [`model_and_data`], or [`PreflightError::NoCuda`].
 pub fn preflight(lp: &LoadedProfile) -> Result<(), PreflightError> {
     model_and_data(lp, &grid::expand(lp))?;
+    cuda_build(lp)
+}
+
+/// Checks that a profile asking for CUDA devices (`cuda:N` or `cuda`) runs on a build with
+/// CUDA. Used by `profile check` and through [`preflight`].
+///
+/// Errors: [`PreflightError::NoCuda`].
+pub fn cuda_build(lp: &LoadedProfile) -> Result<(), PreflightError> {
     let wants_cuda = lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
     if wants_cuda && !candle_core::utils::cuda_is_available() {
         return Err(PreflightError::NoCuda {

@@ -77,8 +77,19 @@ impl ProfileError {
             .and_then(|sp| key_path_at(source, sp.start))
             .filter(|p| !p.is_empty())
             .map(|p| render_key_path(&p));
-        let (line, column) = span.map(|sp| line_col(source, sp.start)).unwrap_or((1, 1));
+        let (line, column) = span
+            .as_ref()
+            .map(|sp| line_col(source, sp.start))
+            .unwrap_or((1, 1));
         let mut message = e.message().trim().replace('\n', " ");
+        let mut key = key;
+        if let Some((k, m)) = span
+            .as_ref()
+            .and_then(|sp| conflict_message(&message, source, sp.start))
+        {
+            key = Some(k);
+            message = m;
+        }
         if key.is_none() {
             message = missing_section_message(&message).unwrap_or(message);
         }
@@ -105,6 +116,61 @@ impl ProfileError {
             message,
         }
     }
+}
+
+/// For toml's "duplicate key" and "cannot extend value of type T with a dotted key" (which
+/// name no key): the full key written at `offset` (its `[table]` header joined with the key
+/// on that line) and a message that names it.
+fn conflict_message(message: &str, source: &str, offset: usize) -> Option<(String, String)> {
+    let extend = message
+        .strip_prefix("cannot extend value of type ")
+        .and_then(|m| m.strip_suffix(" with a dotted key"));
+    if message != "duplicate key" && extend.is_none() {
+        return None;
+    }
+    let offset = offset.min(source.len());
+    let line_start = source[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = source[offset..]
+        .find('\n')
+        .map_or(source.len(), |i| offset + i);
+    let line = source[line_start..line_end].trim();
+    let unquote = |k: &str| -> String {
+        k.split('.')
+            .map(|seg| seg.trim().trim_matches(|c| c == '"' || c == '\''))
+            .collect::<Vec<_>>()
+            .join(".")
+    };
+    let written = if line.starts_with('[') {
+        // A `[table]` or `[[array]]` header: its name is the whole key.
+        unquote(line.trim_start_matches('[').split(']').next()?)
+    } else {
+        let here = unquote(line.split('=').next()?);
+        // The `[table]` this line sits in: the last header line above it.
+        let header = source[..line_start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .and_then(|l| l.trim_start_matches('[').split(']').next())
+            .map(unquote);
+        match header {
+            Some(h) if !h.is_empty() => format!("{h}.{here}"),
+            _ => here,
+        }
+    };
+    let message = match extend {
+        None => format!("duplicate key `{written}`: it is already set above; keep one of the two"),
+        Some(ty) => {
+            let parent = written
+                .rsplit_once('.')
+                .map_or(written.as_str(), |(p, _)| p);
+            format!(
+                "`{parent}` is already set to a value of type {ty}, so `{written}` cannot add a key under it; \
+                 write `{parent}` once, either as a value or as a table of keys"
+            )
+        }
+    };
+    Some((written, message))
 }
 
 /// A clearer message for a required top-level table that is absent (serde says "missing

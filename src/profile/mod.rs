@@ -41,6 +41,7 @@ pub use schema::{
     AXIS_MAX, Axes, DataSection, GridSection, LoraSection, ModelSection, PartialPoint, Profile,
     RunSection, parse_bytes,
 };
+pub use validate::MAX_GRID_POINTS;
 
 #[cfg(test)]
 mod tests;

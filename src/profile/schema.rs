@@ -293,6 +293,29 @@ impl Axes {
     }
 }
 
+impl Axes {
+    /// `(axis name, number of values)` for every axis, in [`Axes`] order.
+    pub fn lens(&self) -> [(&'static str, usize); 7] {
+        [
+            ("batch_size", self.batch_size.len()),
+            ("seq_len", self.seq_len.len()),
+            ("optimizer", self.optimizer.len()),
+            ("precision", self.precision.len()),
+            ("quant", self.quant.len()),
+            ("lora_rank", self.lora_rank.len()),
+            ("grad_checkpointing", self.grad_checkpointing.len()),
+        ]
+    }
+
+    /// The number of points of the factorial product (saturating at `u64::MAX`), computed
+    /// from the axis lengths without building a point.
+    pub fn factorial_len(&self) -> u64 {
+        self.lens()
+            .iter()
+            .fold(1u64, |acc, (_, n)| acc.saturating_mul(*n as u64))
+    }
+}
+
 /// Parses a byte size such as `8GiB`, `512 MiB`, `8GB` or `1024` (bytes), or a card name of
 /// [`Card`] (`rtx4060`: its memory capacity).
 /// Binary units: KiB MiB GiB TiB; decimal units: KB MB GB TB; `B` or none = bytes.

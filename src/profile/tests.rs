@@ -247,3 +247,43 @@ fn max_axis_values() {
     let e = parse_str(&both, "p.toml").unwrap_err().to_string();
     assert!(e.contains("one axis at a time"), "{e}");
 }
+
+#[test]
+fn duplicate_and_conflicting_keys_are_named() {
+    let dup =
+        "[model]\npreset = \"tiny\"\n[data]\npath = \"sample\"\n[run]\nsteps = 2\nsteps = 3\n";
+    let e = err(dup);
+    assert!(
+        e.starts_with("p.toml:7:1: run.steps: duplicate key `run.steps`"),
+        "{e}"
+    );
+    let dotted = "lora = 16\nlora.rank = 8\n[model]\npreset = \"tiny\"\n";
+    let e = err(dotted);
+    assert!(
+        e.contains("lora.rank") && e.contains("`lora` is already set to a value of type integer"),
+        "{e}"
+    );
+    let table = "[model]\npreset = \"tiny\"\n[model]\npreset = \"x\"\n";
+    let e = err(table);
+    assert!(e.contains("duplicate key `model`"), "{e}");
+}
+
+#[test]
+fn grid_over_the_cap_is_refused_with_its_count() {
+    let axis = |n: u32| {
+        let v: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
+        format!("[{}]", v.join(", "))
+    };
+    let src = format!(
+        "{GOOD}lora_rank = {}\ngrad_checkpointing = [false, true]\n",
+        axis(30_000)
+    );
+    let e = err(&src.replace("seq_len = [64, 128]\n", "seq_len = [64]\n"));
+    assert!(
+        e.contains("grid: the grid has 120,000 points (batch_size 2 x lora_rank 30000 x grad_checkpointing 2, before exclude); at most 100,000"),
+        "{e}"
+    );
+    // At the cap: accepted.
+    let ok = format!("{GOOD}lora_rank = {}\n", axis(25_000));
+    assert!(parse_str(&ok, "p.toml").is_ok());
+}

@@ -183,6 +183,7 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
             "\"max\" can be searched on one axis at a time: give seq_len numbers when batch_size has \"max\" (or the other way round)".into(),
         ));
     }
+    check_size(g, l.rank)?;
     check_axis(&g.batch_size, "batch_size", positive("batch_size"))?;
     check_axis(&g.seq_len, "seq_len", positive("seq_len"))?;
     check_axis(&g.optimizer, "optimizer", |_| Ok(()))?;
@@ -207,6 +208,53 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
         }
     }
     check_points(g, l.rank)
+}
+
+/// The most points a grid may have: the factorial product of its axes (counted before
+/// `exclude`) plus its `include` entries. A sweep of this many runs is already days of
+/// compute; a bigger one is almost always a typo (a range written out by a script).
+pub const MAX_GRID_POINTS: u64 = 100_000;
+
+/// Refuses a grid over [`MAX_GRID_POINTS`], counted from the axis lengths alone (no point
+/// is built, so an 8x10^8-point grid is refused at once and allocates nothing).
+fn check_size(g: &GridSection, default_rank: u32) -> Result<(), Invalid> {
+    let axes = Axes::from_grid(g, default_rank);
+    let count = axes.factorial_len().saturating_add(g.include.len() as u64);
+    if count <= MAX_GRID_POINTS {
+        return Ok(());
+    }
+    let lens = axes.lens();
+    let factors: Vec<String> = lens
+        .iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(name, n)| format!("{name} {n}"))
+        .collect();
+    let mut how = factors.join(" x ");
+    if !g.include.is_empty() {
+        how.push_str(&format!(" + {} include", g.include.len()));
+    }
+    Err((
+        vec![k("grid")],
+        format!(
+            "the grid has {} points ({how}, before exclude); at most {} are allowed: \
+             trim an axis or split the sweep into several profiles",
+            thousands(count),
+            thousands(MAX_GRID_POINTS)
+        ),
+    ))
+}
+
+/// `1234567` -> `1,234,567`.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// The number of `[grid]` axes.

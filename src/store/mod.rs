@@ -17,27 +17,10 @@ use crate::spec::wire::StepRecord;
 use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
+mod error;
 mod runs;
 
-/// Store errors.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The database cannot be opened or set up (WAL, schema).
-    #[error("database {path}: {source}")]
-    Open {
-        /// The database path as given.
-        path: String,
-        /// SQLite's error.
-        #[source]
-        source: rusqlite::Error,
-    },
-    /// A statement failed.
-    #[error("database: {0}")]
-    Sql(#[from] rusqlite::Error),
-    /// A JSON column does not parse (or a value does not serialise).
-    #[error("database: bad JSON in a stored row: {0}")]
-    Json(#[from] serde_json::Error),
-}
+pub use error::StoreError;
 
 type Result<T> = std::result::Result<T, StoreError>;
 
@@ -141,6 +124,21 @@ pub fn utc_timestamp(unix: f64) -> String {
     )
 }
 
+/// `s` with the characters that mean something in a SQLite URI path (`%`, `?`, `#`)
+/// percent-encoded.
+fn uri_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '?' => out.push_str("%3f"),
+            '#' => out.push_str("%23"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 /// The results database.
 pub struct Store {
     conn: Connection,
@@ -148,18 +146,79 @@ pub struct Store {
 
 impl Store {
     /// Opens (creating if needed) the database at `path`, in WAL mode.
+    ///
+    /// Errors: [`StoreError::Open`], its cause in words (a directory, a read-only directory
+    /// or file, a full disk, not a database).
     pub fn open(path: &Path) -> Result<Store> {
-        let conn = Connection::open(path).map_err(|source| StoreError::Open {
+        let open_err = |err| StoreError::Open {
             path: path.display().to_string(),
-            source,
-        })?;
+            err,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
         Self::init(conn).map_err(|e| match e {
-            StoreError::Sql(source) => StoreError::Open {
-                path: path.display().to_string(),
-                source,
-            },
+            StoreError::Sql(err) => open_err(err),
             e => e,
         })
+    }
+
+    /// Opens the database at `path` for reading only: nothing is created or written, so it
+    /// works on read-only media and in read-only directories. When the directory is
+    /// read-only and no WAL file holds pending results, the file is opened `immutable`
+    /// (SQLite then needs no `-shm` file).
+    ///
+    /// Errors: [`StoreError::Missing`] when there is no file; [`StoreError::WalNeedsWritableDir`]
+    /// when a non-empty `-wal` file sits in a directory SQLite cannot write; else
+    /// [`StoreError::Open`] with its cause in words.
+    pub fn open_read_only(path: &Path) -> Result<Store> {
+        use rusqlite::OpenFlags;
+        let display = path.display().to_string();
+        if !path.exists() {
+            return Err(StoreError::Missing { path: display });
+        }
+        let open_err = |err| StoreError::Open {
+            path: display.clone(),
+            err,
+        };
+        if path.is_dir() {
+            // SQLite's own answer ("unable to open") is explained from the file system.
+            return Err(open_err(rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                None,
+            )));
+        }
+        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+        let probe = |conn: Connection| -> rusqlite::Result<Store> {
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.query_row("SELECT count(*) FROM sweeps", [], |r| r.get::<_, i64>(0))?;
+            Ok(Store { conn })
+        };
+        let first = Connection::open_with_flags(path, flags).and_then(probe);
+        let err = match first {
+            Ok(store) => return Ok(store),
+            Err(e) => e,
+        };
+        let wal = std::path::PathBuf::from(format!("{}-wal", path.display()));
+        let wal_pending = std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0);
+        let cannot_index = matches!(
+            err.sqlite_error_code(),
+            Some(rusqlite::ErrorCode::CannotOpen | rusqlite::ErrorCode::ReadOnly)
+        );
+        if !cannot_index {
+            return Err(open_err(err));
+        }
+        if wal_pending {
+            return Err(StoreError::WalNeedsWritableDir { path: display });
+        }
+        let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        let uri = format!(
+            "file:{}?immutable=1",
+            uri_escape(&abs.display().to_string())
+        );
+        Connection::open_with_flags(uri, flags)
+            .and_then(probe)
+            .map_err(open_err)
     }
 
     /// An in-memory database (tests).

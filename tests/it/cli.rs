@@ -161,7 +161,12 @@ fn db_state(db: &Path) -> (HashMap<String, RunStatus>, HashMap<String, usize>) {
 }
 
 /// `lorascope run PROFILE --db DB` with the fake worker, stdout/stderr as given.
-fn spawn_sweep(profile: &Path, db: &Path, worker: &Path, piped: bool) -> std::process::Child {
+pub(crate) fn spawn_sweep(
+    profile: &Path,
+    db: &Path,
+    worker: &Path,
+    piped: bool,
+) -> std::process::Child {
     let io = || if piped { Stdio::piped() } else { Stdio::null() };
     bin()
         .arg("run")
@@ -190,7 +195,7 @@ fn resume_sweep(profile: &Path, db: &Path, worker: &Path) -> std::process::Outpu
 
 /// Poll the results database every 20 ms until `done` holds for the latest status per spec
 /// (30 s at most).
-fn wait_for_db(db: &Path, done: impl Fn(&HashMap<String, RunStatus>) -> bool) {
+pub(crate) fn wait_for_db(db: &Path, done: impl Fn(&HashMap<String, RunStatus>) -> bool) {
     let t0 = Instant::now();
     loop {
         assert!(

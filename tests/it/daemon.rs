@@ -264,17 +264,29 @@ fn socket_is_private_and_bad_clients_get_errors_while_the_daemon_lives_on() {
     line.clear();
     r.read_line(&mut line).unwrap();
     assert!(line.contains("\"type\":\"status\""), "{line}");
+    // A line that is not UTF-8 after hello: the same error reply, and the connection works.
+    s.write_all(b"{\"type\":\"st\xffatus\"}\n{\"type\":\"status\"}\n")
+        .unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    let v: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(v["type"], "error", "{line}");
+    assert!(v["message"].as_str().unwrap().contains("not UTF-8"), "{v}");
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    assert!(line.contains("\"type\":\"status\""), "{line}");
 
-    // No hello first; a foreign protocol version.
+    // No hello first; a foreign protocol version; a first line that is not UTF-8.
     for (msg, want) in [
-        ("{\"type\":\"status\"}\n", "hello"),
+        (&b"{\"type\":\"status\"}\n"[..], "hello"),
         (
-            "{\"type\":\"hello\",\"version\":99}\n",
+            &b"{\"type\":\"hello\",\"version\":99}\n"[..],
             "protocol version 99",
         ),
+        (&b"\xfe\xff hello\n"[..], "not UTF-8"),
     ] {
         let mut s = UnixStream::connect(env.socket()).unwrap();
-        s.write_all(msg.as_bytes()).unwrap();
+        s.write_all(msg).unwrap();
         let (line, _) = line_within(s, 10);
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["type"], "error", "{line}");

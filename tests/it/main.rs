@@ -10,6 +10,7 @@ mod chat;
 mod cli;
 mod daemon;
 mod engine;
+mod faults;
 mod layout;
 mod leak;
 mod memory;

@@ -9,14 +9,18 @@ use crate::grid;
 use crate::orchestrator::preflight;
 use crate::profile;
 
-/// Validates the profile at `path` (and its model and data, as before a sweep) and prints
+/// Validates the profile at `path` (and its model, data and devices, as before a sweep) and prints
 /// its expanded grid with ids; with `argv`, each point's worker command line too.
 ///
-/// Errors: the profile does not load, or its model or data fail the checks.
+/// Errors: the profile does not load, or its model or data fail the checks. A profile that
+/// asks for CUDA devices of a build without CUDA is listed with a warning on stderr.
 pub fn check(path: &Path, argv: bool) -> Result<()> {
     let lp = profile::load(path)?;
     let specs = grid::expand(&lp);
     preflight::model_and_data(&lp, &specs)?;
+    // A GPU profile is still checked on a machine without CUDA (before it is sent to a
+    // GPU machine), but it says that `run` refuses it here.
+    let no_cuda = preflight::cuda_build(&lp).err();
     let p = &lp.profile;
     let model = p
         .model
@@ -60,6 +64,12 @@ pub fn check(path: &Path, argv: bool) -> Result<()> {
         if argv {
             writeln!(out, "      lorascope {}", s.train_args().join(" "))?;
         }
+    }
+    if let Some(e) = no_cuda {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: {e} (`lorascope run` refuses this profile on this machine)"
+        );
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 
 use crate::cli::ReportArgs;
 use crate::report::{self, Format};
@@ -14,13 +14,7 @@ use crate::store::Store;
 ///
 /// Errors: no database at `--db`, no such sweep, or the database fails.
 pub fn run(args: &ReportArgs) -> Result<()> {
-    if !args.db.exists() {
-        bail!(
-            "no results database at {} (run a sweep first, or pass --db)",
-            args.db.display()
-        );
-    }
-    let store = Store::open(&args.db)?;
+    let store = Store::open_read_only(&args.db)?;
     if args.list {
         let mut out = std::io::stdout().lock();
         writeln!(

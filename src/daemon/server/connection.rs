@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::UnixStream;
-use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
+use tokio_util::codec::{Framed, LinesCodecError};
 
 use super::HELLO_TIMEOUT;
 use super::handlers::attach::{Next, Subscription};
@@ -16,9 +16,9 @@ use super::handlers::wait::Waiting;
 use super::handlers::{self, Outcome};
 use super::hub::Hub;
 use crate::daemon::error::DaemonError;
-use crate::daemon::protocol::{ClientMsg, ServerMsg, server_codec};
+use crate::daemon::protocol::{ClientMsg, Line, ServerCodec, ServerMsg, server_codec};
 
-type Conn = Framed<UnixStream, LinesCodec>;
+type Conn = Framed<UnixStream, ServerCodec>;
 
 /// Sends one message; `false` when the client is gone.
 async fn send(io: &mut Conn, msg: &ServerMsg) -> bool {
@@ -43,14 +43,15 @@ enum Incoming {
     Close(Option<DaemonError>),
 }
 
-fn incoming(line: Option<Result<String, LinesCodecError>>) -> Incoming {
+fn incoming(line: Option<Result<Line, LinesCodecError>>) -> Incoming {
     match line {
         None => Incoming::Close(None),
         Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
             Incoming::Close(Some(DaemonError::TooLong))
         }
         Some(Err(LinesCodecError::Io(_))) => Incoming::Close(None),
-        Some(Ok(line)) => match serde_json::from_str::<ClientMsg>(&line) {
+        Some(Ok(Line::NotUtf8)) => Incoming::Bad(DaemonError::NotUtf8),
+        Some(Ok(Line::Text(line))) => match serde_json::from_str::<ClientMsg>(&line) {
             Ok(m) => Incoming::Msg(Box::new(m)),
             Err(e) => Incoming::Bad(DaemonError::BadMessage(e)),
         },

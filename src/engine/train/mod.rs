@@ -3,6 +3,7 @@
 //! header, a [`StepRecord`] per step and a [`Summary`] at the end (`events.rs`).
 
 mod events;
+mod health;
 
 pub use events::{Header, TrainEvent, peak_rss_bytes, rss_bytes};
 
@@ -311,7 +312,8 @@ impl TestOnlyLeak {
 
 /// Run training, calling `emit` for the header, every step and the summary.
 ///
-/// Errors: anything from [`prepare`], out of memory during a step, a non-finite loss.
+/// Errors: anything from [`prepare`], out of memory during a step, a non-finite loss or a
+/// dead run ([`EngineError::Diverged`]).
 pub fn train(
     opts: &TrainOptions,
     mut emit: impl FnMut(&TrainEvent),
@@ -335,6 +337,7 @@ pub fn train(
         (None, Precision::Fp16) => Some(LossScaler::new(LossScalerConfig::default())),
         (None, _) => None,
     };
+    let mut health = health::Health::new(model.config().vocab_size, opts.precision);
     device.synchronize().ctx("synchronising the device")?;
     profiler::trim_pool(&device);
     let resident = profiler::pool_usage(&device).map(|u| u.used);
@@ -369,9 +372,7 @@ pub fn train(
         })
         .ctx("reading the loss")?;
         if !loss_v.is_finite() {
-            return Err(EngineError::Invalid(format!(
-                "loss became {loss_v} at step {step}; lower --lr or use --precision fp32"
-            )));
+            return Err(health.non_finite_loss(step, loss_v));
         }
         // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
         let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
@@ -383,6 +384,7 @@ pub fn train(
             Some(s) => s.update(grad_norm.is_finite()),
             None => false,
         };
+        health.check(step, loss_v, grad_norm, batch.target_tokens, skipped)?;
         if !skipped {
             let clip = if opts.max_grad_norm > 0.0 && grad_norm > opts.max_grad_norm {
                 opts.max_grad_norm / (grad_norm + 1e-6)
