@@ -18,6 +18,8 @@ use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
 mod runs;
+mod slurm;
+pub use slurm::SlurmRun;
 
 /// Store errors.
 #[derive(Debug, thiserror::Error)]

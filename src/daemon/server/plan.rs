@@ -141,6 +141,7 @@ pub(super) fn prepare(job: &Job, now: f64) -> Result<Prepared, DaemonError> {
             runs,
             devices,
             finished,
+            backend: Default::default(),
         },
         store,
         history,
