@@ -238,6 +238,8 @@ fn run_detached(args: &RunArgs) -> Result<()> {
     if !worker_overridden(args.worker.as_deref()) {
         preflight(&lp)?;
     }
+    let n_tasks = grid::expand(&lp).len() * lp.profile.run.repeats as usize;
+    orchestrator::backend::for_profile(&lp.profile, &lp.name(), &lp.base_dir, &args.db, n_tasks)?;
     let socket = args.socket.path();
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let submit = Submit {

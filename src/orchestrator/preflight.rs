@@ -100,7 +100,9 @@ pub fn model_and_data(lp: &LoadedProfile, specs: &[RunSpec]) -> Result<(), Prefl
 /// Errors: as [`model_and_data`], or [`PreflightError::NoCuda`].
 pub fn preflight(lp: &LoadedProfile) -> Result<(), PreflightError> {
     model_and_data(lp, &grid::expand(lp))?;
-    let wants_cuda = lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
+    // On Slurm the GPUs are on the nodes, not here.
+    let local = lp.profile.run.backend == crate::profile::Backend::Local;
+    let wants_cuda = local && lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
     if wants_cuda && !candle_core::utils::cuda_is_available() {
         return Err(PreflightError::NoCuda {
             file: lp.path.display().to_string(),

@@ -12,5 +12,6 @@ mod daemon;
 mod engine;
 mod orchestrator;
 mod quickstart;
+mod slurm;
 mod train_cli;
 mod ui;
