@@ -99,8 +99,10 @@ impl std::fmt::Display for RunStatus {
 pub enum WorkerLine {
     /// The `header` record, as JSON.
     Header(Value),
-    /// A `step` record (`t` reset to 0).
+    /// A `step` record (`t` as written: 0 unless the worker stamps its own clock).
     Step(StepRecord),
+    /// A `telemetry` record of a worker that samples itself (`--telemetry`).
+    Telemetry(TelemetrySample),
     /// The `summary` record, as JSON.
     Summary(Value),
     /// A JSON object of another (or no) type: ignored.
@@ -110,8 +112,8 @@ pub enum WorkerLine {
 }
 
 /// Classifies one stdout line by its `"type"` (the tags of [`wire::Event`]); lenient:
-/// unknown fields and types are ignored. A step's `t` is reset to 0 (the caller stamps the
-/// arrival time).
+/// unknown fields and types are ignored. A step's `t` is kept as written (a local caller
+/// stamps the arrival time over it).
 pub fn parse_worker_line(line: &str) -> WorkerLine {
     let trimmed = line.trim();
     let v: Value = match serde_json::from_str(trimmed) {
@@ -122,11 +124,12 @@ pub fn parse_worker_line(line: &str) -> WorkerLine {
         Some("header") => WorkerLine::Header(v),
         Some("summary") => WorkerLine::Summary(v),
         Some("step") => match serde_json::from_value::<StepRecord>(v) {
-            Ok(mut s) => {
-                s.t = 0.0;
-                WorkerLine::Step(s)
-            }
+            Ok(s) => WorkerLine::Step(s),
             Err(e) => WorkerLine::Warning(format!("malformed step line ({e}): {trimmed}")),
+        },
+        Some("telemetry") => match serde_json::from_value::<TelemetrySample>(v) {
+            Ok(s) => WorkerLine::Telemetry(s),
+            Err(e) => WorkerLine::Warning(format!("malformed telemetry line ({e}): {trimmed}")),
         },
         _ => WorkerLine::Other(v),
     }

@@ -1,5 +1,8 @@
 //! Telemetry while a run is in flight: an NVML sampler per GPU run (>= 10 Hz) or, for CPU
-//! runs, the child's resident set size from `/proc/<pid>/status`.
+//! runs, the child's resident set size from `/proc/<pid>/status`. The orchestrator samples
+//! its children with it (local backend); `lorascope train --telemetry` samples itself with it
+//! (a cluster node, where no orchestrator runs) and writes the samples as
+//! [`crate::spec::wire`] `telemetry` lines.
 //!
 //! Every sample field is optional: what could not be read is `None`. When NVML cannot be
 //! loaded (no driver: CPU machines, CI), GPU fields stay `None` and the reason is recorded once
@@ -12,41 +15,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::spec::Device;
+pub use crate::spec::wire::TelemetrySample;
 
 /// Default sampling period (10 Hz).
 pub const SAMPLE_PERIOD: Duration = Duration::from_millis(100);
-
-/// One telemetry sample. Units are in the field names.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct TelemetrySample {
-    /// Seconds since the child was spawned.
-    pub t: f64,
-    /// NVML device index (physical), `None` for CPU runs.
-    pub gpu: Option<u32>,
-    /// Board power draw (W).
-    pub power_w: Option<f64>,
-    /// NVML total-energy counter since driver load (mJ); absolute, so use differences.
-    pub energy_mj: Option<f64>,
-    /// Device memory used by all processes (bytes).
-    pub mem_used_bytes: Option<u64>,
-    /// Device memory used by the run's process (bytes).
-    pub proc_mem_bytes: Option<u64>,
-    /// GPU utilisation (%).
-    pub util_pct: Option<u32>,
-    /// SM clock (MHz).
-    pub sm_clock_mhz: Option<u32>,
-    /// GPU temperature (°C).
-    pub temp_c: Option<u32>,
-    /// Enforced power limit (W).
-    pub power_limit_w: Option<f64>,
-    /// The child's VmRSS (bytes).
-    pub rss_bytes: Option<u64>,
-    /// The child's VmHWM, peak RSS so far (bytes).
-    pub hwm_bytes: Option<u64>,
-}
 
 /// Reads `VmRSS` and `VmHWM` (bytes) of a process from `/proc/<pid>/status`.
 pub fn read_proc_rss(pid: u32) -> (Option<u64>, Option<u64>) {

@@ -21,6 +21,9 @@ pub struct Headless {
     started: usize,
     /// Each started run's number and label.
     pos: HashMap<String, (usize, String)>,
+    /// Each entry's latest run id: a second `RunStarted` of the same run (a Slurm task
+    /// that was queued and now runs on a node) keeps its number.
+    run_of: HashMap<String, i64>,
 }
 
 impl Headless {
@@ -32,6 +35,7 @@ impl Headless {
             total: 0,
             started: 0,
             pos: HashMap::new(),
+            run_of: HashMap::new(),
         }
     }
 
@@ -55,14 +59,25 @@ impl Headless {
                 };
             }
             Event::RunStarted {
-                id, label, device, ..
+                id,
+                label,
+                device,
+                run_id,
+                ..
             } => {
-                self.started += 1;
-                self.pos.insert(id.clone(), (self.started, label.clone()));
+                let n = match self.pos.get(id) {
+                    Some((n, _)) if self.run_of.get(id) == Some(run_id) => *n,
+                    _ => {
+                        self.started += 1;
+                        self.started
+                    }
+                };
+                self.pos.insert(id.clone(), (n, label.clone()));
+                self.run_of.insert(id.clone(), *run_id);
                 let _ = writeln!(
                     err,
-                    "[{}/{}] {id} {label}: started on {device}",
-                    self.started, self.total
+                    "[{n}/{}] {id} {label}: started on {device}",
+                    self.total
                 );
             }
             Event::Step { id, record }

@@ -25,7 +25,6 @@ use crate::orchestrator::preflight::{load_profile, preflight, profile_key};
 use crate::orchestrator::{
     self, Command, Event, OrchestratorConfig, SweepOutcome, SweepPlan, plan_runs,
 };
-use crate::profile;
 use crate::report::{self, Format};
 use crate::store::Store;
 
@@ -44,8 +43,16 @@ pub fn run(args: RunArgs) -> Result<()> {
         preflight(&lp)?;
     }
     let repeats = lp.profile.run.repeats;
-    let devices = profile::resolve_devices(&lp.profile.run.devices)
+    let devices = orchestrator::backend::devices(&lp.profile)
         .map_err(|e| anyhow::anyhow!("{}: {e}", lp.path.display()))?;
+    // Slurm's checks come before anything is recorded.
+    let mut backend = orchestrator::backend::for_profile(
+        &lp.profile,
+        &lp.name(),
+        &lp.base_dir,
+        &args.db,
+        specs.len() * repeats as usize,
+    )?;
     let profile_key = profile_key(&lp);
     let mut store = Store::open(&args.db)?;
 
@@ -56,7 +63,14 @@ pub fn run(args: RunArgs) -> Result<()> {
     };
     let (sweep_id, runs, already_done) = match resumed {
         Some(sw) => {
-            let interrupted = store.mark_interrupted(sw.id)?;
+            let (interrupted, attached) =
+                orchestrator::backend::resume_rows(&mut backend, &store, sw.id, &specs, repeats)?;
+            if attached > 0 {
+                eprintln!(
+                    "resuming sweep {}: following {attached} task(s) still on Slurm",
+                    sw.id
+                );
+            }
             let statuses = store.latest_statuses(sw.id)?;
             let (runs, finished) = plan_runs(specs.len(), repeats, |i, r| {
                 statuses
@@ -101,6 +115,7 @@ pub fn run(args: RunArgs) -> Result<()> {
         already_done,
         devices,
         finished: vec![],
+        backend,
     };
     let steps = lp.profile.run.steps;
     let dashboard = !args.headless
@@ -327,6 +342,8 @@ fn run_detached(args: &RunArgs) -> Result<()> {
     if !worker_overridden(args.worker.as_deref()) {
         preflight(&lp)?;
     }
+    let n_tasks = grid::expand(&lp).len() * lp.profile.run.repeats as usize;
+    orchestrator::backend::for_profile(&lp.profile, &lp.name(), &lp.base_dir, &args.db, n_tasks)?;
     let socket = args.socket.path();
     let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf());
     let submit = Submit {

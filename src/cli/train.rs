@@ -99,6 +99,21 @@ pub struct TrainArgs {
     /// Print JSON lines on stdout (for the orchestrator) instead of human-readable progress.
     #[arg(long)]
     pub json: bool,
+    /// With --json: sample this process's own telemetry (NVML on CUDA devices, RSS on CPU,
+    /// 10 Hz) and write `telemetry` lines between the others, and stamp each step with the
+    /// same clock (`t`, seconds since start). For nodes where no orchestrator runs (Slurm).
+    #[arg(long, requires = "json")]
+    pub telemetry: bool,
+}
+
+/// The NVML index of CUDA ordinal `ordinal` of this process: the `ordinal`-th entry of
+/// `CUDA_VISIBLE_DEVICES` when it is a plain index list (what Slurm and the local
+/// orchestrator set, with `CUDA_DEVICE_ORDER=PCI_BUS_ID`), else `ordinal` itself.
+pub fn nvml_index(ordinal: u32, visible: Option<&str>) -> u32 {
+    visible
+        .and_then(|v| v.split(',').nth(ordinal as usize))
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(ordinal)
 }
 
 /// `--format` values: the [`DataFormat`] spellings.
@@ -324,25 +339,69 @@ fn human(ev: &TrainEvent) {
                 eprintln!("adapters saved to {d} (PEFT format)");
             }
         }
+        TrainEvent::Telemetry(_) => {}
     }
 }
 
 /// Run `lorascope train`; returns the process exit status.
 pub fn run(args: &TrainArgs) -> i32 {
+    let t0 = std::time::Instant::now();
+    // One complete line per write under stdout's lock: lines of the steps and of the sampler
+    // thread never interleave, and a reader of the file they are appended to sees whole lines.
+    let write_line = |line: &str| {
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(format!("{line}\n").as_bytes());
+        let _ = out.flush();
+    };
+    let sampler = match (args.telemetry, args.device.parse::<crate::spec::Device>()) {
+        (true, Ok(device)) => {
+            let device = match device {
+                crate::spec::Device::Cuda(i) => {
+                    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok();
+                    crate::spec::Device::Cuda(nvml_index(i, visible.as_deref()))
+                }
+                d => d,
+            };
+            Some(crate::telemetry::Sampler::start(
+                device,
+                std::process::id(),
+                t0,
+                crate::telemetry::SAMPLE_PERIOD,
+                Box::new(move |s| {
+                    let ev = crate::spec::wire::Event::<()>::Telemetry(s.clone());
+                    if let Ok(line) = serde_json::to_string(&ev) {
+                        write_line(&line);
+                    }
+                }),
+            ))
+        }
+        _ => None,
+    };
     let result = args.to_options().and_then(|opts| {
-        let stdout = std::io::stdout();
         train(&opts, |ev| {
             if args.json {
-                let mut out = stdout.lock();
-                if let Ok(line) = serde_json::to_string(ev) {
-                    let _ = writeln!(out, "{line}");
-                    let _ = out.flush();
+                let line = match ev {
+                    TrainEvent::Step(s) if args.telemetry => {
+                        let mut s = s.clone();
+                        s.t = t0.elapsed().as_secs_f64();
+                        serde_json::to_string(&TrainEvent::Step(s))
+                    }
+                    _ => serde_json::to_string(ev),
+                };
+                if let Ok(line) = line {
+                    write_line(&line);
                 }
             } else {
                 human(ev);
             }
         })
     });
+    if let Some(s) = sampler {
+        let (_, note) = s.finish();
+        if let Some(note) = note {
+            eprintln!("lorascope train: telemetry: {note}");
+        }
+    }
     match result {
         Ok(_) => EXIT_OK,
         Err(e) => {

@@ -122,6 +122,9 @@ pub enum DaemonError {
     /// The profile's `run.devices` cannot be resolved.
     #[error("{0}")]
     Devices(String),
+    /// The Slurm backend's checks or commands failed.
+    #[error(transparent)]
+    Slurm(#[from] crate::orchestrator::backend::slurm::SlurmError),
     /// The results database failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -6,6 +6,8 @@
 //! Each finished run is written to the [`Store`] in one transaction before its slot starts
 //! the next run.
 
+pub mod backend;
+mod control;
 pub mod fit;
 mod launch;
 pub mod preflight;
@@ -18,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
+pub use backend::Backend;
 pub use process::{RunRequest, RunResult, WorkerCommand};
 pub use queue::{Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueError, QueueSnapshot};
 
@@ -27,6 +30,8 @@ use crate::spec::wire::StepRecord;
 use crate::store::{FinishedRun, Store, StoreError};
 use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
+use backend::slurm::driver::{Driver, Submit, Update, device_text};
+use control::{apply_effect, handle_command, submit_batch};
 use fit::MemoryCheck;
 
 /// Where `Move` puts a queued run.
@@ -189,6 +194,8 @@ pub struct SweepPlan {
     /// Entries that already have an outcome (a daemon restarting a sweep): kept in queue
     /// snapshots for display and `Retry`, never launched. May be empty.
     pub finished: Vec<(PlannedRun, RunStatus)>,
+    /// Where the runs execute (local child processes, or Slurm).
+    pub backend: Backend,
 }
 
 /// Orchestrator settings.
@@ -214,6 +221,8 @@ pub fn entry_id(spec_id: &str, repeat: u32, repeats: u32) -> EntryId {
 enum Internal {
     Msg(EntryId, process::RunMsg),
     Done(EntryId, Box<RunResult>),
+    /// A Slurm task left running when the orchestrator stops (its `JOB_TASK` key).
+    Detached(EntryId, String),
 }
 
 struct InFlight {
@@ -270,7 +279,20 @@ pub async fn run_sweep<C: Into<Request>>(
     // Launch order = the order of the queued entries; finished ones are display-only.
     let mut all = entries.clone();
     all.extend(done.iter().cloned());
-    let mut queue = Queue::new(all, devices.len());
+    // On Slurm every entry can be handed over at once: Slurm (`%N`) limits what runs.
+    let mut slurm = match &plan.backend {
+        Backend::Local => None,
+        Backend::Slurm(b) => Some(Driver::new(
+            (**b).clone(),
+            plan.sweep_id,
+            cfg.worker.program.clone(),
+        )),
+    };
+    let n_slots = match slurm {
+        Some(_) => all.len(),
+        None => devices.len(),
+    };
+    let mut queue = Queue::new(all, n_slots);
     let emit = |e: Event| {
         let _ = events.send(e);
     };
@@ -307,6 +329,8 @@ pub async fn run_sweep<C: Into<Request>>(
                         store,
                         &plan,
                         &events,
+                        &mut slurm,
+                        &itx,
                     ) {
                         store_error.get_or_insert(e);
                     }
@@ -315,7 +339,8 @@ pub async fn run_sweep<C: Into<Request>>(
                 Err(mpsc::error::TryRecvError::Disconnected) => commands_open = false,
             }
         }
-        // Launch what can be launched.
+        // Launch what can be launched (on Slurm: collect one submission).
+        let mut batch: Vec<(Submit, i64, u32)> = Vec::new();
         while store_error.is_none() {
             let Some((slot, id)) = queue.next_launch() else {
                 break;
@@ -324,49 +349,95 @@ pub async fn run_sweep<C: Into<Request>>(
                 break;
             };
             let spec = &plan.specs[entry.spec_index];
-            let device = devices[slot];
-            let prediction = memory.predict(spec, slot);
-            let refusal = launch::refusal(&prediction, spec);
-            let prediction = prediction.ok();
-            predicted.insert(
-                id.clone(),
-                (prediction.as_ref().map(|p| p.estimate.peak), slot),
-            );
-            if let Some((status, cause)) = refusal {
-                let status = queue.finish(&id, status);
-                *counts.entry(status.as_str().to_string()).or_default() += 1;
-                let summary = RunSummary {
-                    status: Some(status),
-                    cause: Some(cause),
-                    predicted_peak_bytes: prediction.as_ref().map(|p| p.estimate.peak),
-                    ..RunSummary::default()
-                };
-                let dev = device.to_string();
-                let run_id = launch::record_not_run(
-                    store,
-                    plan.sweep_id,
-                    spec,
-                    entry.repeat,
-                    &dev,
-                    &summary,
-                )
-                .map_err(|e| store_error = Some(e))
-                .ok();
-                emit(Event::RunFinished {
-                    id,
-                    run_id,
-                    label: spec.label(),
-                    summary: Box::new(summary),
-                });
-                emit(Event::QueueChanged {
-                    queue: queue.snapshot(),
-                });
+            // The memory check and `"max"` probing are local: on Slurm the GPUs are on the nodes.
+            let mut max_plan = None;
+            if slurm.is_none() {
+                let device = devices[slot];
+                let prediction = memory.predict(spec, slot);
+                let refusal = launch::refusal(&prediction, spec);
+                let prediction = prediction.ok();
+                predicted.insert(
+                    id.clone(),
+                    (prediction.as_ref().map(|p| p.estimate.peak), slot),
+                );
+                if let Some((status, cause)) = refusal {
+                    let status = queue.finish(&id, status);
+                    *counts.entry(status.as_str().to_string()).or_default() += 1;
+                    let summary = RunSummary {
+                        status: Some(status),
+                        cause: Some(cause),
+                        predicted_peak_bytes: prediction.as_ref().map(|p| p.estimate.peak),
+                        ..RunSummary::default()
+                    };
+                    let dev = device.to_string();
+                    let run_id = launch::record_not_run(
+                        store,
+                        plan.sweep_id,
+                        spec,
+                        entry.repeat,
+                        &dev,
+                        &summary,
+                    )
+                    .map_err(|e| store_error = Some(e))
+                    .ok();
+                    emit(Event::RunFinished {
+                        id,
+                        run_id,
+                        label: spec.label(),
+                        summary: Box::new(summary),
+                    });
+                    emit(Event::QueueChanged {
+                        queue: queue.snapshot(),
+                    });
+                    continue;
+                }
+                max_plan = prediction
+                    .as_ref()
+                    .and_then(|p| launch::MaxPlan::of(p, matches!(device, Device::Cuda(_))));
+            }
+            let argv = spec.train_args();
+            if let Some(drv) = slurm.as_mut() {
+                if let Some(a) = drv.take_attached(&id) {
+                    let key = drv.attach(&id, &a, spec.config.warmup_steps);
+                    in_flight.insert(
+                        id.clone(),
+                        InFlight {
+                            run_id: a.run_id,
+                            kill: None,
+                        },
+                    );
+                    emit(Event::RunStarted {
+                        id: id.clone(),
+                        run_id: a.run_id,
+                        label: spec.label(),
+                        device: device_text(&key, None),
+                        attempt: a.attempt.max(entry.attempts),
+                    });
+                    continue;
+                }
+                match store.start_run(plan.sweep_id, spec, entry.repeat, "slurm", &argv) {
+                    Ok(run_id) => {
+                        in_flight.insert(id.clone(), InFlight { run_id, kill: None });
+                        let warmup_steps = spec.config.warmup_steps;
+                        batch.push((
+                            Submit {
+                                entry: id,
+                                argv,
+                                warmup_steps,
+                            },
+                            run_id,
+                            entry.attempts,
+                        ));
+                    }
+                    Err(e) => {
+                        store_error = Some(e);
+                        queue.finish(&id, RunStatus::Interrupted);
+                        break;
+                    }
+                }
                 continue;
             }
-            let max_plan = prediction
-                .as_ref()
-                .and_then(|p| launch::MaxPlan::of(p, matches!(device, Device::Cuda(_))));
-            let argv = spec.train_args();
+            let device = devices[slot];
             let run_id = match store.start_run(
                 plan.sweep_id,
                 spec,
@@ -447,9 +518,32 @@ pub async fn run_sweep<C: Into<Request>>(
                 queue: queue.snapshot(),
             });
         }
+        if let Some(drv) = slurm.as_mut()
+            && !batch.is_empty()
+        {
+            submit_batch(
+                drv,
+                &batch,
+                store,
+                &plan,
+                &queue,
+                &itx,
+                &events,
+                &mut store_error,
+            );
+        }
         if store_error.is_some() && !queue.is_shutting_down() {
             for eff in queue.apply(&Command::Shutdown).unwrap_or_default() {
-                let _ = apply_effect(eff, &mut in_flight, store, &plan, &queue);
+                let _ = apply_effect(
+                    eff,
+                    &mut in_flight,
+                    store,
+                    &plan,
+                    &queue,
+                    &mut slurm,
+                    &itx,
+                    &events,
+                );
             }
         }
         if queue.is_finished() {
@@ -462,13 +556,59 @@ pub async fn run_sweep<C: Into<Request>>(
                     commands_open = false;
                     continue;
                 };
-                if let Some(e) = handle_command(cmd.into(), &mut queue, &mut in_flight, store, &plan, &events) {
+                if let Some(e) = handle_command(cmd.into(), &mut queue, &mut in_flight, store, &plan, &events, &mut slurm, &itx) {
                     store_error.get_or_insert(e);
+                }
+            }
+            _ = tokio::time::sleep(slurm.as_ref().map(Driver::poll_period).unwrap_or_default()),
+                if slurm.as_ref().is_some_and(Driver::busy) => {
+                let updates = match slurm.as_mut() {
+                    Some(d) => d.poll().await,
+                    None => Vec::new(),
+                };
+                for u in updates {
+                    match u {
+                        Update::Step(id, record) => emit(Event::Step { id, record }),
+                        Update::Telemetry(id, sample) => emit(Event::Telemetry { id, sample }),
+                        Update::Warning(id, message) => emit(Event::Warning { id, message }),
+                        Update::Placed(id, device) => {
+                            let Some(run_id) = in_flight.get(&id).map(|f| f.run_id) else { continue };
+                            if let Err(e) = store.set_run_device(run_id, &device) {
+                                store_error.get_or_insert(e);
+                            }
+                            let (label, attempt) = queue
+                                .entry(&id)
+                                .map(|e| (plan.specs[e.spec_index].label(), e.attempts))
+                                .unwrap_or_default();
+                            emit(Event::RunStarted { id, run_id, label, device, attempt });
+                        }
+                        Update::Done(id, result) => {
+                            let _ = itx.send(Internal::Done(id, result));
+                        }
+                    }
                 }
             }
             msg = irx.recv() => {
                 let Some(msg) = msg else { break };
                 match msg {
+                    Internal::Detached(id, key) => {
+                        let status = queue.finish(&id, RunStatus::Interrupted);
+                        *counts.entry(status.as_str().to_string()).or_default() += 1;
+                        let run_id = in_flight.remove(&id).map(|f| f.run_id);
+                        let label = queue
+                            .entry(&id)
+                            .map(|e| plan.specs[e.spec_index].label())
+                            .unwrap_or_default();
+                        let summary = RunSummary {
+                            status: Some(status),
+                            cause: Some(format!(
+                                "orchestrator stopped: Slurm task {key} goes on; `--resume` follows it again (`scancel {key}` stops it)"
+                            )),
+                            ..RunSummary::default()
+                        };
+                        emit(Event::RunFinished { id, run_id, label, summary: Box::new(summary) });
+                        emit(Event::QueueChanged { queue: queue.snapshot() });
+                    }
                     Internal::Msg(id, process::RunMsg::Step(record)) => emit(Event::Step { id, record }),
                     Internal::Msg(id, process::RunMsg::Telemetry(sample)) => emit(Event::Telemetry { id, sample }),
                     Internal::Msg(id, process::RunMsg::Warning(message)) => emit(Event::Warning { id: Some(id), message }),
@@ -533,71 +673,5 @@ pub async fn run_sweep<C: Into<Request>>(
     match store_error {
         Some(e) => Err(e),
         None => Ok(SweepOutcome { counts, shutdown }),
-    }
-}
-
-/// Applies a command to the queue, carries out its effects and reports the result (as an
-/// event, and on the request's reply channel if it has one).
-fn handle_command(
-    req: Request,
-    queue: &mut Queue,
-    in_flight: &mut HashMap<EntryId, InFlight>,
-    store: &Store,
-    plan: &SweepPlan,
-    events: &mpsc::UnboundedSender<Event>,
-) -> Option<StoreError> {
-    let mut err = None;
-    let Request {
-        command: cmd,
-        reply,
-    } = req;
-    match queue.apply(&cmd) {
-        Ok(effects) => {
-            if let Some(r) = reply {
-                let _ = r.send(Ok(()));
-            }
-            for eff in effects {
-                if let Some(e) = apply_effect(eff, in_flight, store, plan, queue) {
-                    err.get_or_insert(e);
-                }
-            }
-            let _ = events.send(Event::QueueChanged {
-                queue: queue.snapshot(),
-            });
-        }
-        Err(e) => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(e.clone()));
-            }
-            let _ = events.send(Event::CommandRejected {
-                command: cmd,
-                reason: e.to_string(),
-            });
-        }
-    }
-    err
-}
-
-/// Carries out a queue effect; returns a store error if recording failed.
-fn apply_effect(
-    eff: Effect,
-    in_flight: &mut HashMap<EntryId, InFlight>,
-    store: &Store,
-    plan: &SweepPlan,
-    queue: &Queue,
-) -> Option<StoreError> {
-    match eff {
-        Effect::Kill { id, .. } => {
-            if let Some(k) = in_flight.get_mut(&id).and_then(|f| f.kill.take()) {
-                let _ = k.send(());
-            }
-            None
-        }
-        Effect::RecordSkipped { id } => {
-            let e = queue.entry(&id)?;
-            store
-                .record_skipped(plan.sweep_id, &plan.specs[e.spec_index], e.repeat)
-                .err()
-        }
     }
 }

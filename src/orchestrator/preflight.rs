@@ -108,7 +108,9 @@ pub fn preflight(lp: &LoadedProfile) -> Result<(), PreflightError> {
 ///
 /// Errors: [`PreflightError::NoCuda`].
 pub fn cuda_build(lp: &LoadedProfile) -> Result<(), PreflightError> {
-    let wants_cuda = lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
+    // On Slurm the GPUs are on the nodes, not here.
+    let local = lp.profile.run.backend == crate::profile::Backend::Local;
+    let wants_cuda = local && lp.profile.run.devices.iter().any(|d| d.starts_with("cuda"));
     if wants_cuda && !candle_core::utils::cuda_is_available() {
         return Err(PreflightError::NoCuda {
             file: lp.path.display().to_string(),

@@ -202,7 +202,8 @@ pub async fn execute(
                         }
                         WorkerLine::Header(v) => result.header = Some(v),
                         WorkerLine::Summary(v) => result.worker_summary = Some(v),
-                        WorkerLine::Other(_) => {}
+                        // The orchestrator samples local children itself.
+                        WorkerLine::Other(_) | WorkerLine::Telemetry(_) => {}
                         WorkerLine::Warning(w) => { let _ = tx.send(RunMsg::Warning(w)); }
                     },
                     Ok(None) | Err(_) => stdout = None,

@@ -68,6 +68,9 @@ pub enum QueueError {
     NotDone(EntryId),
     #[error("the sweep is shutting down")]
     ShuttingDown,
+    /// The backend (e.g. Slurm's policy) refused the command: its message.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// A view of the queue for events and UIs.

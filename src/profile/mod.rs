@@ -1,7 +1,7 @@
 //! Sweep profiles: the TOML schema (`profiles/*.toml`), validation, and error messages that
 //! point at `file:line:column` and the key at fault.
 //!
-//! A profile has six sections; unknown keys are rejected everywhere:
+//! A profile has seven sections; unknown keys are rejected everywhere:
 //!
 //! ```toml
 //! [model]  preset = "tiny"            # or path = "models/qwen" (a directory); exactly one
@@ -13,6 +13,8 @@
 //!          quant = ["none"], lora_rank = [8], grad_checkpointing = [false]
 //! [[grid.exclude]]  seq_len = 128, batch_size = 2      # prune matching factorial points
 //! [[grid.include]]  batch_size = 4                     # add a point (unset axes: first value)
+//! [slurm]  partition = "gpu", gres = "gpu:1", time = "01:00:00", array_parallelism = 8
+//!          # with [run] backend = "slurm"; also account, qos, extra_args, workdir
 //! ```
 //!
 //! Every grid axis is optional; an absent axis has one value (batch_size 1, seq_len 256,
@@ -38,8 +40,8 @@ pub use devices::{ALL_GPUS, resolve_devices, resolve_devices_with};
 pub use error::{KeySeg, ProfileError, line_col, render_key_path};
 pub use load::{EMBEDDED_QUICKSTART, LoadedProfile, load, load_embedded, parse_str};
 pub use schema::{
-    AXIS_MAX, Axes, DataSection, GridSection, LoraSection, ModelSection, PartialPoint, Profile,
-    RunSection, parse_bytes,
+    AXIS_MAX, Axes, Backend, DataSection, GridSection, LoraSection, ModelSection, PartialPoint,
+    Profile, RunSection, SlurmSection, parse_bytes,
 };
 pub use validate::MAX_GRID_POINTS;
 

@@ -25,6 +25,73 @@ pub struct Profile {
     /// `[grid]` (optional: one point of default axis values).
     #[serde(default)]
     pub grid: GridSection,
+    /// `[slurm]` (optional): how `run.backend = "slurm"` submits. Only read by that backend;
+    /// a `[slurm]` table with `backend = "local"` is refused (it would be silently unused).
+    #[serde(default)]
+    pub slurm: Option<SlurmSection>,
+}
+
+/// Where a sweep's runs execute (`run.backend`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// Child processes on this machine, one at a time per entry of `run.devices`.
+    #[default]
+    Local,
+    /// One Slurm job array per submission, one task per point (`[slurm]`).
+    Slurm,
+}
+
+/// `[slurm]`: the `sbatch` options of the one job array a submission makes. Every key is
+/// optional; absent ones leave the cluster's default (partition, account, QOS, time limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlurmSection {
+    /// `--partition` (default: the cluster's default partition).
+    #[serde(default)]
+    pub partition: Option<String>,
+    /// `--gres` per task (default `gpu:1`; `""` = no gres, for CPU partitions).
+    #[serde(default = "default_gres")]
+    pub gres: String,
+    /// `--time` per task, in Slurm's syntax (`MM`, `HH:MM:SS`, `D-HH`...).
+    #[serde(default)]
+    pub time: Option<String>,
+    /// `--account`.
+    #[serde(default)]
+    pub account: Option<String>,
+    /// `--qos`.
+    #[serde(default)]
+    pub qos: Option<String>,
+    /// At most this many tasks of the array run at once (`--array=...%N`; default: no limit).
+    #[serde(default)]
+    pub array_parallelism: Option<u32>,
+    /// Options passed to `sbatch` verbatim, after the generated ones (e.g. `["--mem=16G"]`).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    /// A directory every node sees, for the batch scripts, the workers' JSON lines and their
+    /// logs (`<workdir>/<sweep id>/`). Default: `lorascope-slurm/` next to the results
+    /// database. Relative paths are relative to the profile.
+    #[serde(default)]
+    pub workdir: Option<String>,
+}
+
+fn default_gres() -> String {
+    "gpu:1".to_string()
+}
+
+impl Default for SlurmSection {
+    fn default() -> Self {
+        SlurmSection {
+            partition: None,
+            gres: default_gres(),
+            time: None,
+            account: None,
+            qos: None,
+            array_parallelism: None,
+            extra_args: Vec::new(),
+            workdir: None,
+        }
+    }
 }
 
 /// `[model]`: a preset name (e.g. `tiny`, `qwen2.5-1.5b`) or a model directory. Exactly one.
@@ -129,6 +196,10 @@ pub struct RunSection {
     /// its stated error) instead of recording them `predicted-oom`, to check the prediction.
     #[serde(default)]
     pub verify_oom: bool,
+    /// `local` (default) or `slurm` (see `[slurm]`). With `slurm`, `devices` names the one
+    /// device each task uses (`["cpu"]` or `["cuda:0"]`, the GPU Slurm gives the task).
+    #[serde(default)]
+    pub backend: Backend,
 }
 
 fn default_repeats() -> u32 {

@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::devices::ALL_GPUS;
 use super::error::{KeySeg, k};
-use super::schema::{Axes, GridSection, PartialPoint, Profile, parse_bytes};
+use super::schema::{Axes, Backend, GridSection, PartialPoint, Profile, parse_bytes};
 use crate::spec::Device;
 
 /// A key path at fault and what is wrong there.
@@ -175,6 +175,7 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
             "vram_limit emulates a smaller GPU and needs CUDA devices (devices = [\"cuda:0\"]); remove it for CPU runs".into(),
         ));
     }
+    check_slurm(p)?;
     let g = &p.grid;
     let has_max = |a: &Option<Vec<u32>>| a.as_ref().is_some_and(|v| v.contains(&super::AXIS_MAX));
     if has_max(&g.batch_size) && has_max(&g.seq_len) {
@@ -334,6 +335,51 @@ fn check_points(g: &GridSection, default_rank: u32) -> Result<(), Invalid> {
             vec![k("grid")],
             "the grid has no points left after `exclude`".into(),
         ));
+    }
+    Ok(())
+}
+
+/// `run.backend` and `[slurm]`: a `[slurm]` table needs `backend = "slurm"`; on Slurm each task
+/// uses one device (`cpu` or `cuda:0`, the GPU Slurm gives it); no key may be empty.
+fn check_slurm(p: &Profile) -> Result<(), Invalid> {
+    if p.run.backend != Backend::Slurm {
+        if p.slurm.is_none() {
+            return Ok(());
+        }
+        return Err((
+            vec![k("slurm")],
+            "a [slurm] table is only used with `backend = \"slurm\"` in [run]: add it, or remove [slurm]".into(),
+        ));
+    }
+    let one = p.run.devices.len() == 1 && matches!(p.run.devices[0].as_str(), "cpu" | "cuda:0");
+    if !one {
+        return Err((
+            vec![k("run"), k("devices")],
+            "with backend = \"slurm\" each task uses one device: devices = [\"cuda:0\"] (the GPU Slurm gives it) or [\"cpu\"]; parallelism is slurm.array_parallelism".into(),
+        ));
+    }
+    let Some(s) = &p.slurm else {
+        return Ok(());
+    };
+    if s.array_parallelism == Some(0) {
+        return Err((
+            vec![k("slurm"), k("array_parallelism")],
+            "array_parallelism must be > 0, got 0 (leave it out for no limit)".into(),
+        ));
+    }
+    for (key, v) in [
+        ("partition", &s.partition),
+        ("time", &s.time),
+        ("account", &s.account),
+        ("qos", &s.qos),
+        ("workdir", &s.workdir),
+    ] {
+        if v.as_deref().is_some_and(|v| v.trim().is_empty()) {
+            return Err((
+                vec![k("slurm"), k(key)],
+                format!("must not be empty: leave `{key}` out for the cluster's default"),
+            ));
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 //! {"type":"header","model":"tiny",...,"options":{...}}      once, before the first step
 //! {"type":"step","step":1,"tokens":256,...}                 once per optimizer step
 //! {"type":"summary","status":"ok","steps":20,...}           once, after the last step
+//! {"type":"telemetry","t":1.2,"power_w":310.5,...}          with --telemetry, ~10 per second
 //! ```
 //!
 //! Field names and order are the format: the orchestrator stores header and summary lines
@@ -37,6 +38,9 @@ pub enum Event<O> {
     Step(StepRecord),
     /// After the last step.
     Summary(Summary),
+    /// A telemetry sample, written by a worker that samples itself (`--telemetry`), between
+    /// the other lines.
+    Telemetry(TelemetrySample),
 }
 
 /// Run header (`"type": "header"`), printed before the first step.
@@ -113,8 +117,9 @@ pub struct StepRecord {
     /// `summary::memory_growth`). Null when the worker cannot say.
     #[serde(default)]
     pub mem_bytes: Option<u64>,
-    /// Arrival time at the orchestrator, seconds since the child was spawned. Not the
-    /// worker's: it writes none (0 here, left out of the JSON).
+    /// Seconds since the worker started when the step arrived: stamped by the orchestrator on
+    /// arrival (local runs), or written by a worker that samples itself (`--telemetry`,
+    /// the clock of its `telemetry` lines). 0 = not known (left out of the JSON).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub t: f64,
 }
@@ -219,6 +224,36 @@ pub struct MemoryBreakdown {
     pub activations_peak_bytes: u64,
     /// Peak pool bytes held from the driver (live plus cached free blocks).
     pub pool_reserved_peak_bytes: u64,
+}
+
+/// One telemetry sample. Units are in the field names.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TelemetrySample {
+    /// Seconds since the worker started: the orchestrator's clock from spawning the child
+    /// (local), or the worker's own from its start (`lorascope train --telemetry`).
+    pub t: f64,
+    /// NVML device index (physical), `None` for CPU runs.
+    pub gpu: Option<u32>,
+    /// Board power draw (W).
+    pub power_w: Option<f64>,
+    /// NVML total-energy counter since driver load (mJ); absolute, so use differences.
+    pub energy_mj: Option<f64>,
+    /// Device memory used by all processes (bytes).
+    pub mem_used_bytes: Option<u64>,
+    /// Device memory used by the run's process (bytes).
+    pub proc_mem_bytes: Option<u64>,
+    /// GPU utilisation (%).
+    pub util_pct: Option<u32>,
+    /// SM clock (MHz).
+    pub sm_clock_mhz: Option<u32>,
+    /// GPU temperature (°C).
+    pub temp_c: Option<u32>,
+    /// Enforced power limit (W).
+    pub power_limit_w: Option<f64>,
+    /// The child's VmRSS (bytes).
+    pub rss_bytes: Option<u64>,
+    /// The child's VmHWM, peak RSS so far (bytes).
+    pub hwm_bytes: Option<u64>,
 }
 
 /// A value of `T`, or `T::default()` when the value is of another type.

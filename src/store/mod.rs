@@ -19,6 +19,8 @@ use crate::telemetry::TelemetrySample;
 
 mod error;
 mod runs;
+mod slurm;
+pub use slurm::SlurmRun;
 
 pub use error::StoreError;
 
@@ -59,7 +61,7 @@ pub struct RunRow {
     pub grid_index: usize,
     /// The point's label.
     pub label: String,
-    /// `cpu` / `cuda:N`, empty for a skipped point.
+    /// `cpu` / `cuda:N`, on Slurm `NODE (slurm JOB_TASK)`; empty for a skipped point.
     pub device: String,
     /// The [`crate::grid::ResolvedConfig`] as JSON.
     pub config: Value,

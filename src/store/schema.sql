@@ -61,3 +61,8 @@ CREATE TABLE IF NOT EXISTS telemetry (
     hwm_bytes     INTEGER
 );
 CREATE INDEX IF NOT EXISTS telemetry_by_run ON telemetry(run_id);
+CREATE TABLE IF NOT EXISTS slurm_tasks (
+    run_id        INTEGER PRIMARY KEY REFERENCES runs(id),
+    array_job     TEXT NOT NULL,
+    task          INTEGER NOT NULL
+);

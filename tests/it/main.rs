@@ -16,5 +16,6 @@ mod leak;
 mod memory;
 mod orchestrator;
 mod quickstart;
+mod slurm;
 mod train_cli;
 mod ui;

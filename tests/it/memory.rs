@@ -221,6 +221,7 @@ mod sweep {
             already_done: 0,
             devices: vec![Device::Cuda(0)],
             finished: vec![],
+            backend: Default::default(),
         };
         let cfg = OrchestratorConfig {
             worker: WorkerCommand {

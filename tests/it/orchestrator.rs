@@ -36,6 +36,7 @@ fn plan(store: &Store, specs: Vec<RunSpec>, devices: Vec<Device>) -> SweepPlan {
         already_done: 0,
         devices,
         finished: vec![],
+        backend: Default::default(),
     }
 }
 

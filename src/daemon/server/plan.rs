@@ -10,7 +10,7 @@ use crate::daemon::protocol::Stamped;
 use crate::daemon::state::{History, Job};
 use crate::grid::expand_profile;
 use crate::orchestrator::{
-    EntryState, Event, PlannedRun, QueueSnapshot, SweepPlan, entry_id, plan_runs,
+    EntryState, Event, PlannedRun, QueueSnapshot, SweepPlan, backend, entry_id, plan_runs,
 };
 use crate::profile;
 use crate::store::Store;
@@ -72,10 +72,22 @@ pub(super) fn prepare(job: &Job, now: f64) -> Result<Prepared, DaemonError> {
     let p = profile::parse_str(&info.profile_source, &info.profile_path)?;
     let specs = expand_profile(&p, &info.base_dir);
     let repeats = p.run.repeats;
-    let devices = profile::resolve_devices(&p.run.devices).map_err(DaemonError::Devices)?;
+    let devices = backend::devices(&p).map_err(DaemonError::Devices)?;
+    let name = p
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("sweep {}", info.sweep_id));
+    let mut backend = backend::for_profile(
+        &p,
+        &name,
+        &info.base_dir,
+        &info.db,
+        specs.len() * repeats as usize,
+    )?;
     let store = Store::open(&info.db)?;
     let sweep = info.sweep_id;
-    let interrupted = store.mark_interrupted(sweep)?;
+    // On Slurm, rows whose task is recorded are followed again rather than marked.
+    let (interrupted, _) = backend::resume_rows(&mut backend, &store, sweep, &specs, repeats)?;
     if interrupted > 0 {
         log(&format!(
             "sweep {sweep}: {interrupted} run(s) left running by an earlier daemon marked interrupted; they run again"
@@ -141,6 +153,7 @@ pub(super) fn prepare(job: &Job, now: f64) -> Result<Prepared, DaemonError> {
             runs,
             devices,
             finished,
+            backend,
         },
         store,
         history,
