@@ -10,6 +10,7 @@ mod common;
 mod cli;
 mod daemon;
 mod engine;
+mod hf_fixtures;
 mod orchestrator;
 mod quickstart;
 mod train_cli;
