@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use lorascope::engine::config::{LayerKind, ModelConfig, ModelSource};
-use lorascope::engine::lora::LoraConfig;
+use lorascope::engine::lora::{LoraConfig, target_modules};
 use lorascope::engine::model::Model;
 use lorascope::engine::weights::WeightSource;
 use lorascope::spec::LoraTarget;
@@ -177,6 +177,14 @@ fn check_case(case: &str) {
         2 * model.adapters().len(),
         "{case}: adapter count"
     );
+    // The saved adapter's `target_modules` are the family's PEFT module names.
+    let peft_targets: Vec<String> = e["lora"]["peft_config"]["target_modules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(target_modules(&model.adapters()), peft_targets, "{case}");
     for ckpt in [false, true] {
         model.set_grad_checkpointing(ckpt);
         let loss = model.loss(&ids, &targets, b, t, false).unwrap();
