@@ -64,7 +64,8 @@ pub struct TrainArgs {
     /// LoRA dropout on the adapter input.
     #[arg(long, default_value_t = 0.0)]
     pub lora_dropout: f64,
-    /// Projections with adapters, comma-separated from q,k,v,o,gate,up,down.
+    /// Projections with adapters, comma-separated: q,k,v,o,gate,up,down, PEFT module names
+    /// (q_proj, ..., qkv_proj, gate_up_proj) or all-linear.
     #[arg(long, default_value = "q,k,v,o,gate,up,down")]
     pub lora_targets: String,
     /// Seed for data order, adapter init, dropout and synthetic weights.
@@ -191,11 +192,12 @@ impl TrainArgs {
             .split(',')
             .filter(|s| !s.trim().is_empty())
         {
-            let t: LoraTarget = t
-                .parse()
+            let ts = LoraTarget::parse_module(t)
                 .map_err(|e: UnknownName| EngineError::Invalid(e.to_string()))?;
-            if !targets.contains(&t) {
-                targets.push(t);
+            for t in ts {
+                if !targets.contains(&t) {
+                    targets.push(t);
+                }
             }
         }
         if targets.is_empty() {
@@ -250,6 +252,12 @@ fn human(ev: &TrainEvent) {
                 "lorascope train: {} on {} ({}), {weights}",
                 h.model, h.device, h.precision
             );
+            if !h.generic_ops.is_empty() {
+                eprintln!(
+                    "  generic (unfused) GPU path for: {}",
+                    h.generic_ops.join(", ")
+                );
+            }
             eprintln!(
                 "  parameters: {} total, {} trainable (LoRA r={} alpha={} on {})",
                 h.params_total,

@@ -3,9 +3,8 @@
 //! ("synthetic weights": speed, memory and energy do not depend on weight values).
 
 use super::EngineError;
-use super::config::ModelConfig;
+use super::config::{ModelConfig, Projection};
 use super::memory::host;
-use crate::spec::LoraTarget;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Tensor};
 use rand::SeedableRng;
@@ -22,7 +21,7 @@ pub const FINAL_NORM: &str = "model.norm.weight";
 pub const LM_HEAD: &str = "lm_head.weight";
 
 /// Hugging Face names of the tensors of one decoder layer, `model.layers.{index}.…`
-/// (`Qwen2DecoderLayer` / `LlamaDecoderLayer` module paths).
+/// (transformers' decoder-layer module paths; Gemma's extra norms included).
 #[derive(Debug, Clone)]
 pub struct LayerNames(String);
 
@@ -37,26 +36,64 @@ impl LayerNames {
         format!("{}.input_layernorm.weight", self.0)
     }
 
-    /// `post_attention_layernorm.weight`, (hidden).
+    /// `post_attention_layernorm.weight`, (hidden): before the MLP, or (Gemma) on the
+    /// attention output.
     pub fn post_norm(&self) -> String {
         format!("{}.post_attention_layernorm.weight", self.0)
     }
 
-    /// The weight of projection `t`, e.g. `self_attn.q_proj.weight`, (out, in).
-    pub fn weight(&self, t: LoraTarget) -> String {
-        format!("{}.{}.weight", self.0, t.module_path())
+    /// Gemma `pre_feedforward_layernorm.weight`, (hidden), before the MLP.
+    pub fn pre_ffn_norm(&self) -> String {
+        format!("{}.pre_feedforward_layernorm.weight", self.0)
     }
 
-    /// The bias of projection `t`, e.g. `self_attn.q_proj.bias`, (out); present only when
-    /// [`ModelConfig::projection_has_bias`].
-    pub fn bias(&self, t: LoraTarget) -> String {
-        format!("{}.{}.bias", self.0, t.module_path())
+    /// Gemma `post_feedforward_layernorm.weight`, (hidden), on the MLP output.
+    pub fn post_ffn_norm(&self) -> String {
+        format!("{}.post_feedforward_layernorm.weight", self.0)
     }
 
-    /// PEFT's key prefix for the adapter on projection `t`, e.g.
+    /// `self_attn.q_norm.weight`, (head_dim) (Qwen3, Gemma 3).
+    pub fn q_norm(&self) -> String {
+        format!("{}.self_attn.q_norm.weight", self.0)
+    }
+
+    /// `self_attn.k_norm.weight`, (head_dim) (Qwen3, Gemma 3).
+    pub fn k_norm(&self) -> String {
+        format!("{}.self_attn.k_norm.weight", self.0)
+    }
+
+    /// The weight of module `p`, e.g. `self_attn.q_proj.weight`, (out, in).
+    pub fn weight(&self, p: Projection) -> String {
+        format!("{}.{}.weight", self.0, p.module_path())
+    }
+
+    /// The bias of module `p`, e.g. `self_attn.q_proj.bias`, (out); present only when
+    /// [`ModelConfig::projection_bias`].
+    pub fn bias(&self, p: Projection) -> String {
+        format!("{}.{}.bias", self.0, p.module_path())
+    }
+
+    /// PEFT's key prefix for the adapter on module `p`, e.g.
     /// `base_model.model.model.layers.0.self_attn.q_proj`.
-    pub fn adapter(&self, t: LoraTarget) -> String {
-        format!("base_model.model.{}.{}", self.0, t.module_path())
+    pub fn adapter(&self, p: Projection) -> String {
+        format!("base_model.model.{}.{}", self.0, p.module_path())
+    }
+
+    /// The norms of the layer with their shapes, in checkpoint order: input, (q, k,)
+    /// post-attention, (Gemma: pre- and post-feed-forward).
+    pub fn norms(&self, cfg: &ModelConfig) -> Vec<(String, usize)> {
+        let h = cfg.hidden_size;
+        let mut v = vec![(self.input_norm(), h)];
+        if cfg.qk_norm {
+            v.push((self.q_norm(), cfg.head_dim));
+            v.push((self.k_norm(), cfg.head_dim));
+        }
+        v.push((self.post_norm(), h));
+        if cfg.family.is_gemma() {
+            v.push((self.pre_ffn_norm(), h));
+            v.push((self.post_ffn_norm(), h));
+        }
+        v
     }
 }
 
@@ -66,15 +103,16 @@ pub fn tensor_names(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     let mut v = vec![(EMBED.to_string(), vec![cfg.vocab_size, h])];
     for i in 0..cfg.num_hidden_layers {
         let names = LayerNames::new(i);
-        v.push((names.input_norm(), vec![h]));
-        for t in LoraTarget::ALL {
-            let (o, n) = cfg.projection_shape(t);
-            v.push((names.weight(t), vec![o, n]));
-            if cfg.projection_has_bias(t) {
-                v.push((names.bias(t), vec![o]));
+        for (n, d) in names.norms(cfg) {
+            v.push((n, vec![d]));
+        }
+        for &p in cfg.projections() {
+            let (o, n) = cfg.projection_dims(p);
+            v.push((names.weight(p), vec![o, n]));
+            if cfg.projection_bias(p) {
+                v.push((names.bias(p), vec![o]));
             }
         }
-        v.push((names.post_norm(), vec![h]));
     }
     v.push((FINAL_NORM.to_string(), vec![h]));
     if !cfg.tie_word_embeddings {
@@ -228,10 +266,7 @@ impl WeightSource {
                 let view = files.get(name).map_err(|_| {
                     werr(format!(
                         "tensor `{name}` is missing (expected shape {shape:?}; is this a {} checkpoint?)",
-                        match cfg.family {
-                            super::config::Family::Qwen2 => "Qwen2",
-                            super::config::Family::Llama => "Llama",
-                        }
+                        cfg.family.class_name()
                     ))
                 })?;
                 if view.shape() != shape {
@@ -387,6 +422,10 @@ fn synth(
 ) -> Result<Tensor, EngineError> {
     let ctx = |e| super::classify(e, &format!("initialising `{name}`"));
     if name.ends_with("norm.weight") {
+        // Gemma stores `w` of its `(1 + w)` norms: 0 is the identity scale.
+        if cfg.family.is_gemma() {
+            return Tensor::zeros(shape, dtype, device).map_err(ctx);
+        }
         return Tensor::ones(shape, dtype, device).map_err(ctx);
     }
     if name.ends_with(".bias") {

@@ -57,6 +57,28 @@ impl LoraTarget {
     }
 }
 
+impl LoraTarget {
+    /// Parse one entry of a `--lora-targets` list as PEFT names modules: a single projection
+    /// (`q`, `q_proj`, ...), a fused module (`qkv_proj` = q, k, v as Phi-3 stores them;
+    /// `gate_up_proj` = gate, up), or `all-linear` (PEFT's shorthand: every projection of the
+    /// decoder layers, `lm_head` excluded).
+    ///
+    /// Errors: an unknown name, listing the accepted ones.
+    pub fn parse_module(s: &str) -> Result<Vec<LoraTarget>, UnknownName> {
+        use LoraTarget::*;
+        match s.trim() {
+            "all-linear" | "all_linear" => Ok(Self::ALL.to_vec()),
+            "qkv_proj" | "qkv" => Ok(vec![Q, K, V]),
+            "gate_up_proj" | "gate_up" => Ok(vec![Gate, Up]),
+            other => other.parse::<LoraTarget>().map(|t| vec![t]).map_err(|_| UnknownName {
+                what: "LoRA target",
+                given: other.to_string(),
+                expected: "any of q,k,v,o,gate,up,down (or q_proj ...), qkv_proj, gate_up_proj, all-linear",
+            }),
+        }
+    }
+}
+
 impl std::str::FromStr for LoraTarget {
     type Err = UnknownName;
 
@@ -85,5 +107,22 @@ mod tests {
             assert_eq!(t.peft_name().parse::<LoraTarget>().unwrap(), t);
         }
         assert_eq!(" gate ".parse::<LoraTarget>().unwrap(), LoraTarget::Gate);
+    }
+
+    #[test]
+    fn fused_and_all_linear_module_names_expand() {
+        use LoraTarget::*;
+        assert_eq!(LoraTarget::parse_module("qkv_proj").unwrap(), [Q, K, V]);
+        assert_eq!(
+            LoraTarget::parse_module("gate_up_proj").unwrap(),
+            [Gate, Up]
+        );
+        assert_eq!(
+            LoraTarget::parse_module("all-linear").unwrap(),
+            LoraTarget::ALL
+        );
+        assert_eq!(LoraTarget::parse_module("o_proj").unwrap(), [O]);
+        let e = LoraTarget::parse_module("lm_head").unwrap_err().to_string();
+        assert!(e.contains("lm_head") && e.contains("all-linear"), "{e}");
     }
 }

@@ -60,6 +60,10 @@ pub struct Header<O> {
     pub weight_bytes: u64,
     /// Base-weight quantisation.
     pub quant: Quant,
+    /// Parts of the model that run generic candle code on the GPU instead of a fused kernel
+    /// (e.g. "GeGLU activation"); empty when every op has its kernel, and on the CPU.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub generic_ops: Vec<String>,
     /// Adapter f32 master weights plus optimizer state, bytes.
     pub adapter_and_optimizer_bytes: u64,
     /// Optimizer state alone, bytes.
@@ -320,6 +324,7 @@ mod tests {
             params_trainable: 2,
             weight_bytes: 40,
             quant: Quant::None,
+            generic_ops: vec![],
             adapter_and_optimizer_bytes: 24,
             optimizer_state_bytes: 16,
             device: "cpu".into(),

@@ -11,6 +11,7 @@ mod cli;
 mod daemon;
 mod engine;
 mod faults;
+mod hf_fixtures;
 mod layout;
 mod leak;
 mod memory;

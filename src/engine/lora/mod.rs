@@ -269,6 +269,16 @@ pub fn new_adapter(
     })
 }
 
+/// PEFT `target_modules` of `adapters`: the last component of each adapter's module path
+/// (`q_proj`, Phi-3's `qkv_proj`, ...), sorted, once each.
+pub fn target_modules(adapters: &[&LoraAdapter]) -> Vec<String> {
+    let set: std::collections::BTreeSet<String> = adapters
+        .iter()
+        .filter_map(|a| a.name.rsplit('.').next().map(str::to_string))
+        .collect();
+    set.into_iter().collect()
+}
+
 /// Save adapters in PEFT's format: `dir/adapter_model.safetensors` (keys
 /// `<prefix>.lora_A.weight` (r, in) and `<prefix>.lora_B.weight` (out, r), f32) and
 /// `dir/adapter_config.json`, loadable with `peft.PeftModel.from_pretrained`.
@@ -304,7 +314,7 @@ pub fn save_peft(
         "r": cfg.rank,
         "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout,
-        "target_modules": cfg.targets.iter().map(|t| t.peft_name()).collect::<Vec<_>>(),
+        "target_modules": target_modules(adapters),
         "bias": "none",
         "fan_in_fan_out": false,
         "inference_mode": true,

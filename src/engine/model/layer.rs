@@ -1,10 +1,12 @@
-//! One decoder layer (Hugging Face `Qwen2DecoderLayer` / `LlamaDecoderLayer`), written once:
+//! One decoder layer, written once for every family:
 //!
 //! ```text
 //! h1  = input_norm(x)
-//! x1  = x + o(attention(rope(q(h1)), rope(k(h1)), v(h1)))        Attention
-//! h2  = post_norm(x1)
-//! out = x1 + down(silu(gate(h2)) * up(h2))                          Mlp
+//! a   = o(attention(rope(norm?(q(h1))), rope(norm?(k(h1))), v(h1)))      attention.rs
+//! x1  = x + attn_out_norm?(a)             (Gemma: post_attention_layernorm on a)
+//! h2  = mlp_in_norm(x1)                   (post_attention_layernorm; Gemma: pre_feedforward)
+//! m   = down(act(gate(h2)) * up(h2))                                     mlp.rs
+//! out = x1 + mlp_out_norm?(m)             (Gemma: post_feedforward_layernorm)
 //! ```
 //!
 //! [`DecoderLayer::forward`] runs this dataflow either recorded in candle's graph
@@ -14,42 +16,20 @@
 //! [`DecoderLayer::backward`] walks the same named parts in reverse, chaining each op's own
 //! backward, so gradient checkpointing builds no candle graph when it recomputes a layer.
 
-use crate::engine::config::ModelConfig;
+use super::attention::{Attention, AttentionSaved, Qkv};
+use super::mlp::{GateUp, Mlp, MlpSaved};
+use crate::engine::config::{ModelConfig, Projection};
 use crate::engine::lora::{
     BaseLinear, DropoutRng, LoraConfig, LoraLinear, LoraProjection, new_adapter,
 };
 use crate::engine::nf4::{Nf4Linear, Nf4Weight};
-use crate::engine::ops::{FrozenLinear, InputGradOp, RmsNorm, apply_rope, rope_backward};
-use crate::engine::ops::{causal_attention, causal_attention_backward};
-use crate::engine::ops::{swiglu, swiglu_backward};
+use crate::engine::ops::{AttentionSpec, FrozenLinear, InputGradOp, RmsNorm};
 use crate::engine::profiler;
 use crate::engine::weights::LayerNames;
 use crate::engine::{CandleContext, EngineError};
-use crate::spec::{LoraTarget, Quant};
+use crate::spec::Quant;
 use candle_core::{Device, Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
-
-/// Self-attention's four projections (`self_attn.{q,k,v,o}_proj`).
-pub(crate) struct Attention {
-    /// (q_heads * head_dim, hidden); bias when `attention_bias`.
-    pub q: LoraLinear,
-    /// (kv_heads * head_dim, hidden); bias when `attention_bias`.
-    pub k: LoraLinear,
-    /// (kv_heads * head_dim, hidden); bias when `attention_bias`.
-    pub v: LoraLinear,
-    /// (hidden, q_heads * head_dim), no bias.
-    pub o: LoraLinear,
-}
-
-/// The SwiGLU MLP's three projections (`mlp.{gate,up,down}_proj`), no biases.
-pub(crate) struct Mlp {
-    /// (intermediate, hidden).
-    pub gate: LoraLinear,
-    /// (intermediate, hidden).
-    pub up: LoraLinear,
-    /// (hidden, intermediate).
-    pub down: LoraLinear,
-}
 
 /// One decoder layer: frozen norms and projections in the compute dtype (projections
 /// optionally NF4), f32 adapters on the targeted projections.
@@ -58,10 +38,14 @@ pub(crate) struct DecoderLayer {
     pub input_norm: RmsNorm,
     /// `self_attn`.
     pub attn: Attention,
-    /// `post_attention_layernorm`, before the MLP.
-    pub post_norm: RmsNorm,
+    /// Gemma's `post_attention_layernorm`, on the attention output.
+    pub attn_out_norm: Option<RmsNorm>,
+    /// Before the MLP: `post_attention_layernorm` (Gemma: `pre_feedforward_layernorm`).
+    pub mlp_in_norm: RmsNorm,
     /// `mlp`.
     pub mlp: Mlp,
+    /// Gemma's `post_feedforward_layernorm`, on the MLP output.
+    pub mlp_out_norm: Option<RmsNorm>,
 }
 
 /// How [`DecoderLayer::forward`] runs.
@@ -73,9 +57,9 @@ pub(crate) enum Pass {
     Detached,
 }
 
-/// The batch's layout for attention, shared by every layer of one forward: activations are
-/// (batch*seq, heads*head_dim) around the projections and (batch, heads, seq, head_dim) inside
-/// attention; `cos`/`sin` are the RoPE tables, (seq, head_dim) in the compute dtype.
+/// The batch's layout for attention in one layer: activations are (batch*seq, heads*head_dim)
+/// around the projections and (batch, heads, seq, head_dim) inside attention; `cos`/`sin` are
+/// the layer's RoPE tables, (seq, head_dim) in the compute dtype; `spec` its attention variant.
 #[derive(Clone)]
 pub(crate) struct HeadLayout {
     /// Sequences.
@@ -92,16 +76,19 @@ pub(crate) struct HeadLayout {
     pub cos: Tensor,
     /// RoPE sines.
     pub sin: Tensor,
+    /// Scale, window and soft-capping of the layer's attention.
+    pub spec: AttentionSpec,
 }
 
 impl HeadLayout {
-    /// The layout of `cfg`'s heads for `batch` x `seq` tokens with RoPE tables `cos`, `sin`.
+    /// The layout of `cfg`'s heads for `batch` x `seq` tokens with RoPE tables `cos`, `sin`
+    /// and attention `spec`.
     pub(crate) fn new(
         cfg: &ModelConfig,
-        batch: usize,
-        seq: usize,
+        (batch, seq): (usize, usize),
         cos: Tensor,
         sin: Tensor,
+        spec: AttentionSpec,
     ) -> Self {
         Self {
             batch,
@@ -111,18 +98,19 @@ impl HeadLayout {
             head_dim: cfg.head_dim,
             cos,
             sin,
+            spec,
         }
     }
 
     /// (b*t, n*d) -> (b, n, t, d), contiguous.
-    fn heads(&self, y: Tensor, n: usize) -> Result<Tensor> {
+    pub(crate) fn heads(&self, y: Tensor, n: usize) -> Result<Tensor> {
         y.reshape((self.batch, self.seq, n, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()
     }
 
     /// (b, n, t, d) -> (b*t, n*d).
-    fn flat(&self, y: Tensor, n: usize) -> Result<Tensor> {
+    pub(crate) fn flat(&self, y: Tensor, n: usize) -> Result<Tensor> {
         y.transpose(1, 2)?
             .reshape((self.batch * self.seq, n * self.head_dim))
     }
@@ -133,58 +121,20 @@ impl HeadLayout {
 pub(crate) struct LayerSaved {
     /// Attention's input and intermediates.
     attn: AttentionSaved,
-    /// `x + attention(input_norm(x))`, the input of `post_norm`.
+    /// The attention output before `attn_out_norm` (only with that norm).
+    attn_out: Option<Tensor>,
+    /// The residual stream after attention, the input of `mlp_in_norm`.
     x1: Tensor,
     /// The MLP's input and intermediates.
     mlp: MlpSaved,
-}
-
-/// Attention's intermediates.
-struct AttentionSaved {
-    /// `input_norm(x)`, the input of q, k and v.
-    h: Tensor,
-    /// Queries and keys after RoPE, values; (b, heads, t, d).
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    /// Attention output as (b*t, q_heads*d), the input of o.
-    a: Tensor,
-    /// Each projection's op with the dropout seed its forward drew.
-    ops: AttentionOps,
-}
-
-/// The MLP's intermediates.
-struct MlpSaved {
-    /// `post_norm(x1)`, the input of gate and up.
-    h: Tensor,
-    /// `gate(h)`, `up(h)` and `swiglu(gate, up)` (the input of down).
-    gate: Tensor,
-    up: Tensor,
-    act: Tensor,
-    /// Each projection's op with the dropout seed its forward drew.
-    ops: MlpOps,
-}
-
-/// The adapted projections of attention as ops with fixed dropout seeds (None: no adapter, or
-/// a [`Pass::Graph`] forward, which keeps none).
-struct AttentionOps {
-    q: Option<LoraProjection>,
-    k: Option<LoraProjection>,
-    v: Option<LoraProjection>,
-    o: Option<LoraProjection>,
-}
-
-/// As [`AttentionOps`], for the MLP.
-struct MlpOps {
-    gate: Option<LoraProjection>,
-    up: Option<LoraProjection>,
-    down: Option<LoraProjection>,
+    /// The MLP output before `mlp_out_norm` (only with that norm).
+    mlp_out: Option<Tensor>,
 }
 
 /// `y = lin(h)` for `h` (tokens, in) under `pass`, with the op and dropout seed it used when
 /// detached. Dropout draws one seed from `rng` per adapted projection, in the order the layer
-/// runs them (q, k, v, o, gate, up, down), in either pass.
-fn project(
+/// runs them, in either pass.
+pub(crate) fn project(
     lin: &LoraLinear,
     h: &Tensor,
     rng: Option<&DropoutRng>,
@@ -194,20 +144,22 @@ fn project(
         Pass::Graph => Ok((lin.forward_with(h, rng, false)?, None)),
         Pass::Detached => {
             let op = lin.fixed(rng)?;
-            let y = match (&op, &lin.adapter) {
-                (Some(op), Some(ad)) => {
-                    op.forward_untracked(h, ad.a.as_tensor(), ad.b.as_tensor())?
-                }
-                _ => lin.base.plain(h)?,
-            };
-            Ok((y, op))
+            Ok((run_fixed(lin, &op, h)?, op))
         }
+    }
+}
+
+/// `lin(h)` untracked with the op `op` drawn for it (None: the base projection).
+fn run_fixed(lin: &LoraLinear, op: &Option<LoraProjection>, h: &Tensor) -> Result<Tensor> {
+    match (op, &lin.adapter) {
+        (Some(op), Some(ad)) => op.forward_untracked(h, ad.a.as_tensor(), ad.b.as_tensor()),
+        _ => lin.base.plain(h),
     }
 }
 
 /// Input gradient of `lin` at input `x` for output gradient `dy` (both untracked), with `op`
 /// the projection as run in the forward; the adapter's `dA`, `dB` (f32) go to `grads`.
-fn project_backward(
+pub(crate) fn project_backward(
     lin: &LoraLinear,
     op: &Option<LoraProjection>,
     x: &Tensor,
@@ -218,7 +170,7 @@ fn project_backward(
         (Some(op), Some(ad)) => {
             let (at, bt) = (ad.a.as_tensor(), ad.b.as_tensor());
             let (dx, da, db) = profiler::section("lora-projection", "bwd", x.device(), || {
-                op.backward(x, at, bt, dy)
+                op.backward(x, at, bt, &dy.contiguous()?)
             })?;
             if let Some(da) = da {
                 grads(at.id(), da)?;
@@ -230,128 +182,34 @@ fn project_backward(
         }
         _ => lin
             .base
-            .input_grad(x, dy)?
+            .input_grad(x, &dy.contiguous()?)?
             .ok_or_else(|| candle_core::Error::Msg("projection gave no input gradient".into())),
     }
 }
 
 /// Input gradient of RMSNorm `n` at `x` for output gradient `g`.
-fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor) -> Result<Tensor> {
-    let g = profiler::section("rms-norm", "bwd", x.device(), || n.input_grad(x, g))?;
+pub(crate) fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor) -> Result<Tensor> {
+    let g = profiler::section("rms-norm", "bwd", x.device(), || {
+        n.input_grad(&x.contiguous()?, &g.contiguous()?)
+    })?;
     g.ok_or_else(|| candle_core::Error::Msg("rms-norm gave no input gradient".into()))
 }
 
-impl Attention {
-    /// `o(attention(rope(q(h)), rope(k(h)), v(h)))` for `h` (b*t, hidden): (b*t, hidden), with
-    /// the intermediates.
-    fn forward(
-        &self,
-        h: &Tensor,
-        s: &HeadLayout,
-        rng: Option<&DropoutRng>,
-        pass: Pass,
-    ) -> Result<(Tensor, AttentionSaved)> {
-        let (q, q_op) = project(&self.q, h, rng, pass)?;
-        let (k, k_op) = project(&self.k, h, rng, pass)?;
-        let (v, v_op) = project(&self.v, h, rng, pass)?;
-        let q = apply_rope(&s.heads(q, s.q_heads)?, &s.cos, &s.sin)?;
-        let k = apply_rope(&s.heads(k, s.kv_heads)?, &s.cos, &s.sin)?;
-        let v = s.heads(v, s.kv_heads)?;
-        let a = s.flat(causal_attention(&q, &k, &v)?, s.q_heads)?;
-        let (y, o_op) = project(&self.o, &a, rng, pass)?;
-        let ops = AttentionOps {
-            q: q_op,
-            k: k_op,
-            v: v_op,
-            o: o_op,
-        };
-        let saved = AttentionSaved {
-            h: h.clone(),
-            q,
-            k,
-            v,
-            a,
-            ops,
-        };
-        Ok((y, saved))
-    }
-
-    /// Gradient of attention's input `h` for the output gradient `dy` (b*t, hidden); adapter
-    /// gradients go to `grads`. Consumes the intermediates, freeing each when done.
-    fn backward(
-        &self,
-        saved: AttentionSaved,
-        s: &HeadLayout,
-        dy: &Tensor,
-        grads: &mut dyn FnMut(TensorId, Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        let AttentionSaved { h, q, k, v, a, ops } = saved;
-        let da = s.heads(project_backward(&self.o, &ops.o, &a, dy, grads)?, s.q_heads)?;
-        drop(a);
-        let (dq, dk, dv) = causal_attention_backward(&q, &k, &v, &da)?;
-        drop((q, k, v, da));
-        let dq = s.flat(rope_backward(&dq, &s.cos, &s.sin)?, s.q_heads)?;
-        let dk = s.flat(rope_backward(&dk, &s.cos, &s.sin)?, s.kv_heads)?;
-        let dv = s.flat(dv, s.kv_heads)?;
-        let dh = ((project_backward(&self.q, &ops.q, &h, &dq, grads)?
-            + project_backward(&self.k, &ops.k, &h, &dk, grads)?)?
-            + project_backward(&self.v, &ops.v, &h, &dv, grads)?)?;
-        Ok(dh)
-    }
-}
-
-impl Mlp {
-    /// `swiglu(gate(h), up(h))` for `h` (b*t, hidden): the input of `down`, (b*t,
-    /// intermediate), with the intermediates (`ops.down` not yet drawn).
-    fn gated(&self, h: &Tensor, rng: Option<&DropoutRng>, pass: Pass) -> Result<MlpSaved> {
-        let (gate, gate_op) = project(&self.gate, h, rng, pass)?;
-        let (up, up_op) = project(&self.up, h, rng, pass)?;
-        let act = swiglu(&gate, &up)?;
-        let ops = MlpOps {
-            gate: gate_op,
-            up: up_op,
-            down: None,
-        };
-        Ok(MlpSaved {
-            h: h.clone(),
-            gate,
-            up,
-            act,
-            ops,
-        })
-    }
-
-    /// Gradient of the MLP's input `h` for the output gradient `dy` (b*t, hidden); adapter
-    /// gradients go to `grads`. Consumes the intermediates, freeing each when done.
-    fn backward(
-        &self,
-        saved: MlpSaved,
-        dy: &Tensor,
-        grads: &mut dyn FnMut(TensorId, Tensor) -> Result<()>,
-    ) -> Result<Tensor> {
-        let MlpSaved {
-            h,
-            gate,
-            up,
-            act,
-            ops,
-        } = saved;
-        let dact = project_backward(&self.down, &ops.down, &act, dy, grads)?;
-        drop(act);
-        let (dgate, dup) = swiglu_backward(&gate, &up, &dact)?;
-        drop((gate, up, dact));
-        let dh = (project_backward(&self.gate, &ops.gate, &h, &dgate, grads)?
-            + project_backward(&self.up, &ops.up, &h, &dup, grads)?)?;
-        Ok(dh)
+/// `norm(x)` when there is a norm, else `x`.
+fn maybe_norm(n: &Option<RmsNorm>, x: &Tensor) -> Result<Tensor> {
+    match n {
+        Some(n) => n.forward(x),
+        None => Ok(x.clone()),
     }
 }
 
 impl DecoderLayer {
     /// Load layer `index` (`model.layers.{index}.*` through `get(name, shape)`), quantising
-    /// the seven projections when `quant` is [`Quant::Nf4`], and create adapters (A from
-    /// `rng`, in q, k, v, o, gate, up, down order) on those in `lora.targets`.
+    /// the projections when `quant` is [`Quant::Nf4`], and create adapters (A from `rng`, in
+    /// the layer's module order) on the modules whose targets are all in `lora.targets`.
     ///
-    /// Errors: from `get` (missing or mis-shaped weights), quantisation or adapter creation.
+    /// Errors: from `get` (missing or mis-shaped weights), quantisation or adapter creation; a
+    /// fused module (Phi-3 `qkv_proj`, `gate_up_proj`) only partly targeted.
     pub(crate) fn load<G>(
         cfg: &ModelConfig,
         lora: &LoraConfig,
@@ -366,20 +224,44 @@ impl DecoderLayer {
     {
         let names = LayerNames::new(index);
         let h = cfg.hidden_size;
-        let norm = |name: String| -> std::result::Result<RmsNorm, EngineError> {
-            Ok(RmsNorm::new(get(&name, &[h])?, cfg.rms_norm_eps))
+        let gemma = cfg.family.is_gemma();
+        let norm = |name: String, n: usize| -> std::result::Result<RmsNorm, EngineError> {
+            let w = get(&name, &[n])?;
+            if gemma {
+                RmsNorm::gemma(&w, cfg.rms_norm_eps).ctx("forming the (1 + w) norm weight")
+            } else {
+                Ok(RmsNorm::new(w, cfg.rms_norm_eps))
+            }
         };
-        let mut proj = |t: LoraTarget| -> std::result::Result<LoraLinear, EngineError> {
-            let (o, n) = cfg.projection_shape(t);
-            let w = get(&names.weight(t), &[o, n])?;
-            let b = if cfg.projection_has_bias(t) {
-                Some(get(&names.bias(t), &[o])?)
+        let mut proj = |p: Projection| -> std::result::Result<LoraLinear, EngineError> {
+            let (o, n) = cfg.projection_dims(p);
+            let w = get(&names.weight(p), &[o, n])?;
+            let b = if cfg.projection_bias(p) {
+                Some(get(&names.bias(p), &[o])?)
             } else {
                 None
             };
-            let adapter = if lora.targets.contains(&t) {
+            let covered = p
+                .targets()
+                .iter()
+                .filter(|t| lora.targets.contains(t))
+                .count();
+            if covered != 0 && covered != p.targets().len() {
+                return Err(EngineError::Invalid(format!(
+                    "{} stores {} as one module `{}` with one adapter: target all of them (`{}`) or none",
+                    cfg.family.class_name(),
+                    p.targets()
+                        .iter()
+                        .map(|t| t.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    p.peft_name(),
+                    p.peft_name()
+                )));
+            }
+            let adapter = if covered != 0 {
                 Some(
-                    new_adapter(names.adapter(t), o, n, lora, rng, device)
+                    new_adapter(names.adapter(p), o, n, lora, rng, device)
                         .ctx("creating LoRA adapters")?,
                 )
             } else {
@@ -394,43 +276,99 @@ impl DecoderLayer {
             };
             Ok(LoraLinear { base, adapter })
         };
-        let input_norm = norm(names.input_norm())?;
-        let attn = Attention {
-            q: proj(LoraTarget::Q)?,
-            k: proj(LoraTarget::K)?,
-            v: proj(LoraTarget::V)?,
-            o: proj(LoraTarget::O)?,
+        let input_norm = norm(names.input_norm(), h)?;
+        let fused = cfg.family == crate::engine::config::Family::Phi3;
+        let qkv = if fused {
+            Qkv::Fused(proj(Projection::Qkv)?)
+        } else {
+            Qkv::Split {
+                q: proj(Projection::Q)?,
+                k: proj(Projection::K)?,
+                v: proj(Projection::V)?,
+            }
+        };
+        let o = proj(Projection::O)?;
+        let qk_norm = if cfg.qk_norm {
+            Some((
+                norm(names.q_norm(), cfg.head_dim)?,
+                norm(names.k_norm(), cfg.head_dim)?,
+            ))
+        } else {
+            None
+        };
+        let gate_up = if fused {
+            GateUp::Fused(proj(Projection::GateUp)?)
+        } else {
+            GateUp::Split {
+                gate: proj(Projection::Gate)?,
+                up: proj(Projection::Up)?,
+            }
         };
         let mlp = Mlp {
-            gate: proj(LoraTarget::Gate)?,
-            up: proj(LoraTarget::Up)?,
-            down: proj(LoraTarget::Down)?,
+            gate_up,
+            down: proj(Projection::Down)?,
+            act: cfg.hidden_act,
         };
-        let post_norm = norm(names.post_norm())?;
+        let post = norm(names.post_norm(), h)?;
+        let (attn_out_norm, mlp_in_norm, mlp_out_norm) = if gemma {
+            (
+                Some(post),
+                norm(names.pre_ffn_norm(), h)?,
+                Some(norm(names.post_ffn_norm(), h)?),
+            )
+        } else {
+            (None, post, None)
+        };
         Ok(Self {
             input_norm,
-            attn,
-            post_norm,
+            attn: Attention { qkv, o, qk_norm },
+            attn_out_norm,
+            mlp_in_norm,
             mlp,
+            mlp_out_norm,
         })
     }
 
-    /// The seven projections with their targets, in [`LoraTarget::ALL`] order.
-    pub(crate) fn projections(&self) -> [(LoraTarget, &LoraLinear); 7] {
-        let (a, m) = (&self.attn, &self.mlp);
-        [
-            (LoraTarget::Q, &a.q),
-            (LoraTarget::K, &a.k),
-            (LoraTarget::V, &a.v),
-            (LoraTarget::O, &a.o),
-            (LoraTarget::Gate, &m.gate),
-            (LoraTarget::Up, &m.up),
-            (LoraTarget::Down, &m.down),
-        ]
+    /// The linear modules with their checkpoint names, in the layer's order.
+    pub(crate) fn projections(&self) -> Vec<(Projection, &LoraLinear)> {
+        let mut v = Vec::with_capacity(7);
+        match &self.attn.qkv {
+            Qkv::Split { q, k, v: vv } => {
+                v.extend([(Projection::Q, q), (Projection::K, k), (Projection::V, vv)])
+            }
+            Qkv::Fused(l) => v.push((Projection::Qkv, l)),
+        }
+        v.push((Projection::O, &self.attn.o));
+        match &self.mlp.gate_up {
+            GateUp::Split { gate, up } => {
+                v.extend([(Projection::Gate, gate), (Projection::Up, up)])
+            }
+            GateUp::Fused(l) => v.push((Projection::GateUp, l)),
+        }
+        v.push((Projection::Down, &self.mlp.down));
+        v
+    }
+
+    /// The layer's norms with their checkpoint names (see [`LayerNames::norms`]).
+    pub(crate) fn norms(&self, names: &LayerNames) -> Vec<(String, &RmsNorm)> {
+        let mut v = vec![(names.input_norm(), &self.input_norm)];
+        if let Some((q, k)) = &self.attn.qk_norm {
+            v.push((names.q_norm(), q));
+            v.push((names.k_norm(), k));
+        }
+        match (&self.attn_out_norm, &self.mlp_out_norm) {
+            (Some(a), Some(m)) => {
+                v.push((names.post_norm(), a));
+                v.push((names.pre_ffn_norm(), &self.mlp_in_norm));
+                v.push((names.post_ffn_norm(), m));
+            }
+            _ => v.push((names.post_norm(), &self.mlp_in_norm)),
+        }
+        v
     }
 
     /// The dataflow up to the MLP's down projection, shared by every pass: everything but
-    /// `ops.down` and the output `x1 + down(mlp.act)`.
+    /// `mlp.down_op`, the MLP output and the layer output.
     fn trunk(
         &self,
         x: &Tensor,
@@ -439,11 +377,18 @@ impl DecoderLayer {
         pass: Pass,
     ) -> Result<LayerSaved> {
         let h1 = self.input_norm.forward(x)?;
-        let (attn_out, attn) = self.attn.forward(&h1, s, rng, pass)?;
-        let x1 = (x + attn_out)?;
-        let h2 = self.post_norm.forward(&x1)?;
+        let (a, attn) = self.attn.forward(&h1, s, rng, pass)?;
+        let x1 = (x + maybe_norm(&self.attn_out_norm, &a)?)?;
+        let attn_out = self.attn_out_norm.is_some().then_some(a);
+        let h2 = self.mlp_in_norm.forward(&x1)?;
         let mlp = self.mlp.gated(&h2, rng, pass)?;
-        Ok(LayerSaved { attn, x1, mlp })
+        Ok(LayerSaved {
+            attn,
+            attn_out,
+            x1,
+            mlp,
+            mlp_out: None,
+        })
     }
 
     /// The layer's output for `x` (b*t, hidden) in the compute dtype: (b*t, hidden). `rng`
@@ -459,7 +404,7 @@ impl DecoderLayer {
     ) -> Result<Tensor> {
         let t = self.trunk(x, s, rng, pass)?;
         let (m, _) = project(&self.mlp.down, &t.mlp.act, rng, pass)?;
-        &t.x1 + m
+        &t.x1 + maybe_norm(&self.mlp_out_norm, &m)?
     }
 
     /// The intermediates of a detached forward on untracked `x`, dropout seeds drawn from
@@ -474,7 +419,11 @@ impl DecoderLayer {
         rng: Option<&DropoutRng>,
     ) -> Result<LayerSaved> {
         let mut saved = self.trunk(x, s, rng, Pass::Detached)?;
-        saved.mlp.ops.down = self.mlp.down.fixed(rng)?;
+        let op = self.mlp.down.fixed(rng)?;
+        if self.mlp_out_norm.is_some() {
+            saved.mlp_out = Some(run_fixed(&self.mlp.down, &op, &saved.mlp.act)?);
+        }
+        saved.mlp.down_op = op;
         Ok(saved)
     }
 
@@ -492,14 +441,28 @@ impl DecoderLayer {
         dout: &Tensor,
         grads: &mut dyn FnMut(TensorId, Tensor) -> Result<()>,
     ) -> Result<Tensor> {
-        let LayerSaved { attn, x1, mlp } = saved;
+        let LayerSaved {
+            attn,
+            attn_out,
+            x1,
+            mlp,
+            mlp_out,
+        } = saved;
         let dout = dout.contiguous()?;
-        // out = x1 + mlp(post_norm(x1))
-        let dh2 = self.mlp.backward(mlp, &dout, grads)?;
-        let dx1 = (&dout + norm_backward(&self.post_norm, &x1, &dh2)?)?;
-        drop((x1, dh2, dout));
-        // x1 = x + attention(input_norm(x))
-        let dh1 = self.attn.backward(attn, s, &dx1, grads)?;
+        // out = x1 + mlp_out_norm?(mlp(mlp_in_norm(x1)))
+        let dm = match (&self.mlp_out_norm, mlp_out) {
+            (Some(n), Some(m)) => norm_backward(n, &m, &dout)?,
+            _ => dout.clone(),
+        };
+        let dh2 = self.mlp.backward(mlp, &dm, grads)?;
+        let dx1 = (&dout + norm_backward(&self.mlp_in_norm, &x1, &dh2)?)?;
+        drop((x1, dh2, dout, dm));
+        // x1 = x + attn_out_norm?(attention(input_norm(x)))
+        let da = match (&self.attn_out_norm, attn_out) {
+            (Some(n), Some(a)) => norm_backward(n, &a, &dx1)?,
+            _ => dx1.clone(),
+        };
+        let dh1 = self.attn.backward(attn, s, &da, grads)?;
         dx1 + norm_backward(&self.input_norm, x, &dh1)?
     }
 }

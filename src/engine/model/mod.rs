@@ -1,7 +1,13 @@
-//! Decoder-only transformer covering Hugging Face `Qwen2ForCausalLM` and `LlamaForCausalLM`:
-//! token embedding, `num_hidden_layers` decoder layers (`layer.rs`: RMSNorm -> GQA
-//! self-attention with RoPE -> residual -> RMSNorm -> SwiGLU MLP -> residual), final RMSNorm,
-//! `lm_head` (tied or separate).
+//! Decoder-only transformer covering transformers' `Qwen2ForCausalLM`, `Qwen3ForCausalLM`,
+//! `LlamaForCausalLM`, `MistralForCausalLM`, `Gemma2ForCausalLM`, `Gemma3ForCausalLM` and
+//! `Phi3ForCausalLM`: token embedding (Gemma: times `sqrt(hidden)` rounded to the compute
+//! dtype), `num_hidden_layers` decoder layers (`layer.rs`: RMSNorm -> GQA self-attention with
+//! RoPE -> residual -> RMSNorm -> gated MLP -> residual, with each family's variants), final
+//! RMSNorm, `lm_head` (tied or separate; Gemma: logits soft-capped when configured).
+//!
+//! Each layer gets the RoPE tables of its attention type (Gemma 3: full layers use
+//! `rope_parameters.full_attention`, sliding layers `rope_local_base_freq`) computed for the
+//! batch's row length (dynamic NTK and LongRoPE depend on it), and its sliding window.
 //!
 //! Written here rather than taken from candle-transformers because that model cannot take LoRA
 //! (private fields) and its fused RoPE/softmax/RMSNorm record no backward, so gradients stop
@@ -14,16 +20,21 @@
 //! taken with [`Model::backward`], which merges the adapter gradients found during
 //! recomputation.
 
+mod attention;
 mod checkpoint;
 mod layer;
+mod mlp;
+mod peft;
 
 use checkpoint::{GradStash, LayerCheckpoint};
 use layer::{DecoderLayer, HeadLayout, Pass};
 
-use crate::engine::config::ModelConfig;
+use crate::engine::config::{Activation, LayerKind, ModelConfig};
 use crate::engine::lora::{DropoutRng, LoraAdapter, LoraConfig};
 use crate::engine::ops::ChunkedCrossEntropy;
-use crate::engine::ops::{InputGradCustomOp, RmsNorm, rope_tables};
+use crate::engine::ops::{
+    AttentionSpec, InputGradCustomOp, RmsNorm, rope_tables, softcapped_cross_entropy,
+};
 use crate::engine::profiler;
 use crate::engine::weights::{EMBED, FINAL_NORM, LM_HEAD, LayerNames, WeightSource};
 use crate::engine::{CandleContext, EngineError};
@@ -113,7 +124,12 @@ impl Model {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| DecoderLayer::load(cfg, lora, i, quant, &mut rng, device, &get).map(Arc::new))
             .collect::<std::result::Result<Vec<_>, _>>()?;
-        let norm = RmsNorm::new(get(FINAL_NORM, &[h])?, cfg.rms_norm_eps);
+        let final_w = get(FINAL_NORM, &[h])?;
+        let norm = if cfg.family.is_gemma() {
+            RmsNorm::gemma(&final_w, cfg.rms_norm_eps).ctx("forming the final norm weight")?
+        } else {
+            RmsNorm::new(final_w, cfg.rms_norm_eps)
+        };
         let lm_head = if cfg.tie_word_embeddings {
             embed.clone()
         } else {
@@ -191,7 +207,7 @@ impl Model {
         &self.device
     }
 
-    /// All adapters, layer by layer in [`crate::spec::LoraTarget::ALL`] order.
+    /// All adapters, layer by layer in the layer's module order.
     pub fn adapters(&self) -> Vec<&LoraAdapter> {
         self.layers
             .iter()
@@ -201,6 +217,23 @@ impl Model {
                     .filter_map(|(_, p)| p.adapter.as_ref())
             })
             .collect()
+    }
+
+    /// The parts of this model that run generic candle code on CUDA instead of a fused kernel
+    /// (for the run header): GeGLU, attention soft-capping, the soft-capped loss. Empty when
+    /// every op has its kernel.
+    pub fn generic_fallbacks(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        if self.cfg.hidden_act == Activation::GeluTanh {
+            v.push("GeGLU activation");
+        }
+        if self.cfg.attn_softcap.is_some() {
+            v.push("attention soft-capping");
+        }
+        if self.cfg.final_softcap.is_some() {
+            v.push("soft-capped loss (full logits materialised)");
+        }
+        v
     }
 
     /// Trainable variables (A then B of each adapter), f32.
@@ -232,8 +265,12 @@ impl Model {
         if !self.cfg.tie_word_embeddings {
             n += size(&self.lm_head);
         }
-        for l in &self.layers {
-            n += size(l.input_norm.weight()) + size(l.post_norm.weight());
+        for (i, l) in self.layers.iter().enumerate() {
+            n += l
+                .norms(&LayerNames::new(i))
+                .iter()
+                .map(|(_, w)| size(w.weight()))
+                .sum::<usize>();
             n += l
                 .projections()
                 .iter()
@@ -251,16 +288,17 @@ impl Model {
         let mut v = vec![(EMBED.to_string(), self.embed.clone())];
         for (i, l) in self.layers.iter().enumerate() {
             let names = LayerNames::new(i);
-            v.push((names.input_norm(), l.input_norm.weight().clone()));
-            for (t, lin) in l.projections() {
-                v.push((names.weight(t), lin.base.weight(self.dtype)?));
+            for (name, n) in l.norms(&names) {
+                v.push((name, n.stored_weight(self.dtype)?));
+            }
+            for (p, lin) in l.projections() {
+                v.push((names.weight(p), lin.base.weight(self.dtype)?));
                 if let Some(b) = lin.base.bias() {
-                    v.push((names.bias(t), b.clone()));
+                    v.push((names.bias(p), b.clone()));
                 }
             }
-            v.push((names.post_norm(), l.post_norm.weight().clone()));
         }
-        v.push((FINAL_NORM.to_string(), self.norm.weight().clone()));
+        v.push((FINAL_NORM.to_string(), self.norm.stored_weight(self.dtype)?));
         if !self.cfg.tie_word_embeddings {
             v.push((LM_HEAD.to_string(), self.lm_head.clone()));
         }
@@ -280,15 +318,18 @@ impl Model {
     ) -> Result<Tensor> {
         let ids = Tensor::from_slice(input_ids, batch * seq, &self.device)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let (cos, sin) = rope_tables(seq, self.cfg.head_dim, self.cfg.rope_theta, &self.device)?;
-        let (cos, sin) = (cos.to_dtype(self.dtype)?, sin.to_dtype(self.dtype)?);
-        let layout = HeadLayout::new(&self.cfg, batch, seq, cos, sin);
+        if let Some(scale) = self.cfg.embed_scale() {
+            // transformers casts sqrt(hidden) to the weight dtype before the multiply.
+            let s = Tensor::new(&[scale as f32], &self.device)?.to_dtype(self.dtype)?;
+            x = x.broadcast_mul(&s)?;
+        }
+        let layouts = self.layouts(batch, seq)?;
         if self.grad_checkpointing && !self.adapters().is_empty() {
             // The op needs a tracked input to be recorded; the embedding output is not.
             if !x.track_op() {
                 x = Var::from_tensor(&x)?.as_tensor().clone();
             }
-            for layer in &self.layers {
+            for (layer, layout) in self.layers.iter().zip(&layouts) {
                 let op = LayerCheckpoint::new(
                     layer.clone(),
                     layout.clone(),
@@ -300,8 +341,8 @@ impl Model {
             }
         } else {
             let rng = train.then_some(&*self.dropout_rng);
-            for layer in &self.layers {
-                x = layer.forward(&x, &layout, rng, Pass::Graph)?;
+            for (layer, layout) in self.layers.iter().zip(&layouts) {
+                x = layer.forward(&x, layout, rng, Pass::Graph)?;
                 profiler::trace("after layer fwd", &self.device);
             }
         }
@@ -314,7 +355,47 @@ impl Model {
     /// Errors: as [`Model::hidden_states`].
     pub fn logits(&self, input_ids: &[u32], batch: usize, seq: usize) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, batch, seq, false)?;
-        h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)
+        let z = h.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?;
+        match self.cfg.final_softcap {
+            Some(cap) => crate::engine::ops::softcap(&z, cap),
+            None => Ok(z),
+        }
+    }
+
+    /// The per-layer attention layouts for `batch` x `seq`: RoPE tables of each layer's
+    /// attention type (computed once per type) and its window.
+    fn layouts(&self, batch: usize, seq: usize) -> Result<Vec<HeadLayout>> {
+        let cfg = &self.cfg;
+        let tables = |kind: LayerKind| -> Result<(Tensor, Tensor)> {
+            let (inv, factor) = cfg.rope_for(kind).inv_freq(cfg.head_dim, seq);
+            let (c, s) = rope_tables(seq, &inv, factor, &self.device)?;
+            Ok((c.to_dtype(self.dtype)?, s.to_dtype(self.dtype)?))
+        };
+        let full = tables(LayerKind::Full)?;
+        let sliding = if cfg.layer_types.contains(&LayerKind::Sliding) {
+            Some(tables(LayerKind::Sliding)?)
+        } else {
+            None
+        };
+        let spec = |kind: LayerKind| AttentionSpec {
+            scale: cfg.attn_scale,
+            window: match kind {
+                LayerKind::Sliding => cfg.sliding_window.filter(|&w| w < seq),
+                LayerKind::Full => None,
+            },
+            softcap: cfg.attn_softcap,
+        };
+        Ok(cfg
+            .layer_types
+            .iter()
+            .map(|&kind| {
+                let (c, s) = match (kind, &sliding) {
+                    (LayerKind::Sliding, Some(t)) => t.clone(),
+                    _ => full.clone(),
+                };
+                HeadLayout::new(cfg, (batch, seq), c, s, spec(kind))
+            })
+            .collect())
     }
 
     /// Mean causal-LM cross-entropy (scalar f32) over `targets` (batch*seq, pre-shifted, -100
@@ -330,6 +411,9 @@ impl Model {
         train: bool,
     ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, batch, seq, train)?;
-        ChunkedCrossEntropy::new(&self.lm_head, targets, &self.device)?.forward(&h)
+        match self.cfg.final_softcap {
+            Some(cap) => softcapped_cross_entropy(&h, &self.lm_head, targets, cap, &self.device),
+            None => ChunkedCrossEntropy::new(&self.lm_head, targets, &self.device)?.forward(&h),
+        }
     }
 }

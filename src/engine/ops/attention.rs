@@ -1,7 +1,12 @@
 //! Causal grouped-query attention with its own backward.
 //!
-//! `softmax(Q K^T / sqrt(d) + causal mask) V`, as `torch.nn.functional.scaled_dot_product_attention(
-//! ..., is_causal=True)` with Hugging Face `repeat_kv` head grouping. The matrix products run
+//! `softmax(cap(scale Q K^T) + causal mask) V`, as `torch.nn.functional.scaled_dot_product_attention(
+//! ..., is_causal=True)` and transformers' `eager_attention_forward` with `repeat_kv` head
+//! grouping ([`AttentionSpec`]): `scale` is `1/sqrt(d)` (Gemma: `query_pre_attn_scalar ** -0.5`),
+//! `cap(s) = tanh(s / c) * c` with Gemma 2's `attn_logit_softcapping` `c` (identity without),
+//! and a sliding window `W` restricts query `i` to keys `i - W < j <= i` (transformers'
+//! `sliding_window_causal_mask`). Soft-capping runs as candle ops around the softmax kernels
+//! (its backward multiplies `dS` by `1 - tanh^2`); the window is an argument of the kernels. The matrix products run
 //! through candle's batched matmul (cuBLAS on CUDA, tensor cores in fp16/bf16, f32
 //! accumulation) in the compute dtype, like Hugging Face's eager attention; the causal mask,
 //! the row softmax (f32 statistics) and the softmax backward are one fused kernel each
@@ -27,7 +32,34 @@ use candle_core::{
     CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, WithDType,
 };
 
-/// Causal scaled-dot-product attention with grouped-query attention.
+/// The attention variant of one layer: logit scale, sliding window, score soft-capping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttentionSpec {
+    /// Multiplies `Q K^T` (`1/sqrt(head_dim)` unless the model says otherwise).
+    pub scale: f64,
+    /// Keys visible to a query, itself included (None: the whole causal prefix).
+    pub window: Option<usize>,
+    /// Gemma 2 `attn_logit_softcapping`: scores become `tanh(s / cap) * cap` before the mask.
+    pub softcap: Option<f64>,
+}
+
+impl AttentionSpec {
+    /// Plain causal attention with scale `1/sqrt(head_dim)`.
+    pub fn causal(head_dim: usize) -> Self {
+        Self {
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            window: None,
+            softcap: None,
+        }
+    }
+
+    /// The kernels' window argument: 0 for none.
+    fn window_arg(&self) -> usize {
+        self.window.unwrap_or(0)
+    }
+}
+
+/// Causal scaled-dot-product attention with grouped-query attention, as `spec` says.
 ///
 /// `q`: (batch, q_heads, seq, head_dim); `k`, `v`: (batch, kv_heads, seq, head_dim) with
 /// `q_heads % kv_heads == 0` (query head `h` reads kv head `h / (q_heads / kv_heads)`, as HF
@@ -37,7 +69,7 @@ use candle_core::{
 ///
 /// Errors: mismatched shapes or dtypes, device errors (CUDA: kernel compile/launch, out of
 /// memory for the (batch, q_heads, seq, seq) scores).
-pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
     let (_, qh, _, _) = q.dims4()?;
     let kvh = k.dim(1)?;
     if kvh == 0 || qh % kvh != 0 {
@@ -45,9 +77,9 @@ pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     }
     if q.track_op() || k.track_op() || v.track_op() {
         q.contiguous()?
-            .apply_op3(&k.contiguous()?, &v.contiguous()?, Attention)
+            .apply_op3(&k.contiguous()?, &v.contiguous()?, Attention(spec))
     } else {
-        Attention.forward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?)
+        Attention(spec).forward(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?)
     }
 }
 
@@ -61,6 +93,7 @@ pub(crate) fn causal_attention_backward(
     k: &Tensor,
     v: &Tensor,
     grad: &Tensor,
+    spec: AttentionSpec,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let (q, k, v, grad) = (
         q.contiguous()?,
@@ -69,7 +102,7 @@ pub(crate) fn causal_attention_backward(
         grad.contiguous()?,
     );
     let (dq, dk, dv) = profiler::section("causal-attention", "bwd", q.device(), || {
-        Attention.backward(&q, &k, &v, &grad)
+        Attention(spec).backward(&q, &k, &v, &grad)
     })?;
     match (dq, dk, dv) {
         (Some(dq), Some(dk), Some(dv)) => Ok((dq, dk, dv)),
@@ -77,25 +110,36 @@ pub(crate) fn causal_attention_backward(
     }
 }
 
-struct Attention;
+struct Attention(AttentionSpec);
 
 impl Attention {
-    /// Probabilities (b, kvh, g*t, t) in the compute dtype from grouped, pre-scaled queries.
-    fn probs(qs_g: &Tensor, k: &Tensor, t: usize) -> Result<Tensor> {
+    /// Probabilities (b, kvh, g*t, t) in the compute dtype from grouped, pre-scaled queries,
+    /// with the soft-capped scores divided by the cap (`tanh(s / cap)`) when capping.
+    fn probs(&self, qs_g: &Tensor, k: &Tensor, t: usize) -> Result<(Tensor, Option<Tensor>)> {
         let s = qs_g.matmul(&k.t()?)?;
-        s.apply_op1_no_bwd(&CausalSoftmax { t })
+        let window = self.0.window_arg();
+        match self.0.softcap {
+            None => Ok((s.apply_op1_no_bwd(&CausalSoftmax { t, window })?, None)),
+            Some(cap) => {
+                let th = s.affine(1.0 / cap, 0.0)?.tanh()?;
+                let p = th
+                    .affine(cap, 0.0)?
+                    .apply_op1_no_bwd(&CausalSoftmax { t, window })?;
+                Ok((p, Some(th)))
+            }
+        }
     }
 
-    /// Queries grouped per kv head, (b, kvh, g*t, d), scaled by 1/sqrt(d).
-    fn grouped_scaled(q: &Tensor, kvh: usize) -> Result<Tensor> {
+    /// Queries grouped per kv head, (b, kvh, g*t, d), scaled by the spec's scale.
+    fn grouped_scaled(&self, q: &Tensor, kvh: usize) -> Result<Tensor> {
         let (b, qh, t, d) = q.dims4()?;
         q.reshape((b, kvh, (qh / kvh) * t, d))?
-            .affine(1.0 / (d as f64).sqrt(), 0.0)
+            .affine(self.0.scale, 0.0)
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let (b, qh, t, d) = q.dims4()?;
-        let p = Self::probs(&Self::grouped_scaled(q, k.dim(1)?)?, k, t)?;
+        let (p, _) = self.probs(&self.grouped_scaled(q, k.dim(1)?)?, k, t)?;
         p.matmul(v)?.reshape((b, qh, t, d))
     }
 
@@ -108,9 +152,9 @@ impl Attention {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, qh, t, d) = q.dims4()?;
         let kvh = k.dim(1)?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let qs = Self::grouped_scaled(q, kvh)?;
-        let p = Self::probs(&qs, k, t)?;
+        let scale = self.0.scale;
+        let qs = self.grouped_scaled(q, kvh)?;
+        let (p, th) = self.probs(&qs, k, t)?;
         drop(qs);
         let go = grad
             .to_dtype(q.dtype())?
@@ -119,8 +163,14 @@ impl Attention {
         let dv = p.t()?.matmul(&go)?;
         let dp = go.matmul(&v.t()?)?;
         drop(go);
-        // dS / sqrt(d), so that dQ = dS' K and dK = dS'^T Q.
-        let ds = p.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { t, scale })?;
+        // scale * dS, so that dQ = dS' K and dK = dS'^T Q; soft-capping multiplies dS by
+        // d cap(s) / ds = 1 - tanh(s / cap)^2.
+        let window = self.0.window_arg();
+        let ds = p.apply_op2_no_bwd(&dp, &CausalSoftmaxGrad { t, scale, window })?;
+        let ds = match th {
+            Some(th) => (ds * (1.0 - th.sqr()?)?)?,
+            None => ds,
+        };
         drop((p, dp));
         let dq = ds.matmul(k)?.reshape((b, qh, t, d))?;
         let qg = q.reshape((b, kvh, (qh / kvh) * t, d))?;
@@ -178,11 +228,14 @@ impl CustomOp3 for Attention {
 }
 
 /// Row softmax of scores (..., rows, t) under a causal mask, in place of the scores' dtype:
-/// row `r` is query position `r % t` and sees keys `0..=r % t`; masked entries are 0.
-/// Max, exponentials and the sum are f32 (f64 for f64 input).
+/// row `r` is query position `i = r % t` and sees keys `0..=i` (with a window `W > 0`: keys
+/// `i - W < j <= i`); masked entries are 0. Max, exponentials and the sum are f32 (f64 for
+/// f64 input).
 pub struct CausalSoftmax {
     /// Sequence length (row length; rows repeat positions every `t`).
     pub t: usize,
+    /// Sliding window in keys, 0 for none.
+    pub window: usize,
 }
 
 /// Softmax backward for [`CausalSoftmax`]: from probabilities `P` and their gradient `dP`
@@ -190,8 +243,10 @@ pub struct CausalSoftmax {
 pub struct CausalSoftmaxGrad {
     /// Sequence length, as [`CausalSoftmax::t`].
     pub t: usize,
-    /// Factor applied to the result (1/sqrt(head_dim) in attention).
+    /// Factor applied to the result (the attention scale).
     pub scale: f64,
+    /// Sliding window, as [`CausalSoftmax::window`].
+    pub window: usize,
 }
 
 fn check_rows(l: &Layout, t: usize, what: &str) -> Result<usize> {
@@ -220,14 +275,20 @@ impl CausalSoftmaxGrad {
 impl CpuLoops for CausalSoftmax {
     const NAME: &'static str = "causal-softmax";
     fn f<T: WithDType>(&self, xs: &[&[T]]) -> Result<Vec<T>> {
-        Ok(cpu::softmax(xs[0], self.t))
+        Ok(cpu::softmax(xs[0], self.t, self.window))
     }
 }
 
 impl CpuLoops for CausalSoftmaxGrad {
     const NAME: &'static str = "causal-softmax-grad";
     fn f<T: WithDType>(&self, xs: &[&[T]]) -> Result<Vec<T>> {
-        Ok(cpu::softmax_grad(xs[0], xs[1], self.t, self.scale))
+        Ok(cpu::softmax_grad(
+            xs[0],
+            xs[1],
+            self.t,
+            self.scale,
+            self.window,
+        ))
     }
 }
 
@@ -247,7 +308,7 @@ impl CustomOp1 for CausalSoftmax {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let rows = check_rows(l, self.t, self.name())?;
         let range = contiguous_range(l, self.name())?;
-        let out = cuda::softmax((s, range), rows, self.t)?;
+        let out = cuda::softmax((s, range), rows, self.t, self.window)?;
         Ok((out, l.shape().clone()))
     }
 }
@@ -277,7 +338,13 @@ impl CustomOp2 for CausalSoftmaxGrad {
         let rows = self.check(l1, l2)?;
         let r1 = contiguous_range(l1, self.name())?;
         let r2 = contiguous_range(l2, self.name())?;
-        let out = cuda::softmax_grad((s1, r1), (s2, r2), rows, self.t, self.scale as f32)?;
+        let out = cuda::softmax_grad(
+            (s1, r1),
+            (s2, r2),
+            rows,
+            (self.t, self.window),
+            self.scale as f32,
+        )?;
         Ok((out, l1.shape().clone()))
     }
 }
@@ -286,27 +353,34 @@ mod cpu {
     //! The kernels' formulas as loops (f64 statistics, one rounding to the storage dtype).
     use candle_core::WithDType;
 
-    pub fn softmax<T: WithDType>(s: &[T], t: usize) -> Vec<T> {
+    /// The visible keys `lo..valid` of row `r` (query position `r % t`) under window `w`.
+    fn span(r: usize, t: usize, w: usize) -> (usize, usize) {
+        let valid = r % t + 1;
+        let lo = if w > 0 { valid.saturating_sub(w) } else { 0 };
+        (lo, valid)
+    }
+
+    pub fn softmax<T: WithDType>(s: &[T], t: usize, w: usize) -> Vec<T> {
         let mut out = vec![T::from_f64(0.0); s.len()];
         for (r, (row, o)) in s.chunks(t).zip(out.chunks_mut(t)).enumerate() {
-            let valid = r % t + 1;
-            let m = row[..valid]
+            let (lo, valid) = span(r, t, w);
+            let m = row[lo..valid]
                 .iter()
                 .map(|x| x.to_f64())
                 .fold(f64::NEG_INFINITY, f64::max);
-            let e: Vec<f64> = row[..valid]
+            let e: Vec<f64> = row[lo..valid]
                 .iter()
                 .map(|x| (x.to_f64() - m).exp())
                 .collect();
             let sum: f64 = e.iter().sum();
-            for (o, e) in o.iter_mut().zip(e) {
+            for (o, e) in o[lo..valid].iter_mut().zip(e) {
                 *o = T::from_f64(e / sum);
             }
         }
         out
     }
 
-    pub fn softmax_grad<T: WithDType>(p: &[T], dp: &[T], t: usize, scale: f64) -> Vec<T> {
+    pub fn softmax_grad<T: WithDType>(p: &[T], dp: &[T], t: usize, scale: f64, w: usize) -> Vec<T> {
         let mut out = vec![T::from_f64(0.0); p.len()];
         for (r, ((pr, dr), o)) in p
             .chunks(t)
@@ -314,13 +388,13 @@ mod cpu {
             .zip(out.chunks_mut(t))
             .enumerate()
         {
-            let valid = r % t + 1;
-            let delta: f64 = pr[..valid]
+            let (lo, valid) = span(r, t, w);
+            let delta: f64 = pr[lo..valid]
                 .iter()
-                .zip(&dr[..valid])
+                .zip(&dr[lo..valid])
                 .map(|(a, b)| a.to_f64() * b.to_f64())
                 .sum();
-            for j in 0..valid {
+            for j in lo..valid {
                 o[j] = T::from_f64(scale * pr[j].to_f64() * (dr[j].to_f64() - delta));
             }
         }
@@ -379,12 +453,17 @@ mod cuda {
         Ok(per_row(rows, 256))
     }
 
-    /// [`super::CausalSoftmax`] over `rows` score rows of length `t`.
-    pub fn softmax((s, range): In, rows: usize, t: usize) -> Result<CudaStorage> {
+    /// [`super::CausalSoftmax`] over `rows` score rows of length `t`, window `w` (0: none).
+    pub fn softmax((s, range): In, rows: usize, t: usize, w: usize) -> Result<CudaStorage> {
         let dev = s.device();
         let name = kernel_name("causal_softmax", s.dtype(), "causal softmax")?;
         let out = Buf::alloc(dev, s.dtype(), range.1 - range.0)?;
-        let args = [Buf::view(s, range)?.arg(), out.arg(), Arg::I32(t as i32)];
+        let args = [
+            Buf::view(s, range)?.arg(),
+            out.arg(),
+            Arg::I32(t as i32),
+            Arg::I32(w.min(i32::MAX as usize) as i32),
+        ];
         launch(dev, &MODULE, &name, cfg(rows)?, &args)?;
         out.into_storage()
     }
@@ -394,7 +473,7 @@ mod cuda {
         (p, pr): In,
         (dp, dpr): In,
         rows: usize,
-        t: usize,
+        (t, w): (usize, usize),
         scale: f32,
     ) -> Result<CudaStorage> {
         if p.dtype() != dp.dtype() {
@@ -409,6 +488,7 @@ mod cuda {
             out.arg(),
             Arg::I32(t as i32),
             Arg::F32(scale),
+            Arg::I32(w.min(i32::MAX as usize) as i32),
         ];
         launch(dev, &MODULE, &name, cfg(rows)?, &args)?;
         out.into_storage()
@@ -432,7 +512,13 @@ mod tests {
         let k = Var::from_tensor(&rand((b, kvh, t, d), 2)).unwrap();
         let v = Var::from_tensor(&rand((b, kvh, t, d), 3)).unwrap();
         let w = rand((b, qh, t, d), 4);
-        let fused = causal_attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
+        let fused = causal_attention(
+            q.as_tensor(),
+            k.as_tensor(),
+            v.as_tensor(),
+            AttentionSpec::causal(d),
+        )
+        .unwrap();
         let reference = generic::attention(q.as_tensor(), k.as_tensor(), v.as_tensor()).unwrap();
         assert!(max_abs_diff(&fused, &reference) < 1e-12);
         let gf = (&fused * &w)
@@ -458,7 +544,9 @@ mod tests {
     #[test]
     fn masked_probabilities_are_zero_and_rows_sum_to_one() {
         let s = rand((1, 1, 5, 5), 9).to_dtype(DType::F32).unwrap();
-        let p = s.apply_op1_no_bwd(&CausalSoftmax { t: 5 }).unwrap();
+        let p = s
+            .apply_op1_no_bwd(&CausalSoftmax { t: 5, window: 0 })
+            .unwrap();
         let p: Vec<Vec<f32>> = p.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2().unwrap();
         for (r, row) in p.iter().enumerate() {
             assert!(row[r + 1..].iter().all(|&x| x == 0.0), "row {r}: {row:?}");
@@ -478,7 +566,7 @@ mod tests {
         let reference = generic::attention(&q, &k, &v).unwrap();
         for dt in [DType::F16, DType::BF16] {
             let c = |x: &Tensor| x.to_dtype(dt).unwrap();
-            let o = causal_attention(&c(&q), &c(&k), &c(&v))
+            let o = causal_attention(&c(&q), &c(&k), &c(&v), AttentionSpec::causal(d))
                 .unwrap()
                 .to_dtype(DType::F64)
                 .unwrap();

@@ -12,7 +12,9 @@
 //! - [`causal_attention`]: causal grouped-query attention, PyTorch
 //!   `scaled_dot_product_attention(is_causal=True)` with HF `repeat_kv`.
 //! - [`swiglu`]: the MLP gate `silu(gate) * up` of HF `Qwen2MLP` / `LlamaMLP`.
+//! - [`geglu`]: Gemma's gate `gelu_tanh(gate) * up` (generic candle code on both devices).
 //! - [`ChunkedCrossEntropy`]: `lm_head` fused with PyTorch's `CrossEntropyLoss`, chunked.
+//! - [`softcapped_cross_entropy`]: the loss over Gemma's soft-capped logits (generic code).
 //!
 //! Every op file has the same parts in this order: the module doc (the maths and the source it
 //! matches); the public forward/backward API; the graph-node glue (candle `CustomOp` impls);
@@ -29,17 +31,22 @@
 mod attention;
 mod cross_entropy;
 mod frozen_linear;
+mod geglu;
 mod rms_norm;
 mod rope;
+mod softcap;
 mod swiglu;
 
 pub(crate) use attention::causal_attention_backward;
-pub use attention::{CausalSoftmax, CausalSoftmaxGrad, causal_attention};
+pub use attention::{AttentionSpec, CausalSoftmax, CausalSoftmaxGrad, causal_attention};
 pub use cross_entropy::{ChunkedCrossEntropy, IGNORE_INDEX, RowGrad, RowLoss};
 pub use frozen_linear::FrozenLinear;
+pub use geglu::geglu;
+pub(crate) use geglu::geglu_backward;
 pub use rms_norm::RmsNorm;
 pub(crate) use rope::rope_backward;
 pub use rope::{apply_rope, rope_tables};
+pub use softcap::{softcap, softcapped_cross_entropy};
 pub use swiglu::swiglu;
 pub(crate) use swiglu::swiglu_backward;
 

@@ -1,5 +1,8 @@
 //! Root-mean-square layer norm with a frozen weight, as Hugging Face `Qwen2RMSNorm` /
-//! `LlamaRMSNorm`:
+//! `LlamaRMSNorm` ([`RmsNorm::new`]) and `Gemma2RMSNorm` / `Gemma3RMSNorm`
+//! ([`RmsNorm::gemma`]: `x * rsqrt(mean(x^2) + eps) * (1 + w)` entirely in f32, one cast to the
+//! input dtype at the end; here: the input upcast to f32, the Llama formula with the f32 weight
+//! `1 + w`, the result cast back, which is the same arithmetic):
 //!
 //! - forward: `r = rsqrt(mean(x^2, -1) + eps)` in f32, `y = weight * cast(x r)`, where the
 //!   normalised value is cast back to the input dtype before the weight multiply;
@@ -27,17 +30,56 @@ use candle_core::{CpuStorage, Layout, Result, Shape, Tensor, WithDType};
 pub struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    /// Gemma: `weight` is `1 + w` in f32 (f64 for f64) and the input is upcast to it.
+    upcast: bool,
 }
 
 impl RmsNorm {
     /// Build from the weight (hidden) and epsilon.
     pub fn new(weight: Tensor, eps: f64) -> Self {
-        Self { weight, eps }
+        Self {
+            weight,
+            eps,
+            upcast: false,
+        }
     }
 
-    /// The weight, (hidden).
+    /// Gemma's norm from its stored weight `w` (hidden): `x * rsqrt(mean(x^2) + eps) * (1 + w)`
+    /// in f32, cast to the input dtype at the end (transformers `Gemma3RMSNorm`).
+    ///
+    /// Errors: a device error while forming `1 + w`.
+    pub fn gemma(w: &Tensor, eps: f64) -> Result<Self> {
+        let dt = super::stat_dtype(w.dtype());
+        Ok(Self {
+            weight: (w.to_dtype(dt)? + 1.0)?,
+            eps,
+            upcast: true,
+        })
+    }
+
+    /// The weight applied, (hidden) (Gemma: `1 + w` in f32).
     pub fn weight(&self) -> &Tensor {
         &self.weight
+    }
+
+    /// The weight as the checkpoint stores it (Gemma: `w`, not `1 + w`), in `dtype`.
+    ///
+    /// Errors: a device error.
+    pub fn stored_weight(&self, dtype: candle_core::DType) -> Result<Tensor> {
+        if self.upcast {
+            (&self.weight - 1.0)?.to_dtype(dtype)
+        } else {
+            self.weight.to_dtype(dtype)
+        }
+    }
+
+    /// `x` upcast to the weight's dtype for Gemma's norm, or `x`.
+    fn upcast(&self, x: &Tensor) -> Result<Tensor> {
+        if self.upcast {
+            x.to_dtype(self.weight.dtype())
+        } else {
+            Ok(x.clone())
+        }
     }
 
     /// Apply to `x` (..., hidden).
@@ -66,6 +108,9 @@ impl RmsNorm {
 impl InputGradOp for RmsNorm {
     const NAME: &'static str = "rms-norm";
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
+        if self.upcast && x.dtype() != self.weight.dtype() {
+            return self.plain(&self.upcast(x)?)?.to_dtype(x.dtype());
+        }
         if self.fused_here(x, None) {
             return x
                 .contiguous()?
@@ -74,6 +119,10 @@ impl InputGradOp for RmsNorm {
         generic::forward(x, &self.weight, self.eps)
     }
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if self.upcast && x.dtype() != self.weight.dtype() {
+            let g = self.input_grad(&self.upcast(x)?, &self.upcast(grad)?)?;
+            return g.map(|g| g.to_dtype(grad.dtype())).transpose();
+        }
         if self.fused_here(x, Some(grad)) {
             return Ok(Some(x.contiguous()?.apply_op3_no_bwd(
                 &self.weight,

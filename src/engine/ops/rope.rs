@@ -18,25 +18,41 @@ use crate::engine::profiler;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor, WithDType};
 
 /// Rotary position embedding tables (`cos`, `sin`), each (seq_len, head_dim) in f32, as
-/// Hugging Face `Qwen2RotaryEmbedding` (`inv_freq = theta^(-2i/d)`, halves concatenated).
+/// Hugging Face's rotary modules: `freqs[t, k] = t * inv_freq[k % (d/2)]` in f32 (the halves
+/// concatenated), `cos = cos(freqs) * attention_factor`, `sin = sin(freqs) * attention_factor`
+/// (`attention_factor` is 1 except for YaRN and LongRoPE). `inv_freq`: head_dim / 2 values.
+///
+/// Errors: device errors.
 pub fn rope_tables(
     seq_len: usize,
-    head_dim: usize,
-    theta: f64,
+    inv_freq: &[f32],
+    attention_factor: f64,
     device: &candle_core::Device,
 ) -> Result<(Tensor, Tensor)> {
-    let half = head_dim / 2;
-    let inv: Vec<f32> = (0..half)
-        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
-        .collect();
+    let half = inv_freq.len();
+    let head_dim = 2 * half;
     let mut freqs = Vec::with_capacity(seq_len * head_dim);
     for t in 0..seq_len {
         for k in 0..head_dim {
-            freqs.push(t as f32 * inv[k % half]);
+            freqs.push(t as f32 * inv_freq[k % half]);
         }
     }
     let f = Tensor::from_vec(freqs, (seq_len, head_dim), device)?;
-    Ok((f.cos()?, f.sin()?))
+    if attention_factor == 1.0 {
+        return Ok((f.cos()?, f.sin()?));
+    }
+    Ok((
+        f.cos()?.affine(attention_factor, 0.0)?,
+        f.sin()?.affine(attention_factor, 0.0)?,
+    ))
+}
+
+/// `theta ** (-2i/d)` for `i < d/2`, f32: plain RoPE's inverse frequencies.
+#[cfg(test)]
+fn plain_inv_freq(head_dim: usize, theta: f64) -> Vec<f32> {
+    (0..head_dim / 2)
+        .map(|i| (1.0 / theta.powf(2.0 * i as f64 / head_dim as f64)) as f32)
+        .collect()
 }
 
 /// Apply RoPE to `x` (batch, heads, seq, head_dim): `x * cos + rotate_half(x) * sin`, where
@@ -332,7 +348,7 @@ mod tests {
             rand_uniform(&[5, 8], 9, -1.0, 1.0),
             rand_uniform(&[5, 8], 10, -1.0, 1.0),
         );
-        let (qc, qs) = rope_tables(5, 8, 10_000.0, &Device::Cpu).unwrap();
+        let (qc, qs) = rope_tables(5, &plain_inv_freq(8, 10_000.0), 1.0, &Device::Cpu).unwrap();
         for (cos, sin) in [(rc, rs), (qc, qs)] {
             for (dt, tol) in DTYPES {
                 let c = |t: &Tensor| t.to_dtype(dt).unwrap();
@@ -389,7 +405,7 @@ mod tests {
         let x = rand_uniform(&[1, 1, 2, 4], 15, -1.0, 1.0)
             .to_dtype(DType::F32)
             .unwrap();
-        let (c, s) = rope_tables(2, 4, 10_000.0, &Device::Cpu).unwrap();
+        let (c, s) = rope_tables(2, &plain_inv_freq(4, 10_000.0), 1.0, &Device::Cpu).unwrap();
         assert!(tables_fit(&x, &c, &s));
         assert!(!fused_here(&x, &c, &s));
     }

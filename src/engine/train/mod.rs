@@ -264,6 +264,15 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         params_trainable: counts.trainable as u64,
         weight_bytes: model.base_weight_bytes() as u64,
         quant: opts.quant,
+        generic_ops: if device.is_cuda() {
+            model
+                .generic_fallbacks()
+                .into_iter()
+                .map(String::from)
+                .collect()
+        } else {
+            Vec::new()
+        },
         adapter_and_optimizer_bytes: (counts.trainable * 4 + optimizer.state_bytes()) as u64,
         optimizer_state_bytes: optimizer.state_bytes() as u64,
         device: opts.device.clone(),
