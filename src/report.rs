@@ -459,7 +459,8 @@ mod tests {
             csv.lines()
                 .nth(1)
                 .unwrap()
-                .ends_with(&format!(",{},24", 660u64 << 20))
+                .ends_with(&format!(",{},24,,", 660u64 << 20)),
+            "{csv}"
         );
         let j: serde_json::Value = serde_json::from_str(&render(&r, Format::Json)).unwrap();
         assert_eq!(j[0]["mem_growth"]["bytes"], 660u64 << 20);

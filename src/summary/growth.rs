@@ -89,10 +89,13 @@ pub fn memory_growth(series: &[(u64, u64)], source: GrowthSource) -> Option<Memo
     })
 }
 
-/// The larger rise of a run's two memory series over its timed window `timed` (`[t_start,
-/// t_end]` in arrival seconds): the worker's per-step `mem_bytes`, and telemetry in the window
-/// (NVML process memory if any sample has it, else the resident set), each sample counted at
-/// the number of steps that had arrived by then.
+/// The rise of a run's memory over its timed window `timed` (`[t_start, t_end]` in arrival
+/// seconds): the worker's per-step `mem_bytes` when the steps carry them (the CUDA pool's bytes
+/// in use, or the resident set on the CPU), else telemetry in the window (NVML process memory if
+/// any sample has it, else the resident set), each sample counted at the number of steps that
+/// had arrived by then. On a GPU the NVML figure is the pool's *reservation*, which a caching
+/// allocator grows in chunks towards a steady state while the bytes in use stay flat: that is
+/// not a leak, so it is only used when the worker reports nothing better.
 pub(super) fn of_run(
     timed: &[StepRecord],
     window: Option<(f64, f64)>,
@@ -102,8 +105,10 @@ pub(super) fn of_run(
         .iter()
         .filter_map(|r| r.mem_bytes.map(|m| (r.step, m)))
         .collect();
-    let from_steps = memory_growth(&steps, GrowthSource::Steps);
-    let from_telemetry = window.and_then(|(a, b)| {
+    if steps.len() >= 3 {
+        return memory_growth(&steps, GrowthSource::Steps);
+    }
+    window.and_then(|(a, b)| {
         let vram = samples.iter().any(|x| x.proc_mem_bytes.is_some());
         let first_step = timed.first().map(|r| r.step.saturating_sub(1)).unwrap_or(0);
         let series: Vec<(u64, u64)> = samples
@@ -116,11 +121,7 @@ pub(super) fn of_run(
             })
             .collect();
         memory_growth(&series, GrowthSource::Telemetry)
-    });
-    [from_steps, from_telemetry]
-        .into_iter()
-        .flatten()
-        .max_by_key(|g| g.bytes)
+    })
 }
 
 #[cfg(test)]
