@@ -47,9 +47,10 @@ use crate::engine::config::ModelConfig;
 use crate::spec::{DeviceKind, LoraTarget, Optimizer, Precision, Quant};
 use serde::Serialize;
 
-/// The stated relative error of a device-memory prediction (fraction of the prediction):
-/// 10% until the GPU check (`scripts/gpu_memory_check.sh`) has measured the model's error.
-pub const STATED_ERROR_FRACTION: f64 = 0.10;
+/// The stated relative error of a device-memory prediction (fraction of the prediction): 20%,
+/// from `scripts/gpu_memory_check.sh` on an H200 (40 points: measured peak process VRAM from
+/// -6.4% to +17.9% of the prediction; the model under-predicts most at long sequences).
+pub const STATED_ERROR_FRACTION: f64 = 0.20;
 /// The stated absolute error floor of a device-memory prediction, bytes (150 MiB).
 pub const STATED_ERROR_FLOOR: u64 = 150 << 20;
 
