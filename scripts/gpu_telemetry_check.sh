@@ -5,7 +5,7 @@
 #   cargo build --release --features cuda && scripts/gpu_telemetry_check.sh [target/release/lorascope]
 # Prints a table last; exits 1 when a figure differs by more than 2%.
 set -euo pipefail
-BIN=${1:-target/release/lorascope}
+BIN=${1:-/tmp/lorascope}; [ -x "$BIN" ] || BIN=target/release/lorascope
 GPU=${GPU:-0}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
