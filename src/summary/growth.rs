@@ -254,5 +254,16 @@ mod tests {
             .unwrap();
         assert_eq!(g.source, GrowthSource::Telemetry);
         assert!(g.bytes > 200 * MIB, "{g:?}");
+        // A GPU run: NVML's figure (the pool's reservation) grows in chunks while the worker's
+        // bytes in use stay flat. The per-step bytes decide: not flagged.
+        let gpu: Vec<TelemetrySample> = (0..=26)
+            .map(|i| TelemetrySample {
+                t: i as f64 * 0.5,
+                proc_mem_bytes: Some(3000 * MIB + 64 * MIB * (i / 6)),
+                ..Default::default()
+            })
+            .collect();
+        let s = summarize(&flat, &gpu, 2, &RunOutcome::default());
+        assert_eq!(s.mem_growth, None);
     }
 }
