@@ -306,8 +306,14 @@ impl Driver {
                         t.waited_exit += 1;
                         continue;
                     }
+                    // A task that ran and ended between two polls was never seen running:
+                    // its node comes from sacct, announced before its records.
                     if t.node.is_none() && !st.node.is_empty() {
                         t.node = Some(st.node.clone());
+                        placed.push(Update::Placed(
+                            id.clone(),
+                            device_text(&t.key, Some(&st.node)),
+                        ));
                     }
                     ended.push((id.clone(), phase));
                 }
