@@ -103,16 +103,6 @@ impl Nf4Weight {
         Self::with_statistics(packed, &absmax, (o, i), w.device())
     }
 
-    /// [`Nf4Weight::quantize`] with all the arithmetic on the host (the reference the device
-    /// path is checked against); the result is placed on `w`'s device.
-    ///
-    /// Errors: `w` is not 2-D, or a device copy fails.
-    pub fn quantize_on_host(w: &Tensor) -> Result<Self> {
-        let (o, i) = w.dims2()?;
-        let (packed, absmax) = quantize::on_host(w, w.device())?;
-        Self::with_statistics(packed, &absmax, (o, i), w.device())
-    }
-
     /// Double-quantise the block `absmax` values (on the host: one value per 64 weights) and
     /// assemble the weight from its packed codes.
     fn with_statistics(

@@ -77,10 +77,10 @@ pub(super) fn on_host(w: &Tensor, dev: &Device) -> Result<(Tensor, Vec<f32>)> {
     Ok((Tensor::from_vec(packed, len, dev)?, absmax))
 }
 
-/// Quantises `count` random weights of odd and even sizes, in `dtype`, on `dev` and on the host
-/// and returns the number of packed bytes and absmax values that differ (0 when the device path
-/// is the host arithmetic, as it must be). Weights include zeros, a whole zero block, NaN and
-/// infinities, and values halfway between NF4 codes.
+/// Quantises three random weights (64 x 96, 33 x 65 with an odd element count, 256 x 1536), in
+/// `dtype`, on `dev` and on the host, and returns the number of packed bytes and block absmax
+/// values that differ (0 when the device path is the host arithmetic, as it must be). Weights
+/// include zeros, a whole zero block, NaN and infinities, and values halfway between NF4 codes.
 ///
 /// Errors: a device copy or kernel launch fails.
 pub fn device_matches_host(dev: &Device, dtype: DType) -> Result<(usize, usize)> {
