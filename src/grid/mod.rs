@@ -1,8 +1,8 @@
 //! Grid expansion: a [`Profile`] becomes an ordered list of [`RunSpec`]s, each with a stable id.
 //!
 //! **Order.** `include` points first (in the order written), then the factorial product of the
-//! axes in this nesting (outermost first): batch_size, seq_len, optimizer, precision, quant,
-//! lora_rank, grad_checkpointing — each axis in the order written. `exclude` prunes factorial
+//! axes in this nesting (outermost first): card, batch_size, seq_len, optimizer, precision,
+//! quant, lora_rank, grad_checkpointing — each axis in the order written. `exclude` prunes factorial
 //! points only (an `include` is always kept). Duplicates (same id) keep their first position.
 //!
 //! **Stable id.** `id` = the first 12 hex characters of
@@ -231,7 +231,10 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
             warmup_steps: p.run.warmup_steps,
             seed: p.run.seed,
             lr: p.run.lr,
-            vram_limit_bytes: p.run.vram_limit.as_deref().and_then(parse_bytes),
+            vram_limit_bytes: match point.card {
+                Some(c) => Some(c.bytes()),
+                None => p.run.vram_limit.as_deref().and_then(parse_bytes),
+            },
             device_kind,
             point,
         };
@@ -245,7 +248,10 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
             config,
             model_arg: model_arg.clone(),
             data_arg: data_arg.clone(),
-            vram_limit: p.run.vram_limit.clone(),
+            vram_limit: match point.card {
+                Some(c) => Some(c.to_string()),
+                None => p.run.vram_limit.clone(),
+            },
             verify_oom: p.run.verify_oom,
         });
     }

@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use serde::{Deserialize, Serialize};
 
 use crate::profile::{Axes, GridSection, PartialPoint};
-use crate::spec::{Optimizer, Precision, Quant};
+use crate::spec::{Card, Optimizer, Precision, Quant};
 
 /// One point of the grid: a value for every axis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -26,17 +26,22 @@ pub struct Point {
     pub lora_rank: u32,
     /// Activation checkpointing on.
     pub grad_checkpointing: bool,
+    /// The card emulated (its memory is the point's VRAM limit), from the `card` axis.
+    /// Left out of the serialisation when absent, so points without it keep their ids.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub card: Option<Card>,
 }
 
 impl Point {
-    /// Short human label, e.g. `bs2 seq128 adamw fp32 none r8 gc`.
+    /// Short human label, e.g. `bs2 seq128 adamw fp32 none r8 gc` (`... @rtx4060` with a card).
     pub fn label(&self) -> String {
         let v = |n: u32| match n {
             crate::profile::AXIS_MAX => "=max".to_string(),
             n => n.to_string(),
         };
+        let card = self.card.map(|c| format!(" @{c}")).unwrap_or_default();
         format!(
-            "bs{} seq{} {} {} {} r{}{}",
+            "bs{} seq{} {} {} {} r{}{}{card}",
             v(self.batch_size),
             v(self.seq_len),
             self.optimizer,
@@ -57,6 +62,7 @@ impl Point {
             && p.lora_rank.is_none_or(|v| v == self.lora_rank)
             && p.grad_checkpointing
                 .is_none_or(|v| v == self.grad_checkpointing)
+            && p.card.is_none_or(|v| Some(v) == self.card)
     }
 
     /// The point an `include` entry describes: unset keys take each axis's first value.
@@ -69,6 +75,7 @@ impl Point {
             quant: p.quant.unwrap_or(axes.quant[0]),
             lora_rank: p.lora_rank.unwrap_or(axes.lora_rank[0]),
             grad_checkpointing: p.grad_checkpointing.unwrap_or(axes.grad_checkpointing[0]),
+            card: p.card.or(axes.card[0]),
         }
     }
 
@@ -82,6 +89,7 @@ impl Point {
             quant: Some(self.quant),
             lora_rank: Some(self.lora_rank),
             grad_checkpointing: Some(self.grad_checkpointing),
+            card: self.card,
         }
     }
 }
@@ -93,22 +101,25 @@ impl Point {
 pub fn factorial(axes: &Axes) -> Vec<Point> {
     let len = usize::try_from(axes.factorial_len()).unwrap_or(usize::MAX);
     let mut out = Vec::with_capacity(len.min(crate::profile::MAX_GRID_POINTS as usize));
-    for &batch_size in &axes.batch_size {
-        for &seq_len in &axes.seq_len {
-            for &optimizer in &axes.optimizer {
-                for &precision in &axes.precision {
-                    for &quant in &axes.quant {
-                        for &lora_rank in &axes.lora_rank {
-                            for &grad_checkpointing in &axes.grad_checkpointing {
-                                out.push(Point {
-                                    batch_size,
-                                    seq_len,
-                                    optimizer,
-                                    precision,
-                                    quant,
-                                    lora_rank,
-                                    grad_checkpointing,
-                                });
+    for &card in &axes.card {
+        for &batch_size in &axes.batch_size {
+            for &seq_len in &axes.seq_len {
+                for &optimizer in &axes.optimizer {
+                    for &precision in &axes.precision {
+                        for &quant in &axes.quant {
+                            for &lora_rank in &axes.lora_rank {
+                                for &grad_checkpointing in &axes.grad_checkpointing {
+                                    out.push(Point {
+                                        batch_size,
+                                        seq_len,
+                                        optimizer,
+                                        precision,
+                                        quant,
+                                        lora_rank,
+                                        grad_checkpointing,
+                                        card,
+                                    });
+                                }
                             }
                         }
                     }

@@ -235,6 +235,11 @@ pub struct GridSection {
     /// Activation checkpointing off / on.
     #[serde(default)]
     pub grad_checkpointing: Option<Vec<bool>>,
+    /// Cards to emulate by name ([`Card`]: `"rtx4060"`, `"a100-40g"`, ...): each point runs
+    /// once per card under that card's memory as its VRAM limit (capacity only; speed and
+    /// power are the real GPU's). Excludes `run.vram_limit`.
+    #[serde(default)]
+    pub card: Option<Vec<Card>>,
     /// Factorial points matching every key of an entry are removed.
     #[serde(default)]
     pub exclude: Vec<PartialPoint>,
@@ -317,12 +322,15 @@ pub struct PartialPoint {
     /// See [`GridSection::grad_checkpointing`].
     #[serde(default)]
     pub grad_checkpointing: Option<bool>,
+    /// See [`GridSection::card`].
+    #[serde(default)]
+    pub card: Option<Card>,
 }
 
 /// The axes of `[grid]` with the defaults applied: every axis has at least one value, in the
 /// order written. An absent (or empty) axis has one value: batch_size 1, seq_len 256,
 /// optimizer adamw, precision fp32, quant none, lora_rank = `lora.rank`,
-/// grad_checkpointing false. The points themselves (the factorial product, includes and
+/// grad_checkpointing false, card none. The points themselves (the factorial product, includes and
 /// excludes) are [`crate::grid`]'s.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Axes {
@@ -340,6 +348,8 @@ pub struct Axes {
     pub lora_rank: Vec<u32>,
     /// See [`GridSection::grad_checkpointing`].
     pub grad_checkpointing: Vec<bool>,
+    /// See [`GridSection::card`]; `[None]` when absent (the point's limit is `run.vram_limit`).
+    pub card: Vec<Option<Card>>,
 }
 
 impl Axes {
@@ -360,13 +370,17 @@ impl Axes {
             quant: or(&g.quant, Quant::None),
             lora_rank: or(&g.lora_rank, default_rank),
             grad_checkpointing: or(&g.grad_checkpointing, false),
+            card: match &g.card {
+                Some(v) if !v.is_empty() => v.iter().copied().map(Some).collect(),
+                _ => vec![None],
+            },
         }
     }
 }
 
 impl Axes {
     /// `(axis name, number of values)` for every axis, in [`Axes`] order.
-    pub fn lens(&self) -> [(&'static str, usize); 7] {
+    pub fn lens(&self) -> [(&'static str, usize); 8] {
         [
             ("batch_size", self.batch_size.len()),
             ("seq_len", self.seq_len.len()),
@@ -375,6 +389,7 @@ impl Axes {
             ("quant", self.quant.len()),
             ("lora_rank", self.lora_rank.len()),
             ("grad_checkpointing", self.grad_checkpointing.len()),
+            ("card", self.card.len()),
         ]
     }
 

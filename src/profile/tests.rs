@@ -287,3 +287,18 @@ fn grid_over_the_cap_is_refused_with_its_count() {
     let ok = format!("{GOOD}lora_rank = {}\n", axis(25_000));
     assert!(parse_str(&ok, "p.toml").is_ok());
 }
+
+#[test]
+fn card_axis_needs_cuda_and_excludes_vram_limit() {
+    let src = format!("{GOOD}card = [\"rtx4060\"]\n");
+    let e = err(&src);
+    assert!(e.contains("grid.card") && e.contains("CUDA"), "{e}");
+    let cuda = src.replace("devices = [\"cpu\"]", "devices = [\"cuda:0\"]");
+    assert!(parse_str(&cuda, "p.toml").is_ok());
+    let both = cuda.replace("warmup_steps = 2", "warmup_steps = 2\nvram_limit = \"8GiB\"");
+    let e = err(&both);
+    assert!(e.contains("remove run.vram_limit"), "{e}");
+    let unknown = cuda.replace("rtx4060", "rtx9999");
+    let e = err(&unknown);
+    assert!(e.contains("unknown card `rtx9999`"), "{e}");
+}

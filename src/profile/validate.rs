@@ -169,6 +169,23 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
         }
         seen.push(dev);
     }
+    if let Some(cards) = &p.grid.card
+        && !cards.is_empty()
+    {
+        if r.vram_limit.is_some() {
+            return Err((
+                vec![k("grid"), k("card")],
+                "grid.card sets each point's VRAM limit: remove run.vram_limit (or the card axis)"
+                    .into(),
+            ));
+        }
+        if seen.contains(&Device::Cpu) {
+            return Err((
+                vec![k("grid"), k("card")],
+                "grid.card emulates cards' memory and needs CUDA devices (devices = [\"cuda:0\"]); remove it for CPU runs".into(),
+            ));
+        }
+    }
     if r.vram_limit.is_some() && seen.contains(&Device::Cpu) {
         return Err((
             vec![k("run"), k("vram_limit")],
