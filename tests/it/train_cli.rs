@@ -13,12 +13,19 @@ struct Out {
 }
 
 impl Out {
-    /// stdout of a `--json` run, one value per line.
-    fn json_lines(&self) -> Vec<serde_json::Value> {
+    /// stdout of a `--json` run, one value per line, phase lines included.
+    fn all_json_lines(&self) -> Vec<serde_json::Value> {
         self.stdout
             .lines()
             .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
             .collect()
+    }
+
+    /// [`Out::all_json_lines`] less the phase lines: header, steps, summary.
+    fn json_lines(&self) -> Vec<serde_json::Value> {
+        let mut v = self.all_json_lines();
+        v.retain(|l| l["type"] != "phase");
+        v
     }
 }
 
@@ -57,7 +64,7 @@ fn json_output_is_header_steps_summary() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     // Phase lines aside (see `json_output_has_phases_in_order`).
     let (phases, lines): (Vec<_>, Vec<_>) = o
-        .json_lines()
+        .all_json_lines()
         .into_iter()
         .partition(|l| l["type"] == "phase");
     assert!(!phases.is_empty());
@@ -460,7 +467,7 @@ fn tokens_per_s_says_when_every_step_was_warm_up() {
 fn json_output_has_phases_in_order() {
     let o = train(&["--json", "--steps", "3", "--warmup-steps", "1"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let lines = o.json_lines();
+    let lines = o.all_json_lines();
     let kinds: Vec<String> = lines
         .iter()
         .map(|l| match l["type"].as_str().unwrap() {
