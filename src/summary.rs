@@ -8,7 +8,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::spec::wire::{self, MemoryReport, StepRecord};
+use crate::spec::wire::{self, MemoryReport, PhaseRecord, StepRecord};
 use crate::telemetry::TelemetrySample;
 
 mod growth;
@@ -42,6 +42,9 @@ pub enum RunStatus {
     Interrupted,
     /// Skipped by the user before it ran.
     Skipped,
+    /// Queued again by the user (retry, un-skip) and not started before the sweep stopped:
+    /// `--resume` runs it.
+    Queued,
 }
 
 impl RunStatus {
@@ -56,6 +59,7 @@ impl RunStatus {
             RunStatus::Cancelled => "cancelled",
             RunStatus::Interrupted => "interrupted",
             RunStatus::Skipped => "skipped",
+            RunStatus::Queued => "queued",
         }
     }
 
@@ -70,20 +74,25 @@ impl RunStatus {
             "cancelled" => RunStatus::Cancelled,
             "interrupted" => RunStatus::Interrupted,
             "skipped" => RunStatus::Skipped,
+            "queued" => RunStatus::Queued,
             _ => return None,
         })
     }
 
     /// Whether `--resume` treats a point whose latest run has this status as done.
     /// Policy: ok, oom, failed and cancelled are outcomes (a failure or OOM is deterministic;
-    /// a cancel was a person's choice) and are not re-run; interrupted, skipped and running
-    /// (a row left by a killed orchestrator) are re-run. `--retry-failed` also re-runs failed,
+    /// a cancel was a person's choice) and are not re-run; interrupted, skipped, queued (a
+    /// retry or un-skip the sweep stopped before) and running (a row left by a killed
+    /// orchestrator) are re-run. `--retry-failed` also re-runs failed,
     /// cancelled and predicted-oom points (the last after `run.verify_oom = true`, say).
     pub fn is_finished(self, retry_failed: bool) -> bool {
         match self {
             RunStatus::Ok | RunStatus::Oom => true,
             RunStatus::Failed | RunStatus::Cancelled | RunStatus::PredictedOom => !retry_failed,
-            RunStatus::Running | RunStatus::Interrupted | RunStatus::Skipped => false,
+            RunStatus::Running
+            | RunStatus::Interrupted
+            | RunStatus::Skipped
+            | RunStatus::Queued => false,
         }
     }
 }
@@ -103,6 +112,8 @@ pub enum WorkerLine {
     Step(StepRecord),
     /// A `telemetry` record of a worker that samples itself (`--telemetry`).
     Telemetry(TelemetrySample),
+    /// A `phase` record (what the worker is doing before and between steps).
+    Phase(PhaseRecord),
     /// The `summary` record, as JSON.
     Summary(Value),
     /// A JSON object of another (or no) type: ignored.
@@ -130,6 +141,11 @@ pub fn parse_worker_line(line: &str) -> WorkerLine {
         Some("telemetry") => match serde_json::from_value::<TelemetrySample>(v) {
             Ok(s) => WorkerLine::Telemetry(s),
             Err(e) => WorkerLine::Warning(format!("malformed telemetry line ({e}): {trimmed}")),
+        },
+        // A phase this reader does not know (a newer worker) is an unknown line.
+        Some("phase") => match serde_json::from_value::<PhaseRecord>(v.clone()) {
+            Ok(p) => WorkerLine::Phase(p),
+            Err(_) => WorkerLine::Other(v),
         },
         _ => WorkerLine::Other(v),
     }

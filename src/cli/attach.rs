@@ -3,6 +3,7 @@
 //! orchestrator; keys become commands sent back over the socket. q, D or Ctrl-C detach and
 //! leave the sweep running. `--json` prints the attach stream as JSON lines instead.
 
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result, bail};
@@ -135,9 +136,16 @@ pub async fn attach_dashboard(socket: &Path) -> Result<()> {
             }
         }
     });
+    let sweep_id = app.sweep_id.unwrap_or(info.sweep_id);
     let r = crate::ui::run(app, ctx, frx).await;
     bridge.abort();
-    r.context("dashboard")?;
+    if r.context("dashboard")? == crate::ui::Exit::Quit {
+        // Not println!: the terminal may be gone.
+        let _ = writeln!(
+            std::io::stdout(),
+            "detached: sweep {sweep_id} goes on in the daemon (pid {pid}); `lorascope attach` shows it again, `lorascope status` sums it up"
+        );
+    }
     Ok(())
 }
 

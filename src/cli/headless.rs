@@ -134,6 +134,16 @@ impl Headless {
                     self.total, s.wall_seconds
                 );
             }
+            Event::Phase { id, record } => {
+                let (n, label) = self.pos.get(id).cloned().unwrap_or_default();
+                let _ = writeln!(
+                    err,
+                    "[{n}/{}] {id} {label}: {} ({:.1} s)",
+                    self.total,
+                    record.phase.describe(),
+                    record.t_s
+                );
+            }
             Event::CommandRejected { command, reason } => {
                 let _ = writeln!(err, "command {command:?} rejected: {reason}");
             }

@@ -82,6 +82,15 @@ pub enum SweepCommand {
     Run(RunArgs),
     /// Print the comparison table of a recorded sweep.
     Report(ReportArgs),
+    /// Browse a recorded sweep in the dashboard, read-only (table, detail, chart views).
+    View {
+        /// Sweep id (default: the latest sweep; `lorascope report --list` lists them).
+        #[arg(long)]
+        sweep: Option<i64>,
+        /// Results database.
+        #[arg(long, default_value = DEFAULT_DB)]
+        db: PathBuf,
+    },
     /// Predict every point's peak memory (VRAM or host RAM) and whether it fits its limit.
     Estimate {
         /// The profile (TOML).
@@ -131,6 +140,9 @@ pub enum SweepCommand {
         socket: SocketArg,
     },
 }
+
+/// The results database when `--db` is not given.
+pub const DEFAULT_DB: &str = "lorascope.db";
 
 /// `--socket`, shared by the daemon verbs.
 #[derive(Debug, Clone, clap::Args)]
@@ -295,6 +307,7 @@ pub fn execute(cmd: SweepCommand) -> Result<()> {
     match cmd {
         SweepCommand::Run(args) => run::run(args),
         SweepCommand::Report(args) => commands::report::run(&args),
+        SweepCommand::View { sweep, db } => commands::view::run(&db, sweep),
         SweepCommand::Profile {
             command: ProfileCommand::Check { profile, argv },
         } => commands::profile::check(&profile, argv),

@@ -61,7 +61,8 @@ pub fn run(args: RunArgs) -> Result<()> {
     } else {
         None
     };
-    let (sweep_id, runs, already_done) = match resumed {
+    let resumed_at = resumed.as_ref().map(|sw| sw.started_at);
+    let (sweep_id, runs, finished) = match resumed {
         Some(sw) => {
             let (interrupted, attached) =
                 orchestrator::backend::resume_rows(&mut backend, &store, sw.id, &specs, repeats)?;
@@ -84,7 +85,18 @@ pub fn run(args: RunArgs) -> Result<()> {
                     sw.id
                 );
             }
-            (sw.id, runs, finished.len())
+            if runs.is_empty() {
+                let db = if args.db == Path::new(super::DEFAULT_DB) {
+                    String::new()
+                } else {
+                    format!(" --db {}", args.db.display())
+                };
+                eprintln!(
+                    "sweep {}: every point has a result, nothing to run (`lorascope view --sweep {}{db}` browses it; `--retry-failed` runs failed and cancelled points again)",
+                    sw.id, sw.id
+                );
+            }
+            (sw.id, runs, finished)
         }
         None => {
             if args.resume {
@@ -95,9 +107,10 @@ pub fn run(args: RunArgs) -> Result<()> {
             }
             let id = store.create_sweep(&lp.name(), &profile_key, &lp.source)?;
             let (runs, _) = plan_runs(specs.len(), repeats, |_, _| None);
-            (id, runs, 0)
+            (id, runs, vec![])
         }
     };
+    let already_done = finished.len();
 
     let cfg = OrchestratorConfig {
         worker: worker_command(args.worker.clone())?,
@@ -114,19 +127,35 @@ pub fn run(args: RunArgs) -> Result<()> {
         runs,
         already_done,
         devices,
-        finished: vec![],
+        // Shown in the queue and the table beside the new runs; never launched.
+        finished,
         backend,
     };
     let steps = lp.profile.run.steps;
     let dashboard = !args.headless
         && std::io::IsTerminal::is_terminal(&std::io::stdout())
         && std::io::IsTerminal::is_terminal(&std::io::stdin());
-    let app = dashboard.then(|| {
-        let mut app = crate::ui::App::new(lp.name(), lp.profile.clone(), plan.specs.clone());
-        app.mem_total = crate::ui::mem_total();
-        app.color = crate::ui::Theme::from_env().color;
-        app
-    });
+    let app = match dashboard {
+        false => None,
+        true => {
+            let mut app = crate::ui::App::new(lp.name(), lp.profile.clone(), plan.specs.clone());
+            app.mem_total = crate::ui::mem_total();
+            app.color = crate::ui::Theme::from_env().color;
+            // A resumed sweep shows the results it already has.
+            if let Some(t0) = resumed_at {
+                let done: Vec<(usize, u32)> = plan
+                    .finished
+                    .iter()
+                    .map(|(r, _)| (r.spec_index, r.repeat))
+                    .collect();
+                crate::ui::recorded::preload(&mut app, &store, sweep_id, t0, |i, r| {
+                    done.contains(&(i, r))
+                })?;
+                app.now = 0.0;
+            }
+            Some(app)
+        }
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -378,9 +407,15 @@ fn run_detached(args: &RunArgs) -> Result<()> {
     } else {
         format!("starts after {position} other sweep(s)")
     };
+    // Sweep ids are per database: `wait` needs the database unless it is the default one.
+    let db = if args.db == Path::new(super::DEFAULT_DB) {
+        String::new()
+    } else {
+        format!(" --db {}", args.db.display())
+    };
     writeln!(
         out,
-        "sweep {sweep_id} ({}) queued on {daemon}; it {when}. Watch: `lorascope attach` (q detaches), `lorascope status`, `lorascope wait {sweep_id}`",
+        "sweep {sweep_id} ({}) queued on {daemon}; it {when}. Watch: `lorascope attach` (q detaches), `lorascope status`, `lorascope wait {sweep_id}{db}`",
         lp.name()
     )?;
     Ok(())

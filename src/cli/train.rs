@@ -348,6 +348,8 @@ fn human(ev: &TrainEvent) {
             }
         }
         TrainEvent::Telemetry(_) => {}
+        // The header and the step lines say as much; an error stays the only stderr line.
+        TrainEvent::Phase(_) => {}
     }
 }
 

@@ -94,6 +94,8 @@ struct RunTrack {
     step: u64,
     steps: VecDeque<Stamped>,
     samples: VecDeque<Stamped>,
+    /// The latest phase of its latest attempt.
+    phase: Option<Stamped>,
 }
 
 /// The events of one sweep, compacted for replay: structural events in order (sweep
@@ -136,6 +138,9 @@ impl History {
                 let r = self.runs.entry(id.clone()).or_default();
                 push_bounded(&mut r.samples, s.clone(), SAMPLE_TAIL);
             }
+            Event::Phase { id, .. } => {
+                self.runs.entry(id.clone()).or_default().phase = Some(s.clone());
+            }
             Event::QueueChanged { .. } => self.queue = Some(s.clone()),
             Event::RunQueued { id, label, .. } => {
                 self.runs.entry(id.clone()).or_default().label = label.clone();
@@ -176,6 +181,7 @@ impl History {
         ids.sort();
         for id in ids {
             let r = &self.runs[id];
+            out.extend(r.phase.iter().cloned());
             out.extend(r.steps.iter().cloned());
             out.extend(r.samples.iter().cloned());
         }

@@ -257,3 +257,44 @@ pub fn expand_profile(p: &Profile, base_dir: &Path) -> Vec<RunSpec> {
     }
     specs
 }
+
+/// The label of `specs[index]` with only the axes that vary over `specs` (`bs2 seq1024 nf4`),
+/// as the dashboard and the queue verbs name a point; the full [`RunSpec::label`] when no
+/// axis varies; empty for an index out of range.
+pub fn varying_label(specs: &[RunSpec], index: usize) -> String {
+    let Some(spec) = specs.get(index) else {
+        return String::new();
+    };
+    let p = spec.config.point;
+    let varies = |g: &dyn Fn(&Point) -> String| {
+        let first = g(&specs[0].config.point);
+        specs.iter().any(|s| g(&s.config.point) != first)
+    };
+    let mut parts = Vec::new();
+    if varies(&|p| p.batch_size.to_string()) {
+        parts.push(format!("bs{}", p.batch_size));
+    }
+    if varies(&|p| p.seq_len.to_string()) {
+        parts.push(format!("seq{}", p.seq_len));
+    }
+    if varies(&|p| p.optimizer.to_string()) {
+        parts.push(p.optimizer.to_string());
+    }
+    if varies(&|p| p.precision.to_string()) {
+        parts.push(p.precision.to_string());
+    }
+    if varies(&|p| p.quant.to_string()) {
+        parts.push(p.quant.to_string());
+    }
+    if varies(&|p| p.lora_rank.to_string()) {
+        parts.push(format!("r{}", p.lora_rank));
+    }
+    if varies(&|p| p.grad_checkpointing.to_string()) {
+        parts.push(if p.grad_checkpointing { "gc" } else { "no-gc" }.into());
+    }
+    if parts.is_empty() {
+        spec.label()
+    } else {
+        parts.join(" ")
+    }
+}

@@ -32,9 +32,23 @@ pub(super) fn handle_command(
 ) -> Option<StoreError> {
     let mut err = None;
     let Request {
-        command: mut cmd,
+        command: cmd,
         reply,
     } = req;
+    // An id may be a unique prefix (the dashboard and `status` show 8 characters).
+    let mut cmd = match queue.resolve(&cmd) {
+        Ok(c) => c,
+        Err(e) => {
+            if let Some(r) = reply {
+                let _ = r.send(Err(e.clone()));
+            }
+            let _ = events.send(Event::CommandRejected {
+                command: cmd,
+                reason: e.to_string(),
+            });
+            return None;
+        }
+    };
     if let Some(drv) = slurm.as_ref() {
         match &cmd {
             Command::Move { id, to } if drv.follows(id) => {
@@ -78,6 +92,15 @@ pub(super) fn handle_command(
                 {
                     err.get_or_insert(e);
                 }
+            }
+            // A retry (or un-skip) is the point's latest state until it starts: recorded, so
+            // that quitting first leaves it `queued` in the store and `--resume` runs it.
+            if let Command::Retry { id } = &cmd
+                && let Some(e) = queue.entry(id)
+                && let Err(e) =
+                    store.record_queued(plan.sweep_id, &plan.specs[e.spec_index], e.repeat)
+            {
+                err.get_or_insert(e);
             }
             let _ = events.send(Event::QueueChanged {
                 queue: queue.snapshot(),

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use super::queue::{EntryId, QueueError, QueueSnapshot};
-use crate::spec::wire::StepRecord;
+use crate::spec::wire::{PhaseRecord, StepRecord};
 use crate::summary::RunSummary;
 use crate::telemetry::TelemetrySample;
 
@@ -79,6 +79,11 @@ pub enum Event {
     Telemetry {
         id: EntryId,
         sample: TelemetrySample,
+    },
+    /// The run's worker moved on to another phase (loading weights, compiling kernels, ...).
+    Phase {
+        id: EntryId,
+        record: PhaseRecord,
     },
     Warning {
         id: Option<EntryId>,

@@ -23,7 +23,10 @@ use tokio::sync::{mpsc, oneshot};
 pub use backend::Backend;
 pub use messages::{Command, Event, MoveTo, Request};
 pub use process::{RunRequest, RunResult, WorkerCommand};
-pub use queue::{Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueError, QueueSnapshot};
+pub use queue::{
+    Effect, Entry, EntryId, EntryState, KillReason, Queue, QueueError, QueueSnapshot, resolve_id,
+    short_id,
+};
 
 use crate::grid::RunSpec;
 use crate::spec::Device;
@@ -496,6 +499,7 @@ pub async fn run_sweep<C: Into<Request>>(
                     Internal::Msg(id, process::RunMsg::Step(record)) => emit(Event::Step { id, record }),
                     Internal::Msg(id, process::RunMsg::Telemetry(sample)) => emit(Event::Telemetry { id, sample }),
                     Internal::Msg(id, process::RunMsg::Warning(message)) => emit(Event::Warning { id: Some(id), message }),
+                    Internal::Msg(id, process::RunMsg::Phase(record)) => emit(Event::Phase { id, record }),
                     Internal::Done(id, mut result) => {
                         let raw = result.summary.status.unwrap_or(RunStatus::Failed);
                         let status = queue.finish(&id, raw);

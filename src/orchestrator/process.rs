@@ -11,7 +11,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::spec::Device;
-use crate::spec::wire::{EXIT_OK, EXIT_OOM, StepRecord};
+use crate::spec::wire::{EXIT_OK, EXIT_OOM, PhaseRecord, StepRecord};
 use crate::summary::{RunOutcome, RunStatus, RunSummary, WorkerLine, parse_worker_line, summarize};
 use crate::telemetry::{Sampler, TelemetrySample};
 
@@ -39,6 +39,8 @@ pub enum RunMsg {
     Step(StepRecord),
     Telemetry(TelemetrySample),
     Warning(String),
+    /// The worker's phase changed.
+    Phase(PhaseRecord),
 }
 
 /// Everything recorded about one finished child.
@@ -205,6 +207,7 @@ pub async fn execute(
                         // The orchestrator samples local children itself.
                         WorkerLine::Other(_) | WorkerLine::Telemetry(_) => {}
                         WorkerLine::Warning(w) => { let _ = tx.send(RunMsg::Warning(w)); }
+                        WorkerLine::Phase(p) => { let _ = tx.send(RunMsg::Phase(p)); }
                     },
                     Ok(None) | Err(_) => stdout = None,
                 }

@@ -58,8 +58,11 @@ pub enum Effect {
 /// A rejected command.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum QueueError {
-    #[error("no run with id {0}")]
+    #[error("no run with id {0} (ids: `lorascope status`)")]
     Unknown(EntryId),
+    /// The id prefix names several runs: the prefix and the runs' ids.
+    #[error("id {0} matches {n} runs: {list}; give more characters", n = .1.len(), list = .1.join(", "))]
+    Ambiguous(String, Vec<EntryId>),
     #[error("run {0} is not queued")]
     NotQueued(EntryId),
     #[error("run {0} is running: use cancel")]
@@ -71,6 +74,40 @@ pub enum QueueError {
     /// The backend (e.g. Slurm's policy) refused the command: its message.
     #[error("{0}")]
     Refused(String),
+}
+
+/// The entry `id` names: the entry with exactly that id, else the one entry whose id starts
+/// with it (the dashboard shows 8-character prefixes).
+///
+/// Errors: [`QueueError::Unknown`] when none matches, [`QueueError::Ambiguous`] (listing the
+/// matches) when several do.
+pub fn resolve_id(entries: &[Entry], id: &str) -> Result<EntryId, QueueError> {
+    if entries.iter().any(|e| e.id == id) {
+        return Ok(id.to_string());
+    }
+    let matches: Vec<EntryId> = entries
+        .iter()
+        .filter(|e| !id.is_empty() && e.id.starts_with(id))
+        .map(|e| e.id.clone())
+        .collect();
+    match matches.len() {
+        0 => Err(QueueError::Unknown(id.to_string())),
+        1 => Ok(matches.into_iter().next().unwrap_or_default()),
+        _ => Err(QueueError::Ambiguous(id.to_string(), matches)),
+    }
+}
+
+/// The id as people read it: its first 8 characters, and the repeat (`.2`) if any.
+pub fn short_id(id: &str) -> String {
+    let (base, repeat) = match id.split_once('.') {
+        Some((b, r)) => (b, Some(r)),
+        None => (id, None),
+    };
+    let head: String = base.chars().take(8).collect();
+    match repeat {
+        Some(r) => format!("{head}.{r}"),
+        None => head,
+    }
 }
 
 /// A view of the queue for events and UIs.
@@ -211,8 +248,28 @@ impl Queue {
         self.killing.iter().find(|(k, _)| k == id).map(|(_, r)| *r)
     }
 
-    /// Applies a command. Errors leave the queue unchanged.
+    /// `cmd` with its id prefix (if any) replaced by the full id it names ([`resolve_id`]).
+    ///
+    /// Errors: as [`resolve_id`].
+    pub fn resolve(&self, cmd: &Command) -> Result<Command, QueueError> {
+        let full = |id: &EntryId| resolve_id(&self.entries, id);
+        Ok(match cmd {
+            Command::Move { id, to } => Command::Move {
+                id: full(id)?,
+                to: *to,
+            },
+            Command::Skip { id } => Command::Skip { id: full(id)? },
+            Command::Cancel { id } => Command::Cancel { id: full(id)? },
+            Command::Retry { id } => Command::Retry { id: full(id)? },
+            Command::Pause | Command::Resume | Command::Shutdown => cmd.clone(),
+        })
+    }
+
+    /// Applies a command (an id may be a unique prefix, see [`Queue::resolve`]). Errors
+    /// leave the queue unchanged.
     pub fn apply(&mut self, cmd: &Command) -> Result<Vec<Effect>, QueueError> {
+        let resolved = self.resolve(cmd)?;
+        let cmd = &resolved;
         match cmd {
             Command::Pause => {
                 self.paused = true;
@@ -472,6 +529,51 @@ mod tests {
             q.apply(&Command::Retry { id: "e0".into() }),
             Err(QueueError::ShuttingDown)
         );
+    }
+
+    #[test]
+    fn ids_may_be_unique_prefixes() {
+        let mut q = Queue::new(
+            [
+                "2cafed75aa01",
+                "2cafed75aa02",
+                "3b000000ffff.1",
+                "3b000000ffff.2",
+            ]
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Entry {
+                id: id.to_string(),
+                spec_index: i,
+                repeat: 0,
+                state: EntryState::Queued,
+                attempts: 0,
+            })
+            .collect(),
+            1,
+        );
+        q.apply(&mv("2cafed75aa02", MoveTo::Top)).unwrap();
+        q.apply(&mv("3b000000ffff.2", MoveTo::Top)).unwrap();
+        assert_eq!(q.queued()[0], "3b000000ffff.2");
+        q.apply(&Command::Skip {
+            id: "2cafed75aa0".into(),
+        })
+        .unwrap_err();
+        let err = q.apply(&mv("2cafed75", MoveTo::Top)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "id 2cafed75 matches 2 runs: 2cafed75aa01, 2cafed75aa02; give more characters"
+        );
+        q.apply(&Command::Skip {
+            id: "2cafed75aa01".into(),
+        })
+        .unwrap();
+        assert_eq!(
+            q.apply(&Command::Skip { id: "x".into() }),
+            Err(QueueError::Unknown("x".into()))
+        );
+        assert_eq!(short_id("2cafed75aa01"), "2cafed75");
+        assert_eq!(short_id("3b000000ffff.2"), "3b000000.2");
     }
 
     #[test]

@@ -3,11 +3,18 @@
 //! records; the orchestrator reads them back with the same types.
 //!
 //! ```text
+//! {"type":"phase","phase":"loading_weights","t_s":0.01}     at each phase change (below)
 //! {"type":"header","model":"tiny",...,"options":{...}}      once, before the first step
 //! {"type":"step","step":1,"tokens":256,...}                 once per optimizer step
 //! {"type":"summary","status":"ok","steps":20,...}           once, after the last step
 //! {"type":"telemetry","t":1.2,"power_w":310.5,...}          with --telemetry, ~10 per second
 //! ```
+//!
+//! Phases come in this order, each at most once: `loading_weights` or `quantising` (NF4
+//! weights are quantised while they load), then before the first step `compiling_kernels`
+//! (CUDA only: the first step is where NVRTC compiles the kernels, or reads them from the PTX
+//! cache on disk), `warmup` (the steps left out of tokens/s), `timed`. Older workers write
+//! no phase lines; readers take a phase line of an unknown phase as an unknown line.
 //!
 //! Field names and order are the format: the orchestrator stores header and summary lines
 //! as received, and reports read them back. Reading is lenient, because the worker may be a
@@ -41,6 +48,46 @@ pub enum Event<O> {
     /// A telemetry sample, written by a worker that samples itself (`--telemetry`), between
     /// the other lines.
     Telemetry(TelemetrySample),
+    /// The worker moved on to another phase (before the header, and between steps).
+    Phase(PhaseRecord),
+}
+
+/// What a run is doing, in the order the phases come (`"phase"` of a phase line).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    /// Reading the base weights (or making synthetic ones) and building the model.
+    LoadingWeights,
+    /// Reading the base weights and quantising them to NF4 as they load.
+    Quantising,
+    /// The first step on a CUDA device: kernels compile (NVRTC) or load from the PTX cache.
+    CompilingKernels,
+    /// Warm-up steps (left out of tokens/s).
+    Warmup,
+    /// Timed steps.
+    Timed,
+}
+
+impl Phase {
+    /// For people: `loading weights`, `compiling CUDA kernels`, ...
+    pub fn describe(self) -> &'static str {
+        match self {
+            Phase::LoadingWeights => "loading weights",
+            Phase::Quantising => "loading and quantising weights (NF4)",
+            Phase::CompilingKernels => "compiling CUDA kernels",
+            Phase::Warmup => "warm-up",
+            Phase::Timed => "timed steps",
+        }
+    }
+}
+
+/// A phase change (`"type": "phase"`).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct PhaseRecord {
+    /// The phase that starts now.
+    pub phase: Phase,
+    /// Seconds since the run started (the worker's own clock).
+    pub t_s: f64,
 }
 
 /// Run header (`"type": "header"`), printed before the first step.
@@ -404,6 +451,25 @@ mod tests {
         assert_eq!(s.device_memory, None);
         let m = MemoryReport::deserialize(&json!({"type": "header", "model": "tiny"})).unwrap();
         assert_eq!(m, MemoryReport::default());
+    }
+
+    /// Phase lines: their format, and old readers' records unchanged beside them.
+    #[test]
+    fn phase_lines() {
+        let p = Event::<()>::Phase(PhaseRecord {
+            phase: Phase::CompilingKernels,
+            t_s: 1.5,
+        });
+        let j = serde_json::to_string(&p).unwrap();
+        assert_eq!(
+            j,
+            r#"{"type":"phase","phase":"compiling_kernels","t_s":1.5}"#
+        );
+        assert_eq!(serde_json::from_str::<Event<()>>(&j).unwrap(), p);
+        assert!(
+            serde_json::from_str::<Event<()>>(r#"{"type":"phase","phase":"x","t_s":1}"#).is_err()
+        );
+        assert!(Phase::LoadingWeights < Phase::Quantising && Phase::Warmup < Phase::Timed);
     }
 
     #[test]

@@ -59,6 +59,28 @@ impl Store {
         Ok(self.conn.last_insert_rowid())
     }
 
+    /// Records that the user queued a point again (retry of a finished run, un-skip of a
+    /// skipped one): a row with status `queued`, so that the latest status of the point is
+    /// `queued` (not `cancelled`/`skipped`) until it starts, and `--resume` runs it when the
+    /// sweep stops first. The row that starts it later is a new one (the latest wins).
+    pub fn record_queued(&self, sweep_id: i64, spec: &RunSpec, repeat: u32) -> Result<i64> {
+        self.conn.execute(
+            "INSERT INTO runs (sweep_id, spec_id, repeat, grid_index, label, device, config_json,
+                               argv_json, status, cause, started_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, '[]', 'queued', 'queued again by user', ?7)",
+            params![
+                sweep_id,
+                spec.id,
+                repeat,
+                spec.index as i64,
+                spec.label(),
+                serde_json::to_string(&spec.config)?,
+                now_unix()
+            ],
+        )?;
+        Ok(self.conn.last_insert_rowid())
+    }
+
     /// Completes a run in one transaction: status, summary, steps and samples.
     pub fn finish_run(&mut self, run_id: i64, f: &FinishedRun<'_>) -> Result<()> {
         let s = f.summary;

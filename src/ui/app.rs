@@ -9,6 +9,7 @@ use crate::grid::RunSpec;
 use crate::orchestrator::{Command, EntryId, EntryState, Event, QueueSnapshot};
 use crate::profile::Profile;
 use crate::series::MAX_POINTS;
+use crate::spec::wire::Phase;
 use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
@@ -32,6 +33,8 @@ pub enum View {
     Live,
     /// The comparison table.
     Table,
+    /// The Pareto chart of tokens/s against peak memory, and J/token bars.
+    Chart,
     /// One run's configuration, summary and charts.
     Detail,
 }
@@ -152,6 +155,8 @@ pub struct RunView {
     pub last_sample: Option<TelemetrySample>,
     /// Its summary once finished.
     pub summary: Option<RunSummary>,
+    /// The worker's latest phase and [`App::now`] when it began.
+    pub phase: Option<(Phase, f64)>,
 }
 
 /// The dashboard state.
@@ -206,6 +211,9 @@ pub struct App {
     /// A client of the daemon (`lorascope attach`): quitting detaches and never stops the
     /// sweep; losing the terminal only ends this client.
     pub attached: bool,
+    /// A recorded sweep browsed with `lorascope view`: keys that would change the queue say
+    /// so and do nothing.
+    pub read_only: bool,
     /// Seconds added to the event loop's clock: the daemon clock at attach time, so that
     /// elapsed times of runs that started before the attach are right.
     pub clock_base: f64,
@@ -258,6 +266,7 @@ impl App {
             dirty: true,
             color: true,
             attached: false,
+            read_only: false,
             clock_base: 0.0,
         }
     }
@@ -297,6 +306,7 @@ impl App {
                 r.power.clear();
                 r.last_sample = None;
                 r.summary = None;
+                r.phase = None;
                 self.start_order.retain(|x| x != id);
                 self.start_order.push(id.clone());
             }
@@ -322,6 +332,10 @@ impl App {
                     r.power.push(w);
                 }
                 r.last_sample = Some(sample.clone());
+            }
+            Event::Phase { id, record } => {
+                let now = self.now;
+                self.run_mut(id).phase = Some((record.phase, now));
             }
             Event::Warning { id, message } => {
                 let who = id.as_deref().map(|i| format!("{i}: ")).unwrap_or_default();

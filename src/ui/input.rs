@@ -9,6 +9,7 @@ use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use super::app::{Action, App, Column, Modal, View};
 use super::keys::{self, Cmd, SelectTo};
 use crate::orchestrator::{Command, EntryId, EntryState, MoveTo};
+use crate::summary::RunStatus;
 
 impl App {
     /// Handles a key press; returns what the event loop must do. A dialog takes every key
@@ -38,6 +39,17 @@ impl App {
     /// Carries out a command outside dialogs.
     fn run(&mut self, cmd: Cmd) -> Option<Action> {
         let table = self.view == View::Table;
+        let acts = matches!(
+            cmd,
+            Cmd::Move(_) | Cmd::PauseResume | Cmd::Skip | Cmd::Cancel | Cmd::Retry
+        );
+        if self.read_only && acts {
+            self.say(
+                "read-only: a recorded sweep (`lorascope run PROFILE --resume` continues it)",
+                true,
+            );
+            return None;
+        }
         match cmd {
             Cmd::Help => self.modal = Some(Modal::Help),
             Cmd::QuitNow => return self.quit_now(),
@@ -59,7 +71,8 @@ impl App {
                 self.view = match self.view {
                     View::Queue => View::Live,
                     View::Live => View::Table,
-                    View::Table | View::Detail => View::Queue,
+                    View::Table => View::Chart,
+                    View::Chart | View::Detail => View::Queue,
                 }
             }
             Cmd::Detail => {
@@ -105,8 +118,18 @@ impl App {
             }
             Cmd::Skip => {
                 let id = self.target()?;
+                let skipped = Some(EntryState::Done {
+                    status: RunStatus::Skipped,
+                });
+                if self.state(&id) == skipped && !self.sweep_finished {
+                    // Un-skip: queued again at the end (and recorded so).
+                    return Some(Action::Send(Command::Retry { id }));
+                }
                 if self.state(&id) != Some(EntryState::Queued) {
-                    self.say("only a queued run can be skipped", true);
+                    self.say(
+                        "only a queued run can be skipped (s on a skipped one un-skips it)",
+                        true,
+                    );
                     return None;
                 }
                 return Some(Action::Send(Command::Skip { id }));

@@ -18,7 +18,7 @@ pub enum Cmd {
     Help,
     /// Switch to a main view.
     Show(View),
-    /// The next of queue / live / table (from the detail: the queue).
+    /// The next of queue / live / table / chart (from the detail: the queue).
     NextView,
     /// The selected run's detail.
     Detail,
@@ -139,12 +139,13 @@ use Key::{Char, Code, Ctrl, Shift};
 /// Every key, in the order of the help overlay.
 pub const BINDINGS: &[Binding] = &[
     line(
-        "1 2 3 / Tab",
-        "queue / live / table view",
+        "1 2 3 4 / Tab",
+        "queue / live / table / chart view",
         &[
             (Char('1'), Show(View::Queue)),
             (Char('2'), Show(View::Live)),
             (Char('3'), Show(View::Table)),
+            (Char('4'), Show(View::Chart)),
             (Code(KeyCode::Tab), NextView),
         ],
         &[],
@@ -199,7 +200,7 @@ pub const BINDINGS: &[Binding] = &[
     ),
     line(
         "s",
-        "skip the queued run",
+        "skip the queued run (a skipped one: un-skip)",
         &[(Char('s'), Skip)],
         &[h(Skip, "s", "skip")],
     ),
@@ -332,6 +333,7 @@ pub fn footer(view: View) -> &'static [Cmd] {
             Quit,
         ],
         View::Detail => &[Back, Select(SelectTo::Next), Help, Quit],
+        View::Chart => &[Help, Quit],
         View::Queue | View::Live => &[
             Select(SelectTo::Next),
             Move(MoveTo::Up),
@@ -361,7 +363,13 @@ mod tests {
         for (i, k) in keys.iter().enumerate() {
             assert!(!keys[..i].contains(k), "{k:?} is bound twice");
         }
-        for view in [View::Queue, View::Live, View::Table, View::Detail] {
+        for view in [
+            View::Queue,
+            View::Live,
+            View::Table,
+            View::Chart,
+            View::Detail,
+        ] {
             for &cmd in footer(view) {
                 assert!(hint(cmd, false).is_some(), "no hint for {cmd:?}");
             }

@@ -17,6 +17,7 @@
 pub mod app;
 mod input;
 pub mod keys;
+pub mod recorded;
 pub mod save;
 pub mod theme;
 pub mod view;
@@ -100,11 +101,13 @@ pub fn apply_feed(app: &mut App, feed: Feed, now: f64) {
         Feed::Reset(new) => {
             let (color, mem_total, clock_base, attached) =
                 (app.color, app.mem_total, app.clock_base, app.attached);
+            let read_only = app.read_only;
             *app = *new;
             app.color = color;
             app.mem_total = mem_total;
             app.clock_base = clock_base;
             app.attached = attached;
+            app.read_only = read_only;
             app.now = now;
             app.dirty = true;
         }

@@ -533,8 +533,21 @@ fn queue_verbs_two_device_slots_and_stop_requeues() {
     let st = env.status_until(20, "the paused sweep", |s| count(s, "queued") == 4);
     assert_eq!(st["paused"], true);
     let ids = entries(&st);
-    env.ok(&["queue", "move", &ids[3], "top"], 20);
-    env.ok(&["queue", "skip", &ids[1]], 20);
+    // 8-character prefixes (what the dashboard shows) name runs; each verb says what it did.
+    let moved = env.ok(&["queue", "move", &ids[3][..8], "top"], 20);
+    assert_eq!(
+        moved.trim(),
+        format!(
+            "moved {} (bs6) to the top: now 1st of 4 queued",
+            &ids[3][..8]
+        )
+    );
+    let skipped = env.ok(&["queue", "skip", &ids[1][..8]], 20);
+    assert!(
+        skipped.starts_with(&format!("skipped {} (bs2)", &ids[1][..8])),
+        "{skipped}"
+    );
+    assert!(env.ok(&["queue", "pause"], 20).starts_with("paused"));
     let o = env.run(&["queue", "skip", "zzz"], 20);
     assert!(!o.status.success());
     assert!(

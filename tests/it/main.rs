@@ -17,6 +17,8 @@ mod leak;
 mod memory;
 mod orchestrator;
 mod quickstart;
+mod requeue;
 mod slurm;
 mod train_cli;
 mod ui;
+mod ui_views;

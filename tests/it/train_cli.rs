@@ -13,12 +13,19 @@ struct Out {
 }
 
 impl Out {
-    /// stdout of a `--json` run, one value per line.
-    fn json_lines(&self) -> Vec<serde_json::Value> {
+    /// stdout of a `--json` run, one value per line, phase lines included.
+    fn all_json_lines(&self) -> Vec<serde_json::Value> {
         self.stdout
             .lines()
             .map(|l| serde_json::from_str(l).expect("every stdout line is JSON"))
             .collect()
+    }
+
+    /// [`Out::all_json_lines`] less the phase lines: header, steps, summary.
+    fn json_lines(&self) -> Vec<serde_json::Value> {
+        let mut v = self.all_json_lines();
+        v.retain(|l| l["type"] != "phase");
+        v
     }
 }
 
@@ -55,7 +62,12 @@ fn assert_one_line_error(o: &Out, needles: &[&str]) {
 fn json_output_is_header_steps_summary() {
     let o = train(&["--json"]);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let lines = o.json_lines();
+    // Phase lines aside (see `json_output_has_phases_in_order`).
+    let (phases, lines): (Vec<_>, Vec<_>) = o
+        .all_json_lines()
+        .into_iter()
+        .partition(|l| l["type"] == "phase");
+    assert!(!phases.is_empty());
     assert_eq!(lines.len(), 4);
     assert_eq!(lines[0]["type"], "header");
     assert_eq!(lines[0]["synthetic_weights"], true);
@@ -447,4 +459,39 @@ fn tokens_per_s_says_when_every_step_was_warm_up() {
     assert_eq!(o.code, 0, "{}", o.stderr);
     let summary = o.json_lines().pop().unwrap();
     assert_eq!(summary["timed_steps"], 2, "{summary}");
+}
+
+/// Phase lines come in order, each once, at rising times: the weights load before the
+/// header, then warm-up, then the timed steps (on CPU no kernels compile).
+#[test]
+fn json_output_has_phases_in_order() {
+    let o = train(&["--json", "--steps", "3", "--warmup-steps", "1"]);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let lines = o.all_json_lines();
+    let kinds: Vec<String> = lines
+        .iter()
+        .map(|l| match l["type"].as_str().unwrap() {
+            "phase" => l["phase"].as_str().unwrap().to_string(),
+            t => t.to_string(),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "loading_weights",
+            "header",
+            "warmup",
+            "step",
+            "timed",
+            "step",
+            "step",
+            "summary"
+        ]
+    );
+    let times: Vec<f64> = lines
+        .iter()
+        .filter(|l| l["type"] == "phase")
+        .map(|l| l["t_s"].as_f64().unwrap())
+        .collect();
+    assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
 }

@@ -14,7 +14,7 @@ use ratatui::Terminal;
 use ratatui::backend::TestBackend;
 use ratatui::crossterm::event::{KeyCode, KeyEvent, KeyModifiers};
 
-const PROFILE: &str = r#"
+pub(crate) const PROFILE: &str = r#"
 name = "demo"
 [model]
 preset = "tiny"
@@ -34,7 +34,13 @@ seq_len = [64, 128]
 optimizer = ["adamw", "adamw8bit"]
 "#;
 
-fn summary(status: RunStatus, tps: f64, mem: u64, loss: f64, cause: Option<&str>) -> RunSummary {
+pub(crate) fn summary(
+    status: RunStatus,
+    tps: f64,
+    mem: u64,
+    loss: f64,
+    cause: Option<&str>,
+) -> RunSummary {
     let ok = status == RunStatus::Ok;
     RunSummary {
         status: Some(status),
@@ -53,7 +59,7 @@ fn summary(status: RunStatus, tps: f64, mem: u64, loss: f64, cause: Option<&str>
     }
 }
 
-fn step(step: u64, tps: f64, loss: f64) -> StepRecord {
+pub(crate) fn step(step: u64, tps: f64, loss: f64) -> StepRecord {
     StepRecord {
         step,
         tokens: 128,
@@ -72,7 +78,7 @@ fn step(step: u64, tps: f64, loss: f64) -> StepRecord {
 
 /// A sweep of 8 points: 3 finished (ok, ok, oom), 1 running at step 24, one skipped,
 /// 3 queued (the last one moved to the top). `gpu` adds NVML telemetry.
-fn fixture(gpu: bool) -> App {
+pub(crate) fn fixture(gpu: bool) -> App {
     let p = parse_str(PROFILE, "demo.toml").unwrap();
     let specs = expand_profile(&p, Path::new("."));
     let mut app = App::new("demo".into(), p, specs.clone());
@@ -200,13 +206,13 @@ fn fixture(gpu: bool) -> App {
     app
 }
 
-fn draw(app: &App, w: u16, h: u16) -> String {
+pub(crate) fn draw(app: &App, w: u16, h: u16) -> String {
     let mut term = Terminal::new(TestBackend::new(w, h)).unwrap();
     term.draw(|f| view::render(f, app)).unwrap();
     format!("{}", term.backend())
 }
 
-fn snap_both(name: &str, app: &App) {
+pub(crate) fn snap_both(name: &str, app: &App) {
     insta::assert_snapshot!(format!("{name}_80x24"), draw(app, 80, 24));
     insta::assert_snapshot!(format!("{name}_160x48"), draw(app, 160, 48));
 }
@@ -294,7 +300,7 @@ fn key(c: KeyCode) -> KeyEvent {
     KeyEvent::new(c, KeyModifiers::NONE)
 }
 
-fn ch(c: char) -> KeyEvent {
+pub(crate) fn ch(c: char) -> KeyEvent {
     let m = if c.is_ascii_uppercase() {
         KeyModifiers::SHIFT
     } else {

@@ -19,7 +19,7 @@ use super::profiler;
 use super::scaler::{LossScaler, LossScalerConfig};
 use super::weights::WeightSource;
 use super::{CandleContext, EngineError};
-use crate::spec::wire::{StepRecord, Summary};
+use crate::spec::wire::{Phase, PhaseRecord, StepRecord, Summary};
 use crate::spec::{DataFormat, DeviceKind, Optimizer, Precision, Quant};
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -180,6 +180,17 @@ pub struct Prepared {
 ///
 /// Errors: bad options, data or weights ([`EngineError`]), each one line.
 pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
+    prepare_reporting(opts, &mut |_| {})
+}
+
+/// [`prepare`], telling `phase` when the weights start to load ([`Phase::LoadingWeights`],
+/// or [`Phase::Quantising`] for NF4: the projections are quantised as they load).
+///
+/// Errors: as [`prepare`].
+pub fn prepare_reporting(
+    opts: &TrainOptions,
+    phase: &mut dyn FnMut(Phase),
+) -> Result<Prepared, EngineError> {
     let src = ModelSource::resolve(&opts.model)?;
     let cfg = &src.config;
     if opts.batch_size == 0 || opts.seq_len < 2 || opts.steps == 0 {
@@ -244,6 +255,10 @@ pub fn prepare(opts: &TrainOptions) -> Result<Prepared, EngineError> {
         packing,
         opts.seed,
     )?;
+    phase(match opts.quant {
+        Quant::Nf4 => Phase::Quantising,
+        Quant::None => Phase::LoadingWeights,
+    });
     let weights = match src.dir.as_deref() {
         Some(dir) => WeightSource::open_dir(dir)?,
         None => None,
@@ -319,7 +334,20 @@ impl TestOnlyLeak {
     }
 }
 
-/// Run training, calling `emit` for the header, every step and the summary.
+/// The phase of step `step` (1-based) of a run with `warmup_steps` warm-up steps: the first
+/// step on a CUDA device is where its kernels compile.
+fn step_phase(step: usize, warmup_steps: usize, cuda: bool) -> Phase {
+    if step == 1 && cuda {
+        Phase::CompilingKernels
+    } else if step <= warmup_steps {
+        Phase::Warmup
+    } else {
+        Phase::Timed
+    }
+}
+
+/// Run training, calling `emit` for each phase change, the header, every step and the
+/// summary (in the order of [`crate::spec::wire`]).
 ///
 /// Errors: anything from [`prepare`], out of memory during a step, a non-finite loss or a
 /// dead run ([`EngineError::Diverged`]).
@@ -327,13 +355,24 @@ pub fn train(
     opts: &TrainOptions,
     mut emit: impl FnMut(&TrainEvent),
 ) -> Result<Summary, EngineError> {
+    let t0 = Instant::now();
+    let mut last_phase = None;
+    let mut phase_to = |emit: &mut dyn FnMut(&TrainEvent), phase: Phase| {
+        if last_phase != Some(phase) {
+            last_phase = Some(phase);
+            emit(&TrainEvent::Phase(PhaseRecord {
+                phase,
+                t_s: t0.elapsed().as_secs_f64(),
+            }));
+        }
+    };
     let Prepared {
         model,
         optimizer: mut opt,
         mut batcher,
         header,
         vram: _vram_reservation,
-    } = prepare(opts)?;
+    } = prepare_reporting(opts, &mut |p| phase_to(&mut emit, p))?;
     let (header_weight_bytes, header_adapter_bytes) =
         (header.weight_bytes, header.adapter_and_optimizer_bytes);
     let memory = header.memory.clone();
@@ -353,6 +392,10 @@ pub fn train(
     profiler::reset_pool_high(&device);
     let mut leaked = TestOnlyLeak::from_env();
     for step in 1..=opts.steps {
+        phase_to(
+            &mut emit,
+            step_phase(step, opts.warmup_steps, device.is_cuda()),
+        );
         let batch = batcher.next_batch();
         let start = Instant::now();
         let lr = lr_at(

@@ -83,24 +83,37 @@ fn one(f: &mut Frame, app: &App, t: Theme, id: &str, area: Rect) {
             .map(|s| s.to_string())
             .unwrap_or_default()
     };
-    let info_line = Line::from(vec![
-        Span::styled("step ", t.dim()),
-        Span::raw(format!(
-            "{}/{}",
-            last.map(|s| s.step).unwrap_or(0),
-            app.steps_total
-        )),
-        Span::styled("  elapsed ", t.dim()),
-        Span::raw(fmt_dur(elapsed)),
-        Span::styled("  ETA ", t.dim()),
-        Span::raw(eta),
-        Span::styled("  loss scale ", t.dim()),
-        Span::raw(
-            last.and_then(|s| s.loss_scale)
-                .map(fmt_num)
-                .unwrap_or_else(|| "–".into()),
-        ),
-    ]);
+    // Before the first step, what the worker is doing (loading, compiling kernels, ...).
+    let phase = match (last, r.phase, state) {
+        (None, Some((phase, since)), Some(EntryState::Running { .. })) => Some(Line::from(vec![
+            Span::styled("phase: ", t.dim()),
+            Span::styled(phase.describe(), t.running()),
+            Span::raw(format!(" ({})", fmt_dur(app.now - since))),
+            Span::styled("  elapsed ", t.dim()),
+            Span::raw(fmt_dur(elapsed)),
+        ])),
+        _ => None,
+    };
+    let info_line = phase.unwrap_or_else(|| {
+        Line::from(vec![
+            Span::styled("step ", t.dim()),
+            Span::raw(format!(
+                "{}/{}",
+                last.map(|s| s.step).unwrap_or(0),
+                app.steps_total
+            )),
+            Span::styled("  elapsed ", t.dim()),
+            Span::raw(fmt_dur(elapsed)),
+            Span::styled("  ETA ", t.dim()),
+            Span::raw(eta),
+            Span::styled("  loss scale ", t.dim()),
+            Span::raw(
+                last.and_then(|s| s.loss_scale)
+                    .map(fmt_num)
+                    .unwrap_or_else(|| "–".into()),
+            ),
+        ])
+    });
     f.render_widget(Paragraph::new(info_line), info);
     let s = r.last_sample.as_ref();
     // Memory: VRAM (process and device) against the limit or the card; RSS on CPU.

@@ -5,10 +5,11 @@
 //! hints), and at most one dialog on top. From 120 columns the queue view also shows the live
 //! panel, and from 36 rows the comparison table below them.
 //!
-//! One file per panel (`queue`, `live`, `table`, `detail`), the help overlay
+//! One file per panel (`queue`, `live`, `table`, `chart`, `detail`), the help overlay
 //! (`help`, from [`super::keys`]), the other dialogs (`modals`), and the shared pieces
 //! (`widgets`); this file lays them out and draws the header and footer.
 
+mod chart;
 mod detail;
 mod help;
 mod live;
@@ -121,6 +122,7 @@ pub fn render(f: &mut Frame, app: &App) {
         }
         View::Live => live::draw(f, app, theme, body),
         View::Table => table::draw(f, app, theme, body),
+        View::Chart => chart::draw(f, app, theme, body),
         View::Detail => detail::draw(f, app, theme, body),
     }
     footer(f, app, theme, foot);
@@ -144,6 +146,7 @@ fn header(f: &mut Frame, app: &App, t: Theme, area: Rect) {
         (View::Queue, "Queue"),
         (View::Live, "Live"),
         (View::Table, "Table"),
+        (View::Chart, "Chart"),
     ]
     .iter()
     .enumerate()
@@ -217,44 +220,11 @@ fn status_style(t: Theme, s: RunStatus) -> Style {
         RunStatus::Oom | RunStatus::PredictedOom | RunStatus::Failed => t.bad(),
         RunStatus::Cancelled | RunStatus::Interrupted => t.warn(),
         RunStatus::Skipped => t.dim(),
+        RunStatus::Queued => t.text(),
     }
 }
 
-/// The point's label with only the axes that vary over the grid (all of it if none vary).
+/// The point's label with only the axes that vary over the grid ([`crate::grid::varying_label`]).
 fn short_label(app: &App, spec_index: usize) -> String {
-    let Some(spec) = app.specs.get(spec_index) else {
-        return String::new();
-    };
-    let p = spec.config.point;
-    let mut parts = Vec::new();
-    let varies = |g: &dyn Fn(&crate::grid::Point) -> String| {
-        let first = g(&app.specs[0].config.point);
-        app.specs.iter().any(|s| g(&s.config.point) != first)
-    };
-    if varies(&|p| p.batch_size.to_string()) {
-        parts.push(format!("bs{}", p.batch_size));
-    }
-    if varies(&|p| p.seq_len.to_string()) {
-        parts.push(format!("seq{}", p.seq_len));
-    }
-    if varies(&|p| p.optimizer.to_string()) {
-        parts.push(p.optimizer.to_string());
-    }
-    if varies(&|p| p.precision.to_string()) {
-        parts.push(p.precision.to_string());
-    }
-    if varies(&|p| p.quant.to_string()) {
-        parts.push(p.quant.to_string());
-    }
-    if varies(&|p| p.lora_rank.to_string()) {
-        parts.push(format!("r{}", p.lora_rank));
-    }
-    if varies(&|p| p.grad_checkpointing.to_string()) {
-        parts.push(if p.grad_checkpointing { "gc" } else { "no-gc" }.into());
-    }
-    if parts.is_empty() {
-        spec.label()
-    } else {
-        parts.join(" ")
-    }
+    crate::grid::varying_label(&app.specs, spec_index)
 }

@@ -76,7 +76,8 @@ impl Tail {
                 }
                 WorkerLine::Header(v) => self.header = Some(v),
                 WorkerLine::Summary(v) => self.summary = Some(v),
-                WorkerLine::Other(_) => {}
+                // Phases are shown for local runs only.
+                WorkerLine::Other(_) | WorkerLine::Phase(_) => {}
                 WorkerLine::Warning(w) => new.warnings.push(w),
             }
         }
