@@ -67,6 +67,7 @@ for p in "$OUT"/profiles/*.toml; do
   n=$(basename "$p" .toml)
   echo "== $n"
   $L estimate "$p" > "$OUT/$n.estimate.txt" 2>&1
+  $L estimate "$p" --json > "$OUT/$n.estimate.jsonl" 2>/dev/null
   $L run "$p" --headless --db "$OUT/$n.db" > "$OUT/$n.log" 2>&1
   $L report --db "$OUT/$n.db" --format json > "$OUT/$n.json"
   $L report --db "$OUT/$n.db" --format md > "$OUT/$n.md"

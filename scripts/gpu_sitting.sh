@@ -64,4 +64,22 @@ peers)
   echo "lorascope again ($((SECONDS - T0)) s)"
   tail -8 "$OUT/peers.log"; cat "$OUT/again/lorascope.md"
   ;;
+presets)
+  # Every model preset at 1 x 1024 (scripts/gpu_presets.sh), then the memory model's error
+  # split per point over these and the memory check's sweeps (scripts/gpu_memory_diag.py).
+  export LORASCOPE_STATE_DIR=${LORASCOPE_STATE_DIR:-$OUT/mem/state}
+  OUT=$OUT/presets bash scripts/gpu_presets.sh > "$OUT/presets.log" 2>&1
+  echo "presets ($((SECONDS - T0)) s)"
+  mkdir -p "$OUT/diag"
+  for d in "$OUT"/mem "$OUT"/presets; do
+    for f in "$d"/*.estimate.jsonl; do
+      [ -f "$f" ] || continue
+      n=$(basename "$f" .estimate.jsonl)
+      [ -f "$d/$n.db" ] && cp "$f" "$d/$n.db" "$OUT/diag/"
+    done
+  done
+  python3 scripts/gpu_memory_diag.py "$OUT/diag" > "$OUT/diag.txt" 2>&1
+  cat "$OUT/diag.txt"
+  grep -E "^\|" "$OUT/presets.log"
+  ;;
 esac
