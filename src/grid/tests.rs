@@ -247,15 +247,25 @@ fn data_modules_import_down() {
 
 #[test]
 fn card_axis_sets_each_points_vram_limit_and_keeps_other_ids() {
-    let cuda = BASE.replace("warmup_steps = 2", "warmup_steps = 2\ndevices = [\"cuda:0\"]");
+    let cuda = BASE.replace(
+        "warmup_steps = 2",
+        "warmup_steps = 2\ndevices = [\"cuda:0\"]",
+    );
     let plain = specs(&cuda);
     let with = specs(&format!("{cuda}card = [\"rtx4060\", \"rtx4090\"]\n"));
     assert_eq!(with.len(), 2 * plain.len());
     // card is the outermost axis: every rtx4060 point first, in the plain grid's order.
     for (i, s) in with.iter().enumerate() {
-        let card = if i < plain.len() { "rtx4060" } else { "rtx4090" };
+        let card = if i < plain.len() {
+            "rtx4060"
+        } else {
+            "rtx4090"
+        };
         let gib = if i < plain.len() { 8u64 } else { 24 };
-        assert_eq!(s.config.point.card.map(|c| c.to_string()).as_deref(), Some(card));
+        assert_eq!(
+            s.config.point.card.map(|c| c.to_string()).as_deref(),
+            Some(card)
+        );
         assert_eq!(s.config.vram_limit_bytes, Some(gib << 30));
         assert_eq!(s.vram_limit.as_deref(), Some(card));
         assert!(s.label().ends_with(&format!(" @{card}")), "{}", s.label());

@@ -295,7 +295,10 @@ fn card_axis_needs_cuda_and_excludes_vram_limit() {
     assert!(e.contains("grid.card") && e.contains("CUDA"), "{e}");
     let cuda = src.replace("devices = [\"cpu\"]", "devices = [\"cuda:0\"]");
     assert!(parse_str(&cuda, "p.toml").is_ok());
-    let both = cuda.replace("warmup_steps = 2", "warmup_steps = 2\nvram_limit = \"8GiB\"");
+    let both = cuda.replace(
+        "warmup_steps = 2",
+        "warmup_steps = 2\nvram_limit = \"8GiB\"",
+    );
     let e = err(&both);
     assert!(e.contains("remove run.vram_limit"), "{e}");
     let unknown = cuda.replace("rtx4060", "rtx9999");
