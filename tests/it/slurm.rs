@@ -117,8 +117,9 @@ fn quickstart_grid_through_slurm_pause_cancel_kill_resume() {
         let mut finished: Vec<(String, RunStatus)> = Vec::new();
         loop {
             tokio::select! {
-                r = &mut sweep => panic!("the sweep ended before the kill: {r:?} after {finished:?}"),
-                _ = tokio::time::sleep_until(deadline) => panic!("timed out; finished {finished:?}"),
+                // Events first: on a loaded machine the last tasks can end within one poll, and
+                // their RunFinished events must be handled before the sweep's own end.
+                biased;
                 ev = erx.recv() => match ev.expect("events") {
                     Event::RunStarted { device, .. } if device.starts_with("slurm ") => {
                         let k = device.trim_start_matches("slurm ");
@@ -151,6 +152,8 @@ fn quickstart_grid_through_slurm_pause_cancel_kill_resume() {
                     }
                     _ => {}
                 },
+                r = &mut sweep => panic!("the sweep ended before the kill: {r:?} after {finished:?}"),
+                _ = tokio::time::sleep_until(deadline) => panic!("timed out; finished {finished:?}"),
             }
         }
     });
