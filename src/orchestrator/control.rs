@@ -39,13 +39,7 @@ pub(super) fn handle_command(
     let mut cmd = match queue.resolve(&cmd) {
         Ok(c) => c,
         Err(e) => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(e.clone()));
-            }
-            let _ = events.send(Event::CommandRejected {
-                command: cmd,
-                reason: e.to_string(),
-            });
+            reject(reply, events, cmd, e);
             return None;
         }
     };
@@ -106,15 +100,7 @@ pub(super) fn handle_command(
                 queue: queue.snapshot(),
             });
         }
-        Err(e) => {
-            if let Some(r) = reply {
-                let _ = r.send(Err(e.clone()));
-            }
-            let _ = events.send(Event::CommandRejected {
-                command: cmd,
-                reason: e.to_string(),
-            });
-        }
+        Err(e) => reject(reply, events, cmd, e),
     }
     err
 }
@@ -225,5 +211,22 @@ pub(super) fn submit_batch(
     }
     let _ = events.send(Event::QueueChanged {
         queue: queue.snapshot(),
+    });
+}
+
+/// A command the queue refused: the error to its sender (if it waits for one) and a
+/// `CommandRejected` event to the views.
+fn reject(
+    reply: Option<tokio::sync::oneshot::Sender<Result<(), QueueError>>>,
+    events: &mpsc::UnboundedSender<Event>,
+    command: Command,
+    e: QueueError,
+) {
+    if let Some(r) = reply {
+        let _ = r.send(Err(e.clone()));
+    }
+    let _ = events.send(Event::CommandRejected {
+        command,
+        reason: e.to_string(),
     });
 }

@@ -41,22 +41,7 @@ impl Store {
 
     /// Records a point that was skipped without running (status `skipped`).
     pub fn record_skipped(&self, sweep_id: i64, spec: &RunSpec, repeat: u32) -> Result<i64> {
-        let now = now_unix();
-        self.conn.execute(
-            "INSERT INTO runs (sweep_id, spec_id, repeat, grid_index, label, device, config_json,
-                               argv_json, status, cause, started_at, finished_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, '[]', 'skipped', 'skipped by user', ?7, ?7)",
-            params![
-                sweep_id,
-                spec.id,
-                repeat,
-                spec.index as i64,
-                spec.label(),
-                serde_json::to_string(&spec.config)?,
-                now
-            ],
-        )?;
-        Ok(self.conn.last_insert_rowid())
+        self.record_unrun(sweep_id, spec, repeat, "skipped", "skipped by user", true)
     }
 
     /// Records that the user queued a point again (retry of a finished run, un-skip of a
@@ -64,10 +49,32 @@ impl Store {
     /// `queued` (not `cancelled`/`skipped`) until it starts, and `--resume` runs it when the
     /// sweep stops first. The row that starts it later is a new one (the latest wins).
     pub fn record_queued(&self, sweep_id: i64, spec: &RunSpec, repeat: u32) -> Result<i64> {
+        self.record_unrun(
+            sweep_id,
+            spec,
+            repeat,
+            "queued",
+            "queued again by user",
+            false,
+        )
+    }
+
+    /// A row for a point that has not run: `status` and `cause` as given, no device or
+    /// argv, started now and (when `finished`) finished now.
+    fn record_unrun(
+        &self,
+        sweep_id: i64,
+        spec: &RunSpec,
+        repeat: u32,
+        status: &str,
+        cause: &str,
+        finished: bool,
+    ) -> Result<i64> {
+        let now = now_unix();
         self.conn.execute(
             "INSERT INTO runs (sweep_id, spec_id, repeat, grid_index, label, device, config_json,
-                               argv_json, status, cause, started_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, '[]', 'queued', 'queued again by user', ?7)",
+                               argv_json, status, cause, started_at, finished_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, '', ?6, '[]', ?7, ?8, ?9, ?10)",
             params![
                 sweep_id,
                 spec.id,
@@ -75,7 +82,10 @@ impl Store {
                 spec.index as i64,
                 spec.label(),
                 serde_json::to_string(&spec.config)?,
-                now_unix()
+                status,
+                cause,
+                now,
+                finished.then_some(now)
             ],
         )?;
         Ok(self.conn.last_insert_rowid())
