@@ -56,11 +56,20 @@ pub enum Commands {
 #[derive(Debug, Subcommand)]
 pub enum Selftest {
     /// The engine on a device against the CPU path on the tiny preset: logits and adapter
-    /// gradients in fp16/bf16, dense and NF4, with and without checkpointing.
+    /// gradients in fp16/bf16, dense and NF4, with and without checkpointing. With
+    /// `--fixtures DIR`: every transformers + PEFT fixture case instead (one line per case and
+    /// variant).
     Engine {
         /// Device under test (cuda:N, or cpu for the CPU half-precision paths).
         #[arg(long, default_value = "cuda:0")]
         device: String,
+        /// Directory of transformers fixtures (`tests/fixtures/hf`, written by
+        /// scripts/make_hf_fixtures.py): compare every case with transformers and PEFT.
+        #[arg(long, value_name = "DIR")]
+        fixtures: Option<std::path::PathBuf>,
+        /// With --fixtures: only these cases (comma-separated directory names).
+        #[arg(long, value_name = "LIST", requires = "fixtures")]
+        cases: Option<String>,
     },
     /// Fused optimizer kernels (unpaged and paged) and the gradient norm against the CPU
     /// code: prints the largest error per case and exits 1 if any case is beyond tolerance or

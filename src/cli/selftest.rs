@@ -2,6 +2,10 @@
 //! kernels against the CPU code, printed as a table; exit status 0 when every case is within
 //! tolerance, 1 otherwise.
 
+mod fixtures;
+
+use fixtures::selftest_fixtures;
+
 use std::io::Write;
 
 use super::Selftest;
@@ -9,7 +13,12 @@ use super::Selftest;
 /// Runs the selftest `what`; returns the exit status.
 pub fn run(what: Selftest) -> i32 {
     match what {
-        Selftest::Engine { device } => selftest_engine(&device),
+        Selftest::Engine {
+            device,
+            fixtures: Some(dir),
+            cases,
+        } => selftest_fixtures(&device, &dir, cases.as_deref()),
+        Selftest::Engine { device, .. } => selftest_engine(&device),
         Selftest::Optim { device, steps } => selftest_optim(device, steps),
     }
 }

@@ -8,7 +8,7 @@ use crate::engine::lora::LoraConfig;
 use crate::engine::optim::{AdamWConfig, Schedule};
 use crate::engine::train::{TrainEvent, TrainOptions, train};
 use crate::spec::wire::{EXIT_FAILURE, EXIT_OK, EXIT_OOM};
-use crate::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant, UnknownName};
+use crate::spec::{DataFormat, LoraModule, Optimizer, Precision, Quant, UnknownName};
 use clap::builder::PossibleValue;
 use std::io::Write;
 use std::path::PathBuf;
@@ -186,23 +186,11 @@ impl TrainArgs {
                 Some(bytes)
             }
         };
-        let mut targets = Vec::new();
-        for t in self
-            .lora_targets
-            .split(',')
-            .filter(|s| !s.trim().is_empty())
-        {
-            let ts = LoraTarget::parse_module(t)
-                .map_err(|e: UnknownName| EngineError::Invalid(e.to_string()))?;
-            for t in ts {
-                if !targets.contains(&t) {
-                    targets.push(t);
-                }
-            }
-        }
+        let targets = LoraModule::parse_list(&self.lora_targets)
+            .map_err(|e: UnknownName| EngineError::Invalid(format!("--lora-targets: {e}")))?;
         if targets.is_empty() {
             return Err(EngineError::Invalid(
-                "--lora-targets is empty (expected any of q,k,v,o,gate,up,down)".into(),
+                "--lora-targets is empty (expected q,k,v,o,gate,up,down, PEFT module names such as q_proj or qkv_proj, or all-linear)".into(),
             ));
         }
         Ok(TrainOptions {

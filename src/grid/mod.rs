@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::profile::{ALL_GPUS, LoadedProfile, Profile, parse_bytes};
-use crate::spec::{DataFormat, Device, DeviceKind, LoraTarget};
+use crate::spec::{DataFormat, Device, DeviceKind, LoraModule};
 
 /// The model a run trains: a preset name or a directory (as written in the profile).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,8 +60,8 @@ pub struct ResolvedConfig {
     pub lora_alpha: f64,
     /// `lora.dropout`.
     pub lora_dropout: f64,
-    /// `lora.targets`, sorted and deduplicated.
-    pub lora_targets: Vec<LoraTarget>,
+    /// `lora.targets` (PEFT module names), sorted and deduplicated.
+    pub lora_targets: Vec<LoraModule>,
     /// `run.steps`.
     pub steps: u32,
     /// `run.warmup_steps`.
@@ -141,8 +141,7 @@ impl RunSpec {
         push("--lora-rank", p.lora_rank.to_string());
         push("--lora-alpha", fmt_f64(c.lora_alpha));
         push("--lora-dropout", fmt_f64(c.lora_dropout));
-        let targets: Vec<&str> = c.lora_targets.iter().map(|t| t.as_str()).collect();
-        push("--lora-targets", targets.join(","));
+        push("--lora-targets", LoraModule::join(&c.lora_targets));
         if let Some(lr) = c.lr {
             push("--lr", fmt_f64(lr));
         }

@@ -34,6 +34,13 @@ pub enum PreflightError {
         file: String,
         error: Box<EngineError>,
     },
+    /// `lora.targets` names a module the model does not have (`qkv_proj` on Llama, `q_proj`
+    /// alone on Phi-3).
+    #[error("{file}: lora.targets: {error}")]
+    LoraTargets {
+        file: String,
+        error: Box<EngineError>,
+    },
     /// A grid sequence length is above the model's `max_position_embeddings`.
     #[error(
         "{file}: grid.seq_len {seq_len} is above {model}'s max_position_embeddings ({max_pos}); remove it from the grid"
@@ -53,11 +60,11 @@ pub enum PreflightError {
 
 /// Checks a profile's model and data: the model resolves (preset name or a directory with
 /// `config.json`, as [`ModelSource::resolve`]), every point's `seq_len` fits its
-/// `max_position_embeddings`, and the data file exists (`sample` is the bundled one).
+/// `max_position_embeddings`, `lora.targets` names modules the model has, and the data file exists (`sample` is the bundled one).
 /// `specs` is the profile's expanded grid. Used by `profile check` and through [`preflight`].
 ///
-/// Errors: [`PreflightError::DataMissing`], [`PreflightError::Model`] or
-/// [`PreflightError::SeqLen`].
+/// Errors: [`PreflightError::DataMissing`], [`PreflightError::Model`],
+/// [`PreflightError::LoraTargets`] or [`PreflightError::SeqLen`].
 pub fn model_and_data(lp: &LoadedProfile, specs: &[RunSpec]) -> Result<(), PreflightError> {
     let file = lp.path.display().to_string();
     let data = &lp.profile.data.path;
@@ -78,6 +85,12 @@ pub fn model_and_data(lp: &LoadedProfile, specs: &[RunSpec]) -> Result<(), Prefl
         file: file.clone(),
         error: Box::new(error),
     })?;
+    src.config
+        .lora_targets(&first.config.lora_targets)
+        .map_err(|error| PreflightError::LoraTargets {
+            file: file.clone(),
+            error: Box::new(error),
+        })?;
     let max_pos = src.config.max_position_embeddings;
     if let Some(s) = specs.iter().find(|s| {
         let t = s.config.point.seq_len;

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{Card, DataFormat, LoraTarget, Optimizer, Precision, Quant};
+use crate::spec::{Card, DataFormat, LoraModule, LoraTarget, Optimizer, Precision, Quant};
 
 /// A parsed, validated profile.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -138,9 +138,10 @@ pub struct LoraSection {
     /// Dropout probability on the adapter input, in [0, 1) (PEFT's `lora_dropout`).
     #[serde(default)]
     pub dropout: f64,
-    /// Projections that get an adapter; non-empty, no duplicates.
+    /// Modules that get an adapter, as PEFT names them (`q` or `q_proj` ... `down`,
+    /// Phi-3's `qkv_proj` and `gate_up_proj`, `all-linear`); non-empty, no duplicates.
     #[serde(default = "default_targets")]
-    pub targets: Vec<LoraTarget>,
+    pub targets: Vec<LoraModule>,
 }
 
 fn default_rank() -> u32 {
@@ -149,8 +150,10 @@ fn default_rank() -> u32 {
 fn default_alpha() -> f64 {
     32.0
 }
-pub(super) fn default_targets() -> Vec<LoraTarget> {
-    vec![LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O]
+pub(super) fn default_targets() -> Vec<LoraModule> {
+    [LoraTarget::Q, LoraTarget::K, LoraTarget::V, LoraTarget::O]
+        .map(LoraModule::One)
+        .to_vec()
 }
 
 impl Default for LoraSection {

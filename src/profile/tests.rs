@@ -111,7 +111,7 @@ fn malformed_profiles() {
         ),
         (
             "bad_target",
-            GOOD.replace("alpha = 16.0", "alpha = 16.0\ntargets = [\"q\", \"qkv\"]"),
+            GOOD.replace("alpha = 16.0", "alpha = 16.0\ntargets = [\"q\", \"qkvo\"]"),
         ),
         (
             "dropout_range",

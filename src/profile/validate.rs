@@ -97,7 +97,7 @@ pub(super) fn validate(p: &Profile) -> Result<(), Invalid> {
     if l.targets.is_empty() {
         return Err((
             vec![k("lora"), k("targets")],
-            "expected at least one of q, k, v, o, gate, up, down".into(),
+            "expected at least one of q, k, v, o, gate, up, down (or PEFT names: q_proj ..., qkv_proj, gate_up_proj, all-linear)".into(),
         ));
     }
     for (i, t) in l.targets.iter().enumerate() {

@@ -22,7 +22,7 @@ pub mod wire;
 pub use cards::Card;
 pub use data::DataFormat;
 pub use device::{Device, DeviceKind};
-pub use lora::LoraTarget;
+pub use lora::{LoraModule, LoraTarget};
 pub use numerics::{Precision, Quant};
 pub use optimizer::Optimizer;
 

@@ -359,7 +359,8 @@ fn sigint_interrupts_then_resume_completes_and_repeats_are_summarised() {
 }
 
 /// `profile check` resolves the model, checks every sequence length against the model's
-/// `max_position_embeddings` and the data path, each failure a single line naming the profile.
+/// `max_position_embeddings`, the LoRA targets against its modules and the data path, each
+/// failure a single line naming the profile.
 #[test]
 fn profile_check_catches_unknown_model_long_sequences_and_missing_data() {
     let dir = tempfile::tempdir().unwrap();
@@ -371,6 +372,10 @@ fn profile_check_catches_unknown_model_long_sequences_and_missing_data() {
             "max_position_embeddings",
         ),
         (base.replace("\"sample\"", "\"nope.json\""), "not found"),
+        (
+            base.replace("[run]", "[lora]\ntargets = [\"qkv_proj\"]\n[run]"),
+            "lora.targets: LoRA target `qkv_proj`: Qwen2ForCausalLM has no such module",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let p = write(dir.path(), &format!("bad{i}.toml"), text);

@@ -9,7 +9,7 @@ use lorascope::engine::model::Model;
 use lorascope::engine::ops::{ChunkedCrossEntropy, IGNORE_INDEX};
 use lorascope::engine::train::{TrainEvent, TrainOptions, train};
 use lorascope::engine::weights::{WeightSource, save_checkpoint};
-use lorascope::spec::{DataFormat, LoraTarget, Optimizer, Precision, Quant};
+use lorascope::spec::{DataFormat, LoraModule, LoraTarget, Optimizer, Precision, Quant};
 use rand::{Rng, SeedableRng};
 
 fn tiny_model(dtype: DType, lora: &LoraConfig, seed: u64) -> Model {
@@ -66,7 +66,7 @@ fn lora_gradients_match_finite_differences() {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: LoraTarget::ALL.to_vec(),
+        targets: vec![LoraModule::AllLinear],
     };
     // Master weights are f32 Vars; the compute path is f64 here.
     let model = tiny_model(DType::F64, &lora, 3);
@@ -449,7 +449,7 @@ fn lora_r4() -> LoraConfig {
         rank: 4,
         alpha: 8.0,
         dropout: 0.0,
-        targets: LoraTarget::ALL.to_vec(),
+        targets: vec![LoraModule::AllLinear],
     }
 }
 
@@ -627,9 +627,9 @@ fn nf4_model_lora_gradients_match_finite_differences() {
 #[test]
 fn grad_checkpointing_gives_identical_gradients() {
     let cases = [
-        (Quant::None, LoraTarget::ALL.to_vec()),
-        (Quant::Nf4, LoraTarget::ALL.to_vec()),
-        (Quant::Nf4, vec![LoraTarget::Q, LoraTarget::V]),
+        (Quant::None, vec![LoraModule::AllLinear]),
+        (Quant::Nf4, vec![LoraModule::AllLinear]),
+        (Quant::Nf4, vec![LoraTarget::Q.into(), LoraTarget::V.into()]),
     ];
     for (quant, targets) in cases {
         let lora = LoraConfig {

@@ -10,6 +10,7 @@ mod chat;
 mod cli;
 mod daemon;
 mod engine;
+mod families;
 mod faults;
 mod hf_fixtures;
 mod layout;

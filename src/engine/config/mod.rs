@@ -10,16 +10,17 @@
 //! refused by name otherwise.
 
 mod keys;
+mod projection;
 mod rope;
 mod source;
 
+pub use projection::Projection;
 pub use rope::{Rope, RopeScaling};
-pub use source::{ModelSource, PRESETS};
+pub use source::{ModelSource, PRESETS, hub_model};
 
 use serde_json::{Map, Value};
 
 use super::EngineError;
-use crate::spec::LoraTarget;
 use keys::Keys;
 use rope::{RopeContext, parse_rope};
 
@@ -84,68 +85,6 @@ pub enum LayerKind {
     Full,
     /// Query `i` sees keys `j` with `i - sliding_window < j <= i`.
     Sliding,
-}
-
-/// A linear module of one decoder layer as the checkpoint stores it. Phi-3 stores
-/// [`Projection::Qkv`] and [`Projection::GateUp`] in place of q/k/v and gate/up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Projection {
-    /// `self_attn.q_proj`.
-    Q,
-    /// `self_attn.k_proj`.
-    K,
-    /// `self_attn.v_proj`.
-    V,
-    /// `self_attn.qkv_proj`: rows q, then k, then v.
-    Qkv,
-    /// `self_attn.o_proj`.
-    O,
-    /// `mlp.gate_proj`.
-    Gate,
-    /// `mlp.up_proj`.
-    Up,
-    /// `mlp.gate_up_proj`: rows gate, then up.
-    GateUp,
-    /// `mlp.down_proj`.
-    Down,
-}
-
-impl Projection {
-    /// Module path inside a decoder layer, e.g. `self_attn.qkv_proj`.
-    pub fn module_path(self) -> &'static str {
-        match self {
-            Projection::Q => "self_attn.q_proj",
-            Projection::K => "self_attn.k_proj",
-            Projection::V => "self_attn.v_proj",
-            Projection::Qkv => "self_attn.qkv_proj",
-            Projection::O => "self_attn.o_proj",
-            Projection::Gate => "mlp.gate_proj",
-            Projection::Up => "mlp.up_proj",
-            Projection::GateUp => "mlp.gate_up_proj",
-            Projection::Down => "mlp.down_proj",
-        }
-    }
-
-    /// PEFT `target_modules` name, e.g. `qkv_proj`.
-    pub fn peft_name(self) -> &'static str {
-        self.module_path().rsplit('.').next().unwrap_or("")
-    }
-
-    /// The [`LoraTarget`]s this module computes.
-    pub fn targets(self) -> &'static [LoraTarget] {
-        use LoraTarget as T;
-        match self {
-            Projection::Q => &[T::Q],
-            Projection::K => &[T::K],
-            Projection::V => &[T::V],
-            Projection::Qkv => &[T::Q, T::K, T::V],
-            Projection::O => &[T::O],
-            Projection::Gate => &[T::Gate],
-            Projection::Up => &[T::Up],
-            Projection::GateUp => &[T::Gate, T::Up],
-            Projection::Down => &[T::Down],
-        }
-    }
 }
 
 /// Resolved decoder-only transformer hyper-parameters.
@@ -529,68 +468,6 @@ impl ModelConfig {
             ));
         }
         Ok(cfg)
-    }
-
-    /// The linear modules of one decoder layer, in the order the layer runs them.
-    pub fn projections(&self) -> &'static [Projection] {
-        use Projection as P;
-        if self.family == Family::Phi3 {
-            &[P::Qkv, P::O, P::GateUp, P::Down]
-        } else {
-            &[P::Q, P::K, P::V, P::O, P::Gate, P::Up, P::Down]
-        }
-    }
-
-    /// `(out_features, in_features)` of a module in one decoder layer.
-    pub fn projection_dims(&self, p: Projection) -> (usize, usize) {
-        let h = self.hidden_size;
-        let q = self.num_attention_heads * self.head_dim;
-        let kv = self.num_key_value_heads * self.head_dim;
-        let i = self.intermediate_size;
-        match p {
-            Projection::Q => (q, h),
-            Projection::K | Projection::V => (kv, h),
-            Projection::Qkv => (q + 2 * kv, h),
-            Projection::O => (h, q),
-            Projection::Gate | Projection::Up => (i, h),
-            Projection::GateUp => (2 * i, h),
-            Projection::Down => (h, i),
-        }
-    }
-
-    /// Whether module `p` has a bias.
-    pub fn projection_bias(&self, p: Projection) -> bool {
-        match p {
-            Projection::Q | Projection::K | Projection::V | Projection::Qkv => self.attention_bias,
-            Projection::O => self.o_proj_bias,
-            _ => self.mlp_bias,
-        }
-    }
-
-    /// `(out_features, in_features)` of the computation of `target` in one layer (a slice of
-    /// a fused module for Phi-3).
-    pub fn projection_shape(&self, target: LoraTarget) -> (usize, usize) {
-        use LoraTarget::*;
-        let p = match target {
-            Q => Projection::Q,
-            K => Projection::K,
-            V => Projection::V,
-            O => Projection::O,
-            Gate => Projection::Gate,
-            Up => Projection::Up,
-            Down => Projection::Down,
-        };
-        self.projection_dims(p)
-    }
-
-    /// Whether the computation of `target` carries a bias.
-    pub fn projection_has_bias(&self, target: LoraTarget) -> bool {
-        use LoraTarget::*;
-        match target {
-            Q | K | V => self.attention_bias,
-            O => self.o_proj_bias,
-            Gate | Up | Down => self.mlp_bias,
-        }
     }
 
     /// Norm weights per decoder layer, each (hidden) except q/k norms (head_dim).

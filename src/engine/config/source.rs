@@ -55,6 +55,37 @@ pub const PRESETS: &[&str] = &[
     "phi-3.5-mini",
 ];
 
+/// The Hugging Face Hub model whose published `config.json` each preset is (see
+/// `presets/SOURCES.md`); `tiny` has none.
+const HUB_MODELS: &[(&str, &str)] = &[
+    ("qwen2.5-0.5b", "Qwen/Qwen2.5-0.5B-Instruct"),
+    ("qwen2.5-1.5b", "Qwen/Qwen2.5-1.5B-Instruct"),
+    ("qwen2.5-3b", "Qwen/Qwen2.5-3B-Instruct"),
+    ("qwen2.5-7b", "Qwen/Qwen2.5-7B-Instruct"),
+    ("qwen3-0.6b", "Qwen/Qwen3-0.6B"),
+    ("qwen3-1.7b", "Qwen/Qwen3-1.7B"),
+    ("qwen3-4b", "Qwen/Qwen3-4B"),
+    ("qwen3-8b", "Qwen/Qwen3-8B"),
+    ("llama-3.2-1b", "meta-llama/Llama-3.2-1B-Instruct"),
+    ("llama-3.2-3b", "meta-llama/Llama-3.2-3B-Instruct"),
+    ("llama-3.1-8b", "meta-llama/Llama-3.1-8B-Instruct"),
+    ("mistral-7b-v0.3", "mistralai/Mistral-7B-Instruct-v0.3"),
+    ("gemma-2-2b", "google/gemma-2-2b-it"),
+    ("gemma-3-1b", "google/gemma-3-1b-it"),
+    ("phi-3-mini-4k", "microsoft/Phi-3-mini-4k-instruct"),
+    ("phi-3.5-mini", "microsoft/Phi-3.5-mini-instruct"),
+];
+
+/// The Hub model id of preset `name` (e.g. `Qwen/Qwen2.5-0.5B-Instruct` for `qwen2.5-0.5b`),
+/// written as a saved adapter's `base_model_name_or_path`; None for `tiny` and for anything
+/// that is not a preset.
+pub fn hub_model(name: &str) -> Option<&'static str> {
+    HUB_MODELS
+        .iter()
+        .find(|(p, _)| *p == name)
+        .map(|(_, id)| *id)
+}
+
 /// Where a model comes from: a preset name, or a directory with `config.json` (and optionally
 /// `*.safetensors` weights and `tokenizer.json`).
 #[derive(Debug, Clone)]
@@ -145,6 +176,16 @@ mod tests {
         for name in PRESETS {
             assert!(ModelSource::resolve(name).is_ok(), "{name}");
         }
+    }
+
+    /// Every preset but `tiny` names its Hub model; nothing else does.
+    #[test]
+    fn every_preset_has_its_hub_model() {
+        for name in PRESETS {
+            assert_eq!(hub_model(name).is_some(), *name != "tiny", "{name}");
+        }
+        assert_eq!(hub_model("qwen3-8b"), Some("Qwen/Qwen3-8B"));
+        assert_eq!(hub_model("./my-model"), None);
     }
 
     #[test]

@@ -96,3 +96,67 @@ fn unknown_and_multimodal_model_types_are_refused() {
     assert!(refusal(&with(LLAMA, "model_type", "\"gpt2\"")).contains("gpt2"));
     assert!(refusal(&with(LLAMA, "model_type", "\"gemma3\"")).contains("gemma3_text"));
 }
+
+/// `--lora-targets` against each family's modules: PEFT's names resolve to the projections
+/// they adapt; a fused name on a split model, or part of a fused module, is one line naming
+/// the model's valid targets.
+#[test]
+fn lora_targets_are_checked_against_the_family_modules() {
+    use crate::spec::{LoraModule, LoraTarget as T};
+    let parse = |s: &str| LoraModule::parse_list(s).unwrap();
+    let llama = ModelSource::resolve("llama-3.2-1b").unwrap().config;
+    let phi = ModelSource::resolve("phi-3.5-mini").unwrap().config;
+    assert_eq!(
+        llama.lora_targets(&parse("q_proj,v")).unwrap(),
+        [T::Q, T::V]
+    );
+    assert_eq!(
+        llama.lora_targets(&parse("all-linear")).unwrap(),
+        T::ALL.to_vec()
+    );
+    assert_eq!(
+        phi.lora_targets(&parse("qkv_proj,o_proj")).unwrap(),
+        [T::Q, T::K, T::V, T::O]
+    );
+    assert_eq!(
+        phi.lora_targets(&parse("q,k,v,o,gate,up,down")).unwrap(),
+        T::ALL.to_vec()
+    );
+    assert_eq!(
+        phi.lora_targets(&parse("gate_up_proj")).unwrap(),
+        [T::Gate, T::Up]
+    );
+    assert_eq!(
+        phi.lora_module_names(),
+        [
+            "qkv_proj",
+            "o_proj",
+            "gate_up_proj",
+            "down_proj",
+            "all-linear"
+        ]
+    );
+    let err = |c: &ModelConfig, s: &str| c.lora_targets(&parse(s)).unwrap_err().to_string();
+    let e = err(&llama, "qkv_proj");
+    assert!(
+        e.contains("`qkv_proj`")
+            && e.contains("LlamaForCausalLM")
+            && e.contains(
+                "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj, all-linear"
+            ),
+        "{e}"
+    );
+    let e = err(&phi, "q_proj,o_proj");
+    assert!(
+        e.contains("`q_proj`")
+            && e.contains("as one module `qkv_proj`")
+            && e.contains("gate_up_proj"),
+        "{e}"
+    );
+    let e = err(&phi, "gate,down");
+    assert!(
+        e.contains("`gate_proj`") && e.contains("`gate_up_proj`"),
+        "{e}"
+    );
+    assert!(!e.contains('\n'));
+}

@@ -19,7 +19,7 @@ pub use projection::LoraProjection;
 
 use super::nf4::Nf4Linear;
 use super::ops::FrozenLinear;
-use crate::spec::LoraTarget;
+use crate::spec::{LoraModule, LoraTarget};
 use candle_core::{DType, Device, Result, Tensor, Var};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -36,8 +36,9 @@ pub struct LoraConfig {
     pub alpha: f64,
     /// Dropout probability on the adapter's input (PEFT `lora_dropout`), in [0, 1).
     pub dropout: f64,
-    /// Projections that carry an adapter.
-    pub targets: Vec<LoraTarget>,
+    /// Modules that carry an adapter, as PEFT names them (resolved per family by
+    /// [`crate::engine::config::ModelConfig::lora_targets`]).
+    pub targets: Vec<LoraModule>,
 }
 
 impl Default for LoraConfig {
@@ -46,7 +47,7 @@ impl Default for LoraConfig {
             rank: 16,
             alpha: 32.0,
             dropout: 0.0,
-            targets: LoraTarget::ALL.to_vec(),
+            targets: LoraTarget::ALL.map(LoraModule::One).to_vec(),
         }
     }
 }
@@ -312,7 +313,12 @@ pub fn save_peft(
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
         "r": cfg.rank,
-        "lora_alpha": cfg.alpha,
+        // PEFT writes an integral alpha as an integer (`"lora_alpha": 32`); so does this.
+        "lora_alpha": if cfg.alpha.fract() == 0.0 && cfg.alpha.abs() < 1e15 {
+            serde_json::json!(cfg.alpha as i64)
+        } else {
+            serde_json::json!(cfg.alpha)
+        },
         "lora_dropout": cfg.dropout,
         "target_modules": target_modules(adapters),
         "bias": "none",

@@ -44,7 +44,7 @@ mod terms;
 mod tests;
 
 use crate::engine::config::ModelConfig;
-use crate::spec::{DeviceKind, LoraTarget, Optimizer, Precision, Quant};
+use crate::spec::{DeviceKind, LoraModule, Optimizer, Precision, Quant};
 use serde::Serialize;
 
 /// The stated relative error of a device-memory prediction (fraction of the prediction): 20%,
@@ -74,8 +74,8 @@ pub struct MemoryPoint<'a> {
     pub config: &'a ModelConfig,
     /// LoRA rank r.
     pub lora_rank: usize,
-    /// Projections with an adapter.
-    pub lora_targets: &'a [LoraTarget],
+    /// Modules with an adapter, as `--lora-targets` names them.
+    pub lora_targets: &'a [LoraModule],
     /// Base-weight quantisation.
     pub quant: Quant,
     /// Compute precision (activations and dense weights).

@@ -4,7 +4,7 @@
 use super::{MemoryPoint, POOL_PAGE};
 use crate::engine::nf4::{ABSMAX_BLOCK, NF4_BLOCK};
 use crate::engine::optim::{MIN_8BIT_SIZE, STATE_BLOCK};
-use crate::spec::{DeviceKind, LoraTarget, Optimizer, Precision};
+use crate::spec::{DeviceKind, LoraModule, LoraTarget, Optimizer, Precision};
 
 /// Rows x vocab logit elements per loss chunk (`ops/cross_entropy.rs`'s `CHUNK_ELEMS`).
 const LOSS_CHUNK_ELEMS: usize = 32 << 20;
@@ -94,10 +94,7 @@ pub(super) fn base_weights(p: &MemoryPoint) -> Vec<Alloc> {
 /// per layer (`lora::new_adapter`).
 pub(super) fn adapter_tensors(p: &MemoryPoint) -> Vec<(usize, usize)> {
     let mut v = Vec::new();
-    for t in LoraTarget::ALL {
-        if !p.lora_targets.contains(&t) {
-            continue;
-        }
+    for t in LoraModule::expand(p.lora_targets) {
         let (out, inp) = p.config.projection_shape(t);
         v.push((p.config.num_hidden_layers, p.lora_rank * inp));
         v.push((p.config.num_hidden_layers, out * p.lora_rank));

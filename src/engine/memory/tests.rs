@@ -18,7 +18,7 @@ fn point(cfg: &ModelConfig, quant: Quant, optimizer: Optimizer, ckpt: bool) -> M
     MemoryPoint {
         config: cfg,
         lora_rank: 8,
-        lora_targets: &LoraTarget::ALL,
+        lora_targets: &[LoraModule::AllLinear],
         quant,
         precision: Precision::Fp32,
         batch_size: 2,
@@ -142,7 +142,7 @@ fn terms_match_the_engine_accounting() {
         rank: 8,
         alpha: 16.0,
         dropout: 0.0,
-        targets: LoraTarget::ALL.to_vec(),
+        targets: vec![LoraModule::AllLinear],
     };
     for quant in [Quant::None, Quant::Nf4] {
         let model = Model::new_quantized(

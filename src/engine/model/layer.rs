@@ -27,7 +27,7 @@ use crate::engine::ops::{AttentionSpec, FrozenLinear, InputGradOp, RmsNorm};
 use crate::engine::profiler;
 use crate::engine::weights::LayerNames;
 use crate::engine::{CandleContext, EngineError};
-use crate::spec::Quant;
+use crate::spec::{LoraTarget, Quant};
 use candle_core::{Device, Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
 
@@ -206,13 +206,16 @@ fn maybe_norm(n: &Option<RmsNorm>, x: &Tensor) -> Result<Tensor> {
 impl DecoderLayer {
     /// Load layer `index` (`model.layers.{index}.*` through `get(name, shape)`), quantising
     /// the projections when `quant` is [`Quant::Nf4`], and create adapters (A from `rng`, in
-    /// the layer's module order) on the modules whose targets are all in `lora.targets`.
+    /// the layer's module order) on the modules whose targets are all in `targets` (resolved
+    /// from `lora.targets` by [`ModelConfig::lora_targets`]).
     ///
     /// Errors: from `get` (missing or mis-shaped weights), quantisation or adapter creation; a
     /// fused module (Phi-3 `qkv_proj`, `gate_up_proj`) only partly targeted.
+    #[allow(clippy::too_many_arguments)] // the loader's inputs; a struct would only rename them
     pub(crate) fn load<G>(
         cfg: &ModelConfig,
         lora: &LoraConfig,
+        targets: &[LoraTarget],
         index: usize,
         quant: Quant,
         rng: &mut ChaCha8Rng,
@@ -241,11 +244,7 @@ impl DecoderLayer {
             } else {
                 None
             };
-            let covered = p
-                .targets()
-                .iter()
-                .filter(|t| lora.targets.contains(t))
-                .count();
+            let covered = p.targets().iter().filter(|t| targets.contains(t)).count();
             if covered != 0 && covered != p.targets().len() {
                 return Err(EngineError::Invalid(format!(
                     "{} stores {} as one module `{}` with one adapter: target all of them (`{}`) or none",

@@ -72,10 +72,12 @@ pub struct ParamCounts {
 
 impl Model {
     /// Build the model: load (or synthesise) base weights in `dtype` on `device`, create LoRA
-    /// adapters (seeded by `seed`) on every projection in `lora.targets`. Same as
+    /// adapters (seeded by `seed`) on every module `lora.targets` names. Same as
     /// [`Model::new_quantized`] with [`Quant::None`].
     ///
-    /// Errors: missing/mis-shaped weights ([`EngineError::Weights`]), out of memory.
+    /// Errors: missing/mis-shaped weights ([`EngineError::Weights`]), out of memory; a target
+    /// this family has no module for ([`EngineError::Invalid`], see
+    /// [`ModelConfig::lora_targets`]).
     pub fn new(
         cfg: &ModelConfig,
         lora: &LoraConfig,
@@ -112,6 +114,7 @@ impl Model {
                 lora.dropout
             )));
         }
+        let targets = cfg.lora_targets(&lora.targets)?;
         if !device.is_cpu() {
             // Seeds the device RNG used for LoRA dropout masks (and synthetic weights, which
             // reseed per tensor) so GPU runs are repeatable for a given --seed.
@@ -122,7 +125,10 @@ impl Model {
         let embed = get(EMBED, &[cfg.vocab_size, h])?;
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let layers = (0..cfg.num_hidden_layers)
-            .map(|i| DecoderLayer::load(cfg, lora, i, quant, &mut rng, device, &get).map(Arc::new))
+            .map(|i| {
+                DecoderLayer::load(cfg, lora, &targets, i, quant, &mut rng, device, &get)
+                    .map(Arc::new)
+            })
             .collect::<std::result::Result<Vec<_>, _>>()?;
         let final_w = get(FINAL_NORM, &[h])?;
         let norm = if cfg.family.is_gemma() {

@@ -481,12 +481,15 @@ pub fn train(
     }
     let adapter_dir = match &opts.save_adapter {
         Some(dir) => {
-            super::lora::save_peft(dir, &model.adapters(), &opts.lora, &opts.model).map_err(
-                |e| EngineError::Io {
+            // A preset's adapter names the Hub model whose config the preset is, so PEFT can
+            // load it; a directory is named as given.
+            let base = super::config::hub_model(&opts.model).unwrap_or(&opts.model);
+            super::lora::save_peft(dir, &model.adapters(), &opts.lora, base).map_err(|e| {
+                EngineError::Io {
                     path: dir.display().to_string(),
                     source: std::io::Error::other(e.to_string()),
-                },
-            )?;
+                }
+            })?;
             Some(dir.display().to_string())
         }
         None => None,

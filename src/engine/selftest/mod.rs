@@ -7,6 +7,10 @@
 //! error, which must stay under 1e-2 in fp16 and 2.5e-2 in bf16), the loss, and the adapters' gradients (relative L2 error
 //! under 5e-2). The error against CPU f32 is printed too, as the cost of the precision. This is the check that the CUDA kernels (attention softmax, dropout, NF4
 //! dequantisation) and cuBLAS paths compute what the CPU path computes.
+//!
+//! [`fixtures`] is the other half: every family on the device against transformers + PEFT.
+
+pub mod fixtures;
 
 use super::config::ModelSource;
 use super::lora::LoraConfig;
