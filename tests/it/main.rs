@@ -17,6 +17,7 @@ mod leak;
 mod memory;
 mod orchestrator;
 mod quickstart;
+mod report;
 mod slurm;
 mod train_cli;
 mod ui;
