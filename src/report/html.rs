@@ -4,7 +4,7 @@
 //! winner lines and notes, the Pareto chart, the J/token and s/10k bars, the per-run curves
 //! and the legend.
 
-use minijinja::{Environment, context};
+use minijinja::{Environment, Value, context};
 use serde::Serialize;
 
 use super::charts::{self, ChartData, ChartKind};
@@ -168,14 +168,14 @@ pub fn render(meta: &SweepMeta, table: &Table, d: &ChartData) -> Result<String, 
         .get_template("report.html")
         .map_err(|e| format!("HTML template: {e}"))?;
     tpl.render(context! {
-        meta => meta,
-        meta_pairs => meta.pairs(),
-        winners => table.winners,
-        notes => table.notes,
+        meta => Value::from_serialize(meta),
+        meta_pairs => Value::from_serialize(meta.pairs()),
+        winners => Value::from_serialize(&table.winners),
+        notes => Value::from_serialize(&table.notes),
         header => table.axes.header_line(),
-        columns => columns,
-        rows => rows,
-        legend => table.legend(None),
+        columns => Value::from_serialize(&columns),
+        rows => Value::from_serialize(&rows),
+        legend => Value::from_serialize(table.legend(None)),
         pareto => chart(ChartKind::Pareto)?,
         jtoken => chart(ChartKind::Jtoken)?,
         s10k => chart(ChartKind::S10k)?,

@@ -601,26 +601,30 @@ impl Table {
     }
 }
 
+/// The row of `it` with the best `f` (largest if `higher`), first on ties.
+fn best_by<'a>(
+    it: impl Iterator<Item = &'a &'a PointRow>,
+    f: &dyn Fn(&PointRow) -> Option<f64>,
+    higher: bool,
+) -> Option<(&'a PointRow, f64)> {
+    it.filter_map(|r| f(r).map(|v| (*r, v)))
+        .fold(None, |m: Option<(&PointRow, f64)>, (r, v)| match m {
+            Some((_, b)) if (higher && v <= b) || (!higher && v >= b) => m,
+            _ => Some((r, v)),
+        })
+}
+
 /// The winner lines of `rows` (ok points only): fastest, fewest J/token, and fastest whose
 /// peak memory is within `limit` when a limit is known.
 pub fn winners(rows: &[PointRow], axes: &Axes, limit: Option<u64>) -> Vec<String> {
     let ok: Vec<&PointRow> = rows.iter().filter(|r| r.is_ok()).collect();
     let tps = |r: &PointRow| r.tokens_per_s.map(|s| s.median);
-    let best_by = |it: &mut dyn Iterator<Item = &&PointRow>,
-                   f: &dyn Fn(&PointRow) -> Option<f64>,
-                   higher: bool| {
-        it.filter_map(|r| f(r).map(|v| (*r, v)))
-            .fold(None::<(&PointRow, f64)>, |m, (r, v)| match m {
-                Some((_, b)) if (higher && v <= b) || (!higher && v >= b) => m,
-                _ => Some((r, v)),
-            })
-    };
     let mut out = Vec::new();
-    if let Some((r, v)) = best_by(&mut ok.iter(), &tps, true) {
+    if let Some((r, v)) = best_by(ok.iter(), &tps, true) {
         out.push(format!("fastest: {} ({v:.1} tok/s)", axes.name(r)));
     }
     let jpt = |r: &PointRow| r.j_per_token.map(|s| s.median);
-    if let Some((r, v)) = best_by(&mut ok.iter(), &jpt, false) {
+    if let Some((r, v)) = best_by(ok.iter(), &jpt, false) {
         out.push(format!(
             "fewest J/token: {} ({} J/token)",
             axes.name(r),
@@ -628,10 +632,10 @@ pub fn winners(rows: &[PointRow], axes: &Axes, limit: Option<u64>) -> Vec<String
         ));
     }
     if let Some(limit) = limit {
-        let mut fits = ok
+        let fits = ok
             .iter()
             .filter(|r| r.peak_mem_bytes.is_some_and(|b| b <= limit));
-        let line = match best_by(&mut fits, &tps, true) {
+        let line = match best_by(fits, &tps, true) {
             Some((r, v)) => format!(
                 "fastest under vram_limit ({} GiB): {} ({v:.1} tok/s, peak {} GiB)",
                 gib(limit),
