@@ -130,7 +130,8 @@ import json, sys
 rows, within, total = [], 0, 0
 for path in sys.argv[1:]:
     name = path.rsplit("/", 1)[-1][:-5]
-    for r in json.load(open(path)):
+    doc = json.load(open(path))
+    for r in (doc["runs"] if isinstance(doc, dict) else doc):
         p, m = r.get("predicted_peak_bytes"), r.get("peak_mem_bytes")
         gib = lambda b: f"{b / 2**30:.2f}" if b else "-"
         if p and m and r["status"] == "ok":

@@ -263,6 +263,16 @@ pub struct ReportArgs {
     pub db: PathBuf,
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+    /// The chart of `--format svg|png`.
+    #[arg(long, value_enum, default_value_t = crate::report::ChartKind::Pareto)]
+    pub chart: crate::report::ChartKind,
+    /// Write to this file instead of stdout (needed for `--format png`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Width of `--format table`, characters, at least 20 (no line is longer); default: the
+    /// terminal's width on a terminal, else 120.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(20..))]
+    pub width: Option<u16>,
     /// List the recorded sweeps instead.
     #[arg(long, conflicts_with = "sweep")]
     pub list: bool,

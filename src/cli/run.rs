@@ -25,7 +25,7 @@ use crate::orchestrator::preflight::{load_profile, preflight, profile_key};
 use crate::orchestrator::{
     self, Command, Event, OrchestratorConfig, SweepOutcome, SweepPlan, plan_runs,
 };
-use crate::report::{self, Format};
+use crate::report;
 use crate::store::Store;
 
 /// Runs the sweep of `args` (or queues it on the daemon with `--detach`).
@@ -171,9 +171,12 @@ pub fn run(args: RunArgs) -> Result<()> {
         store.finish_sweep(sweep_id)?;
     }
     let rows = report::rows(&store.runs(sweep_id)?);
+    let table = report::Table::build(&rows, &report::TableOptions::default());
+    let width = crate::cli::commands::report::default_width();
     let mut out = std::io::stdout().lock();
-    writeln!(out, "sweep {sweep_id} ({})", lp.name())?;
-    out.write_all(report::render(&rows, Format::Table).as_bytes())?;
+    let head = format!("sweep {sweep_id} ({})", lp.name());
+    writeln!(out, "{}", report::table::cut(&head, width))?;
+    out.write_all(table.render_text(width).as_bytes())?;
     out.flush()?;
     if outcome.shutdown {
         let by = match stopped_by {

@@ -163,6 +163,10 @@ pub async fn run_sweep<C: Into<Request>>(
     } else {
         plan.devices.clone()
     };
+    if matches!(plan.backend, Backend::Local) {
+        // Where the sweep ran, for the report's metadata; a failure here costs only that.
+        let _ = store.set_sweep_meta(plan.sweep_id, &crate::report::meta::host_meta(&devices));
+    }
     // Launch order = the order of the queued entries; finished ones are display-only.
     let mut all = entries.clone();
     all.extend(done.iter().cloned());

@@ -18,6 +18,7 @@ use crate::summary::{RunStatus, RunSummary};
 use crate::telemetry::TelemetrySample;
 
 mod error;
+mod meta;
 mod runs;
 mod slurm;
 pub use slurm::SlurmRun;

@@ -66,3 +66,9 @@ CREATE TABLE IF NOT EXISTS slurm_tasks (
     array_job     TEXT NOT NULL,
     task          INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS sweep_meta (
+    sweep_id      INTEGER NOT NULL REFERENCES sweeps(id),
+    key           TEXT NOT NULL,
+    value         TEXT NOT NULL,
+    PRIMARY KEY (sweep_id, key)
+);

@@ -181,7 +181,10 @@ fn sweep(leak: bool) -> (serde_json::Value, String) {
         String::from_utf8(o.stdout).unwrap()
     };
     let json: serde_json::Value = serde_json::from_str(&report("json")).unwrap();
-    (json[0].clone(), format!("{}\n{stderr}", report("table")))
+    (
+        json["runs"][0].clone(),
+        format!("{}\n{stderr}", report("table")),
+    )
 }
 
 /// A worker that really leaks (the engine keeping each step's graph) is flagged with the

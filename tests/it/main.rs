@@ -18,6 +18,7 @@ mod leak;
 mod memory;
 mod orchestrator;
 mod quickstart;
+mod report;
 mod requeue;
 mod slurm;
 mod train_cli;
