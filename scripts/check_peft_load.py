@@ -68,8 +68,17 @@ def main(argv: list[str]) -> int:
     print(f"      base_model_name_or_path: {cfg.get('base_model_name_or_path')!r}")
 
     torch.manual_seed(0)
+    # transformers loads an adapter it finds beside the weights (a fixture directory holds
+    # PEFT's own adapter_config.json): load the base model from a directory without one.
+    import shutil
+    import tempfile
+    plain = Path(tempfile.mkdtemp(prefix="base-model-"))
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.startswith("adapter_"):
+            (plain / f.name).symlink_to(f.resolve())
     base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.float32, attn_implementation="eager")
+        plain, dtype=torch.float32, attn_implementation="eager")
+    shutil.rmtree(plain, ignore_errors=True)
     base.eval()
     linears = {name: m for name, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
     suffixes = {name.rsplit(".", 1)[-1] for name in linears}

@@ -63,6 +63,14 @@ fn train_losses(case: &str, extra: &[&str]) -> (Out, Vec<f64>) {
         "1e-2",
         "--json",
     ];
+    // A flag given in `extra` replaces the default above (clap refuses a repeated flag).
+    for pair in extra.chunks(2) {
+        if let Some(i) = args.iter().position(|a| *a == pair[0])
+            && pair.len() == 2
+        {
+            args.drain(i..i + 2);
+        }
+    }
     args.extend_from_slice(extra);
     let o = run(&args);
     let losses = o
@@ -82,8 +90,12 @@ fn nf4_training_loss_falls_on_every_family() {
     for case in FAMILIES {
         let (o, losses) = train_losses(case, &["--quant", "nf4"]);
         assert_eq!(o.code, 0, "{case}: {}", o.stderr);
-        let header: serde_json::Value =
-            serde_json::from_str(o.stdout.lines().next().unwrap()).unwrap();
+        let header: serde_json::Value = o
+            .stdout
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["type"] == "header")
+            .unwrap_or_default();
         assert_eq!(header["quant"], "nf4", "{case}: {header}");
         assert_eq!(losses.len(), 12, "{case}: {}", o.stdout);
         assert!(losses.iter().all(|l| l.is_finite()), "{case}: {losses:?}");
@@ -252,7 +264,9 @@ fn selftest_engine_fixtures_on_cpu() {
         .lines()
         .filter(|l| l.starts_with("qwen3 ") || l.starts_with("phi3 "))
         .collect();
-    assert_eq!(rows.len(), 2 * 11, "{}", o.stdout);
+    // config, six dense variants, two NF4 with checkpointing (on the CPU the NF4 reference
+    // itself is not listed).
+    assert_eq!(rows.len(), 2 * 9, "{}", o.stdout);
     for r in &rows {
         assert!(r.ends_with("PASS"), "{r}");
     }
