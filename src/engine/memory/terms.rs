@@ -4,7 +4,7 @@
 use super::{MemoryPoint, POOL_PAGE};
 use crate::engine::nf4::{ABSMAX_BLOCK, NF4_BLOCK};
 use crate::engine::optim::{MIN_8BIT_SIZE, STATE_BLOCK};
-use crate::spec::{DeviceKind, LoraModule, LoraTarget, Optimizer, Precision};
+use crate::spec::{DeviceKind, LoraModule, Optimizer, Precision};
 
 /// Rows x vocab logit elements per loss chunk (`ops/cross_entropy.rs`'s `CHUNK_ELEMS`).
 const LOSS_CHUNK_ELEMS: usize = 32 << 20;
@@ -74,8 +74,9 @@ pub(super) fn base_weights(p: &MemoryPoint) -> Vec<Alloc> {
     }
     let l = c.num_hidden_layers;
     v.push(Alloc::new(2 * l, h * e));
-    for t in LoraTarget::ALL {
-        let (out, inp) = c.projection_shape(t);
+    // Per stored module (Phi-3: fused qkv_proj and gate_up_proj), as the checkpoint holds them.
+    for &m in c.projections() {
+        let (out, inp) = c.projection_dims(m);
         match p.quant {
             crate::spec::Quant::None => v.push(Alloc::new(l, out * inp * e)),
             crate::spec::Quant::Nf4 => v.extend(nf4_allocs(out * inp).map(|a| Alloc {
@@ -83,19 +84,24 @@ pub(super) fn base_weights(p: &MemoryPoint) -> Vec<Alloc> {
                 ..a
             })),
         }
-        if c.projection_has_bias(t) {
+        if c.projection_bias(m) {
             v.push(Alloc::new(l, out * e));
         }
     }
     v
 }
 
-/// Element counts of every adapter tensor, A (r, in) then B (out, r) per targeted projection
-/// per layer (`lora::new_adapter`).
+/// Element counts of every adapter tensor, A (r, in) then B (out, r) per adapted module per
+/// layer (`lora::new_adapter`): one adapter per stored module whose computations are all
+/// targeted, so Phi-3's `qkv_proj` is one A (r, hidden) and one B (q + 2 kv, r), not three.
 pub(super) fn adapter_tensors(p: &MemoryPoint) -> Vec<(usize, usize)> {
+    let targets = LoraModule::expand(p.lora_targets);
     let mut v = Vec::new();
-    for t in LoraModule::expand(p.lora_targets) {
-        let (out, inp) = p.config.projection_shape(t);
+    for &m in p.config.projections() {
+        if !m.targets().iter().all(|t| targets.contains(t)) {
+            continue;
+        }
+        let (out, inp) = p.config.projection_dims(m);
         v.push((p.config.num_hidden_layers, p.lora_rank * inp));
         v.push((p.config.num_hidden_layers, out * p.lora_rank));
     }
@@ -263,10 +269,15 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     // The largest op of a layer's forward: attention scores then probabilities, or a
     // dequantised NF4 weight (the largest projection) next to its input and output.
     let dequant = match p.quant {
-        crate::spec::Quant::Nf4 => {
-            let (o, i) = c.projection_shape(LoraTarget::Gate);
-            o * i * e
-        }
+        crate::spec::Quant::Nf4 => c
+            .projections()
+            .iter()
+            .map(|&m| {
+                let (o, i) = c.projection_dims(m);
+                o * i * e
+            })
+            .max()
+            .unwrap_or(0),
         crate::spec::Quant::None => 0,
     };
     let fwd_ws = if 2 * s.scores + s.nq >= dequant + s.ni {
@@ -324,10 +335,11 @@ pub(super) fn loading_transient(p: &MemoryPoint) -> u64 {
         }
     };
     let embed = f32_copy(c.vocab_size * c.hidden_size);
-    let proj = LoraTarget::ALL
+    let proj = c
+        .projections()
         .iter()
-        .map(|&t| {
-            let (o, i) = c.projection_shape(t);
+        .map(|&m| {
+            let (o, i) = c.projection_dims(m);
             match p.quant {
                 crate::spec::Quant::None => f32_copy(o * i),
                 crate::spec::Quant::Nf4 => 4 * o * i + e * o * i,

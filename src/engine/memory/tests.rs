@@ -137,7 +137,14 @@ fn rounding_to_pool_pages() {
 /// optimizer's `state_bytes`), dense and NF4, for each optimizer.
 #[test]
 fn terms_match_the_engine_accounting() {
-    let c = tiny();
+    let phi3 = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/hf/phi3");
+    // Phi-3: fused qkv_proj and gate_up_proj, one adapter each.
+    for c in [tiny(), ModelSource::resolve(phi3).unwrap().config] {
+        engine_accounting(&c);
+    }
+}
+
+fn engine_accounting(c: &ModelConfig) {
     let lora = LoraConfig {
         rank: 8,
         alpha: 16.0,
@@ -146,7 +153,7 @@ fn terms_match_the_engine_accounting() {
     };
     for quant in [Quant::None, Quant::Nf4] {
         let model = Model::new_quantized(
-            &c,
+            c,
             &lora,
             &WeightSource::Synthetic { seed: 1 },
             DType::F32,
@@ -161,9 +168,14 @@ fn terms_match_the_engine_accounting() {
             Optimizer::PagedAdamW,
             Optimizer::PagedAdamW8bit,
         ] {
-            let e = estimate(&point(&c, quant, opt, false));
+            let e = estimate(&point(c, quant, opt, false));
             assert_eq!(e.weights, model.base_weight_bytes() as u64, "{quant:?}");
-            assert_eq!(e.adapters, 4 * model.param_counts().trainable as u64);
+            assert_eq!(
+                e.adapters,
+                4 * model.param_counts().trainable as u64,
+                "{:?}",
+                c.family
+            );
             let o = AnyOptimizer::new(opt, model.trainable_vars(), AdamWConfig::default()).unwrap();
             assert_eq!(e.optimizer_state, o.state_bytes() as u64, "{opt:?}");
         }
