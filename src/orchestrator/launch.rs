@@ -143,8 +143,8 @@ pub(super) async fn resolve_max(
                     *armed = false;
                     if k.is_ok() {
                         let summary = RunSummary {
-                            status: Some(RunStatus::Failed),
-                            cause: Some(format!("stopped while probing {key} = max")),
+                            status: Some(RunStatus::Cancelled),
+                            cause: Some(format!("cancelled while probing {key} = max")),
                             ..RunSummary::default()
                         };
                         return Err(Found::Outcome(Box::new(RunResult { summary, ..RunResult::default() })));
