@@ -14,7 +14,7 @@ fn embedded_quickstart_sweep_prints_the_table() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert!(o.status.success(), "stderr: {stderr}");
-    for col in ["tok/s", "s/10k tok", "peak RSS GiB", "status", "fastest: "] {
+    for col in ["tok/s", "s/10k tok", "peak RSS MiB", "status", "fastest: "] {
         assert!(stdout.contains(col), "missing column {col}: {stdout}");
     }
     let ok_rows = stdout

@@ -10,6 +10,7 @@
 //!
 //! [`fixtures`] is the other half: every family on the device against transformers + PEFT.
 
+pub mod checks;
 pub mod fixtures;
 
 use super::config::ModelSource;
