@@ -23,20 +23,7 @@ shot() { # name: capture the pane with colours, render to PNG
   tmux capture-pane -e -p -t "$session" > "$work/$name.ans"
   local cols
   cols="$(tmux display -p -t "$session" '#{pane_width}')"
-  python3 - "$work/$name.ans" "$work/$name.svg" "$cols" "$name" <<'PY'
-import sys
-from rich.console import Console
-from rich.text import Text
-src, dst, cols, name = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
-text = open(src, encoding="utf-8").read().rstrip("\n")
-console = Console(record=True, width=cols, force_terminal=True, color_system="256",
-                  file=open("/dev/null", "w"))
-console.print(Text.from_ansi(text), soft_wrap=True)
-svg = console.export_svg(title=f"lorascope run — {name}")
-# Keep runs of spaces (SVG collapses them otherwise) so columns line up.
-svg = svg.replace("<svg ", '<svg xml:space="preserve" ', 1)
-open(dst, "w", encoding="utf-8").write(svg)
-PY
+  python3 "$here/ansi_to_svg.py" "$work/$name.ans" "$work/$name.svg" "$cols" "lorascope run — $name"
   rsvg-convert -o "$here/$name.png" "$work/$name.svg"
   echo "wrote screenshots/$name.png"
 }

@@ -8,6 +8,15 @@
 #                (scripts/gpu_bench.sh)
 #   PART=peers   PEFT + Liger-Kernel and Unsloth on the four 1.5B points
 #                (../shared/bench/peers/run.sh), then lorascope again on the same points
+#   PART=round   the transformers fixtures on CUDA (selftest engine --fixtures), adapters
+#                trained on CUDA per family loaded by PEFT (scripts/check_peft_load.py), the
+#                worker-side telemetry check, the memory check with the pool's release threshold
+#                at 0 (LORASCOPE_POOL_KEEP_BYTES=0), and the dashboard of a real sweep captured
+#                in a pseudo-terminal (scripts/gpu_screens.py; .carry/pylib holds pyte + wcwidth)
+#   PART=round2  transformers' own bf16 error on the fixtures (scripts/hf_bf16_error.py, CUDA and
+#                CPU; bf16_error.json per case under $OUT/bf16), the fixtures and PEFT loads again,
+#                the memory check with the pool's default release threshold and with 0 back to back
+#                (memory and tokens/s of the same points in one sitting), and the screens again
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -81,5 +90,63 @@ presets)
   python3 scripts/gpu_memory_diag.py "$OUT/diag" > "$OUT/diag.txt" 2>&1
   cat "$OUT/diag.txt"
   grep -E "^\|" "$OUT/presets.log"
+  ;;
+round)
+  $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
+  echo "selftest engine --fixtures exit $? ($((SECONDS - T0)) s)"
+  mkdir -p "$OUT/adapters"
+  for fam in qwen2 qwen3 llama3 mistral gemma2 gemma3-text phi3; do
+    $L train --model "tests/fixtures/hf/$fam" --device cuda:0 --quant nf4 --precision bf16 \
+      --steps 4 --warmup-steps 0 --seq-len 32 --batch-size 2 --lr 1e-2 --lora-rank 4 \
+      --lora-targets all-linear --save-adapter "$OUT/adapters/$fam" --json \
+      > "$OUT/adapters/$fam.jsonl" 2> "$OUT/adapters/$fam.err"; t=$?
+    python3 scripts/check_peft_load.py "$OUT/adapters/$fam" "tests/fixtures/hf/$fam" \
+      > "$OUT/adapters/$fam.check" 2>&1; c=$?
+    echo "peft load $fam: train exit $t, check exit $c ($(grep -c '^ok' "$OUT/adapters/$fam.check") ok, $(grep -c '^FAIL' "$OUT/adapters/$fam.check") FAIL)"
+  done
+  OUT=$OUT/tel bash scripts/gpu_telemetry_check.sh > "$OUT/tel.log" 2>&1
+  echo "telemetry check exit $? ($((SECONDS - T0)) s)"
+  mkdir -p "$OUT/screens"
+  PYTHONPATH=.carry/pylib timeout 300 python3 scripts/gpu_screens.py $L profiles/rtx4060-three.toml \
+    "$OUT/screens/screens.db" "$OUT/screens" 120x36 > "$OUT/screens.log" 2>&1
+  echo "screens exit $? ($((SECONDS - T0)) s)"
+  if [ "${MEM0:-1}" = 1 ]; then
+    LORASCOPE_POOL_KEEP_BYTES=0 PRESETS="" OUT=$OUT/mem0 bash scripts/gpu_memory_check.sh > "$OUT/mem0.log" 2>&1
+    echo "memory check, release threshold 0, exit $? ($((SECONDS - T0)) s)"
+  fi
+  grep -E "PASS|FAIL|ok|error" "$OUT/fixtures-cuda.txt" | awk '{print $NF}' | sort | uniq -c
+  grep -E "FAIL|error" "$OUT/fixtures-cuda.txt" | head -8
+  tail -5 "$OUT/tel.log"; tail -3 "$OUT/screens.log"
+  [ -f "$OUT/mem0.log" ] && tail -3 "$OUT/mem0.log"
+  ;;
+round2)
+  # Written into the fixtures too, so the selftest below applies them (and to $OUT/bf16 to keep).
+  python3 scripts/hf_bf16_error.py tests/fixtures/hf cuda tests/fixtures/hf > "$OUT/hf-bf16-cuda.txt" 2>&1
+  python3 scripts/hf_bf16_error.py tests/fixtures/hf cpu tests/fixtures/hf > "$OUT/hf-bf16-cpu.txt" 2>&1
+  mkdir -p "$OUT/bf16"; (cd tests/fixtures/hf && for f in */bf16_error.json; do mkdir -p "$OUT/bf16/${f%/*}"; cp "$f" "$OUT/bf16/$f"; done)
+  echo "transformers bf16 error ($((SECONDS - T0)) s)"
+  $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
+  echo "selftest engine --fixtures exit $? ($((SECONDS - T0)) s)"
+  mkdir -p "$OUT/adapters"
+  for fam in qwen2 qwen3 llama3 mistral gemma2 gemma3-text phi3; do
+    $L train --model "tests/fixtures/hf/$fam" --device cuda:0 --quant nf4 --precision bf16 \
+      --steps 4 --warmup-steps 0 --seq-len 32 --batch-size 2 --lr 1e-2 --lora-rank 4 \
+      --lora-targets all-linear --save-adapter "$OUT/adapters/$fam" --json \
+      > "$OUT/adapters/$fam.jsonl" 2> "$OUT/adapters/$fam.err"; t=$?
+    python3 scripts/check_peft_load.py "$OUT/adapters/$fam" "tests/fixtures/hf/$fam" \
+      > "$OUT/adapters/$fam.check" 2>&1; c=$?
+    echo "peft load $fam: train exit $t, check exit $c ($(grep -c '^ok' "$OUT/adapters/$fam.check") ok, $(grep -c '^FAIL' "$OUT/adapters/$fam.check") FAIL)"
+  done
+  OUT=$OUT/memdef bash scripts/gpu_memory_check.sh > "$OUT/memdef.log" 2>&1
+  echo "memory check, default release threshold, exit $? ($((SECONDS - T0)) s)"
+  LORASCOPE_POOL_KEEP_BYTES=0 OUT=$OUT/mem0 bash scripts/gpu_memory_check.sh > "$OUT/mem0.log" 2>&1
+  echo "memory check, release threshold 0, exit $? ($((SECONDS - T0)) s)"
+  mkdir -p "$OUT/screens"
+  PYTHONPATH=.carry/pylib timeout 200 python3 scripts/gpu_screens.py $L profiles/rtx4060-three.toml \
+    "$OUT/screens/screens.db" "$OUT/screens" 120x36 > "$OUT/screens.log" 2>&1
+  echo "screens exit $? ($((SECONDS - T0)) s)"
+  paste <(cut -c1-58 "$OUT/hf-bf16-cuda.txt") <(awk '{print $2, $3, $4}' "$OUT/hf-bf16-cpu.txt") | head -30
+  grep -c PASS "$OUT/fixtures-cuda.txt"; grep -c FAIL "$OUT/fixtures-cuda.txt"
+  tail -1 "$OUT/memdef.log"; tail -1 "$OUT/mem0.log"
   ;;
 esac
