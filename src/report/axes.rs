@@ -92,6 +92,25 @@ impl Axis {
         }
     }
 
+    /// The legend line of this axis's column (`batch: batch size, sequences per step`).
+    pub fn legend(self) -> String {
+        let what = match self {
+            Axis::Model => "the model (preset or directory)",
+            Axis::Card => "the card whose memory the point was limited to",
+            Axis::BatchSize => "batch size, sequences per step",
+            Axis::SeqLen => "sequence length, tokens per sequence",
+            Axis::Optimizer => {
+                "optimizer (p_adamw8 = paged_adamw8bit, p_adamw = paged_adamw, adamw8 = adamw8bit)"
+            }
+            Axis::Precision => "compute precision",
+            Axis::Quant => "base-weight quantisation (none = dense)",
+            Axis::LoraRank => "LoRA rank r",
+            Axis::GradCheckpointing => "gradient checkpointing on/off",
+            Axis::Device => "the device or Slurm node the point ran on",
+        };
+        format!("{}: {what}", self.title())
+    }
+
     /// The row's value of this axis as text (`-` when unknown).
     pub fn value(self, r: &PointRow) -> String {
         let p = r.point;
@@ -146,6 +165,7 @@ impl Axis {
             Axis::LoraRank => format!("LoRA r{v}"),
             Axis::GradCheckpointing => format!("checkpointing {v}"),
             Axis::Device => format!("on {v}"),
+            Axis::Quant if v == "none" => "no quantisation".into(),
             Axis::Optimizer | Axis::Precision | Axis::Quant => v,
         }
     }

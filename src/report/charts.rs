@@ -44,6 +44,9 @@ pub struct RunCurves {
     pub steps: Vec<StepRecord>,
     /// Its telemetry samples.
     pub samples: Vec<TelemetrySample>,
+    /// Bytes its `--vram-limit` reservation held (subtracted from the VRAM samples, as the
+    /// table's peaks are), 0 without one.
+    pub reserved_bytes: u64,
 }
 
 /// What the charts draw from.
@@ -301,6 +304,9 @@ fn draw_bars<DB: DrawingBackend>(
         .filter(|r| r.is_ok())
         .filter_map(|r| Some((d.axes.name(r), value(r)?)))
         .collect();
+    // Fewest at the top, as the dashboard's bars (segment 0 is the bottom one).
+    let mut bars = bars;
+    bars.sort_by(|a, b| b.1.total_cmp(&a.1));
     let n = bars.len().max(1);
     let xmax = bars.iter().map(|b| b.1).fold(0.0f64, f64::max).max(1e-9) * 1.2;
     let label_w = bars.iter().map(|b| b.0.chars().count()).max().unwrap_or(4) as u32 * 8 + 16;
@@ -461,7 +467,10 @@ fn draw_curves<DB: DrawingBackend>(
         c.samples
             .iter()
             .filter_map(|x| {
-                let b = x.proc_mem_bytes.or(x.mem_used_bytes).or(x.rss_bytes)?;
+                let b = match x.proc_mem_bytes.or(x.mem_used_bytes) {
+                    Some(v) => v.saturating_sub(c.reserved_bytes),
+                    None => x.rss_bytes?,
+                };
                 Some((step_at(&c.steps, x.t), b as f64 / gib))
             })
             .collect()

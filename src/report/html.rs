@@ -34,6 +34,7 @@ dl.meta dd { margin: 0; }
 ul.winners { font-size: 1.05em; }
 figure { margin: 1.5em 0; }
 figure svg { max-width: 100%; height: auto; }
+.scroll { overflow-x: auto; }
 .legend { font-size: 0.85em; color: #555; }
 </style>
 </head>
@@ -56,12 +57,12 @@ figure svg { max-width: 100%; height: auto; }
 <section id="table">
 <h2>Comparison</h2>
 {% if header %}<p>{{ header }}</p>{% endif %}
-<table class="cmp">
+<div class="scroll"><table class="cmp">
 <thead><tr>{% for c in columns %}<th>{{ c.title }}</th>{% endfor %}</tr></thead>
 <tbody>
 {% for r in rows %}<tr{% if not r.ok %} class="notok"{% endif %}>{% for c in r.cells %}<td class="{{ c.class }}"{% if c.value is not none %} data-v="{{ c.value }}"{% endif %}>{{ c.text }}</td>{% endfor %}</tr>
 {% endfor %}</tbody>
-</table>
+</table></div>
 <p class="legend">Click a column title to sort.</p>
 </section>
 <section id="pareto">

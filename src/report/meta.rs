@@ -218,6 +218,11 @@ impl SweepMeta {
                         })
                         .collect::<Vec<_>>()
                         .join(", "),
+                    // Byte counts also in GiB, as the tables show memory.
+                    serde_json::Value::Number(n) if k.ends_with("_bytes") => match n.as_u64() {
+                        Some(b) => format!("{} GiB ({b} bytes)", super::gib(b)),
+                        None => n.to_string(),
+                    },
                     v => v.to_string(),
                 };
                 out.push((k, text));

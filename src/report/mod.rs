@@ -144,6 +144,12 @@ impl SweepReport {
                 name: axes.name(r),
                 steps: store.steps(run.id)?,
                 samples: store.telemetry(run.id)?,
+                reserved_bytes: run
+                    .header
+                    .as_ref()
+                    .and_then(|h| h.get("vram_reserved_bytes"))
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(0),
             });
         }
         Ok(out)

@@ -182,7 +182,7 @@ fn column(col: Col, mem_title: &str, unit: &str) -> Column {
             false,
             "id: the point's stable id (same point, same id)",
         ),
-        Col::Axis(a) => c(a.title(), a.short_title(), false, ""),
+        Col::Axis(a) => c(a.title(), a.short_title(), false, &a.legend()),
         Col::TokensPerS => c(
             "tok/s",
             "tok/s",
@@ -248,7 +248,7 @@ fn column(col: Col, mem_title: &str, unit: &str) -> Column {
             "status",
             "status",
             false,
-            "status: ok, oom (ran out of memory), predicted-oom (not run: over vram_limit), failed, cancelled",
+            "status: ok, oom (ran out of memory), predicted-oom or pred-oom (not run: predicted over vram_limit), failed, cancelled, interrupted (stopped with the sweep; --resume re-runs it), skipped, queued",
         ),
         Col::Cause => c("cause", "cause", false, "cause: why a point is not ok"),
     }
@@ -418,12 +418,17 @@ impl Table {
                     m
                 }
             });
-            for r in out.iter_mut().filter(|r| r.ok) {
+            for r in out.iter_mut() {
+                let ok = r.ok;
                 let cell = &mut r.cells[k];
-                if cell.value == Some(best) {
+                if ok && cell.value == Some(best) {
                     cell.best = true;
                     cell.text.push(BEST);
                     cell.short.push(BEST);
+                } else {
+                    // A space where the mark would be, so right-aligned digits line up.
+                    cell.text.push(' ');
+                    cell.short.push(' ');
                 }
             }
         }
@@ -443,11 +448,20 @@ impl Table {
             Some(l) => l.columns.clone(),
             None => (0..self.columns.len()).collect(),
         };
+        let short = layout.is_some_and(|l| l.short);
         let mut out: Vec<String> = shown
             .iter()
             .map(|&k| &self.columns[k])
             .filter(|c| !c.legend.is_empty())
-            .map(|c| c.legend.clone())
+            .map(|c| {
+                // Name the column as the table heads it (`xbase`, `J/tok`) when abbreviated.
+                match c.legend.strip_prefix(&format!("{}:", c.title)) {
+                    Some(rest) if short && c.short != c.title => {
+                        format!("{} ({}):{rest}", c.short, c.title)
+                    }
+                    _ => c.legend.clone(),
+                }
+            })
             .collect();
         out.push(format!(
             "{BEST}: the best value of its column among ok points"

@@ -84,13 +84,13 @@ fn g(b: u64) -> String {
 }
 
 /// One table row of `estimate`.
-fn row(s: &RunSpec, e: &MemoryEstimate, p: &Prediction) -> String {
+fn row(s: &RunSpec, e: &MemoryEstimate, p: &Prediction, lw: usize) -> String {
     let (limit, verdict) = match &p.limit {
         Some(l) => (gib2(l.bytes), e.verdict(l.bytes)),
         None => ("-".into(), "no limit known".into()),
     };
     format!(
-        "{:>3}  {:<12}  {:<34} {:>9} {:>7} {:>8} {:>9} {:>6} {:>11} {:>9} {:>8} {:>8}  {:>10}  {verdict}",
+        "{:>3}  {:<12}  {:<lw$} {:>9} {:>7} {:>8} {:>9} {:>6} {:>11} {:>9} {:>8} {:>8}  {:>10}  {verdict}",
         s.index + 1,
         s.id,
         s.label(),
@@ -150,9 +150,16 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     if !note.is_empty() {
         writeln!(out, "{note}")?;
     }
+    // The point column as wide as the longest label, so the figures line up.
+    let lw = specs
+        .iter()
+        .map(|s| s.label().chars().count())
+        .max()
+        .unwrap_or(5)
+        .max(5);
     writeln!(
         out,
-        "{:>3}  {:<12}  {:<34} {:>9} {:>7} {:>8} {:>9} {:>6} {:>11} {:>9} {:>8} {:>8}  {:>10}  verdict",
+        "{:>3}  {:<12}  {:<lw$} {:>9} {:>7} {:>8} {:>9} {:>6} {:>11} {:>9} {:>8} {:>8}  {:>10}  verdict",
         "#",
         "id",
         "point",
@@ -169,10 +176,10 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
     )?;
     for (s, p) in specs.iter().zip(&preds) {
         match p {
-            Ok(p) => writeln!(out, "{}", row(s, &p.estimate, p))?,
+            Ok(p) => writeln!(out, "{}", row(s, &p.estimate, p, lw))?,
             Err(e) => writeln!(
                 out,
-                "{:>3}  {:<12}  {:<34} {e}",
+                "{:>3}  {:<12}  {:<lw$} {e}",
                 s.index + 1,
                 s.id,
                 s.label()

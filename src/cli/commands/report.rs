@@ -56,9 +56,13 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         return list(&store);
     }
     let sweep = match args.sweep {
-        Some(id) => store
-            .sweep(id)?
-            .with_context(|| format!("no sweep {id} in {}", args.db.display()))?,
+        Some(id) => store.sweep(id)?.with_context(|| {
+            format!(
+                "no sweep {id} in {} (`lorascope report --list --db {}` lists its sweeps)",
+                args.db.display(),
+                args.db.display()
+            )
+        })?,
         None => store
             .latest_sweep()?
             .with_context(|| format!("no sweeps in {}", args.db.display()))?,
@@ -79,6 +83,17 @@ pub fn run(args: &ReportArgs) -> Result<()> {
         limit: rep.limit(),
         curves: &curves,
     };
+    if let Some(dir) = args
+        .out
+        .as_deref()
+        .and_then(|o| o.parent())
+        .filter(|d| !d.as_os_str().is_empty() && !d.is_dir())
+    {
+        bail!(
+            "cannot write --out: the directory {} does not exist (create it, or give another path)",
+            dir.display()
+        );
+    }
     let text = match args.format {
         Format::Table => {
             let width = args.width.map(usize::from).unwrap_or_else(default_width);

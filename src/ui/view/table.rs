@@ -32,9 +32,9 @@ fn model_col(c: Column) -> Option<Col> {
     })
 }
 
-/// Draws the comparison table: finished runs, sorted, the baseline marked `=`, the winner
-/// lines and the focused row's cause below.
-pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
+/// The comparison table of the finished runs (the report's [`crate::report::Table`]) and the
+/// run id of each row.
+pub(super) fn model(app: &App) -> (Vec<String>, crate::report::Table) {
     let ids = app.table_rows();
     let mut rows: Vec<PointRow> = Vec::new();
     let mut row_ids = Vec::new();
@@ -67,6 +67,18 @@ pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
             vram_limit_bytes: None,
         },
     );
+    (row_ids, model)
+}
+
+/// Draws the comparison table: finished runs, sorted, the baseline marked `=`, the winner
+/// lines and the focused row's cause below.
+pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
+    let ids = app.table_rows();
+    let (row_ids, model) = model(app);
+    let baseline = app
+        .baseline
+        .as_ref()
+        .and_then(|b| row_ids.iter().position(|x| x == b));
     let arrow = if app.sort_desc { "↓" } else { "↑" };
     let title = format!(
         " Comparison: {} finished · sort {} {arrow} · = baseline · * best ",
@@ -79,7 +91,7 @@ pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
     // One column for the baseline marker and its space.
     let width = (inner.width as usize).saturating_sub(2);
     let layout = model.layout(width, 1);
-    let room = (inner.height as usize).saturating_sub(rows.len() + 2);
+    let room = (inner.height as usize).saturating_sub(model.rows.len() + 2);
     let winners: Vec<&String> = if room > model.winners.len() {
         model.winners.iter().collect()
     } else {
