@@ -27,6 +27,26 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRAR
 gunzip -c .carry/lorascope.gz > /tmp/lorascope && chmod +x /tmp/lorascope
 L=/tmp/lorascope
 P4="1,512,fp16,nf4,0 1,512,bf16,nf4,0 2,2048,fp16,nf4,1 2,2048,bf16,nf4,1"
+# Adapters trained on CUDA per family, each loaded by PEFT (scripts/check_peft_load.py).
+peft_loads() {
+  mkdir -p "$OUT/adapters"
+  for fam in qwen2 qwen3 llama3 mistral gemma2 gemma3-text phi3; do
+    $L train --model "tests/fixtures/hf/$fam" --device cuda:0 --quant nf4 --precision bf16 \
+      --steps 4 --warmup-steps 0 --seq-len 32 --batch-size 2 --lr 1e-2 --lora-rank 4 \
+      --lora-targets all-linear --save-adapter "$OUT/adapters/$fam" --json \
+      > "$OUT/adapters/$fam.jsonl" 2> "$OUT/adapters/$fam.err"; t=$?
+    python3 scripts/check_peft_load.py "$OUT/adapters/$fam" "tests/fixtures/hf/$fam" \
+      > "$OUT/adapters/$fam.check" 2>&1; c=$?
+    echo "peft load $fam: train exit $t, check exit $c ($(grep -c '^ok' "$OUT/adapters/$fam.check") ok, $(grep -c '^FAIL' "$OUT/adapters/$fam.check") FAIL)"
+  done
+}
+# The dashboard of profiles/rtx4060-three.toml captured in a pseudo-terminal.
+screens() {
+  mkdir -p "$OUT/screens"
+  PYTHONPATH=.carry/pylib timeout 300 python3 scripts/gpu_screens.py $L profiles/rtx4060-three.toml \
+    "$OUT/screens/screens.db" "$OUT/screens" 120x36 > "$OUT/screens.log" 2>&1
+  echo "screens exit $? ($((SECONDS - T0)) s)"
+}
 T0=$SECONDS
 case "${PART:-checks}" in
 checks)
@@ -94,24 +114,12 @@ presets)
 round)
   $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
   echo "selftest engine --fixtures exit $? ($((SECONDS - T0)) s)"
-  mkdir -p "$OUT/adapters"
-  for fam in qwen2 qwen3 llama3 mistral gemma2 gemma3-text phi3; do
-    $L train --model "tests/fixtures/hf/$fam" --device cuda:0 --quant nf4 --precision bf16 \
-      --steps 4 --warmup-steps 0 --seq-len 32 --batch-size 2 --lr 1e-2 --lora-rank 4 \
-      --lora-targets all-linear --save-adapter "$OUT/adapters/$fam" --json \
-      > "$OUT/adapters/$fam.jsonl" 2> "$OUT/adapters/$fam.err"; t=$?
-    python3 scripts/check_peft_load.py "$OUT/adapters/$fam" "tests/fixtures/hf/$fam" \
-      > "$OUT/adapters/$fam.check" 2>&1; c=$?
-    echo "peft load $fam: train exit $t, check exit $c ($(grep -c '^ok' "$OUT/adapters/$fam.check") ok, $(grep -c '^FAIL' "$OUT/adapters/$fam.check") FAIL)"
-  done
+  peft_loads
   OUT=$OUT/tel bash scripts/gpu_telemetry_check.sh > "$OUT/tel.log" 2>&1
   echo "telemetry check exit $? ($((SECONDS - T0)) s)"
-  mkdir -p "$OUT/screens"
-  PYTHONPATH=.carry/pylib timeout 300 python3 scripts/gpu_screens.py $L profiles/rtx4060-three.toml \
-    "$OUT/screens/screens.db" "$OUT/screens" 120x36 > "$OUT/screens.log" 2>&1
-  echo "screens exit $? ($((SECONDS - T0)) s)"
+  screens
   if [ "${MEM0:-1}" = 1 ]; then
-    LORASCOPE_POOL_KEEP_BYTES=0 PRESETS="" OUT=$OUT/mem0 bash scripts/gpu_memory_check.sh > "$OUT/mem0.log" 2>&1
+    LORASCOPE_POOL_KEEP_BYTES=0 OUT=$OUT/mem0 bash scripts/gpu_memory_check.sh > "$OUT/mem0.log" 2>&1
     echo "memory check, release threshold 0, exit $? ($((SECONDS - T0)) s)"
   fi
   grep -E "PASS|FAIL|ok|error" "$OUT/fixtures-cuda.txt" | awk '{print $NF}' | sort | uniq -c
@@ -127,24 +135,12 @@ round2)
   echo "transformers bf16 error ($((SECONDS - T0)) s)"
   $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
   echo "selftest engine --fixtures exit $? ($((SECONDS - T0)) s)"
-  mkdir -p "$OUT/adapters"
-  for fam in qwen2 qwen3 llama3 mistral gemma2 gemma3-text phi3; do
-    $L train --model "tests/fixtures/hf/$fam" --device cuda:0 --quant nf4 --precision bf16 \
-      --steps 4 --warmup-steps 0 --seq-len 32 --batch-size 2 --lr 1e-2 --lora-rank 4 \
-      --lora-targets all-linear --save-adapter "$OUT/adapters/$fam" --json \
-      > "$OUT/adapters/$fam.jsonl" 2> "$OUT/adapters/$fam.err"; t=$?
-    python3 scripts/check_peft_load.py "$OUT/adapters/$fam" "tests/fixtures/hf/$fam" \
-      > "$OUT/adapters/$fam.check" 2>&1; c=$?
-    echo "peft load $fam: train exit $t, check exit $c ($(grep -c '^ok' "$OUT/adapters/$fam.check") ok, $(grep -c '^FAIL' "$OUT/adapters/$fam.check") FAIL)"
-  done
+  peft_loads
   OUT=$OUT/memdef bash scripts/gpu_memory_check.sh > "$OUT/memdef.log" 2>&1
   echo "memory check, default release threshold, exit $? ($((SECONDS - T0)) s)"
   LORASCOPE_POOL_KEEP_BYTES=0 OUT=$OUT/mem0 bash scripts/gpu_memory_check.sh > "$OUT/mem0.log" 2>&1
   echo "memory check, release threshold 0, exit $? ($((SECONDS - T0)) s)"
-  mkdir -p "$OUT/screens"
-  PYTHONPATH=.carry/pylib timeout 200 python3 scripts/gpu_screens.py $L profiles/rtx4060-three.toml \
-    "$OUT/screens/screens.db" "$OUT/screens" 120x36 > "$OUT/screens.log" 2>&1
-  echo "screens exit $? ($((SECONDS - T0)) s)"
+  screens
   paste <(cut -c1-58 "$OUT/hf-bf16-cuda.txt") <(awk '{print $2, $3, $4}' "$OUT/hf-bf16-cpu.txt") | head -30
   grep -c PASS "$OUT/fixtures-cuda.txt"; grep -c FAIL "$OUT/fixtures-cuda.txt"
   tail -1 "$OUT/memdef.log"; tail -1 "$OUT/mem0.log"

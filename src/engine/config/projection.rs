@@ -51,6 +51,15 @@ impl Projection {
         self.module_path().rsplit('.').next().unwrap_or("")
     }
 
+    /// The computations of this module as text, e.g. `q, k, v` for `qkv_proj`.
+    pub fn targets_text(self) -> String {
+        self.targets()
+            .iter()
+            .map(|t| t.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// The [`LoraTarget`]s this module computes.
     pub fn targets(self) -> &'static [LoraTarget] {
         use LoraTarget as T;
@@ -172,11 +181,7 @@ impl ModelConfig {
                     .map(|p| {
                         format!(
                             " (it stores {} as one module `{}` with one adapter: target `{}`)",
-                            p.targets()
-                                .iter()
-                                .map(|t| t.as_str())
-                                .collect::<Vec<_>>()
-                                .join(", "),
+                            p.targets_text(),
                             p.peft_name(),
                             p.peft_name()
                         )

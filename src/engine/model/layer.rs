@@ -249,11 +249,7 @@ impl DecoderLayer {
                 return Err(EngineError::Invalid(format!(
                     "{} stores {} as one module `{}` with one adapter: target all of them (`{}`) or none",
                     cfg.family.class_name(),
-                    p.targets()
-                        .iter()
-                        .map(|t| t.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
+                    p.targets_text(),
                     p.peft_name(),
                     p.peft_name()
                 )));
