@@ -42,9 +42,13 @@ impl Drop for Scancel {
     }
 }
 
+/// Steps per point: enough that, in an optimised build, tasks are still running when the
+/// first ok result and the cancellation are in (the kill must find tasks in flight).
+const STEPS: usize = 120;
+
 fn profile(workdir: &Path) -> String {
     let q = include_str!("../../profiles/quickstart.toml")
-        .replace("steps = 30", "steps = 12")
+        .replace("steps = 30", &format!("steps = {STEPS}"))
         .replace(
             "devices = [\"cpu\"]",
             "devices = [\"cpu\"]\nbackend = \"slurm\"",
@@ -152,7 +156,15 @@ fn quickstart_grid_through_slurm_pause_cancel_kill_resume() {
                     }
                     _ => {}
                 },
-                r = &mut sweep => panic!("the sweep ended before the kill: {r:?} after {finished:?}"),
+                r = &mut sweep => {
+                    // Events sent in the sweep's last poll are still queued: name them too.
+                    while let Ok(ev) = erx.try_recv() {
+                        if let Event::RunFinished { id, summary, .. } = ev {
+                            finished.push((id, summary.status.unwrap()));
+                        }
+                    }
+                    panic!("the sweep ended before the kill (every task finished first: make the points longer): {r:?} after {finished:?}")
+                }
                 _ = tokio::time::sleep_until(deadline) => panic!("timed out; finished {finished:?}"),
             }
         }
@@ -217,7 +229,7 @@ fn quickstart_grid_through_slurm_pause_cancel_kill_resume() {
             r.device
         );
         assert!(
-            store.steps(r.id).unwrap().len() == 12,
+            store.steps(r.id).unwrap().len() == STEPS,
             "all steps ingested once"
         );
         assert!(

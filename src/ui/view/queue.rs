@@ -32,7 +32,11 @@ pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
                     t.running(),
                 )
             }
-            EntryState::Done { status } => (status.to_string(), status_style(t, status)),
+            // `pred-oom` fits the 9-character column (`predicted-oom` does not).
+            EntryState::Done { status } => (
+                status.to_string().replace("predicted-oom", "pred-oom"),
+                status_style(t, status),
+            ),
         };
         let label = if wide {
             app.specs
