@@ -19,6 +19,7 @@ pub mod rows;
 pub mod table;
 #[cfg(test)]
 mod tests;
+mod text;
 pub mod winners;
 
 pub use axes::{Axes, Axis};

@@ -551,6 +551,6 @@ impl Table {
     }
 }
 
-use super::render::len;
-pub use super::render::{cut, wrap};
+use super::text::len;
+pub use super::text::{cut, wrap};
 use super::winners::{notes, winners};
