@@ -22,8 +22,19 @@ fn axis_json(a: Axis, r: &PointRow) -> Value {
     match a {
         Axis::Model => json!(r.model),
         Axis::Card => json!(p.card.map(|c| c.to_string())),
-        Axis::BatchSize => json!(p.batch_size),
-        Axis::SeqLen => json!(p.seq_len),
+        // A `"max"` axis whose search did not record a value stays `"max"` (not u32::MAX).
+        Axis::BatchSize | Axis::SeqLen => {
+            let v = if a == Axis::BatchSize {
+                p.batch_size
+            } else {
+                p.seq_len
+            };
+            if v == crate::profile::AXIS_MAX {
+                json!("max")
+            } else {
+                json!(v)
+            }
+        }
         Axis::Optimizer => json!(p.optimizer),
         Axis::Precision => json!(p.precision),
         Axis::Quant => json!(p.quant),

@@ -356,3 +356,19 @@ fn pareto_svg_has_one_mark_per_ok_point() {
     charts::png(ChartKind::Pareto, &d, &png).unwrap();
     assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
 }
+
+/// A `"max"` axis without a recorded value is exported as `"max"`, not as its sentinel.
+#[test]
+fn unresolved_max_axis_exports_as_max() {
+    let runs = sweep("quant = [\"none\", \"nf4\"]");
+    let mut r = rows(&runs);
+    if let Some(p) = r[0].point.as_mut() {
+        p.batch_size = crate::profile::AXIS_MAX;
+    }
+    let j = export::row_json(&r[0]);
+    assert_eq!(j["batch_size"], "max", "{j}");
+    assert_eq!(j["seq_len"], 1024);
+    let csv = export::csv(&SweepMeta::default(), &r);
+    let line = csv.lines().find(|l| l.starts_with("1,")).unwrap();
+    assert!(line.contains(",max,1024,"), "{line}");
+}
