@@ -127,16 +127,7 @@ fn saved_adapter_has_peft_names_on_every_family() {
             ],
         );
         assert_eq!(o.code, 0, "{case}: {}", o.stderr);
-        let keys = |f: PathBuf| {
-            let mut v: Vec<(String, Vec<usize>)> =
-                candle_core::safetensors::load(f, &candle_core::Device::Cpu)
-                    .unwrap()
-                    .into_iter()
-                    .map(|(k, t)| (k, t.dims().to_vec()))
-                    .collect();
-            v.sort();
-            v
-        };
+        let keys = |f: PathBuf| crate::common::tensor_shapes(&f);
         assert_eq!(
             keys(dir.join("adapter_model.safetensors")),
             keys(fixture(case).join("adapter_model.safetensors")),

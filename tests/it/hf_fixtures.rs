@@ -57,15 +57,7 @@ fn check_saved_adapter(fx: &Fixture) {
     let model = Model::new(fx.config(), &lora, &ws, DType::F32, &Device::Cpu, 7).unwrap();
     let out = tempfile::tempdir().unwrap();
     save_peft(out.path(), &model.adapters(), &lora, "fixture").unwrap();
-    let names = |f: PathBuf| {
-        let mut v: Vec<(String, Vec<usize>)> = candle_core::safetensors::load(f, &Device::Cpu)
-            .unwrap()
-            .into_iter()
-            .map(|(k, t)| (k, t.dims().to_vec()))
-            .collect();
-        v.sort();
-        v
-    };
+    let names = |f: PathBuf| crate::common::tensor_shapes(&f);
     assert_eq!(
         names(out.path().join("adapter_model.safetensors")),
         names(dir.join("adapter_model.safetensors")),

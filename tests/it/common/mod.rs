@@ -66,3 +66,15 @@ pub fn profile(batch_sizes: &[u32], steps: u32, extra_run: &str) -> String {
         bs.join(", ")
     )
 }
+
+/// The tensor names and shapes of a safetensors file, sorted (adapter files compared by key).
+pub fn tensor_shapes(f: &Path) -> Vec<(String, Vec<usize>)> {
+    let mut v: Vec<(String, Vec<usize>)> =
+        candle_core::safetensors::load(f, &candle_core::Device::Cpu)
+            .unwrap()
+            .into_iter()
+            .map(|(k, t)| (k, t.dims().to_vec()))
+            .collect();
+    v.sort();
+    v
+}
