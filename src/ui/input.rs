@@ -39,11 +39,7 @@ impl App {
     /// Carries out a command outside dialogs.
     fn run(&mut self, cmd: Cmd) -> Option<Action> {
         let table = self.view == View::Table;
-        let acts = matches!(
-            cmd,
-            Cmd::Move(_) | Cmd::PauseResume | Cmd::Skip | Cmd::Cancel | Cmd::Retry
-        );
-        if self.read_only && acts {
+        if self.read_only && super::keys::changes_queue(cmd) {
             self.say(
                 "read-only: a recorded sweep (`lorascope run PROFILE --resume` continues it)",
                 true,

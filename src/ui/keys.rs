@@ -319,6 +319,14 @@ pub fn hint(cmd: Cmd, attached: bool) -> Option<(&'static str, &'static str)> {
     Some((h.key, word))
 }
 
+/// Whether `cmd` changes the queue (refused, and not offered, on a read-only recorded sweep).
+pub fn changes_queue(cmd: Cmd) -> bool {
+    matches!(
+        cmd,
+        Cmd::Move(_) | Cmd::PauseResume | Cmd::Skip | Cmd::Cancel | Cmd::Retry
+    )
+}
+
 /// The commands whose hints the footer shows in `view`, in order.
 pub fn footer(view: View) -> &'static [Cmd] {
     match view {

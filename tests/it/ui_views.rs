@@ -91,6 +91,14 @@ fn s_unskips_and_a_recorded_sweep_is_read_only() {
     }
     assert_eq!(app.on_key(ch('4')), None);
     assert_eq!(app.view, View::Chart);
+    // The footer offers no key that would change the queue.
+    app.view = View::Queue;
+    app.message = None;
+    let footer = draw(&app, 120, 36).lines().last().unwrap_or("").to_string();
+    for word in ["skip", "cancel", "retry", "pause", "move"] {
+        assert!(!footer.contains(word), "{word} in {footer}");
+    }
+    assert!(footer.contains("help"), "{footer}");
 }
 
 /// `lorascope view`: a sweep recorded in a database comes back as a finished dashboard:

@@ -201,6 +201,7 @@ fn footer(f: &mut Frame, app: &App, t: Theme, area: Rect) {
             let mut spans = vec![Span::raw(" ")];
             for (k, what) in keys::footer(app.view)
                 .iter()
+                .filter(|&&cmd| !(app.read_only && keys::changes_queue(cmd)))
                 .filter_map(|&cmd| keys::hint(cmd, app.attached))
             {
                 spans.push(Span::styled(k, t.key()));
