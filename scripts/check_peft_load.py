@@ -37,6 +37,19 @@ from pathlib import Path
 FAILED = []
 
 
+def plain_model_dir(model_dir: Path) -> Path:
+    """A temporary directory of symlinks to ``model_dir``'s files except ``adapter_*``:
+    transformers loads an adapter it finds beside the weights (a fixture directory holds PEFT's
+    own ``adapter_config.json``), so the base model must come from a directory without one.
+    The caller removes it (``shutil.rmtree``)."""
+    import tempfile
+    plain = Path(tempfile.mkdtemp(prefix="base-model-"))
+    for f in model_dir.iterdir():
+        if f.is_file() and not f.name.startswith("adapter_"):
+            (plain / f.name).symlink_to(f.resolve())
+    return plain
+
+
 def report(ok: bool, what: str) -> None:
     print(f"{'ok  ' if ok else 'FAIL'}  {what}")
     if not ok:
@@ -68,14 +81,8 @@ def main(argv: list[str]) -> int:
     print(f"      base_model_name_or_path: {cfg.get('base_model_name_or_path')!r}")
 
     torch.manual_seed(0)
-    # transformers loads an adapter it finds beside the weights (a fixture directory holds
-    # PEFT's own adapter_config.json): load the base model from a directory without one.
     import shutil
-    import tempfile
-    plain = Path(tempfile.mkdtemp(prefix="base-model-"))
-    for f in model_dir.iterdir():
-        if f.is_file() and not f.name.startswith("adapter_"):
-            (plain / f.name).symlink_to(f.resolve())
+    plain = plain_model_dir(model_dir)
     base = AutoModelForCausalLM.from_pretrained(
         plain, dtype=torch.float32, attn_implementation="eager")
     shutil.rmtree(plain, ignore_errors=True)

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 
@@ -52,6 +51,8 @@ def main(argv: list[str]) -> int:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
+    from check_peft_load import plain_model_dir  # scripts/ is on sys.path when run as a script
+
     root = Path(argv[1]) if len(argv) > 1 else Path("tests/fixtures/hf")
     device = argv[2] if len(argv) > 2 else "cuda"
     write = Path(argv[3]) if len(argv) > 3 else None
@@ -64,11 +65,7 @@ def main(argv: list[str]) -> int:
         if not (case / "model.safetensors").exists() or not (case / "adapter_model.safetensors").exists():
             continue
         ex = json.loads((case / "expected.json").read_text())
-        # A directory without the adapter files: transformers would load them into the base.
-        plain = Path(tempfile.mkdtemp(prefix="fixture-"))
-        for f in case.iterdir():
-            if f.is_file() and not f.name.startswith("adapter_"):
-                (plain / f.name).symlink_to(f.resolve())
+        plain = plain_model_dir(case)
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 plain, dtype=torch.bfloat16, attn_implementation="eager").to(device)

@@ -24,16 +24,8 @@ fn axis_json(a: Axis, r: &PointRow) -> Value {
         Axis::Card => json!(p.card.map(|c| c.to_string())),
         // A `"max"` axis whose search did not record a value stays `"max"` (not u32::MAX).
         Axis::BatchSize | Axis::SeqLen => {
-            let v = if a == Axis::BatchSize {
-                p.batch_size
-            } else {
-                p.seq_len
-            };
-            if v == crate::profile::AXIS_MAX {
-                json!("max")
-            } else {
-                json!(v)
-            }
+            let v = a.value(r);
+            v.parse::<u32>().map_or_else(|_| json!(v), |n| json!(n))
         }
         Axis::Optimizer => json!(p.optimizer),
         Axis::Precision => json!(p.precision),

@@ -146,6 +146,11 @@ pub struct Layout {
     pub causes_below: bool,
 }
 
+/// A status as narrow columns show it (`predicted-oom` becomes `pred-oom`).
+pub fn short_status(status: &str) -> String {
+    status.replace("predicted-oom", "pred-oom")
+}
+
 /// Bytes in `unit` (`MiB` with one decimal, else GiB with two).
 fn mem_text(b: u64, unit: &str) -> String {
     if unit == "MiB" {
@@ -317,7 +322,7 @@ fn cell_of(col: Col, r: &PointRow, base_tps: Option<f64>, unit: &str) -> Cell {
         Col::JPerToken => sp(&r.j_per_token, &sig),
         Col::Loss => sp(&r.final_loss, &|v| format!("{v:.4}")),
         Col::Status => {
-            let short = r.status.replace("predicted-oom", "pred-oom");
+            let short = short_status(&r.status);
             cell(r.status.clone(), short, None)
         }
         Col::Cause => {

@@ -39,15 +39,15 @@ pub fn winners(rows: &[PointRow], axes: &Axes, limit: Option<u64>) -> Vec<String
     }
     // One line per limit: a `card` grid axis gives each card's points their own limit (judged
     // among that card's points); otherwise the one limit judges every point.
-    let mut limits: Vec<u64> = match limit {
+    let limits: Vec<u64> = match limit {
         Some(l) => vec![l],
-        None => Vec::new(),
+        None => {
+            let mut v: Vec<u64> = rows.iter().filter_map(|r| r.vram_limit_bytes).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        }
     };
-    if limit.is_none() {
-        limits.extend(rows.iter().filter_map(|r| r.vram_limit_bytes));
-        limits.sort_unstable();
-        limits.dedup();
-    }
     let per_point = limit.is_none() && limits.len() > 1;
     for l in limits {
         let fits = ok.iter().filter(|r| {

@@ -5,6 +5,8 @@
 //! `selftest engine --fixtures` compares a subset of cases on the CPU, one line per variant.
 
 use std::path::{Path, PathBuf};
+
+use crate::common::tensor_shapes;
 use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_lorascope");
@@ -127,10 +129,9 @@ fn saved_adapter_has_peft_names_on_every_family() {
             ],
         );
         assert_eq!(o.code, 0, "{case}: {}", o.stderr);
-        let keys = |f: PathBuf| crate::common::tensor_shapes(&f);
         assert_eq!(
-            keys(dir.join("adapter_model.safetensors")),
-            keys(fixture(case).join("adapter_model.safetensors")),
+            tensor_shapes(&dir.join("adapter_model.safetensors")),
+            tensor_shapes(&fixture(case).join("adapter_model.safetensors")),
             "{case}"
         );
         let read = |f: PathBuf| -> serde_json::Value {

@@ -57,10 +57,9 @@ fn check_saved_adapter(fx: &Fixture) {
     let model = Model::new(fx.config(), &lora, &ws, DType::F32, &Device::Cpu, 7).unwrap();
     let out = tempfile::tempdir().unwrap();
     save_peft(out.path(), &model.adapters(), &lora, "fixture").unwrap();
-    let names = |f: PathBuf| crate::common::tensor_shapes(&f);
     assert_eq!(
-        names(out.path().join("adapter_model.safetensors")),
-        names(dir.join("adapter_model.safetensors")),
+        crate::common::tensor_shapes(&out.path().join("adapter_model.safetensors")),
+        crate::common::tensor_shapes(&dir.join("adapter_model.safetensors")),
         "{}: saved adapter keys",
         fx.name
     );

@@ -65,15 +65,32 @@ impl Variant {
         )
     }
 
-    /// `(logits and loss, gradients)` tolerances on `device`.
-    pub fn tolerances(&self, device: &Device) -> (f64, f64) {
-        match self.dtype {
+    /// The fixed tolerances on `device` (logits and losses share one).
+    pub fn tolerances(&self, device: &Device) -> Tolerances {
+        let (tol, grads) = match self.dtype {
             DType::F32 if device.is_cpu() => (F32_TOL_CPU, F32_GRAD_TOL),
             DType::F32 => (F32_TOL_CUDA, F32_GRAD_TOL),
             DType::F16 => (F16_TOL, HALF_GRAD_TOL),
             _ => (BF16_TOL, HALF_GRAD_TOL),
+        };
+        Tolerances {
+            logits: tol,
+            loss: tol,
+            grads,
         }
     }
+}
+
+/// Tolerances of one variant: logits, losses, LoRA gradients (relative, see
+/// [`super::fixtures::max_rel`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Tolerances {
+    /// Logits.
+    pub logits: f64,
+    /// Base and adapted loss.
+    pub loss: f64,
+    /// Gradients of the LoRA weights.
+    pub grads: f64,
 }
 
 fn dtype_name(d: DType) -> &'static str {

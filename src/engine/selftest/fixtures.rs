@@ -48,17 +48,6 @@ pub struct Fixture {
     bf16_error: Option<Value>,
 }
 
-/// Tolerances of one variant: logits, losses, LoRA gradients (relative, see [`max_rel`]).
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Tolerances {
-    /// Logits.
-    pub logits: f64,
-    /// Base and adapted loss.
-    pub loss: f64,
-    /// Gradients of the LoRA weights.
-    pub grads: f64,
-}
-
 /// The case directories under `root` (those with both `config.json` and `expected.json`),
 /// sorted by name.
 ///
@@ -240,12 +229,7 @@ impl Fixture {
     /// a bf16 run lands from the fp32 reference depends on the case, and lorascope is asked to
     /// land no further than twice as far as transformers does in the same dtype.
     pub fn tolerances(&self, v: Variant, device: &Device) -> Tolerances {
-        let (tol, grad_tol) = v.tolerances(device);
-        let mut t = Tolerances {
-            logits: tol,
-            loss: tol,
-            grads: grad_tol,
-        };
+        let mut t = v.tolerances(device);
         if v.dtype == DType::BF16
             && let Some(e) = self
                 .bf16_error

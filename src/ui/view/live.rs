@@ -116,12 +116,11 @@ fn one(f: &mut Frame, app: &App, t: Theme, id: &str, area: Rect) {
     });
     f.render_widget(Paragraph::new(info_line), info);
     let s = r.last_sample.as_ref();
-    // The point's own limit (a `card` grid axis sets one per point), else the sweep's.
+    // The point's own limit: `run.vram_limit`, or its card's with a `card` grid axis.
     let point_limit = app
         .specs
         .get(r.spec_index)
-        .and_then(|s| s.config.vram_limit_bytes)
-        .or(app.vram_limit);
+        .and_then(|s| s.config.vram_limit_bytes);
     // Memory: VRAM (process and device) against the limit or the card; RSS on CPU.
     let mem = s.and_then(|s| {
         if let Some(dev) = s.mem_used_bytes {

@@ -34,7 +34,7 @@ pub(super) fn draw(f: &mut Frame, app: &App, t: Theme, area: Rect) {
             }
             // `pred-oom` fits the 9-character column (`predicted-oom` does not).
             EntryState::Done { status } => (
-                status.to_string().replace("predicted-oom", "pred-oom"),
+                crate::report::table::short_status(status.as_str()),
                 status_style(t, status),
             ),
         };

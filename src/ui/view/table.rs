@@ -48,7 +48,7 @@ pub(super) fn model(app: &App) -> (Vec<String>, crate::report::Table) {
             id,
             spec.config.point,
             r.device.as_deref().unwrap_or(""),
-            spec.config.vram_limit_bytes.or(app.vram_limit),
+            spec.config.vram_limit_bytes,
             s,
         );
         row.spec_id = id.clone();
