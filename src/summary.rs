@@ -314,6 +314,15 @@ pub fn summarize(
     if s.peak_vram_process_bytes.is_none() {
         s.peak_vram_process_bytes = ws.as_ref().and_then(|w| w.peak_vram_bytes);
     }
+    if let Some(n) = ws.as_ref().map(|w| w.oom_retries).filter(|&n| n > 0) {
+        let steps = if n == 1 { "step" } else { "steps" };
+        push_note(
+            &mut s.note,
+            &format!(
+                "{n} {steps} ran out of memory once and ran again after the CUDA pool's cached blocks were freed"
+            ),
+        );
+    }
     // Worker-reported memory facts: from the summary, else the header (a run that ran out of
     // memory after starting has a header but no summary).
     let header_memory = outcome
@@ -543,6 +552,23 @@ mod tests {
         assert_eq!(s.final_loss, Some(6.0));
         assert_eq!(s.skipped_steps, 1);
         assert_eq!(s.note, None);
+    }
+
+    /// A worker summary that counts out-of-memory retries puts them in the run's note.
+    #[test]
+    fn oom_retries_are_noted() {
+        let steps: Vec<StepRecord> = (1..=3).map(|i| step(i, i as f64, 1.0, 100)).collect();
+        let outcome = |n: u64| RunOutcome {
+            worker_summary: Some(
+                serde_json::json!({"type": "summary", "status": "ok", "oom_retries": n}),
+            ),
+            ..RunOutcome::default()
+        };
+        let s = summarize(&steps, &[], 1, &outcome(2));
+        let note = s.note.unwrap_or_default();
+        assert!(note.contains("2 steps ran out of memory once"), "{note}");
+        let s = summarize(&steps, &[], 1, &outcome(0));
+        assert!(!s.note.unwrap_or_default().contains("out of memory"));
     }
 
     #[test]

@@ -152,6 +152,14 @@ pub fn trim_pool(dev: &Device) {
     let _ = pool::trim(dev);
 }
 
+/// From now on, hand the pool's free bytes back to the driver at every synchronisation (CUDA
+/// release threshold 0; no-op on CPU): after a step ran out of memory at the edge of a card,
+/// the cached, fragmented free blocks are what ran out, and releasing them at each sync costs
+/// about 2% of tokens/s (BENCHMARKS.md, memory model and release threshold).
+pub fn release_pool_at_every_sync(dev: &Device) {
+    let _ = pool::release_at_every_sync(dev);
+}
+
 /// When profiling synchronised (`LORASCOPE_PROFILE=1`) on CUDA, record the pool's bytes in use
 /// right now under `label` (the maximum over calls is kept); otherwise nothing.
 pub fn note_used(label: &'static str, dev: &Device) {
@@ -325,6 +333,12 @@ mod pool {
         (r == sys::CUresult::CUDA_SUCCESS).then_some(())
     }
 
+    pub fn release_at_every_sync(dev: &Device) -> Option<()> {
+        let p = default_pool(dev)?;
+        let threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        set(p, threshold, 0).then_some(())
+    }
+
     pub fn reset_high(dev: &Device) -> Option<()> {
         use sys::CUmemPool_attribute::*;
         let p = default_pool(dev)?;
@@ -351,6 +365,10 @@ mod pool {
     }
 
     pub fn reset_high(_dev: &Device) -> Option<()> {
+        None
+    }
+
+    pub fn release_at_every_sync(_dev: &Device) -> Option<()> {
         None
     }
 

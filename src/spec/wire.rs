@@ -179,6 +179,10 @@ fn is_zero(t: &f64) -> bool {
     *t == 0.0
 }
 
+fn is_zero_u64(n: &u64) -> bool {
+    *n == 0
+}
+
 /// End-of-run summary (`"type": "summary"`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -218,6 +222,10 @@ pub struct Summary {
     /// when the orchestrator has no NVML figure. lorascope's engine leaves it out.
     #[serde(deserialize_with = "lenient", skip_serializing_if = "Option::is_none")]
     pub peak_vram_bytes: Option<u64>,
+    /// Steps whose forward/backward ran out of device memory once and ran again after the
+    /// CUDA pool's cached free blocks were handed back (their time includes both attempts).
+    #[serde(deserialize_with = "lenient", skip_serializing_if = "is_zero_u64")]
+    pub oom_retries: u64,
     /// Where adapters were saved.
     #[serde(deserialize_with = "lenient")]
     pub adapter_dir: Option<String>,
@@ -400,6 +408,7 @@ mod tests {
             tokens_per_s: 128.0,
             timed_steps: 0,
             skipped_steps: 0,
+            oom_retries: 0,
             peak_rss_bytes: Some(1024),
             peak_vram_bytes: None,
             adapter_dir: None,

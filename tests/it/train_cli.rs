@@ -495,3 +495,54 @@ fn json_output_has_phases_in_order() {
         .collect();
     assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
 }
+
+/// A step whose backward runs out of memory once is run again (after the step's tensors are
+/// freed and the pool is trimmed) and the run goes on: the same losses as a run without the
+/// failure (no dropout, so the retried step computes exactly what the first attempt would
+/// have), and the summary counts the retry.
+#[test]
+fn a_step_that_runs_out_of_memory_once_is_retried() {
+    let run = |inject: bool| {
+        let mut cmd = Command::new(BIN);
+        cmd.args([
+            "train",
+            "--json",
+            "--steps",
+            "3",
+            "--seq-len",
+            "32",
+            "--lora-dropout",
+            "0",
+        ]);
+        if inject {
+            cmd.env("LORASCOPE_TEST_ONLY_OOM_STEP", "2");
+        } else {
+            cmd.env_remove("LORASCOPE_TEST_ONLY_OOM_STEP");
+        }
+        let o = cmd.output().expect("run lorascope");
+        let out = Out {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into(),
+            stderr: String::from_utf8_lossy(&o.stderr).into(),
+        };
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        out.json_lines()
+    };
+    let (plain, retried) = (run(false), run(true));
+    let losses = |v: &[serde_json::Value]| -> Vec<f64> {
+        v.iter()
+            .filter(|l| l["type"] == "step")
+            .map(|l| l["loss"].as_f64().unwrap())
+            .collect()
+    };
+    assert_eq!(losses(&plain).len(), 3);
+    assert_eq!(losses(&plain), losses(&retried));
+    let summary = |v: &[serde_json::Value]| v.last().unwrap().clone();
+    assert_eq!(
+        summary(&retried)["oom_retries"],
+        1,
+        "{:?}",
+        summary(&retried)
+    );
+    assert!(summary(&plain).get("oom_retries").is_none());
+}

@@ -117,6 +117,7 @@ impl Totals {
             tokens_per_s: timed_tokens as f64 / timed_seconds.max(1e-12),
             timed_steps: timed_steps as u64,
             skipped_steps: self.skipped_steps as u64,
+            oom_retries: 0,
             peak_rss_bytes: peak_rss_bytes(),
             peak_vram_bytes: None,
             adapter_dir,

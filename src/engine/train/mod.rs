@@ -334,6 +334,20 @@ impl TestOnlyLeak {
     }
 }
 
+/// Test-only: with `LORASCOPE_TEST_ONLY_OOM_STEP=N` the first attempt of step N fails with an
+/// out-of-memory after its forward pass, for testing the step's retry. Never set it for a
+/// measurement.
+fn test_only_oom_step() -> Option<usize> {
+    let step = std::env::var("LORASCOPE_TEST_ONLY_OOM_STEP")
+        .ok()?
+        .parse()
+        .ok()?;
+    eprintln!(
+        "LORASCOPE_TEST_ONLY_OOM_STEP={step}: step {step} fails once with out of memory (for tests)"
+    );
+    Some(step)
+}
+
 /// The phase of step `step` (1-based) of a run with `warmup_steps` warm-up steps: the first
 /// step on a CUDA device is where its kernels compile.
 fn step_phase(step: usize, warmup_steps: usize, cuda: bool) -> Phase {
@@ -391,6 +405,8 @@ pub fn train(
     let resident = profiler::pool_usage(&device).map(|u| u.used);
     profiler::reset_pool_high(&device);
     let mut leaked = TestOnlyLeak::from_env();
+    let inject_oom = test_only_oom_step();
+    let mut oom_retries = 0u64;
     for step in 1..=opts.steps {
         phase_to(
             &mut emit,
@@ -406,32 +422,59 @@ pub fn train(
             opts.schedule,
         );
         profiler::set_active(step > opts.warmup_steps.min(opts.steps - 1));
-        let loss = profiler::section("step", "forward", &device, || {
-            model.loss(&batch.input_ids, &batch.targets, b, t, true)
-        })
-        .ctx("forward pass")?;
-        profiler::trace("after forward", &device);
-        leaked.keep(&loss);
         let loss_scale = scaler.as_ref().map(|s| s.scale());
-        let grads = profiler::section("step", "backward", &device, || match loss_scale {
-            Some(s) => model.backward(&loss.affine(s, 0.0)?),
-            None => model.backward(&loss),
-        })
-        .ctx("backward pass")?;
-        profiler::trace("after backward", &device);
-        let loss_v = profiler::section("step", "loss-readback", &device, || {
-            loss.to_dtype(DType::F64)?.to_scalar::<f64>()
-        })
-        .ctx("reading the loss")?;
+        // Forward, backward and the gradient norm change no state, so an out-of-memory there
+        // can be retried: once per step, after the step's tensors are freed and the pool's
+        // cached free blocks are handed back (PyTorch's caching allocator frees its cache and
+        // retries a failed allocation the same way). At the edge of a card the pool's cached,
+        // fragmented blocks, not the bytes in use, are what runs out; after the first retry
+        // the pool releases its free blocks at every sync for the rest of the run.
+        let mut attempt = |inject: bool| -> Result<_, EngineError> {
+            let loss = profiler::section("step", "forward", &device, || {
+                model.loss(&batch.input_ids, &batch.targets, b, t, true)
+            })
+            .ctx("forward pass")?;
+            profiler::trace("after forward", &device);
+            leaked.keep(&loss);
+            if inject {
+                return Err(EngineError::OutOfMemory {
+                    what: "backward pass".into(),
+                    detail: "injected by LORASCOPE_TEST_ONLY_OOM_STEP".into(),
+                });
+            }
+            let grads = profiler::section("step", "backward", &device, || match loss_scale {
+                Some(s) => model.backward(&loss.affine(s, 0.0)?),
+                None => model.backward(&loss),
+            })
+            .ctx("backward pass")?;
+            profiler::trace("after backward", &device);
+            let loss_v = profiler::section("step", "loss-readback", &device, || {
+                loss.to_dtype(DType::F64)?.to_scalar::<f64>()
+            })
+            .ctx("reading the loss")?;
+            // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
+            let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
+            let grad_norm = profiler::section("step", "grad-norm", &device, || {
+                opt.grad_norm_scaled(&grads, unscale)
+            })
+            .ctx("gradient norm")?;
+            Ok((loss_v, grads, grad_norm, unscale))
+        };
+        let (loss_v, grads, grad_norm, unscale) = match attempt(inject_oom == Some(step)) {
+            Err(EngineError::OutOfMemory { .. }) => {
+                device.synchronize().ctx("synchronising the device")?;
+                profiler::trim_pool(&device);
+                if oom_retries == 0 {
+                    profiler::release_pool_at_every_sync(&device);
+                }
+                oom_retries += 1;
+                attempt(false)?
+            }
+            r => r?,
+        };
         if !loss_v.is_finite() {
             return Err(health.non_finite_loss(step, loss_v));
         }
-        // Unscale before measuring, so that only a real inf/NaN gradient reads as overflow.
-        let unscale = loss_scale.map(|s| 1.0 / s).unwrap_or(1.0);
-        let grad_norm = profiler::section("step", "grad-norm", &device, || {
-            opt.grad_norm_scaled(&grads, unscale)
-        })
-        .ctx("gradient norm")?;
         let skipped = match scaler.as_mut() {
             Some(s) => s.update(grad_norm.is_finite()),
             None => false,
@@ -494,7 +537,8 @@ pub fn train(
         }
         None => None,
     };
-    let summary = totals.summary(opts.steps, memory, device_memory, adapter_dir);
+    let mut summary = totals.summary(opts.steps, memory, device_memory, adapter_dir);
+    summary.oom_retries = oom_retries;
     emit(&TrainEvent::Summary(summary.clone()));
     Ok(summary)
 }
