@@ -2,9 +2,9 @@
 //! run (`predicted-oom`), and resolving a `"max"` axis by short probe runs.
 //!
 //! **Probes.** A point with `batch_size = "max"` (or `seq_len`) starts from the memory model's
-//! largest value predicted to fit its limit and runs the worker at that value for two steps
-//! under the same `--vram-limit`: if it ends `ok`, the value + 1, + 2, + 4, ... until one ends
-//! `oom` (or the engine's cap); if it ends `oom`, values below; then bisection between the
+//! largest value predicted to fit its limit and runs the worker at that value for
+//! [`PROBE_STEPS`] steps under the same `--vram-limit`: if it ends `ok`, the value plus 1, 2,
+//! 4, ... until one ends `oom` (or the engine's cap); if it ends `oom`, values below; then bisection between the
 //! largest `ok` and the smallest `oom`, at most [`MAX_PROBES`] runs. The point then runs in full
 //! at the value found, and its note records the prediction and every probe. CPU points take
 //! the predicted value without probing (a host out-of-memory is not something to provoke).
@@ -20,8 +20,10 @@ use crate::summary::{RunStatus, RunSummary};
 /// Probe runs per `"max"` point at most.
 pub const MAX_PROBES: usize = 8;
 
-/// Steps of a probe run (the first step allocates most of the peak; the second reuses it).
-const PROBE_STEPS: &str = "2";
+/// Steps of a probe run: the first compiles kernels and allocates most of the peak; the next
+/// two are the steady state the full run repeats (a step that runs out of memory once is
+/// retried after the pool is trimmed, in probes and runs alike).
+const PROBE_STEPS: &str = "3";
 
 /// Record `summary` as the outcome of `spec` (repeat `repeat`, on `device`) without running
 /// it; returns the run id.

@@ -189,7 +189,7 @@ mod sweep {
     use lorascope::grid::{RunSpec, expand_profile};
     use lorascope::orchestrator::fit::memory_point;
     use lorascope::orchestrator::{
-        Command, OrchestratorConfig, PlannedRun, SweepPlan, WorkerCommand, run_sweep,
+        Command, Event, OrchestratorConfig, PlannedRun, SweepPlan, WorkerCommand, run_sweep,
     };
     use lorascope::profile::parse_str;
     use lorascope::spec::Device;
@@ -205,6 +205,17 @@ mod sweep {
     }
 
     async fn sweep(dir: &Path, specs: Vec<RunSpec>) -> (Store, i64) {
+        sweep_with(dir, specs, 0.01, false).await
+    }
+
+    /// [`sweep`] with the fake worker sleeping `step_sleep` s per step, and with `cancel`,
+    /// a `Cancel` of the first run as soon as it has started.
+    async fn sweep_with(
+        dir: &Path,
+        specs: Vec<RunSpec>,
+        step_sleep: f64,
+        cancel: bool,
+    ) -> (Store, i64) {
         let mut store = Store::open(&dir.join("r.db")).unwrap();
         let sweep_id = store.create_sweep("t", "/t.toml", "").unwrap();
         let runs = (0..specs.len())
@@ -225,15 +236,25 @@ mod sweep {
         };
         let cfg = OrchestratorConfig {
             worker: WorkerCommand {
-                program: common::fake_worker(dir, 0.01),
+                program: common::fake_worker(dir, step_sleep),
             },
             grace: Duration::from_millis(300),
             telemetry_period: Duration::from_millis(20),
             context_cache: None,
         };
-        let (_ctx, crx) = mpsc::unbounded_channel::<Command>();
-        let (etx, _erx) = mpsc::unbounded_channel();
+        let (ctx, crx) = mpsc::unbounded_channel::<Command>();
+        let (etx, mut erx) = mpsc::unbounded_channel();
+        let canceller = tokio::spawn(async move {
+            while let Some(e) = erx.recv().await {
+                if let Event::RunStarted { id, .. } = e
+                    && cancel
+                {
+                    let _ = ctx.send(Command::Cancel { id });
+                }
+            }
+        });
         run_sweep(plan, &mut store, &cfg, crx, etx).await.unwrap();
+        canceller.await.unwrap();
         (store, sweep_id)
     }
 
@@ -292,5 +313,26 @@ mod sweep {
             .map(|c| c.split(' ').next().unwrap().to_string())
             .collect();
         assert_eq!(calls, ["2", "3", "2"], "two probes then the run");
+    }
+
+    /// A cancel while a `"max"` point is still probing ends the point `cancelled` without
+    /// its full run (the probe has three 1 s steps; nothing starts after it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancel_while_probing_ends_the_point() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, id) = sweep_with(
+            dir.path(),
+            specs("[\"max\"]", "vram_limit = \"8GiB\""),
+            1.0,
+            true,
+        )
+        .await;
+        let runs = store.runs(id).unwrap();
+        assert_eq!(runs.len(), 1);
+        assert_eq!(runs[0].status, RunStatus::Cancelled, "{:?}", runs[0].cause);
+        let cause = runs[0].cause.clone().unwrap_or_default();
+        assert!(cause.contains("while probing batch_size = max"), "{cause}");
+        // The probe may be stopped before its script logs the start; the full run never starts.
+        assert!(common::calls(dir.path()).len() <= 1, "no full run");
     }
 }
