@@ -46,6 +46,9 @@ use manager::{Ctl, Manager};
 /// How long a new connection may take to say hello.
 pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a stopping daemon waits for its connections to write their last replies.
+const REPLY_DRAIN: Duration = Duration::from_secs(2);
+
 /// How the daemon runs.
 #[derive(Debug, Clone)]
 pub struct DaemonOptions {
@@ -170,13 +173,17 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
         manager.jobs.len(),
         manager.state_path.display()
     ));
+    // Connections are tracked so that the last replies (`stop` to an idle daemon) are
+    // written before the process exits.
+    let connections = tokio_util::task::TaskTracker::new();
     {
         let hub = hub.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
             loop {
                 match listener.accept().await {
                     Ok((stream, _)) => {
-                        tokio::spawn(connection::serve(stream, hub.clone()));
+                        connections.spawn(connection::serve(stream, hub.clone()));
                     }
                     Err(e) => {
                         // E.g. out of file descriptors: wait a little rather than spin.
@@ -215,6 +222,10 @@ async fn serve(opts: DaemonOptions) -> Result<(), DaemonError> {
     }
     drop(ctl_tx);
     manager.run(ctl_rx).await;
+    // Let connections write what the manager last replied; a client that stays attached is
+    // not waited for beyond the drain time.
+    connections.close();
+    let _ = tokio::time::timeout(REPLY_DRAIN, connections.wait()).await;
     log("stopped");
     Ok(())
 }
