@@ -22,7 +22,7 @@
 //!   (`DecoderLayer::record`'s `LayerSaved`);
 //! - **transient peak**: the largest working set on top of that: attention scores and
 //!   probabilities (batch, q_heads, seq, seq) in the compute dtype (two of them in backward,
-//!   `ops/attention.rs`), the loss chunk (`ops/cross_entropy.rs`: 32 Mi f32 logits and their
+//!   `ops/attention/`), the loss chunk (`ops/cross_entropy.rs`: 32 Mi f32 logits and their
 //!   gradient), a dequantised NF4 weight, the MLP's backward buffers;
 //! - **pool rounding** (CUDA): candle allocates from the driver's stream-ordered pool, which
 //!   maps memory in 2 MiB pages; every tensor of at least 1 MiB is rounded up to the page;

@@ -175,8 +175,14 @@ struct Shapes {
     nk: usize,
     /// (n, intermediate).
     ni: usize,
-    /// One attention score matrix (batch, q_heads, seq, seq).
+    /// One attention score matrix of the largest query chunk (batch, q_heads, chunk, seq)
+    /// (`ops/attention/`'s [`query_chunk`](crate::engine::ops::query_chunk)).
     scores: usize,
+    /// Whether attention runs in more than one query chunk: `dK` and `dV` are then summed
+    /// in f32 (n, kv width x 4 bytes, two of them) and `dQ`'s chunks are concatenated.
+    chunked: bool,
+    /// (n, kv_heads * head_dim) in f32.
+    nk32: usize,
     /// Rows of one loss chunk times vocab, in the compute dtype.
     loss_chunk: usize,
 }
@@ -187,13 +193,19 @@ impl Shapes {
         let e = dtype_bytes(p.precision);
         let n = p.batch_size * p.seq_len;
         let rows = (LOSS_CHUNK_ELEMS / c.vocab_size).max(1).min(n);
+        let chunk = crate::engine::ops::query_chunk();
+        let tq = crate::engine::ops::query_chunks(p.seq_len, chunk)
+            .first()
+            .map_or(p.seq_len, |&(_, tq)| tq);
         let loss_e = if p.device == DeviceKind::Cuda { e } else { 4 };
         Self {
             nh: n * c.hidden_size * e,
             nq: n * c.num_attention_heads * c.head_dim * e,
             nk: n * c.num_key_value_heads * c.head_dim * e,
             ni: n * c.intermediate_size * e,
-            scores: p.batch_size * c.num_attention_heads * p.seq_len * p.seq_len * e,
+            scores: p.batch_size * c.num_attention_heads * tq * p.seq_len * e,
+            chunked: tq < p.seq_len,
+            nk32: n * c.num_key_value_heads * c.head_dim * 4,
             loss_chunk: rows * c.vocab_size * loss_e,
         }
     }
@@ -227,17 +239,21 @@ impl Shapes {
 
     /// The largest backward working set inside one layer: the MLP's (the output gradient, the
     /// SwiGLU input gradients and the gradient of the down input: intermediate x 3, plus
-    /// the hidden gradient), or attention's (`ops/attention.rs`: probabilities, their
+    /// the hidden gradient), or attention's (`ops/attention/`: probabilities, their
     /// gradient and the score gradient, three score matrices, with the grouped queries and
-    /// the output gradient).
+    /// the output gradient; with query chunks, also `dQ`'s chunks and the f32 sums of `dK`
+    /// and `dV`).
     fn layer_backward_ws(&self) -> Vec<Alloc> {
         let mlp = [Alloc::new(3, self.ni), Alloc::new(2, self.nh)];
-        let attn = [Alloc::new(3, self.scores), Alloc::new(3, self.nq)];
+        let mut attn = vec![Alloc::new(3, self.scores), Alloc::new(3, self.nq)];
+        if self.chunked {
+            attn.extend([Alloc::new(1, self.nq), Alloc::new(2, self.nk32)]);
+        }
         let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
         if sum(&mlp) >= sum(&attn) {
             mlp.to_vec()
         } else {
-            attn.to_vec()
+            attn
         }
     }
 }
@@ -280,8 +296,10 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
             .unwrap_or(0),
         crate::spec::Quant::None => 0,
     };
-    let fwd_ws = if 2 * s.scores + s.nq >= dequant + s.ni {
-        vec![Alloc::new(2, s.scores), Alloc::new(1, s.nq)]
+    // Chunked attention also holds the finished chunks' outputs until they are concatenated.
+    let attn_out = if s.chunked { 2 } else { 1 };
+    let fwd_ws = if 2 * s.scores + attn_out * s.nq >= dequant + s.ni {
+        vec![Alloc::new(2, s.scores), Alloc::new(attn_out, s.nq)]
     } else {
         vec![Alloc::new(1, dequant), Alloc::new(1, s.ni)]
     };

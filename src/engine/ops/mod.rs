@@ -38,7 +38,10 @@ mod softcap;
 mod swiglu;
 
 pub(crate) use attention::causal_attention_backward;
-pub use attention::{AttentionSpec, CausalSoftmax, CausalSoftmaxGrad, causal_attention};
+pub use attention::{
+    AttentionSpec, CausalSoftmax, CausalSoftmaxGrad, QUERY_CHUNK, causal_attention, query_chunk,
+    query_chunks,
+};
 pub use cross_entropy::{ChunkedCrossEntropy, IGNORE_INDEX, RowGrad, RowLoss};
 pub use frozen_linear::FrozenLinear;
 pub use geglu::geglu;

@@ -1,7 +1,8 @@
-// The causal row softmax of attention scores and its backward (ops/attention.rs): one
-// 256-thread block per score row, f32 statistics. Row `row` is query position
-// i = row % t; it sees keys lo <= j <= i with lo = max(0, i + 1 - window) when window > 0
-// (a sliding window of `window` keys), lo = 0 otherwise.
+// The causal row softmax of attention scores and its backward (ops/attention/softmax.rs): one
+// 256-thread block per score row of `keys` entries, f32 statistics. Row `row` is query
+// position i = q0 + row % t (a chunk of t queries starting at q0); it sees keys lo <= j <= i
+// with lo = max(0, i + 1 - window) when window > 0 (a sliding window of `window` keys),
+// lo = 0 otherwise.
 __device__ __forceinline__ float block_reduce(float v, bool is_max) {
     __shared__ float shared[32];
     for (int o = 16; o > 0; o >>= 1) {
@@ -28,11 +29,12 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max) {
 }
 
 #define SOFTMAX_KERNELS(SUF, T)                                                               \
-extern "C" __global__ void causal_softmax_##SUF(const T* s, T* p, int t, int window) {       \
+extern "C" __global__ void causal_softmax_##SUF(const T* s, T* p, int t, int keys, int q0,  \
+                                               int window) {                                  \
     long long row = blockIdx.x;                                                               \
-    int valid = (int)(row % t) + 1;                                                           \
+    int valid = q0 + (int)(row % t) + 1;                                                      \
     int lo = (window > 0 && valid > window) ? valid - window : 0;                             \
-    const T* x = s + row * t; T* y = p + row * t;                                             \
+    const T* x = s + row * keys; T* y = p + row * keys;                                       \
     float m = NEG_INF;                                                                      \
     for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) m = fmaxf(m, ld(x[j]));       \
     m = block_reduce(m, true);                                                                \
@@ -40,19 +42,20 @@ extern "C" __global__ void causal_softmax_##SUF(const T* s, T* p, int t, int win
     for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) sum += __expf(ld(x[j]) - m);  \
     sum = block_reduce(sum, false);                                                           \
     float inv = 1.f / sum;                                                                    \
-    for (int j = threadIdx.x; j < t; j += blockDim.x)                                         \
+    for (int j = threadIdx.x; j < keys; j += blockDim.x)                                      \
         st(y + j, (j >= lo && j < valid) ? __expf(ld(x[j]) - m) * inv : 0.f);                \
 }                                                                                             \
 extern "C" __global__ void causal_softmax_grad_##SUF(const T* p, const T* dp, T* ds, int t,  \
-                                                    float scale, int window) {                \
+                                                    int keys, int q0, float scale,            \
+                                                    int window) {                             \
     long long row = blockIdx.x;                                                               \
-    int valid = (int)(row % t) + 1;                                                           \
+    int valid = q0 + (int)(row % t) + 1;                                                      \
     int lo = (window > 0 && valid > window) ? valid - window : 0;                             \
-    const T* a = p + row * t; const T* g = dp + row * t; T* y = ds + row * t;                 \
+    const T* a = p + row * keys; const T* g = dp + row * keys; T* y = ds + row * keys;        \
     float delta = 0.f;                                                                        \
     for (int j = lo + threadIdx.x; j < valid; j += blockDim.x) delta += ld(a[j]) * ld(g[j]); \
     delta = block_reduce(delta, false);                                                       \
-    for (int j = threadIdx.x; j < t; j += blockDim.x)                                         \
+    for (int j = threadIdx.x; j < keys; j += blockDim.x)                                      \
         st(y + j, (j >= lo && j < valid) ? scale * ld(a[j]) * (ld(g[j]) - delta) : 0.f);     \
 }
 
