@@ -498,8 +498,8 @@ fn json_output_has_phases_in_order() {
 
 /// A step whose backward runs out of memory once is run again (after the step's tensors are
 /// freed and the pool is trimmed) and the run goes on: the same losses as a run without the
-/// failure (no dropout, so the retried step computes exactly what the first attempt would
-/// have), and the summary counts the retry.
+/// failure (the retry draws the same dropout masks), the summary counts the retry, and stderr
+/// says so.
 #[test]
 fn a_step_that_runs_out_of_memory_once_is_retried() {
     let run = |inject: bool| {
@@ -512,7 +512,9 @@ fn a_step_that_runs_out_of_memory_once_is_retried() {
             "--seq-len",
             "32",
             "--lora-dropout",
-            "0",
+            "0.1",
+            "--lr",
+            "1e-2",
         ]);
         if inject {
             cmd.env("LORASCOPE_TEST_ONLY_OOM_STEP", "2");
@@ -526,6 +528,12 @@ fn a_step_that_runs_out_of_memory_once_is_retried() {
             stderr: String::from_utf8_lossy(&o.stderr).into(),
         };
         assert_eq!(out.code, 0, "{}", out.stderr);
+        assert_eq!(
+            out.stderr.contains("step 2: out of memory"),
+            inject,
+            "{}",
+            out.stderr
+        );
         out.json_lines()
     };
     let (plain, retried) = (run(false), run(true));

@@ -171,6 +171,19 @@ impl DropoutRng {
     pub fn new(seed: u64) -> Self {
         Self(Mutex::new(ChaCha8Rng::seed_from_u64(seed ^ 0xD50F_0D0A)))
     }
+
+    /// The generator's state now (None: poisoned), to replay the same masks with
+    /// [`DropoutRng::restore`].
+    pub fn snapshot(&self) -> Option<ChaCha8Rng> {
+        self.0.lock().ok().map(|g| g.clone())
+    }
+
+    /// Put back a state taken by [`DropoutRng::snapshot`].
+    pub fn restore(&self, state: ChaCha8Rng) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = state;
+        }
+    }
 }
 
 impl LoraLinear {

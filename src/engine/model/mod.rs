@@ -172,6 +172,17 @@ impl Model {
         self.grad_checkpointing
     }
 
+    /// The dropout generator's state before a step, so that a retried step draws the same
+    /// masks ([`Model::restore_dropout`]); None when the generator is poisoned.
+    pub fn dropout_snapshot(&self) -> Option<rand_chacha::ChaCha8Rng> {
+        self.dropout_rng.snapshot()
+    }
+
+    /// Restore a state from [`Model::dropout_snapshot`].
+    pub fn restore_dropout(&self, state: rand_chacha::ChaCha8Rng) {
+        self.dropout_rng.restore(state)
+    }
+
     /// Backward from a scalar `loss` built by this model: `loss.backward()` plus the adapter
     /// gradients computed while recomputing checkpointed layers. Use this rather than
     /// `loss.backward()` whenever checkpointing may be on.

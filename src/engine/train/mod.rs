@@ -423,8 +423,8 @@ pub fn train(
         );
         profiler::set_active(step > opts.warmup_steps.min(opts.steps - 1));
         let loss_scale = scaler.as_ref().map(|s| s.scale());
-        // Forward, backward and the gradient norm change no state, so an out-of-memory there
-        // can be retried: once per step, after the step's tensors are freed and the pool's
+        // Forward, backward and the gradient norm change no state but the dropout generator
+        // (restored for the retry), so an out-of-memory there can be retried: once per step, after the step's tensors are freed and the pool's
         // cached free blocks are handed back (PyTorch's caching allocator frees its cache and
         // retries a failed allocation the same way). At the edge of a card the pool's cached,
         // fragmented blocks, not the bytes in use, are what runs out; after the first retry
@@ -460,8 +460,16 @@ pub fn train(
             .ctx("gradient norm")?;
             Ok((loss_v, grads, grad_norm, unscale))
         };
+        let masks = model.dropout_snapshot();
         let (loss_v, grads, grad_norm, unscale) = match attempt(inject_oom == Some(step)) {
             Err(EngineError::OutOfMemory { .. }) => {
+                // The retry draws the same dropout masks as the failed attempt.
+                if let Some(m) = masks {
+                    model.restore_dropout(m);
+                }
+                eprintln!(
+                    "step {step}: out of memory; freeing the pool's cached blocks and running the step again"
+                );
                 device.synchronize().ctx("synchronising the device")?;
                 profiler::trim_pool(&device);
                 if oom_retries == 0 {
