@@ -5,7 +5,9 @@
 //! largest value predicted to fit its limit and runs the worker at that value for
 //! [`PROBE_STEPS`] steps under the same `--vram-limit`: if it ends `ok`, the value plus 1, 2,
 //! 4, ... until one ends `oom` (or the engine's cap); if it ends `oom`, values below; then bisection between the
-//! largest `ok` and the smallest `oom`, at most [`MAX_PROBES`] runs. The point then runs in full
+//! largest `ok` and the smallest `oom`, at most [`MAX_PROBES`] runs. A probe that ends `ok` only
+//! because some of its steps were retried after an out-of-memory (the engine's retry, see
+//! `engine::train`) counts as not fitting: `ok only with retries` in the note. The point then runs in full
 //! at the value found, and its note records the prediction and every probe. CPU points take
 //! the predicted value without probing (a host out-of-memory is not something to provoke).
 
@@ -128,8 +130,8 @@ pub(super) async fn resolve_max(
             ),
         };
     }
-    let mut probes: Vec<(u32, RunStatus)> = Vec::new();
-    let mut probe = async |v: u32, probes: &mut Vec<(u32, RunStatus)>| -> Result<bool, Found> {
+    let mut probes: Vec<(u32, String)> = Vec::new();
+    let mut probe = async |v: u32, probes: &mut Vec<(u32, String)>| -> Result<bool, Found> {
         let mut req = base.clone();
         set_arg(&mut req.argv, plan.axis.flag(), &v.to_string());
         set_arg(&mut req.argv, "--steps", PROBE_STEPS);
@@ -155,9 +157,24 @@ pub(super) async fn resolve_max(
             }
         };
         let status = r.summary.status.unwrap_or(RunStatus::Failed);
-        probes.push((v, status));
+        // A probe that finished only by retrying steps after an out-of-memory is at the edge,
+        // not inside it: the run would pay for a failed attempt at many of its steps.
+        let retried = r
+            .worker_summary
+            .as_ref()
+            .and_then(|w| w.get("oom_retries"))
+            .and_then(|n| n.as_u64())
+            .is_some_and(|n| n > 0);
+        probes.push((
+            v,
+            if retried {
+                "ok only with retries".into()
+            } else {
+                status.to_string()
+            },
+        ));
         match status {
-            RunStatus::Ok => Ok(true),
+            RunStatus::Ok => Ok(!retried),
             RunStatus::Oom => Ok(false),
             _ => {
                 let mut r = r;

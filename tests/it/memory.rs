@@ -335,4 +335,31 @@ mod sweep {
         // The probe may be stopped before its script logs the start; the full run never starts.
         assert!(common::calls(dir.path()).len() <= 1, "no full run");
     }
+
+    /// A probe that finishes only by retrying a step after an out-of-memory is the edge: the
+    /// search goes below it (predicted 2, which the fake worker passes only with a retry).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_probe_that_needed_retries_does_not_fit() {
+        let base = specs("[1]", "vram_limit = \"8GiB\"");
+        let cfg = ModelSource::resolve("tiny").unwrap().config;
+        let at = |b: usize| {
+            let mut p = memory_point(&base[0], &cfg, None);
+            p.batch_size = b;
+            lorascope::engine::memory::estimate(&p).peak
+        };
+        let limit = (at(2) + at(3)) / 2;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("retry-2"), "").unwrap();
+        let run = format!("vram_limit = \"{limit}\"");
+        let (store, id) = sweep(dir.path(), specs("[\"max\"]", &run)).await;
+        let runs = store.runs(id).unwrap();
+        assert_eq!(runs[0].status, RunStatus::Ok, "{:?}", runs[0].cause);
+        let note = runs[0].summary.clone().unwrap().note.unwrap_or_default();
+        assert!(
+            note.contains(
+                "batch_size = max: 1 (predicted 2; probes: 2 ok only with retries, 1 ok)"
+            ),
+            "{note}"
+        );
+    }
 }

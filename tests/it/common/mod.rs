@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 /// `--steps` and `--device`, appends `<batch_size> <CUDA_VISIBLE_DEVICES|none>` to
 /// `dir/calls.log`, sleeps `step_sleep` seconds per step and prints header, step and summary
 /// lines. Batch size 3 exits 3 (OOM), 5 exits 2 with a cause on stderr, 9 ignores SIGTERM
-/// and hangs (needs SIGKILL).
+/// and hangs (needs SIGKILL); a file `dir/retry-<batch size>` makes the summary count one
+/// out-of-memory retry.
 pub fn fake_worker(dir: &Path, step_sleep: f64) -> PathBuf {
     let log = dir.join("calls.log");
     let script = format!(
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 echo "$bs ${{CUDA_VISIBLE_DEVICES:-none}}" >> "{log}"
+retries=0; [ -f "{dir}/retry-$bs" ] && retries=1
 case "$bs" in
   3) echo "loading model" >&2; echo "CUDA out of memory: tried to allocate 2.00 GiB" >&2; exit 3 ;;
   5) echo "loading model" >&2; echo "unsupported optimizer: adamw8bit (not implemented yet)" >&2; exit 2 ;;
@@ -39,9 +41,10 @@ while [ $i -le $steps ]; do
   echo "{{\"type\":\"step\",\"step\":$i,\"tokens\":$tok,\"padded_tokens\":$tok,\"target_tokens\":$tok,\"step_seconds\":0.05,\"loss\":5.$i,\"lr\":0.0001,\"loss_scale\":null,\"skipped\":false,\"extra\":1}}"
   i=$((i + 1))
 done
-echo "{{\"type\":\"summary\",\"status\":\"ok\",\"steps\":$steps,\"final_loss\":5.$steps,\"peak_rss_bytes\":1048576}}"
+echo "{{\"type\":\"summary\",\"status\":\"ok\",\"steps\":$steps,\"final_loss\":5.$steps,\"peak_rss_bytes\":1048576,\"oom_retries\":$retries}}"
 "#,
-        log = log.display()
+        log = log.display(),
+        dir = dir.display()
     );
     let path = dir.join("fake-worker.sh");
     std::fs::write(&path, script).unwrap();
