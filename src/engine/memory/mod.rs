@@ -21,8 +21,8 @@
 //!   checkpointing each layer's input, plus one layer recomputed in backward
 //!   (`DecoderLayer::record`'s `LayerSaved`);
 //! - **transient peak**: the largest working set on top of that: attention scores and
-//!   probabilities (batch, q_heads, seq, seq) in the compute dtype (two of them in backward,
-//!   `ops/attention/`), the loss chunk (`ops/cross_entropy.rs`: 32 Mi f32 logits and their
+//!   probabilities (batch, q_heads, query chunk, seq) in the compute dtype (three of them in
+//!   backward, `ops/attention/`; the chunk is 512 positions or the whole row), the loss chunk (`ops/cross_entropy.rs`: 32 Mi f32 logits and their
 //!   gradient), a dequantised NF4 weight, the MLP's backward buffers;
 //! - **pool rounding** (CUDA): candle allocates from the driver's stream-ordered pool, which
 //!   maps memory in 2 MiB pages; every tensor of at least 1 MiB is rounded up to the page;

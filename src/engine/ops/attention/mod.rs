@@ -10,14 +10,17 @@
 //! through candle's batched matmul (cuBLAS on CUDA, tensor cores in fp16/bf16, f32
 //! accumulation) in the compute dtype, like Hugging Face's eager attention; the causal mask,
 //! the row softmax (f32 statistics) and the softmax backward are one fused kernel each
-//! ([`CausalSoftmax`], [`CausalSoftmaxGrad`]: NVRTC on CUDA, loops on CPU), so the (T x T)
-//! scores are read and written once per pass instead of once per elementwise op.
+//! ([`CausalSoftmax`], [`CausalSoftmaxGrad`]: NVRTC on CUDA, loops on CPU), so the scores
+//! are read and written once per pass instead of once per elementwise op.
 //!
-//! Backward recomputes the probabilities from Q and K (nothing of size T x T is kept between
+//! Rows longer than [`QUERY_CHUNK`] positions run in query chunks (see [`Attention`]): chunk
+//! `q0..q0 + tq` multiplies keys `0..q0 + tq` only, so the score matrices are (tq x q0 + tq).
+//!
+//! Backward recomputes the probabilities from Q and K (no score matrix is kept between
 //! forward and backward), following FlashAttention's recomputation (Dao et al. 2022):
 //! `dV = P^T dO`, `dP = dO V^T`, `dS = P * (dP - rowsum(P * dP))`, `dQ = dS K / sqrt(d)`,
-//! `dK = dS^T Q / sqrt(d)`. Query heads are grouped per key/value head as
-//! (batch, kv_heads, group * T, d), so K and V are never repeated and `dK`, `dV` sum over the
+//! `dK = dS^T Q / sqrt(d)`. A chunk's query heads are grouped per key/value head as
+//! (batch, kv_heads, group * tq, d), so K and V are never repeated and `dK`, `dV` sum over the
 //! group inside the matmul.
 //!
 //! The softmax kernels are the only path on either device (`LORASCOPE_FUSED=0` leaves
@@ -70,7 +73,7 @@ impl AttentionSpec {
 /// PyTorch's math attention in fp16/bf16. Backward recomputes the probabilities.
 ///
 /// Errors: mismatched shapes or dtypes, device errors (CUDA: kernel compile/launch, out of
-/// memory for the (batch, q_heads, seq, seq) scores).
+/// memory for the (batch, q_heads, chunk, seq) scores).
 pub fn causal_attention(q: &Tensor, k: &Tensor, v: &Tensor, spec: AttentionSpec) -> Result<Tensor> {
     let (_, qh, _, _) = q.dims4()?;
     let kvh = k.dim(1)?;

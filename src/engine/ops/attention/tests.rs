@@ -146,6 +146,57 @@ fn half_precision_cpu_path_stays_close_to_f64() {
     }
 }
 
+/// Several chunks in f32 and bf16 (the f32 running sums of `dK`/`dV`) stay as close to the
+/// f64 reference as one chunk does.
+#[test]
+fn chunked_half_and_single_precision_stay_close_to_f64() {
+    let (b, qh, kvh, t, d) = (1, 4, 2, 9, 16);
+    let w = rand((b, qh, t, d), 24);
+    let inputs = [
+        rand((b, qh, t, d), 21),
+        rand((b, kvh, t, d), 22),
+        rand((b, kvh, t, d), 23),
+    ];
+    let grads_at = |dt: DType, chunk: usize| -> Vec<Tensor> {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|x| Var::from_tensor(&x.to_dtype(dt).unwrap()).unwrap())
+            .collect();
+        let o = chunked(
+            &vars[0],
+            &vars[1],
+            &vars[2],
+            AttentionSpec::causal(d),
+            chunk,
+        );
+        let g = (o.to_dtype(DType::F64).unwrap() * &w)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut out = vec![o.to_dtype(DType::F64).unwrap()];
+        for v in &vars {
+            out.push(g.get(v.as_tensor()).unwrap().to_dtype(DType::F64).unwrap());
+        }
+        out
+    };
+    let reference = grads_at(DType::F64, 0);
+    for (dt, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-2)] {
+        let whole = grads_at(dt, 0);
+        let chunks = grads_at(dt, 4);
+        for (i, name) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+            let e1 = max_abs_diff(&whole[i], &reference[i]);
+            let e4 = max_abs_diff(&chunks[i], &reference[i]);
+            assert!(e4 < tol, "{dt:?} {name}: chunked error {e4}");
+            assert!(
+                e4 <= 2.0 * e1 + 1e-6,
+                "{dt:?} {name}: chunked {e4} vs whole {e1}"
+            );
+        }
+    }
+}
+
 mod generic {
     //! Attention from differentiable candle primitives, the tests' reference: HF `repeat_kv`,
     //! `softmax(Q K^T / sqrt(d) + mask) V` with an additive -1e30 causal mask.
