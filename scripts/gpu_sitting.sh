@@ -17,6 +17,17 @@
 #                CPU; bf16_error.json per case under $OUT/bf16), the fixtures and PEFT loads again,
 #                the memory check with the pool's default release threshold and with 0 back to back
 #                (memory and tokens/s of the same points in one sitting), and the screens again
+#   PART=edge    issue 16's edge check: `batch_size = "max"` under 8 GiB (.carry/max.toml:
+#                Qwen2.5-1.5B nf4 bf16, checkpointing, paged_adamw8bit, seq 2048) through the
+#                orchestrator, then the value found and +1 as direct runs of the point's 6 steps
+#                under --vram-limit 8GiB, twice each; then the engine profile (scripts/gpu_profile.sh)
+#                of the bf16 2 x 2048 and 1 x 512 points
+#   PART=speed   the chunked attention on CUDA: selftest engine, the fixtures (default chunks and
+#                chunks of 5), 30-step loss curves chunked / unchunked, the four 1.5B points with
+#                LORASCOPE_ATTN_CHUNK=0 and 512 (scripts/gpu_bench.sh), then the edge check
+#   PART=unsloth the fixtures with chunks of 5, Unsloth on the four 1.5B points
+#                (../shared/bench/peers/run.sh), then lorascope on the same points with
+#                LORASCOPE_ATTN_CHUNK in CHUNKS (default "0 512 1024")
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -46,6 +57,28 @@ screens() {
   PYTHONPATH=.carry/pylib timeout 300 python3 scripts/gpu_screens.py $L profiles/rtx4060-three.toml \
     "$OUT/screens/screens.db" "$OUT/screens" 120x36 > "$OUT/screens.log" 2>&1
   echo "screens exit $? ($((SECONDS - T0)) s)"
+}
+# Issue 16's edge check (see PART=edge).
+edge() {
+  mkdir -p "$OUT/edge"
+  $L run .carry/max.toml --headless --db "$OUT/edge/max.db" > "$OUT/edge/max.log" 2>&1
+  echo "max sweep exit $? ($((SECONDS - T0)) s)"
+  $L report --db "$OUT/edge/max.db" --format json > "$OUT/edge/max.json" 2>&1
+  found=$(python3 -c '
+import json, re, sys
+r = json.load(open(sys.argv[1]))["runs"][0]
+print(r["status"], "|", r.get("note"), "|", r.get("cause"), file=sys.stderr)
+m = re.search(r"batch_size = max: (\d+)", r.get("note") or "")
+print(m.group(1) if m else 0)' "$OUT/edge/max.json" 2>> "$OUT/edge/found.txt")
+  cat "$OUT/edge/found.txt"
+  for b in $found $((found + 1)); do
+    for rep in 1 2; do
+      $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 --precision bf16 \
+        --grad-checkpointing --optimizer paged_adamw8bit --batch-size "$b" --seq-len 2048 \
+        --steps 6 --warmup-steps 1 --vram-limit 8GiB --json > "$OUT/edge/b$b-$rep.jsonl" 2> "$OUT/edge/b$b-$rep.err"
+      echo "direct batch $b run $rep: exit $? $(grep -c '"type":"step"' "$OUT/edge/b$b-$rep.jsonl") steps $(grep -o '"oom_retries":[0-9]*' "$OUT/edge/b$b-$rep.jsonl") $(grep -o '"tokens_per_s":[0-9]*' "$OUT/edge/b$b-$rep.jsonl") $(tail -1 "$OUT/edge/b$b-$rep.err" | cut -c1-160)"
+    done
+  done
 }
 T0=$SECONDS
 case "${PART:-checks}" in
@@ -144,5 +177,68 @@ round2)
   paste <(cut -c1-58 "$OUT/hf-bf16-cuda.txt") <(awk '{print $2, $3, $4}' "$OUT/hf-bf16-cpu.txt") | head -30
   grep -c PASS "$OUT/fixtures-cuda.txt"; grep -c FAIL "$OUT/fixtures-cuda.txt"
   tail -1 "$OUT/memdef.log"; tail -1 "$OUT/mem0.log"
+  ;;
+edge)
+  edge
+  OUT=$OUT/prof STEPS=12 PROFILE=1 POINTS="2,2048,bf16,nf4,1 1,512,bf16,nf4,0" \
+    bash scripts/gpu_profile.sh > "$OUT/prof.log" 2>&1
+  echo "profile exit $? ($((SECONDS - T0)) s)"
+  for f in "$OUT"/prof/*profile-1.txt; do
+    echo "== $f (section, calls, total s, ms/call, peak GiB)"
+    awk 'NF == 5 && $2 ~ /^[0-9]+$/' "$f" | sort -k3 -rn | head -24
+  done
+  cat "$OUT/prof/table.txt"
+  ;;
+speed)
+  # The chunked attention (src/engine/ops/attention/, LORASCOPE_ATTN_CHUNK=0: one chunk) on CUDA: the
+  # fixtures with chunks of 5 positions, 30-step loss curves of both at bf16 2 x 2048, and the
+  # four 1.5B points through the orchestrator with each; then the edge check again.
+  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
+  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
+  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
+  LORASCOPE_ATTN_CHUNK=5 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
+  echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  for c in 0 512; do
+    LORASCOPE_ATTN_CHUNK=$c $L train --model qwen2.5-1.5b --data .carry/alpaca_en_demo.json --device cuda:0 \
+      --quant nf4 --precision bf16 --grad-checkpointing --batch-size 2 --seq-len 2048 --steps 30 \
+      --warmup-steps 5 --lora-rank 16 --lora-alpha 32 --lora-dropout 0.05 --json > "$OUT/curve-$c.jsonl" 2> "$OUT/curve-$c.err"
+    echo "curve chunk $c exit $? ($((SECONDS - T0)) s)"
+  done
+  python3 - "$OUT/curve-0.jsonl" "$OUT/curve-512.jsonl" <<'PY'
+import json, sys
+def load(p):
+    steps, summ = [], {}
+    for l in open(p):
+        e = json.loads(l)
+        if e.get("type") == "step": steps.append(e["loss"])
+        if e.get("type") == "summary": summ = e
+    return steps, summ
+(a, sa), (b, sb) = load(sys.argv[1]), load(sys.argv[2])
+d = max(abs(x - y) / abs(x) for x, y in zip(a, b)) if a and b else float("nan")
+print(f"loss curves: {len(a)} / {len(b)} steps, first {a[0]:.4f} / {b[0]:.4f}, last {a[-1]:.4f} / {b[-1]:.4f}, max rel diff {d:.2e}")
+for n, s in (("chunk 0", sa), ("chunk 512", sb)):
+    m = s.get("device_memory") or {}
+    print(f"{n}: {s.get('tokens_per_s', 0):.0f} tok/s, pool in-use peak {((m.get('resident_bytes') or 0) + (m.get('activations_peak_bytes') or 0)) / 2**30:.2f} GiB, reserved peak {(m.get('pool_reserved_peak_bytes') or 0) / 2**30:.2f} GiB")
+PY
+  for c in 0 512; do
+    LORASCOPE_ATTN_CHUNK=$c POINTS=$P4 OUT=$OUT/ab$c SKIP_REF=1 WHL=.whl bash scripts/gpu_bench.sh > "$OUT/ab$c.log" 2>&1
+    echo "four points, chunk $c ($((SECONDS - T0)) s)"
+  done
+  edge
+  for c in 0 512; do echo "== chunk $c"; cat "$OUT/ab$c/lorascope.md"; done
+  ;;
+unsloth)
+  LORASCOPE_ATTN_CHUNK=5 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
+  echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  POINTS="fp16,1,512,0 bf16,1,512,0 fp16,2,2048,1 bf16,2,2048,1" STACKS=unsloth BUDGET_S=${BUDGET_S:-300} \
+    OUT=$OUT/peers bash .carry/bench/peers/run.sh > "$OUT/peers.log" 2>&1
+  echo "unsloth ($((SECONDS - T0)) s)"
+  for c in ${CHUNKS:-0 512 1024}; do
+    LORASCOPE_ATTN_CHUNK=$c POINTS=$P4 OUT=$OUT/again$c SKIP_REF=1 WHL=.whl bash scripts/gpu_bench.sh > "$OUT/again$c.log" 2>&1
+    echo "lorascope, chunk $c ($((SECONDS - T0)) s)"
+  done
+  tail -8 "$OUT/peers.log"
+  for c in ${CHUNKS:-0 512 1024}; do echo "== chunk $c"; grep -E "^\| [0-9]" "$OUT/again$c/lorascope.md"; done
   ;;
 esac
