@@ -261,7 +261,7 @@ pub fn predict_all(
                 Some(axis) => {
                     let l = limit.as_ref().ok_or_else(|| {
                         format!(
-                            "{} = \"max\" needs a memory limit: set run.vram_limit, or run on a GPU that NVML can see",
+                            "{} = \"max\" needs a memory limit: on a GPU set run.vram_limit or let NVML see the card; on the CPU give LORASCOPE_MEM_AVAILABLE a size (e.g. 8GiB) instead of `unlimited`",
                             axis.key()
                         )
                     })?;

@@ -554,3 +554,28 @@ fn a_step_that_runs_out_of_memory_once_is_retried() {
     );
     assert!(summary(&plain).get("oom_retries").is_none());
 }
+
+/// A value of `LORASCOPE_ATTN_CHUNK` or `LORASCOPE_MEM_AVAILABLE` that does not parse is named
+/// in one warning line (and the default used), not silently ignored.
+#[test]
+fn bad_environment_values_are_named() {
+    let o = Command::new(BIN)
+        .args(["train", "--steps", "1", "--seq-len", "32", "--json"])
+        .env("LORASCOPE_ATTN_CHUNK", "abc")
+        .env("LORASCOPE_MEM_AVAILABLE", "lots")
+        .output()
+        .expect("run lorascope");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let warned = |needle: &str| stderr.lines().filter(|l| l.contains(needle)).count();
+    assert_eq!(
+        warned("LORASCOPE_ATTN_CHUNK=\"abc\" is not a number"),
+        1,
+        "{stderr}"
+    );
+    assert_eq!(
+        warned("LORASCOPE_MEM_AVAILABLE=\"lots\" is neither a size"),
+        1,
+        "{stderr}"
+    );
+}

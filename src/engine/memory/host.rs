@@ -38,6 +38,12 @@ pub fn available() -> Option<HostAvailable> {
                 source: AVAILABLE_ENV,
             });
         }
+        static WARNED: std::sync::Once = std::sync::Once::new();
+        WARNED.call_once(|| {
+            eprintln!(
+                "lorascope: {AVAILABLE_ENV}={v:?} is neither a size (bytes, or with KiB/MiB/GiB, e.g. 8GiB) nor `unlimited`; ignoring it"
+            )
+        });
     }
     let mut best: Option<HostAvailable> = None;
     let mut offer = |bytes: Option<u64>, source: &'static str| {

@@ -123,11 +123,14 @@ pub const QUERY_CHUNK: usize = 512;
 /// once per process; 0 turns chunking off). The memory model sizes the score matrices with it.
 pub fn query_chunk() -> usize {
     static CHUNK: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *CHUNK.get_or_init(|| {
-        std::env::var("LORASCOPE_ATTN_CHUNK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(QUERY_CHUNK)
+    *CHUNK.get_or_init(|| match std::env::var("LORASCOPE_ATTN_CHUNK") {
+        Err(_) => QUERY_CHUNK,
+        Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+            eprintln!(
+                "lorascope: LORASCOPE_ATTN_CHUNK={v:?} is not a number of query positions (0: no chunks); using {QUERY_CHUNK}"
+            );
+            QUERY_CHUNK
+        }),
     })
 }
 
