@@ -225,6 +225,10 @@ pub struct RunSummary {
     /// `measured / predicted - 1` for that peak (0.05: measured 5% above the prediction).
     #[serde(default)]
     pub prediction_error: Option<f64>,
+    /// The value a `"max"` axis resolved to (batch size or sequence length) for the run that
+    /// used it: the probes' result, or the prediction on the CPU.
+    #[serde(default)]
+    pub max_value: Option<u32>,
     /// Notes: e.g. "steps <= warmup_steps: all steps timed", telemetry unavailability.
     pub note: Option<String>,
 }

@@ -369,12 +369,13 @@ pub async fn run_sweep<C: Into<Request>>(
             let itx = itx.clone();
             tokio::spawn(async move {
                 let (mut req, mut krx, mut armed) = (req, krx, true);
-                let mut note = None;
+                let (mut note, mut found) = (None, None);
                 if let Some(mp) = max_plan {
                     match launch::resolve_max(&req, mp, &mut krx, &mut armed).await {
                         launch::Found::Value { value, note: n } => {
                             launch::set_arg(&mut req.argv, mp.axis.flag(), &value.to_string());
                             note = Some(n);
+                            found = Some(value);
                         }
                         launch::Found::Outcome(r) => {
                             let _ = itx.send(Internal::Done(id, r));
@@ -396,6 +397,7 @@ pub async fn run_sweep<C: Into<Request>>(
                     })
                 };
                 let mut result = process::execute(req, krx, mtx).await;
+                result.summary.max_value = found;
                 if let Some(n) = note {
                     result.summary.note = Some(match result.summary.note.take() {
                         Some(old) => format!("{n}; {old}"),

@@ -71,6 +71,8 @@ pub struct PointRow {
     pub final_loss: Option<Spread>,
     /// fp16 steps skipped by the loss scaler, summed over ok runs.
     pub skipped_steps: u64,
+    /// The value a `"max"` axis resolved to (from the first run that has one).
+    pub max_value: Option<u32>,
     /// The ok runs' notes, joined by `; `.
     pub note: Option<String>,
     /// Trainable (adapter) parameters, from the worker's header.
@@ -194,6 +196,7 @@ fn point_row(index: usize, spec_id: String, rs: &[&RunRow]) -> PointRow {
         energy_source: ok.iter().find_map(|s| s.energy_source.clone()),
         final_loss: spread(|s| s.final_loss),
         skipped_steps: ok.iter().map(|s| s.skipped_steps).sum(),
+        max_value: rs.iter().find_map(|r| r.summary.as_ref()?.max_value),
         note: if notes.is_empty() {
             None
         } else {
@@ -251,6 +254,7 @@ impl PointRow {
             energy_source: s.energy_source.clone().filter(|_| ok),
             final_loss: okv(s.final_loss),
             skipped_steps: if ok { s.skipped_steps } else { 0 },
+            max_value: s.max_value,
             note: s.note.clone().filter(|_| ok),
             params_trainable: None,
             optimizer_state_bytes: s.optimizer_state_bytes,

@@ -308,6 +308,7 @@ mod sweep {
             note.contains("batch_size = max: 2 (predicted 2; probes: 2 ok, 3 oom)"),
             "{note}"
         );
+        assert_eq!(runs[0].summary.as_ref().unwrap().max_value, Some(2));
         let calls: Vec<String> = common::calls(dir.path())
             .iter()
             .map(|c| c.split(' ').next().unwrap().to_string())
@@ -361,5 +362,6 @@ mod sweep {
             ),
             "{note}"
         );
+        assert_eq!(runs[0].summary.as_ref().unwrap().max_value, Some(1));
     }
 }
