@@ -106,8 +106,21 @@ impl Headless {
                     id.as_ref().map(|i| format!(" ({i})")).unwrap_or_default()
                 );
             }
-            Event::RunFinished { id, summary: s, .. } => {
-                let (n, label) = self.pos.get(id).cloned().unwrap_or_default();
+            Event::RunFinished {
+                id,
+                summary: s,
+                label,
+                ..
+            } => {
+                // A point recorded without running (predicted-oom, a "max" point without a
+                // limit) never started: it takes the next number here.
+                let (n, label) = match self.pos.get(id) {
+                    Some(p) => p.clone(),
+                    None => {
+                        self.started += 1;
+                        (self.started, label.clone())
+                    }
+                };
                 let status = s.status.unwrap_or(RunStatus::Failed);
                 let detail = if status == RunStatus::Ok {
                     format!(

@@ -413,3 +413,36 @@ fn profile_check_catches_unknown_model_long_sequences_and_missing_data() {
             .success()
     );
 }
+
+/// A point recorded without running (here a `"max"` point with no memory limit: host memory
+/// unlimited on the CPU) gets its number and label in the headless progress line, and the
+/// cause says what to do on the CPU.
+#[test]
+fn a_point_recorded_without_running_is_numbered_and_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.toml");
+    std::fs::write(
+        &profile,
+        "[model]\npreset = \"tiny\"\n[data]\npath = \"sample\"\n[run]\nsteps = 2\nwarmup_steps = 1\n\
+         [grid]\nbatch_size = [\"max\"]\nseq_len = [32]\n",
+    )
+    .unwrap();
+    let o = bin()
+        .arg("run")
+        .arg(&profile)
+        .arg("--headless")
+        .arg("--db")
+        .arg(dir.path().join("r.db"))
+        .env("LORASCOPE_MEM_AVAILABLE", "unlimited")
+        .env_remove("LORASCOPE_WORKER")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    let line = stderr
+        .lines()
+        .find(|l| l.contains(": failed ("))
+        .unwrap_or_else(|| panic!("no failed line: {stderr}"));
+    assert!(line.starts_with("[1/1] "), "{line}");
+    assert!(line.contains(" bs=max seq32 "), "{line}");
+    assert!(line.contains("LORASCOPE_MEM_AVAILABLE a size"), "{line}");
+}
