@@ -165,6 +165,7 @@ pub(super) async fn resolve_max(
             .and_then(|w| w.get("oom_retries"))
             .and_then(|n| n.as_u64())
             .is_some_and(|n| n > 0);
+        let retried = retried && status == RunStatus::Ok;
         probes.push((
             v,
             if retried {

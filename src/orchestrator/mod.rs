@@ -206,7 +206,8 @@ pub async fn run_sweep<C: Into<Request>>(
     let mut commands_open = true;
     let mut store_error: Option<StoreError> = None;
     let mut memory = MemoryCheck::new(cfg.context_cache.as_deref(), &devices);
-    let mut predicted: HashMap<EntryId, (Option<u64>, usize)> = HashMap::new();
+    // Per launched entry: the predicted peak, the value a "max" axis was predicted at, the slot.
+    let mut predicted: HashMap<EntryId, (Option<u64>, Option<u32>, usize)> = HashMap::new();
 
     loop {
         // Take every command already waiting before launching (e.g. a pause sent up front).
@@ -249,7 +250,11 @@ pub async fn run_sweep<C: Into<Request>>(
                 let prediction = prediction.ok();
                 predicted.insert(
                     id.clone(),
-                    (prediction.as_ref().map(|p| p.estimate.peak), slot),
+                    (
+                        prediction.as_ref().map(|p| p.estimate.peak),
+                        prediction.as_ref().and_then(|p| p.resolved).map(|(_, v)| v),
+                        slot,
+                    ),
                 );
                 if let Some((status, cause)) = refusal {
                     let status = queue.finish(&id, status);
@@ -516,9 +521,16 @@ pub async fn run_sweep<C: Into<Request>>(
                                 _ => "orchestrator shut down while the run was in flight".to_string(),
                             });
                         }
-                        if let Some((peak, slot)) = predicted.remove(&id) {
+                        if let Some((peak, at, slot)) = predicted.remove(&id) {
                             if let Some(p) = peak {
                                 fit::annotate(&mut result.summary, p);
+                                // The probes moved a "max" point off the predicted value: the
+                                // prediction is of another point, so it has no error here.
+                                if let (Some(found), Some(at)) = (result.summary.max_value, at)
+                                    && found != at
+                                {
+                                    result.summary.prediction_error = None;
+                                }
                             }
                             if let Some(w) = memory.learn(slot, &result) {
                                 emit(Event::Warning { id: Some(id.clone()), message: w });

@@ -196,7 +196,11 @@ fn point_row(index: usize, spec_id: String, rs: &[&RunRow]) -> PointRow {
         energy_source: ok.iter().find_map(|s| s.energy_source.clone()),
         final_loss: spread(|s| s.final_loss),
         skipped_steps: ok.iter().map(|s| s.skipped_steps).sum(),
-        max_value: rs.iter().find_map(|r| r.summary.as_ref()?.max_value),
+        // The ok runs' value first (each repeat searches on its own).
+        max_value: ok
+            .iter()
+            .find_map(|s| s.max_value)
+            .or_else(|| rs.iter().find_map(|r| r.summary.as_ref()?.max_value)),
         note: if notes.is_empty() {
             None
         } else {

@@ -309,6 +309,8 @@ mod sweep {
             "{note}"
         );
         assert_eq!(runs[0].summary.as_ref().unwrap().max_value, Some(2));
+        // Run at the predicted value: the prediction is of this point and has an error.
+        assert!(runs[0].summary.as_ref().unwrap().prediction_error.is_some());
         let calls: Vec<String> = common::calls(dir.path())
             .iter()
             .map(|c| c.split(' ').next().unwrap().to_string())
@@ -363,5 +365,8 @@ mod sweep {
             "{note}"
         );
         assert_eq!(runs[0].summary.as_ref().unwrap().max_value, Some(1));
+        // Run below the predicted value: the prediction is of another point, so no error.
+        let s = runs[0].summary.clone().unwrap();
+        assert!(s.predicted_peak_bytes.is_some() && s.prediction_error.is_none());
     }
 }

@@ -39,10 +39,13 @@ pub fn available() -> Option<HostAvailable> {
             });
         }
         static WARNED: std::sync::Once = std::sync::Once::new();
+        // `writeln!`, not `eprintln!`: a closed stderr must not panic the orchestrator.
         WARNED.call_once(|| {
-            eprintln!(
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "lorascope: {AVAILABLE_ENV}={v:?} is neither a size (bytes, or with KiB/MiB/GiB, e.g. 8GiB) nor `unlimited`; ignoring it"
-            )
+            );
         });
     }
     let mut best: Option<HostAvailable> = None;

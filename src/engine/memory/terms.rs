@@ -179,8 +179,8 @@ struct Shapes {
     /// (`ops/attention/`'s [`query_chunk`](crate::engine::ops::query_chunk)).
     scores: usize,
     /// Whether attention runs in more than one query chunk: `dK` and `dV` are then summed
-    /// in f32 (n, kv width x 4 bytes: the two running sums, the chunk's padded copies and
-    /// the new sums, six at the add) and `dQ`'s chunks are concatenated.
+    /// in f32 (n, kv width x 4 bytes: the two running sums, the chunk's two padded copies
+    /// and a new sum, five at the add) and `dQ`'s chunks are concatenated.
     chunked: bool,
     /// (n, kv_heads * head_dim) in f32.
     nk32: usize,
@@ -248,7 +248,7 @@ impl Shapes {
         let mlp = [Alloc::new(3, self.ni), Alloc::new(2, self.nh)];
         let mut attn = vec![Alloc::new(3, self.scores), Alloc::new(3, self.nq)];
         if self.chunked {
-            attn.extend([Alloc::new(1, self.nq), Alloc::new(6, self.nk32)]);
+            attn.extend([Alloc::new(1, self.nq), Alloc::new(5, self.nk32)]);
         }
         let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
         if sum(&mlp) >= sum(&attn) {

@@ -126,7 +126,10 @@ pub fn query_chunk() -> usize {
     *CHUNK.get_or_init(|| match std::env::var("LORASCOPE_ATTN_CHUNK") {
         Err(_) => QUERY_CHUNK,
         Ok(v) => v.trim().parse().unwrap_or_else(|_| {
-            eprintln!(
+            // `writeln!`, not `eprintln!`: a closed stderr must not panic the orchestrator.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "lorascope: LORASCOPE_ATTN_CHUNK={v:?} is not a number of query positions (0: no chunks); using {QUERY_CHUNK}"
             );
             QUERY_CHUNK
