@@ -258,6 +258,19 @@ mod sweep {
         (store, sweep_id)
     }
 
+    /// A limit between the tiny preset's predicted peaks at batch 2 and 3 (seq 16): the
+    /// largest batch predicted to fit it is 2.
+    fn limit_between_batch_2_and_3() -> u64 {
+        let base = specs("[1]", "vram_limit = \"8GiB\"");
+        let cfg = ModelSource::resolve("tiny").unwrap().config;
+        let at = |b: usize| {
+            let mut p = memory_point(&base[0], &cfg, None);
+            p.batch_size = b;
+            lorascope::engine::memory::estimate(&p).peak
+        };
+        (at(2) + at(3)) / 2
+    }
+
     /// Points predicted over a 64 MiB limit by more than the stated error are recorded
     /// `predicted-oom` with the prediction and never launched; `verify_oom` runs them.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -288,14 +301,7 @@ mod sweep {
     /// confirmed by probes (2 ok, 3 oom with the fake worker), run at 2, probes recorded.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn batch_size_max_is_predicted_then_probed() {
-        let base = specs("[1]", "vram_limit = \"8GiB\"");
-        let cfg = ModelSource::resolve("tiny").unwrap().config;
-        let at = |b: usize| {
-            let mut p = memory_point(&base[0], &cfg, None);
-            p.batch_size = b;
-            lorascope::engine::memory::estimate(&p).peak
-        };
-        let limit = (at(2) + at(3)) / 2;
+        let limit = limit_between_batch_2_and_3();
         let dir = tempfile::tempdir().unwrap();
         let run = format!("vram_limit = \"{limit}\"");
         let (store, id) = sweep(dir.path(), specs("[\"max\"]", &run)).await;
@@ -343,14 +349,7 @@ mod sweep {
     /// search goes below it (predicted 2, which the fake worker passes only with a retry).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_probe_that_needed_retries_does_not_fit() {
-        let base = specs("[1]", "vram_limit = \"8GiB\"");
-        let cfg = ModelSource::resolve("tiny").unwrap().config;
-        let at = |b: usize| {
-            let mut p = memory_point(&base[0], &cfg, None);
-            p.batch_size = b;
-            lorascope::engine::memory::estimate(&p).peak
-        };
-        let limit = (at(2) + at(3)) / 2;
+        let limit = limit_between_batch_2_and_3();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("retry-2"), "").unwrap();
         let run = format!("vram_limit = \"{limit}\"");

@@ -30,12 +30,23 @@ impl Out {
 }
 
 fn train(args: &[&str]) -> Out {
+    train_env(args, &[])
+}
+
+/// [`train`] with environment variables set (`Some`) or removed (`None`).
+fn train_env(args: &[&str], env: &[(&str, Option<&str>)]) -> Out {
     let mut cmd = Command::new(BIN);
     cmd.arg("train");
     for (flag, value) in [("--steps", "2"), ("--seq-len", "32"), ("--batch-size", "1")] {
         if !args.contains(&flag) {
             cmd.args([flag, value]);
         }
+    }
+    for (key, value) in env {
+        match value {
+            Some(v) => cmd.env(key, v),
+            None => cmd.env_remove(key),
+        };
     }
     let o = cmd.args(args).output().expect("run lorascope");
     Out {
@@ -503,30 +514,18 @@ fn json_output_has_phases_in_order() {
 #[test]
 fn a_step_that_runs_out_of_memory_once_is_retried() {
     let run = |inject: bool| {
-        let mut cmd = Command::new(BIN);
-        cmd.args([
-            "train",
-            "--json",
-            "--steps",
-            "3",
-            "--seq-len",
-            "32",
-            "--lora-dropout",
-            "0.1",
-            "--lr",
-            "1e-2",
-        ]);
-        if inject {
-            cmd.env("LORASCOPE_TEST_ONLY_OOM_STEP", "2");
-        } else {
-            cmd.env_remove("LORASCOPE_TEST_ONLY_OOM_STEP");
-        }
-        let o = cmd.output().expect("run lorascope");
-        let out = Out {
-            code: o.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&o.stdout).into(),
-            stderr: String::from_utf8_lossy(&o.stderr).into(),
-        };
+        let out = train_env(
+            &[
+                "--json",
+                "--steps",
+                "3",
+                "--lora-dropout",
+                "0.1",
+                "--lr",
+                "1e-2",
+            ],
+            &[("LORASCOPE_TEST_ONLY_OOM_STEP", inject.then_some("2"))],
+        );
         assert_eq!(out.code, 0, "{}", out.stderr);
         assert_eq!(
             out.stderr.contains("step 2: out of memory"),
@@ -559,14 +558,15 @@ fn a_step_that_runs_out_of_memory_once_is_retried() {
 /// in one warning line (and the default used), not silently ignored.
 #[test]
 fn bad_environment_values_are_named() {
-    let o = Command::new(BIN)
-        .args(["train", "--steps", "1", "--seq-len", "32", "--json"])
-        .env("LORASCOPE_ATTN_CHUNK", "abc")
-        .env("LORASCOPE_MEM_AVAILABLE", "lots")
-        .output()
-        .expect("run lorascope");
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
+    let o = train_env(
+        &["--steps", "1", "--json"],
+        &[
+            ("LORASCOPE_ATTN_CHUNK", Some("abc")),
+            ("LORASCOPE_MEM_AVAILABLE", Some("lots")),
+        ],
+    );
+    let stderr = &o.stderr;
+    assert_eq!(o.code, 0, "{stderr}");
     let warned = |needle: &str| stderr.lines().filter(|l| l.contains(needle)).count();
     assert_eq!(
         warned("LORASCOPE_ATTN_CHUNK=\"abc\" is not a number"),
