@@ -301,13 +301,17 @@ mod pool {
             .ok()
             .and_then(|v| v.parse::<u64>().ok())
             .unwrap_or(u64::MAX);
-        let threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        if let Some(p) = default_pool(dev)
-            && !set(p, threshold, keep)
-        {
+        if release_threshold(dev, keep) == Some(false) {
             candle_core::bail!("cannot set the CUDA memory pool's release threshold");
         }
         Ok(())
+    }
+
+    /// Set the default pool's release threshold to `bytes`: whether the driver took it (None:
+    /// no pool).
+    fn release_threshold(dev: &Device, bytes: u64) -> Option<bool> {
+        let threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+        default_pool(dev).map(|p| set(p, threshold, bytes))
     }
 
     pub fn usage(dev: &Device) -> Option<PoolUsage> {
@@ -334,9 +338,7 @@ mod pool {
     }
 
     pub fn release_at_every_sync(dev: &Device) -> Option<()> {
-        let p = default_pool(dev)?;
-        let threshold = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
-        set(p, threshold, 0).then_some(())
+        release_threshold(dev, 0)?.then_some(())
     }
 
     pub fn reset_high(dev: &Device) -> Option<()> {

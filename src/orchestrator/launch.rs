@@ -4,18 +4,21 @@
 //! **Probes.** A point with `batch_size = "max"` (or `seq_len`) starts from the memory model's
 //! largest value predicted to fit its limit and runs the worker at that value for
 //! [`PROBE_STEPS`] steps under the same `--vram-limit`: if it ends `ok`, the value plus 1, 2,
-//! 4, ... until one ends `oom` (or the engine's cap); if it ends `oom`, values below; then bisection between the
-//! largest `ok` and the smallest `oom`, at most [`MAX_PROBES`] runs. A probe that ends `ok` only
-//! because some of its steps were retried after an out-of-memory (the engine's retry, see
-//! `engine::train`) counts as not fitting: `ok only with retries` in the note. The point then runs in full
-//! at the value found, and its note records the prediction and every probe. CPU points take
+//! 4, ... until one ends `oom` (or the engine's cap); if it ends `oom`, values below; then
+//! bisection between the largest `ok` and the smallest `oom`, at most [`MAX_PROBES`] runs. A
+//! probe that ends `ok` only because some of its steps were retried after an out-of-memory
+//! (the engine's retry, see `engine::train`) counts as not fitting: `ok only with retries` in
+//! the note. The point then runs in full at the value found, and its note records the
+//! prediction and every probe. CPU points take
 //! the predicted value without probing (a host out-of-memory is not something to provoke).
 
+use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 
 use super::fit::{MaxAxis, Prediction};
 use super::process::{self, RunRequest, RunResult};
 use crate::grid::RunSpec;
+use crate::spec::wire;
 use crate::store::{FinishedRun, Store, StoreError};
 use crate::summary::{RunStatus, RunSummary};
 
@@ -159,13 +162,11 @@ pub(super) async fn resolve_max(
         let status = r.summary.status.unwrap_or(RunStatus::Failed);
         // A probe that finished only by retrying steps after an out-of-memory is at the edge,
         // not inside it: the run would pay for a failed attempt at many of its steps.
-        let retried = r
-            .worker_summary
-            .as_ref()
-            .and_then(|w| w.get("oom_retries"))
-            .and_then(|n| n.as_u64())
-            .is_some_and(|n| n > 0);
-        let retried = retried && status == RunStatus::Ok;
+        let retried = status == RunStatus::Ok
+            && r.worker_summary
+                .as_ref()
+                .and_then(|w| wire::Summary::deserialize(w).ok())
+                .is_some_and(|w| w.oom_retries > 0);
         probes.push((
             v,
             if retried {

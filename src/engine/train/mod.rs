@@ -424,11 +424,12 @@ pub fn train(
         profiler::set_active(step > opts.warmup_steps.min(opts.steps - 1));
         let loss_scale = scaler.as_ref().map(|s| s.scale());
         // Forward, backward and the gradient norm change no state but the dropout generator
-        // (restored for the retry), so an out-of-memory there can be retried: once per step, after the step's tensors are freed and the pool's
-        // cached free blocks are handed back (PyTorch's caching allocator frees its cache and
-        // retries a failed allocation the same way). At the edge of a card the pool's cached,
-        // fragmented blocks, not the bytes in use, are what runs out; after the first retry
-        // the pool releases its free blocks at every sync for the rest of the run.
+        // (restored for the retry), so an out-of-memory there can be retried: once per step,
+        // after the step's tensors are freed and the pool's cached free blocks are handed back
+        // (PyTorch's caching allocator frees its cache and retries a failed allocation the
+        // same way). At the edge of a card the pool's cached, fragmented blocks, not the bytes
+        // in use, are what runs out; after the first retry the pool releases its free blocks
+        // at every sync for the rest of the run.
         let mut attempt = |inject: bool| -> Result<_, EngineError> {
             let loss = profiler::section("step", "forward", &device, || {
                 model.loss(&batch.input_ids, &batch.targets, b, t, true)
