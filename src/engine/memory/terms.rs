@@ -6,9 +6,6 @@ use crate::engine::nf4::{ABSMAX_BLOCK, NF4_BLOCK};
 use crate::engine::optim::{MIN_8BIT_SIZE, STATE_BLOCK};
 use crate::spec::{DeviceKind, LoraModule, Optimizer, Precision};
 
-/// Rows x vocab logit elements per loss chunk (`ops/cross_entropy.rs`'s `CHUNK_ELEMS`).
-const LOSS_CHUNK_ELEMS: usize = 32 << 20;
-
 /// `count` tensors of `bytes` each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Alloc {
@@ -186,6 +183,8 @@ struct Shapes {
     nk32: usize,
     /// Rows of one loss chunk times vocab, in the compute dtype.
     loss_chunk: usize,
+    /// With final-logit soft-capping: the same chunk's elements times 4 (one f32 copy).
+    capped_chunk32: Option<usize>,
 }
 
 impl Shapes {
@@ -193,7 +192,8 @@ impl Shapes {
         let c = p.config;
         let e = dtype_bytes(p.precision);
         let n = p.batch_size * p.seq_len;
-        let rows = (LOSS_CHUNK_ELEMS / c.vocab_size).max(1).min(n);
+        let capped = c.final_softcap.is_some();
+        let rows = crate::engine::ops::chunk_rows(c.vocab_size, capped).min(n);
         let chunk = crate::engine::ops::query_chunk();
         let tq = crate::engine::ops::query_chunks(p.seq_len, chunk)
             .first()
@@ -208,6 +208,7 @@ impl Shapes {
             chunked: tq < p.seq_len,
             nk32: n * c.num_key_value_heads * c.head_dim * 4,
             loss_chunk: rows * c.vocab_size * loss_e,
+            capped_chunk32: capped.then_some(rows * c.vocab_size * 4),
         }
     }
 
@@ -307,7 +308,17 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     let forward = phase("forward", &kept, fwd_ws, 0);
     // Loss backward (`ChunkedCrossEntropy::grad`): one chunk's logits and their gradient,
     // with the hidden-state gradient assembled from the chunks and concatenated.
-    let loss_ws = vec![Alloc::new(2, s.loss_chunk), Alloc::new(2, s.nh)];
+    // Soft-capped (`with_softcap`): the chunk as cuBLAS writes it and five f32 copies at the
+    // gradient's peak (`z'`, the row gradient, `z' / cap`, `1 - (z' / cap)^2`, their product),
+    // in chunks of a quarter of the rows.
+    let loss_ws = match s.capped_chunk32 {
+        Some(c32) => vec![
+            Alloc::new(1, s.loss_chunk),
+            Alloc::new(5, c32),
+            Alloc::new(2, s.nh),
+        ],
+        None => vec![Alloc::new(2, s.loss_chunk), Alloc::new(2, s.nh)],
+    };
     let loss_backward = phase("loss backward", &kept, loss_ws, 0);
     // Backward of the last layer: what is kept, one layer recomputed (checkpointing) or its
     // graph, the layer's backward buffers and the flowing gradient (hidden x 2), and every

@@ -32,9 +32,7 @@ use layer::{DecoderLayer, HeadLayout, Pass};
 use crate::engine::config::{Activation, LayerKind, ModelConfig};
 use crate::engine::lora::{DropoutRng, LoraAdapter, LoraConfig};
 use crate::engine::ops::ChunkedCrossEntropy;
-use crate::engine::ops::{
-    AttentionSpec, InputGradCustomOp, RmsNorm, rope_tables, softcapped_cross_entropy,
-};
+use crate::engine::ops::{AttentionSpec, InputGradCustomOp, RmsNorm, rope_tables};
 use crate::engine::profiler;
 use crate::engine::weights::{EMBED, FINAL_NORM, LM_HEAD, LayerNames, WeightSource};
 use crate::engine::{CandleContext, EngineError};
@@ -248,7 +246,7 @@ impl Model {
             v.push("attention soft-capping");
         }
         if self.cfg.final_softcap.is_some() {
-            v.push("soft-capped loss (full logits materialised)");
+            v.push("loss soft-capping (candle ops on each logits chunk)");
         }
         v
     }
@@ -429,7 +427,9 @@ impl Model {
     ) -> Result<Tensor> {
         let h = self.hidden_states(input_ids, batch, seq, train)?;
         match self.cfg.final_softcap {
-            Some(cap) => softcapped_cross_entropy(&h, &self.lm_head, targets, cap, &self.device),
+            Some(cap) => ChunkedCrossEntropy::new(&self.lm_head, targets, &self.device)?
+                .with_softcap(cap)?
+                .forward(&h),
             None => ChunkedCrossEntropy::new(&self.lm_head, targets, &self.device)?.forward(&h),
         }
     }

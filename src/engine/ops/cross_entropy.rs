@@ -14,6 +14,11 @@
 //! forward, [`RowGrad`] (`dz = (softmax(z) - onehot(target)) * w`, written straight in the
 //! compute dtype) in backward. Elsewhere the generic candle code runs; the CPU loops of the two
 //! row ops mirror the kernels and are what the unit tests check against the generic code.
+//!
+//! With final-logit soft-capping (Gemma 2 `final_logit_softcapping`, [`ChunkedCrossEntropy::with_softcap`])
+//! each chunk's logits become `z' = cap * tanh(z / cap)` in f32 before the row ops, and backward
+//! multiplies the row gradient by `dz'/dz = 1 - (z' / cap)^2`; the chunks are a quarter of the
+//! plain size ([`CAPPED_CHUNK_DIV`]), since a capped chunk holds several f32 copies at once.
 
 use super::{CpuLoops, InputGradOp, apply, contiguous_range, cpu_map, stat_dtype};
 use crate::engine::cuda::fused_path;
@@ -24,6 +29,21 @@ pub const IGNORE_INDEX: i64 = -100;
 
 /// Number of logit elements (rows x vocab) materialised at once: 32 Mi f32 = 128 MiB.
 const CHUNK_ELEMS: usize = 32 << 20;
+
+/// Soft-capped chunks hold `CHUNK_ELEMS / CAPPED_CHUNK_DIV` logits: the chunk in the compute
+/// dtype, its f32 copy, `z'`, the row gradient and the cap's derivative are alive together.
+pub const CAPPED_CHUNK_DIV: usize = 4;
+
+/// Logit elements (rows x vocab) per chunk for a vocabulary of `vocab` (soft-capped or not):
+/// the engine's chunking, shared with the memory model. At least one row.
+pub fn chunk_rows(vocab: usize, capped: bool) -> usize {
+    let elems = if capped {
+        CHUNK_ELEMS / CAPPED_CHUNK_DIV
+    } else {
+        CHUNK_ELEMS
+    };
+    (elems / vocab.max(1)).max(1)
+}
 
 /// Fused `lm_head` + cross-entropy over pre-shifted targets.
 #[derive(Clone)]
@@ -38,6 +58,8 @@ pub struct ChunkedCrossEntropy {
     count: usize,
     /// Rows per chunk.
     chunk: usize,
+    /// Final-logit soft-cap `c` (`z' = c tanh(z / c)`), if any.
+    softcap: Option<f64>,
 }
 
 impl ChunkedCrossEntropy {
@@ -70,8 +92,23 @@ impl ChunkedCrossEntropy {
             idx: Tensor::from_vec(idx, n, device)?,
             mask: Tensor::from_vec(mask, n, device)?,
             count,
-            chunk: (CHUNK_ELEMS / vocab).max(1),
+            chunk: chunk_rows(vocab, false),
+            softcap: None,
         })
+    }
+
+    /// Soft-cap the logits before the loss (transformers' Gemma 2 `final_logit_softcapping`:
+    /// `logits = tanh(logits / cap) * cap`, here in f32); chunks shrink to
+    /// [`chunk_rows`]`(vocab, true)`.
+    ///
+    /// Errors: a cap that is not finite and > 0.
+    pub fn with_softcap(mut self, cap: f64) -> Result<Self> {
+        if !(cap.is_finite() && cap > 0.0) {
+            candle_core::bail!("final_logit_softcapping must be a positive number, got {cap}");
+        }
+        self.softcap = Some(cap);
+        self.chunk = chunk_rows(self.lm_head.dim(0)?, true);
+        Ok(self)
     }
 
     /// Override the rows per chunk (tests use it to check chunking does not change the result).
@@ -90,9 +127,28 @@ impl ChunkedCrossEntropy {
         apply(self, h)
     }
 
-    /// Logits of rows `start..start + len`, (len, vocab) in the compute dtype.
+    /// Logits of rows `start..start + len`, (len, vocab) in the compute dtype; soft-capped
+    /// ones in the statistics dtype (f32, f64 for f64).
     fn logits_raw(&self, h: &Tensor, start: usize, len: usize) -> Result<Tensor> {
-        h.narrow(0, start, len)?.matmul(&self.lm_head.t()?)
+        let z = h.narrow(0, start, len)?.matmul(&self.lm_head.t()?)?;
+        match self.softcap {
+            Some(cap) => super::softcap(&z.to_dtype(stat_dtype(h.dtype()))?, cap),
+            None => Ok(z),
+        }
+    }
+
+    /// The gradient of the capped logits `dz'` taken back to the raw logits: `dz' * (1 -
+    /// (z' / cap)^2)` (the derivative of `cap * tanh(z / cap)`), in the compute dtype of `h`;
+    /// `dz'` itself without a cap.
+    fn uncap_grad(&self, dz: Tensor, z: &Tensor, dt: candle_core::DType) -> Result<Tensor> {
+        match self.softcap {
+            Some(cap) => {
+                let t = z.affine(1.0 / cap, 0.0)?;
+                let d = t.sqr()?.affine(-1.0, 1.0)?;
+                (dz * d)?.to_dtype(dt)
+            }
+            None => dz.to_dtype(dt),
+        }
     }
 
     /// [`Self::loss`] through [`RowLoss`]: per-row `mask * (lse - z[target])` per chunk, summed.
@@ -126,6 +182,7 @@ impl ChunkedCrossEntropy {
             let z = self.logits_raw(h, start, len)?;
             let idx = self.idx.narrow(0, start, len)?;
             let dz = z.apply_op3_no_bwd(&idx, &w.narrow(0, start, len)?, &RowGrad)?;
+            let dz = self.uncap_grad(dz, &z, h.dtype())?;
             drop(z);
             parts.push(dz.matmul(&self.lm_head)?);
             start += len;
@@ -414,7 +471,7 @@ mod generic {
             let hot = Tensor::zeros((len, vocab), f, h.device())?.scatter_add(&idx, &onehot, 1)?;
             let m = ce.mask.narrow(0, start, len)?.unsqueeze(1)?.to_dtype(f)?;
             let dz = (p - hot)?.broadcast_mul(&m)?.broadcast_mul(&g)?;
-            parts.push(dz.to_dtype(h.dtype())?.matmul(&ce.lm_head)?);
+            parts.push(ce.uncap_grad(dz, &z, h.dtype())?.matmul(&ce.lm_head)?);
             start += len;
         }
         Tensor::cat(&parts, 0)

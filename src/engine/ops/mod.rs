@@ -14,7 +14,7 @@
 //! - [`swiglu`]: the MLP gate `silu(gate) * up` of HF `Qwen2MLP` / `LlamaMLP`.
 //! - [`geglu`]: Gemma's gate `gelu_tanh(gate) * up` (generic candle code on both devices).
 //! - [`ChunkedCrossEntropy`]: `lm_head` fused with PyTorch's `CrossEntropyLoss`, chunked.
-//! - [`softcapped_cross_entropy`]: the loss over Gemma's soft-capped logits (generic code).
+//! - [`softcap`]: Gemma's final-logit soft-capping (the loss applies it per chunk).
 //!
 //! Every op file has the same parts in this order: the module doc (the maths and the source it
 //! matches); the public forward/backward API; the graph-node glue (candle `CustomOp` impls);
@@ -42,14 +42,16 @@ pub use attention::{
     AttentionSpec, CausalSoftmax, CausalSoftmaxGrad, QUERY_CHUNK, causal_attention, query_chunk,
     query_chunks,
 };
-pub use cross_entropy::{ChunkedCrossEntropy, IGNORE_INDEX, RowGrad, RowLoss};
+pub use cross_entropy::{
+    CAPPED_CHUNK_DIV, ChunkedCrossEntropy, IGNORE_INDEX, RowGrad, RowLoss, chunk_rows,
+};
 pub use frozen_linear::FrozenLinear;
 pub use geglu::geglu;
 pub(crate) use geglu::geglu_backward;
 pub use rms_norm::RmsNorm;
 pub(crate) use rope::rope_backward;
 pub use rope::{apply_rope, rope_tables};
-pub use softcap::{softcap, softcapped_cross_entropy};
+pub use softcap::softcap;
 pub use swiglu::swiglu;
 pub(crate) use swiglu::swiglu_backward;
 
