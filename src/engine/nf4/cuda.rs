@@ -1,5 +1,6 @@
-//! Launchers of the NF4 dequantise kernel (`cuda/kernels/nf4.cu`: one thread per packed byte,
-//! two weights) and of the quantise kernels (`cuda/kernels/nf4_quantize.cu`: block absmax, one
+//! Launchers of the NF4 dequantise kernels (`cuda/kernels/nf4.cu`: eight weights per thread
+//! from one 32-bit load when the length and alignment allow, else one thread per packed byte)
+//! and of the quantise kernels (`cuda/kernels/nf4_quantize.cu`: block absmax, one
 //! warp per 64-block, then the packed codes, one thread per byte), with the NF4 values (and for
 //! dequantisation the signed dynamic map) baked in as constants by generated headers.
 
@@ -11,7 +12,9 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor};
 
-static MODULE: Module = Module::new("lorascope_nf4", source::NF4).with_header(header);
+static MODULE: Module = Module::new("lorascope_nf4", source::NF4)
+    .with_header(header)
+    .without_fmad();
 static QUANTIZE: Module = Module::new("lorascope_nf4_quantize", source::NF4_QUANTIZE)
     .with_header(quantize_header)
     .without_fmad();
@@ -35,6 +38,13 @@ fn header() -> String {
 
 type In<'a> = (&'a CudaStorage, &'a Layout);
 
+/// Whether the eight-weights-per-thread kernel may run (`LORASCOPE_NF4_DEQUANT8=0` keeps the
+/// one-byte-per-thread kernel, for A/B timing; both give the same bits). Read once.
+fn eight_per_thread() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("LORASCOPE_NF4_DEQUANT8").is_none_or(|v| v != "0"))
+}
+
 /// [`Dequant`] of (packed, qabsmax, absmax2), each a whole storage from offset 0: `op.n`
 /// values of `op.dtype`.
 ///
@@ -50,17 +60,36 @@ pub(super) fn dequantize(
     }
     let dev = p.device();
     let whole = |s: &CudaStorage, l: &Layout| Buf::view(s, (0, l.shape().elem_count()));
-    let threads = op.n.div_ceil(2) as u32;
-    let cfg = LaunchConfig::for_num_elems(threads.max(1));
-    let name = kernel_name("nf4_dequant", op.dtype, "nf4")?;
+    let packed = whole(p, pl)?;
     let out = Buf::alloc(dev, op.dtype, op.n)?;
+    let eight = op.n.is_multiple_of(8)
+        && packed.ptr().is_multiple_of(4)
+        && out.ptr().is_multiple_of(16)
+        && eight_per_thread();
+    let (root, cfg, n) = if eight {
+        let threads = op.n / 8;
+        let cfg = LaunchConfig {
+            grid_dim: (threads.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        ("nf4_dequant8", cfg, threads)
+    } else {
+        let threads = op.n.div_ceil(2) as u32;
+        (
+            "nf4_dequant",
+            LaunchConfig::for_num_elems(threads.max(1)),
+            op.n,
+        )
+    };
+    let name = kernel_name(root, op.dtype, "nf4")?;
     let args = [
-        whole(p, pl)?.arg(),
+        packed.arg(),
         whole(q, ql)?.arg(),
         whole(a, al)?.arg(),
         Arg::F32(op.offset),
         out.arg(),
-        Arg::U64(op.n as u64),
+        Arg::U64(n as u64),
     ];
     launch(dev, &MODULE, &name, cfg, &args)?;
     Ok((out.into_storage()?, Shape::from(op.n)))

@@ -165,6 +165,51 @@ impl Nf4Weight {
     }
 }
 
+/// NF4 dequantisation on `dev` against the host loop, value for value (bit patterns), in
+/// `dtype` (f32, f16 or bf16): random weights quantised on the host, their codes and
+/// statistics copied to `dev`, dequantised on both. The shapes cover the CUDA launcher's two
+/// kernels: lengths divisible by 8 (eight weights per thread) and an odd one (one packed byte
+/// per thread). Returns the number of values that differ (0 on the CPU, where both are the
+/// host loop).
+///
+/// Errors: device copies or the dequantisation itself failing.
+pub fn dequant_device_matches_host(dev: &Device, dtype: DType) -> Result<usize> {
+    let mut differ = 0;
+    for (o, i) in [(64, 96), (33, 65), (256, 1536), (3, 8)] {
+        let w = Tensor::randn(0f32, 0.02, (o, i), &Device::Cpu)?;
+        let host = Nf4Weight::quantize(&w)?;
+        let on_dev = Nf4Weight {
+            packed: host.packed.to_device(dev)?,
+            qabsmax: host.qabsmax.to_device(dev)?,
+            absmax2: host.absmax2.to_device(dev)?,
+            ..host.clone()
+        };
+        let bits = |t: Tensor| -> Result<Vec<u32>> {
+            let t = t.to_device(&Device::Cpu)?.flatten_all()?;
+            Ok(match dtype {
+                DType::F32 => t.to_vec1::<f32>()?.iter().map(|x| x.to_bits()).collect(),
+                DType::F16 => t
+                    .to_vec1::<half::f16>()?
+                    .iter()
+                    .map(|x| x.to_bits() as u32)
+                    .collect(),
+                DType::BF16 => t
+                    .to_vec1::<half::bf16>()?
+                    .iter()
+                    .map(|x| x.to_bits() as u32)
+                    .collect(),
+                other => candle_core::bail!("nf4 dequantize check: unsupported dtype {other:?}"),
+            })
+        };
+        let (a, b) = (
+            bits(on_dev.dequantize(dtype)?)?,
+            bits(host.dequantize(dtype)?)?,
+        );
+        differ += a.iter().zip(&b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+    }
+    Ok(differ)
+}
+
 /// Dequantisation as a candle op over (packed, qabsmax, absmax2), so that CPU and CUDA take
 /// the same entry point.
 struct Dequant {
