@@ -102,6 +102,7 @@ fn selftest_engine(device: &str) -> i32 {
             }
             let mut ok = cases.iter().all(|c| c.pass);
             ok &= nf4_quantize_check(device);
+            ok &= elementwise_check(device);
             if ok { 0 } else { 1 }
         }
         Err(e) => {
@@ -111,9 +112,33 @@ fn selftest_engine(device: &str) -> i32 {
     }
 }
 
-/// NF4 quantisation on `device` against the host arithmetic, byte for byte, in f32, f16 and
-/// bf16 (on the CPU both are the host loops; on CUDA the quantise kernels). Prints one line per
-/// dtype; true when nothing differs.
+/// The elementwise kernels on `device` against the CPU in f32
+/// ([`crate::engine::selftest::elementwise_check`]); one line per case, true when all are
+/// within [`crate::engine::selftest::ELEMENTWISE_TOL`].
+fn elementwise_check(device: &str) -> bool {
+    use crate::engine::selftest::{ELEMENTWISE_TOL, elementwise_check};
+    let cases = crate::engine::train::parse_device(device)
+        .map_err(|e| e.to_string())
+        .and_then(|d| elementwise_check(&d).map_err(|e| e.to_string()));
+    match cases {
+        Ok(cases) => cases.iter().fold(true, |ok, (name, e)| {
+            let pass = *e <= ELEMENTWISE_TOL;
+            println!(
+                "{name:<40} max rel error {e:.1e}  {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+            ok && pass
+        }),
+        Err(e) => {
+            println!("elementwise kernels: error: {e}  FAIL");
+            false
+        }
+    }
+}
+
+/// NF4 dequantisation and quantisation on `device` against the host arithmetic, value for
+/// value and byte for byte, in f32, f16 and bf16 (on the CPU both are the host loops; on CUDA
+/// the kernels). Prints two lines per dtype; true when nothing differs.
 fn nf4_quantize_check(device: &str) -> bool {
     use crate::engine::nf4::quantize::device_matches_host;
     let dev = match crate::engine::train::parse_device(device) {
@@ -129,6 +154,20 @@ fn nf4_quantize_check(device: &str) -> bool {
         candle_core::DType::F16,
         candle_core::DType::BF16,
     ] {
+        match crate::engine::nf4::dequant_device_matches_host(&dev, dt) {
+            Ok(n) => {
+                ok &= n == 0;
+                println!(
+                    "{:<18} {n} values differ from the host  {}",
+                    format!("nf4 dequantize {dt:?}"),
+                    if n == 0 { "ok" } else { "FAIL" }
+                );
+            }
+            Err(e) => {
+                ok = false;
+                println!("{:<18} error: {e}  FAIL", format!("nf4 dequantize {dt:?}"));
+            }
+        }
         match device_matches_host(&dev, dt) {
             Ok((bytes, absmax)) => {
                 let pass = bytes == 0 && absmax == 0;

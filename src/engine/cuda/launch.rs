@@ -211,6 +211,31 @@ pub(crate) fn grid_stride(n: usize, max_blocks: usize) -> LaunchConfig {
     }
 }
 
+/// Whether an elementwise op may run its 8-wide kernel (`*8_<dtype>` in `cuda/kernels/`: one
+/// thread per eight elements, 16-byte loads and stores) over these buffers: every address
+/// 16-byte aligned, and `LORASCOPE_VEC8` not `0` (read once; `0` keeps the 1-wide kernels, for
+/// A/B timing: both compute the same bits).
+pub(crate) fn vec8(bufs: &[&Buf]) -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("LORASCOPE_VEC8").is_none_or(|v| v != "0"))
+        && bufs.iter().all(|b| b.ptr().is_multiple_of(16))
+}
+
+/// Launch configuration of an 8-wide kernel over `n` elements: 256 threads per block, one per
+/// eight elements (the last thread of a length not divisible by 8 does the tail one by one).
+///
+/// Errors: more blocks than a grid holds.
+pub(crate) fn vec8_config(n: usize) -> Result<LaunchConfig> {
+    let blocks = n.div_ceil(8).div_ceil(256).max(1);
+    let blocks = u32::try_from(blocks)
+        .map_err(|_| candle_core::Error::Msg(format!("{n} elements is too many for one launch")))?;
+    Ok(LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    })
+}
+
 /// A device buffer as a kernel argument: its address and dtype, and the storage that owns it
 /// when it is fresh (None for a view of a storage the caller keeps alive).
 pub(crate) struct Buf {

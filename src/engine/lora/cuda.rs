@@ -20,7 +20,7 @@
 //! matmuls), inputs and outputs in the compute dtype except the f32 adapter gradients.
 
 use super::{BaseLinear, HashDropout, LoraProjection};
-use crate::engine::cuda::launch::{Arg, Buf, Module, err, grid_stride, launch};
+use crate::engine::cuda::launch::{Arg, Buf, Module, err, grid_stride, launch, vec8, vec8_config};
 use crate::engine::cuda::{kernel_name, source};
 use crate::engine::ops::cuda_buf;
 use candle_core::backend::BackendStorage;
@@ -132,7 +132,24 @@ fn dropout_into(dev: &CudaDevice, d: &HashDropout, x: &Buf, out: &Buf, n: usize)
         Arg::U64(thr),
         Arg::F32(inv),
     ];
-    elementwise(dev, "hash_dropout", x.dtype(), n, &args)
+    elementwise_or_8(dev, "hash_dropout", &[x, out], n, &args)
+}
+
+/// [`elementwise`], or its 8-wide twin `root8_<dtype>` when every buffer in `bufs` allows
+/// ([`vec8`]); the dtype is the first buffer's.
+fn elementwise_or_8(
+    dev: &CudaDevice,
+    root: &str,
+    bufs: &[&Buf],
+    n: usize,
+    args: &[Arg],
+) -> Result<()> {
+    let dt = bufs.first().map_or(DType::F32, |b| b.dtype());
+    if vec8(bufs) {
+        let name = kernel_name(&format!("{root}8"), dt, "lora projection")?;
+        return launch(dev, &MODULE, &name, vec8_config(n)?, args);
+    }
+    elementwise(dev, root, dt, n, args)
 }
 
 /// `A` (r, in) or `s B` (out, r), f32 masters, in the compute dtype.
@@ -340,7 +357,7 @@ pub(crate) fn backward(
             Arg::U64(thr),
             Arg::F32(inv),
         ];
-        elementwise(dev, "lora_dropout_add", dt, n, &args)?;
+        elementwise_or_8(dev, "lora_dropout_add", &[&dx, &t], n, &args)?;
     } else {
         gemm(dev, (tokens, inp, r), &du, false, &ac, false, &dx, 1.0, 1.0)?;
     }

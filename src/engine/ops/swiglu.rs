@@ -202,9 +202,10 @@ mod generic {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! Launchers of `cuda/kernels/swiglu.cu`: one thread per element.
+    //! Launchers of `cuda/kernels/swiglu.cu`: eight elements per thread on aligned buffers,
+    //! else one.
     use super::super::cuda_buf;
-    use crate::engine::cuda::launch::{Arg, Buf, Module, launch};
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, vec8, vec8_config};
     use crate::engine::cuda::{kernel_name, source};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -228,15 +229,15 @@ mod cuda {
             candle_core::bail!("swiglu: gate and up differ in dtype or length");
         }
         let dev = g.device();
-        let name = kernel_name("swiglu_fwd", g.dtype(), "swiglu")?;
-        let cfg = cfg(n)?;
         let out = Buf::alloc(dev, g.dtype(), n)?;
-        let args = [
-            Buf::view(g, r1)?.arg(),
-            Buf::view(u, r2)?.arg(),
-            out.arg(),
-            Arg::U64(n as u64),
-        ];
+        let (gb, ub) = (Buf::view(g, r1)?, Buf::view(u, r2)?);
+        let (root, cfg) = if vec8(&[&gb, &ub, &out]) {
+            ("swiglu_fwd8", vec8_config(n)?)
+        } else {
+            ("swiglu_fwd", cfg(n)?)
+        };
+        let name = kernel_name(root, g.dtype(), "swiglu")?;
+        let args = [gb.arg(), ub.arg(), out.arg(), Arg::U64(n as u64)];
         launch(dev, &MODULE, &name, cfg, &args)?;
         out.into_storage()
     }
@@ -251,13 +252,18 @@ mod cuda {
         if u.dtype() != dt || dy.dtype() != dt || u.elem_count() != n || dy.elem_count() != n {
             candle_core::bail!("swiglu backward: g, u, dy differ in dtype or length");
         }
-        let name = kernel_name("swiglu_bwd", dt, "swiglu")?;
-        let cfg = cfg(n)?;
         let (dg, du) = (Buf::alloc(dev, dt, n)?, Buf::alloc(dev, dt, n)?);
+        let (gb, ub, db) = (cuda_buf(g, w)?, cuda_buf(u, w)?, cuda_buf(dy, w)?);
+        let (root, cfg) = if vec8(&[&gb, &ub, &db, &dg, &du]) {
+            ("swiglu_bwd8", vec8_config(n)?)
+        } else {
+            ("swiglu_bwd", cfg(n)?)
+        };
+        let name = kernel_name(root, dt, "swiglu")?;
         let args = [
-            cuda_buf(g, w)?.arg(),
-            cuda_buf(u, w)?.arg(),
-            cuda_buf(dy, w)?.arg(),
+            gb.arg(),
+            ub.arg(),
+            db.arg(),
             dg.arg(),
             du.arg(),
             Arg::U64(n as u64),

@@ -205,3 +205,64 @@ pub fn run(device: &str) -> Result<Vec<Case>, EngineError> {
     let _ = std::fs::remove_dir_all(&dir);
     Ok(cases)
 }
+
+/// Largest relative error accepted between the device's elementwise kernels and the CPU loops
+/// in f32 (the CPU computes in f64 and rounds once; the kernels round in f32).
+pub const ELEMENTWISE_TOL: f64 = 1e-5;
+
+/// The elementwise kernels (SwiGLU forward and backward, the LoRA dropout) on `dev` against
+/// the CPU, in f32, over lengths that take the 8-wide kernels with and without a tail
+/// (`8k`, `8k + 5`) and a view at an odd offset (the 1-wide kernels). Returns one
+/// `(name, max |a - b| / max(|b|, 1e-3))` per case; dropout cases also count a mask that
+/// differs as error 1.
+///
+/// Errors: device copies or the ops failing.
+pub fn elementwise_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>> {
+    use crate::engine::lora::HashDropout;
+    use crate::engine::ops::{swiglu, swiglu_backward};
+    let cpu = Device::Cpu;
+    let err = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
+        let a: Vec<f32> = a.to_device(&cpu)?.flatten_all()?.to_vec1()?;
+        let b: Vec<f32> = b.to_device(&cpu)?.flatten_all()?.to_vec1()?;
+        Ok(a.iter().zip(&b).fold(0f64, |m, (x, y)| {
+            let mask = (*x == 0.0) != (*y == 0.0);
+            let e = if mask {
+                1.0
+            } else {
+                ((x - y).abs() as f64) / (y.abs() as f64).max(1e-3)
+            };
+            m.max(e)
+        }))
+    };
+    let mut out = Vec::new();
+    for (n, offset) in [(8 * 4099, 0), (8 * 4099 + 5, 0), (8 * 777 + 5, 3)] {
+        let t = |seed: u64| -> candle_core::Result<Tensor> {
+            let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+            let v: Vec<f32> = (0..n + offset).map(|_| r.random_range(-4.0..4.0)).collect();
+            Tensor::from_vec(v, n + offset, &cpu)?.narrow(0, offset, n)
+        };
+        let (g, u, dy) = (t(1)?, t(2)?, t(3)?);
+        let on = |x: &Tensor| x.to_device(dev);
+        let tag = format!("n {n}, offset {offset}");
+        let (gd, ud, dyd) = (on(&g)?, on(&u)?, on(&dy)?);
+        out.push((
+            format!("swiglu fwd, {tag}"),
+            err(
+                &swiglu(&gd, &ud)?,
+                &swiglu(&g.contiguous()?, &u.contiguous()?)?,
+            )?,
+        ));
+        let (a, b) = swiglu_backward(&gd, &ud, &dyd)?;
+        let (ra, rb) = swiglu_backward(&g.contiguous()?, &u.contiguous()?, &dy.contiguous()?)?;
+        out.push((
+            format!("swiglu bwd, {tag}"),
+            err(&a, &ra)?.max(err(&b, &rb)?),
+        ));
+        let d = HashDropout { p: 0.3, seed: 99 };
+        out.push((
+            format!("lora dropout, {tag}"),
+            err(&gd.apply_op1_no_bwd(&d)?, &g.apply_op1_no_bwd(&d)?)?,
+        ));
+    }
+    Ok(out)
+}
