@@ -12,7 +12,12 @@ export LD_LIBRARY_PATH=/usr/local/cuda-13.0/targets/x86_64-linux/lib:${LD_LIBRAR
 L=${LORASCOPE:-/tmp/lorascope}
 PRESETS=${PRESETS:-"qwen2.5-0.5b qwen2.5-1.5b qwen2.5-3b qwen2.5-7b qwen3-0.6b qwen3-1.7b qwen3-4b qwen3-8b llama-3.2-1b llama-3.2-3b llama-3.1-8b mistral-7b-v0.3 gemma-2-2b gemma-3-1b phi-3-mini-4k phi-3.5-mini"}
 STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-3}
+# DEADLINE (seconds of this script, default none): presets not started by then are skipped.
+DONE=""
 for p in $PRESETS; do
+  if [ -n "${DEADLINE:-}" ] && [ "$SECONDS" -ge "$DEADLINE" ]; then echo "$p: skipped (deadline)"; continue; fi
+  DONE="$DONE $p"
   f=$OUT/preset-$p.toml
   cat > "$f" <<TOML
 name = "preset-$p"
@@ -28,7 +33,7 @@ dropout = 0.05
 targets = ["q", "k", "v", "o", "gate", "up", "down"]
 [run]
 steps = $STEPS
-warmup_steps = 3
+warmup_steps = $WARMUP
 devices = ["cuda:0"]
 verify_oom = true
 [grid]
@@ -45,7 +50,7 @@ TOML
   $L report --db "$OUT/preset-$p.db" --format json > "$OUT/preset-$p.json" 2>/dev/null
   echo "$p: $((SECONDS - t0)) s"
 done
-python3 - "$OUT" $PRESETS <<'PY'
+python3 - "$OUT" $DONE <<'PY'
 import json, sqlite3, sys
 out, presets = sys.argv[1], sys.argv[2:]
 print("| preset | status | tok/s | peak VRAM GiB | J/token | predicted GiB | loss first -> final |")

@@ -28,6 +28,15 @@
 #   PART=unsloth the fixtures with chunks of 5, Unsloth on the four 1.5B points
 #                (../shared/bench/peers/run.sh), then lorascope on the same points with
 #                LORASCOPE_ATTN_CHUNK in CHUNKS (default "0 512 1024")
+#   PART=kernels selftest engine (the NF4 dequantise kernels against the host), the NF4
+#                dequantise A/B (LORASCOPE_NF4_DEQUANT8=0 and the default, bf16 2 x 2048 and
+#                1 x 512 direct runs), the kernel-time table of one step (scripts/gpu_kernels.sh,
+#                ncu), then every model preset at 1 x 1024 (scripts/gpu_presets.sh, 6 steps)
+#                until 540 s have passed
+#   PART=vec8    the 8-wide elementwise kernels: selftest engine (its elementwise and NF4 lines),
+#                the transformers fixtures on CUDA, LORASCOPE_VEC8=0 against the default at bf16
+#                2 x 2048 (checkpointing) and 1 x 512 (loss curves and tokens/s), then Unsloth and
+#                lorascope on the four 1.5B points as PART=unsloth (CHUNKS default "512 0")
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -228,9 +237,55 @@ PY
   edge
   for c in 0 512; do echo "== chunk $c"; cat "$OUT/ab$c/lorascope.md"; done
   ;;
+kernels)
+  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
+  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    for v in 0 1; do
+      LORASCOPE_NF4_DEQUANT8=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
+        --lora-dropout 0.05 --json > "$OUT/dq$v-b$1-s$2.jsonl" 2> "$OUT/dq$v-b$1-s$2.err"
+      echo "dequant8=$v bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/dq$v-b$1-s$2.jsonl" | tail -1) $(grep -o '"final_loss":[0-9.]*' "$OUT/dq$v-b$1-s$2.jsonl" | tail -1)"
+    done
+  done
+  NCU_TIMEOUT=150 OUT=$OUT/kern bash scripts/gpu_kernels.sh > "$OUT/kern.log" 2>&1
+  echo "kernel table exit $? ($((SECONDS - T0)) s)"
+  export LORASCOPE_STATE_DIR=$OUT/state
+  DEADLINE=$((540 - (SECONDS - T0))) STEPS=6 WARMUP=2 OUT=$OUT/presets bash scripts/gpu_presets.sh > "$OUT/presets.log" 2>&1
+  echo "presets ($((SECONDS - T0)) s)"
+  grep -E "nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
+  grep -E "^\|" "$OUT/presets.log"
+  cat "$OUT/kern.log"
+  ;;
+vec8)
+  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
+  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  timeout 150 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
+  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    for v in 0 1; do
+      LORASCOPE_VEC8=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
+        --lora-dropout 0.05 --json > "$OUT/v$v-b$1-s$2.jsonl" 2> "$OUT/v$v-b$1-s$2.err"
+      echo "vec8=$v bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/v$v-b$1-s$2.jsonl" | tail -1)"
+    done
+    python3 - "$OUT/v0-b$1-s$2.jsonl" "$OUT/v1-b$1-s$2.jsonl" <<'PY'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
+same = sum(x == y for x, y in zip(a, b))
+print(f"  loss curves: {len(a)} / {len(b)} steps, {same} identical, last {a[-1] if a else '-'} / {b[-1] if b else '-'}")
+PY
+  done
+  CHUNKS=${CHUNKS:-"512 0"} PART=unsloth SKIP_FIXTURES=1 bash "$0"
+  grep -E "elementwise|swiglu|dropout|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
+  ;;
 unsloth)
-  LORASCOPE_ATTN_CHUNK=5 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
-  echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  if [ -z "${SKIP_FIXTURES:-}" ]; then
+    LORASCOPE_ATTN_CHUNK=5 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
+    echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  fi
   POINTS="fp16,1,512,0 bf16,1,512,0 fp16,2,2048,1 bf16,2,2048,1" STACKS=unsloth BUDGET_S=${BUDGET_S:-300} \
     OUT=$OUT/peers bash .carry/bench/peers/run.sh > "$OUT/peers.log" 2>&1
   echo "unsloth ($((SECONDS - T0)) s)"
