@@ -36,6 +36,8 @@ pub mod source {
     pub const ATTENTION: &str = include_str!("kernels/attention.cu");
     /// `swiglu_fwd_*`, `swiglu_bwd_*` (`ops::swiglu`).
     pub const SWIGLU: &str = include_str!("kernels/swiglu.cu");
+    /// `row_copy8_*` (`ops::row_copy`).
+    pub const ROW_COPY: &str = include_str!("kernels/row_copy.cu");
     /// `ce_rows_loss_*`, `ce_rows_grad_*` (`ops::ChunkedCrossEntropy`).
     pub const CROSS_ENTROPY: &str = include_str!("kernels/cross_entropy.cu");
     /// The dropout hash `keep`, `hash_dropout_*` and the LoRA projection's `lora_cast_*`,

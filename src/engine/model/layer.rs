@@ -102,16 +102,17 @@ impl HeadLayout {
         }
     }
 
-    /// (b*t, n*d) -> (b, n, t, d), contiguous.
+    /// (b*t, n*d) -> (b, n, t, d), contiguous ([`crate::engine::ops::row_copy`]).
     pub(crate) fn heads(&self, y: Tensor, n: usize) -> Result<Tensor> {
-        y.reshape((self.batch, self.seq, n, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()
+        crate::engine::ops::row_copy(
+            &y.reshape((self.batch, self.seq, n, self.head_dim))?
+                .transpose(1, 2)?,
+        )
     }
 
-    /// (b, n, t, d) -> (b*t, n*d).
+    /// (b, n, t, d) -> (b*t, n*d), contiguous ([`crate::engine::ops::row_copy`]).
     pub(crate) fn flat(&self, y: Tensor, n: usize) -> Result<Tensor> {
-        y.transpose(1, 2)?
+        crate::engine::ops::row_copy(&y.transpose(1, 2)?)?
             .reshape((self.batch * self.seq, n * self.head_dim))
     }
 }

@@ -34,6 +34,7 @@ mod frozen_linear;
 mod geglu;
 mod rms_norm;
 mod rope;
+mod row_copy;
 mod softcap;
 mod swiglu;
 
@@ -51,6 +52,7 @@ pub(crate) use geglu::geglu_backward;
 pub use rms_norm::RmsNorm;
 pub(crate) use rope::rope_backward;
 pub use rope::{apply_rope, rope_tables};
+pub use row_copy::row_copy;
 pub use softcap::softcap;
 pub use swiglu::swiglu;
 pub(crate) use swiglu::swiglu_backward;

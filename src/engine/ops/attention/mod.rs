@@ -199,7 +199,7 @@ impl Attention {
                 Ok(Chunk {
                     q0,
                     tq,
-                    q: q.narrow(2, q0, tq)?.contiguous()?,
+                    q: super::row_copy(&q.narrow(2, q0, tq)?)?,
                     k: k.narrow(2, 0, keys)?,
                     v: v.narrow(2, 0, keys)?,
                 })
@@ -275,10 +275,7 @@ impl Attention {
             let qs = self.grouped_scaled(&c.q, kvh)?;
             let (p, th) = self.probs(&qs, &c.k, (c.q0, c.tq))?;
             drop(qs);
-            let go = grad
-                .narrow(2, c.q0, c.tq)?
-                .to_dtype(q.dtype())?
-                .contiguous()?
+            let go = super::row_copy(&grad.narrow(2, c.q0, c.tq)?.to_dtype(q.dtype())?)?
                 .reshape((b, kvh, g * c.tq, d))?;
             let dv = p.t()?.matmul(&go)?;
             let dp = go.matmul(&c.v.t()?)?;
