@@ -229,7 +229,12 @@ pub(crate) fn forward(
             let b = cuda_buf(b, "lora bias")?;
             let n = tokens * out;
             let args = [y.arg(), b.arg(), Arg::U64(n as u64), Arg::U64(out as u64)];
-            elementwise(&dev, "lora_bias_rows", dt, n, &args)?;
+            // Eight at a time needs whole groups of 8 per row.
+            if out.is_multiple_of(8) {
+                elementwise_or_8(&dev, "lora_bias_rows", &[&y, &b], n, &args)?;
+            } else {
+                elementwise(&dev, "lora_bias_rows", dt, n, &args)?;
+            }
             1.0
         }
         None => 0.0,

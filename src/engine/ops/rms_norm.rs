@@ -332,8 +332,8 @@ mod generic {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! Launchers of `cuda/kernels/rms_norm.cu`.
-    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row};
+    //! Launchers of `cuda/kernels/rms_norm.cu` (the row in registers, `*8_*`, when it allows).
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row, vec8};
     use crate::engine::cuda::{kernel_name, source};
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Result};
@@ -354,14 +354,27 @@ mod cuda {
         } else {
             "rms_norm_fwd"
         };
-        let name = kernel_name(root, dt, "rms-norm-fused")?;
         let (a, b) = x.1;
         let rows = (b - a) / n;
         let out = Buf::alloc(dev, dt, b - a)?;
-        let mut args = vec![Buf::view(x.0, x.1)?.arg(), Buf::view(w.0, w.1)?.arg()];
+        let mut bufs = vec![Buf::view(x.0, x.1)?, Buf::view(w.0, w.1)?];
         if let Some((g, range)) = g {
-            args.push(Buf::view(g, range)?.arg());
+            bufs.push(Buf::view(g, range)?);
         }
+        // Rows of up to 8 values x 256 threads x RMS_GROUPS (4) in registers.
+        let wide = n.is_multiple_of(8)
+            && n <= 8 * 256 * 4
+            && vec8(&bufs.iter().chain([&out]).collect::<Vec<_>>());
+        let name = kernel_name(
+            &if wide {
+                format!("{root}8")
+            } else {
+                root.to_string()
+            },
+            dt,
+            "rms-norm-fused",
+        )?;
+        let mut args: Vec<Arg> = bufs.iter().map(Buf::arg).collect();
         args.extend([
             out.arg(),
             Arg::I32(n as i32),

@@ -261,7 +261,7 @@ mod generic {
 mod cuda {
     //! Launcher of `cuda/kernels/rope.cu`: one thread per element, grid-stride.
     use super::super::cuda_buf;
-    use crate::engine::cuda::launch::{Arg, Buf, Module, grid_stride, launch};
+    use crate::engine::cuda::launch::{Arg, Buf, Module, grid_stride, launch, vec8, vec8_config};
     use crate::engine::cuda::{kernel_name, source};
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Result, Tensor};
@@ -279,15 +279,24 @@ mod cuda {
     ) -> Result<CudaStorage> {
         let dt = x.dtype();
         let dev = x.device();
-        let name = kernel_name("rope", dt, "rope")?;
         let (c, s) = (cuda_buf(cos, "rope table")?, cuda_buf(sin, "rope table")?);
         if c.dtype() != dt || s.dtype() != dt {
             candle_core::bail!("rope: tables must be in the input's dtype");
         }
         let n = b - a;
         let out = Buf::alloc(dev, dt, n)?;
+        let xb = Buf::view(x, (a, b))?;
+        // Eight elements per thread need whole groups of 8 in each half row and n a multiple
+        // of d (whole rows).
+        let wide = d.is_multiple_of(16) && n.is_multiple_of(d) && vec8(&[&xb, &c, &s, &out]);
+        let name = kernel_name(if wide { "rope8" } else { "rope" }, dt, "rope")?;
+        let cfg = if wide {
+            vec8_config(n)?
+        } else {
+            grid_stride(n, 1 << 20)
+        };
         let args = [
-            Buf::view(x, (a, b))?.arg(),
+            xb.arg(),
             c.arg(),
             s.arg(),
             out.arg(),
@@ -297,7 +306,7 @@ mod cuda {
             Arg::I32(transpose as i32),
         ];
         if n > 0 {
-            launch(dev, &MODULE, &name, grid_stride(n, 1 << 20), &args)?;
+            launch(dev, &MODULE, &name, cfg, &args)?;
         }
         out.into_storage()
     }

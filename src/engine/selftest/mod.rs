@@ -206,15 +206,20 @@ pub fn run(device: &str) -> Result<Vec<Case>, EngineError> {
     Ok(cases)
 }
 
-/// Largest relative error accepted between the device's elementwise kernels and the CPU loops
-/// in f32 (the CPU computes in f64 and rounds once; the kernels round in f32).
+/// A view of a tensor (the row-copy cases of [`elementwise_check`]).
+type ViewFn = fn(&Tensor) -> candle_core::Result<Tensor>;
+
+/// Largest error accepted between the device's elementwise kernels and the CPU loops in f32,
+/// relative to the largest reference value (the CPU computes in f64 and rounds once; the
+/// kernels round in f32, and SwiGLU's gate gradient `1 + x (1 - s)` cancels near x = -1.28, so
+/// an elementwise relative error would measure the cancellation, not the kernel).
 pub const ELEMENTWISE_TOL: f64 = 1e-5;
 
-/// The elementwise kernels (SwiGLU forward and backward, the LoRA dropout) on `dev` against
-/// the CPU, in f32, over lengths that take the 8-wide kernels with and without a tail
+/// The elementwise and row kernels (SwiGLU forward and backward, the LoRA dropout, RMSNorm
+/// forward and backward, RoPE and its adjoint, the strided row copy of attention's views) on `dev` against the CPU, in f32, over lengths that take the 8-wide kernels with and without a tail
 /// (`8k`, `8k + 5`) and a view at an odd offset (the 1-wide kernels). Returns one
-/// `(name, max |a - b| / max(|b|, 1e-3))` per case; dropout cases also count a mask that
-/// differs as error 1.
+/// `(name, max |a - b| / max |b|)` per case; an element zero in one and not the other (a
+/// dropout mask that differs) counts as error 1.
 ///
 /// Errors: device copies or the ops failing.
 pub fn elementwise_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>> {
@@ -224,12 +229,16 @@ pub fn elementwise_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>
     let err = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
         let a: Vec<f32> = a.to_device(&cpu)?.flatten_all()?.to_vec1()?;
         let b: Vec<f32> = b.to_device(&cpu)?.flatten_all()?.to_vec1()?;
+        let scale = b
+            .iter()
+            .fold(0f64, |m, y| m.max(y.abs() as f64))
+            .max(f64::MIN_POSITIVE);
         Ok(a.iter().zip(&b).fold(0f64, |m, (x, y)| {
             let mask = (*x == 0.0) != (*y == 0.0);
             let e = if mask {
                 1.0
             } else {
-                ((x - y).abs() as f64) / (y.abs() as f64).max(1e-3)
+                (x - y).abs() as f64 / scale
             };
             m.max(e)
         }))
@@ -263,6 +272,71 @@ pub fn elementwise_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>
             format!("lora dropout, {tag}"),
             err(&gd.apply_op1_no_bwd(&d)?, &g.apply_op1_no_bwd(&d)?)?,
         ));
+    }
+    // RMSNorm (forward and, through a Var, backward) over rows of 64 (8 wide) and 60 (1 wide);
+    // RoPE and its adjoint with head sizes 32 (8 wide) and 24 (1 wide).
+    for (rows, n) in [(37, 64), (5, 60)] {
+        let mut r = rand_chacha::ChaCha8Rng::seed_from_u64(n as u64);
+        let mut v = |len: usize| -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = (0..len).map(|_| r.random_range(-2.0..2.0)).collect();
+            Tensor::from_vec(v, len, &cpu)
+        };
+        let (x, w, g) = (
+            v(rows * n)?.reshape((rows, n))?,
+            v(n)?,
+            v(rows * n)?.reshape((rows, n))?,
+        );
+        let run = |d: &Device| -> candle_core::Result<(Tensor, Tensor)> {
+            let xv = candle_core::Var::from_tensor(&x.to_device(d)?)?;
+            let y =
+                crate::engine::ops::RmsNorm::new(w.to_device(d)?, 1e-6).forward(xv.as_tensor())?;
+            let grads = (&y * &g.to_device(d)?)?.sum_all()?.backward()?;
+            let dx = grads
+                .get(xv.as_tensor())
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg("rms norm: no gradient".into()))?;
+            Ok((y, dx))
+        };
+        let ((y, dx), (ry, rdx)) = (run(dev)?, run(&cpu)?);
+        out.push((
+            format!("rms norm, rows of {n}"),
+            err(&y, &ry)?.max(err(&dx, &rdx)?),
+        ));
+    }
+    for d in [32, 24] {
+        let (b, h, t) = (2, 3, 20);
+        let x = Tensor::randn(0f32, 1.0, (b, h, t, d), &cpu)?;
+        let inv: Vec<f32> = (0..d / 2)
+            .map(|i| 10_000f32.powf(-2.0 * i as f32 / d as f32))
+            .collect();
+        let (cos, sin) = crate::engine::ops::rope_tables(t, &inv, 1.0, &cpu)?;
+        let on = |a: &Tensor| a.to_device(dev);
+        let y = crate::engine::ops::apply_rope(&on(&x)?, &on(&cos)?, &on(&sin)?)?;
+        let ry = crate::engine::ops::apply_rope(&x, &cos, &sin)?;
+        let a = crate::engine::ops::rope_backward(&on(&x)?, &on(&cos)?, &on(&sin)?)?;
+        let ra = crate::engine::ops::rope_backward(&x, &cos, &sin)?;
+        out.push((
+            format!("rope and adjoint, head size {d}"),
+            err(&y, &ry)?.max(err(&a, &ra)?),
+        ));
+    }
+    // Views attention copies: heads (b, t, h, d) -> (b, h, t, d), the reverse, a query chunk;
+    // and a head size of 12 (not a multiple of 8: candle's copy).
+    for (b, t, h, d) in [(2, 48, 3, 16), (1, 40, 2, 12)] {
+        let x = Tensor::arange(0f32, (b * t * h * d) as f32, &cpu)?.reshape((b, t, h, d))?;
+        let xd = x.to_device(dev)?;
+        let views: [(&str, ViewFn); 3] = [
+            ("heads", |x| x.transpose(1, 2)),
+            ("flat", |x| x.transpose(1, 2)?.contiguous()?.transpose(1, 2)),
+            ("query chunk", |x| {
+                x.transpose(1, 2)?.contiguous()?.narrow(2, 8, 16)
+            }),
+        ];
+        for (name, view) in views {
+            let got = crate::engine::ops::row_copy(&view(&xd)?)?;
+            let want = view(&x)?.contiguous()?;
+            out.push((format!("row copy {name}, d {d}"), err(&got, &want)?));
+        }
     }
     Ok(out)
 }

@@ -31,6 +31,12 @@ extern "C" __global__ void lora_dropout_add_##SUF(T* acc, const T* t, unsigned l
         unsigned long long seed, unsigned long long thr, float inv) {                          \
     GRID_STRIDE(i, n) if (keep(seed, i, thr)) st(acc + i, ld(acc[i]) + ld(t[i]) * inv);        \
 }                                                                                              \
+extern "C" __global__ void lora_bias_rows8_##SUF(T* y, const T* b, unsigned long long n,       \
+                                                 unsigned long long cols) {                    \
+    VEC8_INDEX(i, n)                                                                           \
+    *(uint4*)(y + i) = *(const uint4*)(b + i % cols);                                          \
+    if (sizeof(T) == 4) *((uint4*)(y + i) + 1) = *((const uint4*)(b + i % cols) + 1);         \
+}                                                                                              \
 extern "C" __global__ void hash_dropout8_##SUF(const T* x, T* y, unsigned long long n,         \
         unsigned long long seed, unsigned long long thr, float inv) {                          \
     VEC8_INDEX(i, n)                                                                           \

@@ -214,8 +214,9 @@ mod cpu {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    //! Launchers of `cuda/kernels/attention.cu`: one 256-thread block per score row.
-    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row};
+    //! Launchers of `cuda/kernels/attention.cu`: one 256-thread block per score row, the
+    //! row in registers with 16-byte accesses when it allows (`*8_*`).
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row, vec8};
     use crate::engine::cuda::{kernel_name, source};
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
@@ -238,6 +239,18 @@ mod cuda {
     /// Query positions per sequence, row length and first query position of the rows.
     type Rows = (usize, usize, usize);
 
+    /// Keys per row the 8-wide kernels hold: 8 values x 256 threads x `SM_GROUPS` (4).
+    const MAX_KEYS8: usize = 8 * 256 * 4;
+
+    /// `root8` when rows of `keys` allow it and every buffer is aligned ([`vec8`]), else `root`.
+    fn root(root: &str, keys: usize, bufs: &[&Buf]) -> String {
+        if keys.is_multiple_of(8) && keys <= MAX_KEYS8 && vec8(bufs) {
+            format!("{root}8")
+        } else {
+            root.to_string()
+        }
+    }
+
     fn i32s((t, keys, q0): Rows) -> [Arg; 3] {
         [
             Arg::I32(t as i32),
@@ -249,11 +262,16 @@ mod cuda {
     /// [`super::CausalSoftmax`] over `rows` score rows laid out as `r`, window `w` (0: none).
     pub fn softmax((s, range): In, rows: usize, r: Rows, w: usize) -> Result<CudaStorage> {
         let dev = s.device();
-        let name = kernel_name("causal_softmax", s.dtype(), "causal softmax")?;
         let out = Buf::alloc(dev, s.dtype(), range.1 - range.0)?;
+        let x = Buf::view(s, range)?;
+        let name = kernel_name(
+            &root("causal_softmax", r.1, &[&x, &out]),
+            s.dtype(),
+            "causal softmax",
+        )?;
         let [t, keys, q0] = i32s(r);
         let args = [
-            Buf::view(s, range)?.arg(),
+            x.arg(),
             out.arg(),
             t,
             keys,
@@ -276,12 +294,17 @@ mod cuda {
             candle_core::bail!("causal-softmax-grad: P and dP dtypes differ");
         }
         let dev = p.device();
-        let name = kernel_name("causal_softmax_grad", p.dtype(), "causal softmax")?;
         let out = Buf::alloc(dev, p.dtype(), pr.1 - pr.0)?;
+        let (pb, dpb) = (Buf::view(p, pr)?, Buf::view(dp, dpr)?);
+        let name = kernel_name(
+            &root("causal_softmax_grad", r.1, &[&pb, &dpb, &out]),
+            p.dtype(),
+            "causal softmax",
+        )?;
         let [t, keys, q0] = i32s(r);
         let args = [
-            Buf::view(p, pr)?.arg(),
-            Buf::view(dp, dpr)?.arg(),
+            pb.arg(),
+            dpb.arg(),
             out.arg(),
             t,
             keys,
