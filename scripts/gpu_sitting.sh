@@ -37,6 +37,14 @@
 #                the transformers fixtures on CUDA, LORASCOPE_VEC8=0 against the default at bf16
 #                2 x 2048 (checkpointing) and 1 x 512 (loss curves and tokens/s), then Unsloth and
 #                lorascope on the four 1.5B points as PART=unsloth (CHUNKS default "512 0")
+#   PART=rowcopy the strided row copy of attention's views: selftest engine, the fixtures,
+#                LORASCOPE_ROW_COPY=0 against the default at bf16 2 x 2048 and 1 x 512 (loss
+#                curves and tokens/s), the four 1.5B points (scripts/gpu_bench.sh, chunks of 512
+#                and 0), then the memory check (scripts/gpu_memory_check.sh)
+#   PART=final   this round's kernels in one sitting: selftest engine, the fixtures (default and
+#                chunks of 5), bf16 2 x 2048 and 1 x 512 direct runs with every new kernel off
+#                (LORASCOPE_VEC8=0 LORASCOPE_ROW_COPY=0 LORASCOPE_NF4_DEQUANT8=0), the first two
+#                alone off, and all on; the host's issue time (LORASCOPE_PROFILE=host); then Unsloth and lorascope on the four 1.5B points (CHUNKS "512 0")
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -257,6 +265,70 @@ kernels)
   grep -E "nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
   grep -E "^\|" "$OUT/presets.log"
   cat "$OUT/kern.log"
+  ;;
+final)
+  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
+  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  timeout 100 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
+  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
+  LORASCOPE_ATTN_CHUNK=5 timeout 100 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
+  echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    for cfg in "all-off:LORASCOPE_VEC8=0 LORASCOPE_ROW_COPY=0 LORASCOPE_NF4_DEQUANT8=0" \
+               "vec8-off:LORASCOPE_VEC8=0" "rowcopy-off:LORASCOPE_ROW_COPY=0" \
+               "all-on:LORASCOPE_NONE=1"; do
+      [ "$2" = 512 ] && [ "${cfg%%:*}" != all-off ] && [ "${cfg%%:*}" != all-on ] && continue
+      env ${cfg#*:} $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
+        --lora-dropout 0.05 --json > "$OUT/${cfg%%:*}-b$1-s$2.jsonl" 2> "$OUT/${cfg%%:*}-b$1-s$2.err"
+      echo "${cfg%%:*} bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/${cfg%%:*}-b$1-s$2.jsonl" | tail -1)"
+    done
+    python3 - "$OUT/all-off-b$1-s$2.jsonl" "$OUT/all-on-b$1-s$2.jsonl" <<'PY'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
+d = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan"))
+print(f"  loss curves all-off / all-on: {len(a)} / {len(b)} steps, last {a[-1] if a else '-'} / {b[-1] if b else '-'}, max rel diff {d:.1e}")
+PY
+  done
+  # The host's issue time per section (no synchronisation): near the step's wall time = host-bound.
+  LORASCOPE_PROFILE=host $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+    --precision bf16 --grad-checkpointing --batch-size 2 --seq-len 2048 --steps 12 --warmup-steps 4 \
+    --lora-dropout 0.05 --json > "$OUT/host-profile.jsonl" 2> "$OUT/host-profile.err"
+  echo "host profile exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/host-profile.jsonl" | tail -1) ($((SECONDS - T0)) s)"
+  CHUNKS=${CHUNKS:-"512 0"} BUDGET_S=${BUDGET_S:-230} PART=unsloth SKIP_FIXTURES=1 bash "$0"
+  grep -E "row copy|swiglu|dropout|rms|rope|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
+  tail -22 "$OUT/host-profile.err"
+  ;;
+rowcopy)
+  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
+  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  timeout 150 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
+  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    for v in 0 1; do
+      LORASCOPE_ROW_COPY=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
+        --lora-dropout 0.05 --json > "$OUT/r$v-b$1-s$2.jsonl" 2> "$OUT/r$v-b$1-s$2.err"
+      echo "row_copy=$v bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/r$v-b$1-s$2.jsonl" | tail -1)"
+    done
+    python3 - "$OUT/r0-b$1-s$2.jsonl" "$OUT/r1-b$1-s$2.jsonl" <<'PY'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
+same = sum(x == y for x, y in zip(a, b))
+print(f"  loss curves: {len(a)} / {len(b)} steps, {same} identical, last {a[-1] if a else '-'} / {b[-1] if b else '-'}")
+PY
+  done
+  for c in 512 0; do
+    LORASCOPE_ATTN_CHUNK=$c POINTS=$P4 OUT=$OUT/again$c SKIP_REF=1 WHL=.whl bash scripts/gpu_bench.sh > "$OUT/again$c.log" 2>&1
+    echo "lorascope, chunk $c ($((SECONDS - T0)) s)"
+  done
+  OUT=$OUT/mem bash scripts/gpu_memory_check.sh > "$OUT/mem.log" 2>&1
+  echo "memory check exit $? ($((SECONDS - T0)) s)"
+  grep -E "row copy|elementwise|swiglu|dropout|FAIL" "$OUT/selftest-engine.txt"
+  for c in 512 0; do echo "== chunk $c"; grep -E "^\| [0-9]" "$OUT/again$c/lorascope.md"; done
+  tail -4 "$OUT/mem.log"
   ;;
 vec8)
   $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
