@@ -2,8 +2,8 @@
 // (ops/row_copy.rs): the head transposes and query chunks of attention. One thread per 8
 // elements of a row, a 16-byte load and store each (32 bytes for f32): candle's generic
 // strided copy computes every element's address from all dimensions and moved these tensors
-// at 0.15-0.2 TB/s on an H200. The launcher checks D, the strides and the offset are multiples
-// of 8 elements and the buffers 16-byte aligned.
+// at 0.3-0.4 TB/s (bytes read plus written) on an H200. The launcher checks D, the strides
+// and the offset are multiples of 8 elements and the buffers 16-byte aligned.
 #define ROW_COPY(SUF, T, WORDS)                                                                \
 extern "C" __global__ void row_copy8_##SUF(const T* x, T* y, unsigned long long n8,            \
         unsigned long long d8, unsigned long long b, unsigned long long c,                     \
