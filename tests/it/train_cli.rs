@@ -424,10 +424,47 @@ fn selftest_engine_on_cpu_compares_half_precision_with_f32() {
             "{stdout}"
         );
     }
+    // NF4 dequantisation and the kernel checks (SwiGLU, dropout, RMSNorm, RoPE, the row
+    // copy): on the CPU both sides are the CPU code, so nothing may differ.
+    let dequant: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("nf4 dequantize"))
+        .collect();
+    assert_eq!(dequant.len(), 3, "{stdout}");
+    assert!(
+        dequant
+            .iter()
+            .all(|l| l.contains(" 0 values differ") && l.ends_with("ok")),
+        "{stdout}"
+    );
+    let kernels: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.contains("max rel error"))
+        .collect();
+    assert_eq!(kernels.len(), 19, "{stdout}");
+    for name in [
+        "swiglu fwd",
+        "swiglu bwd",
+        "lora dropout",
+        "rms norm",
+        "rope",
+        "row copy",
+    ] {
+        assert!(
+            kernels.iter().any(|l| l.starts_with(name)),
+            "{name}: {stdout}"
+        );
+    }
+    assert!(
+        kernels
+            .iter()
+            .all(|l| l.contains("max rel error 0.0e0") && l.ends_with("ok")),
+        "{stdout}"
+    );
     let rows: Vec<Vec<&str>> = stdout
         .lines()
         .skip(1)
-        .filter(|l| !l.starts_with("nf4 quantize"))
+        .filter(|l| !l.starts_with("nf4 ") && !l.contains("max rel error"))
         .map(|l| l.split_whitespace().collect())
         .collect();
     // fp32 ckpt, fp16, fp16 ckpt, bf16, bf16 ckpt; dense and NF4.
