@@ -227,8 +227,10 @@ pub(crate) fn vec8(bufs: &[&Buf]) -> bool {
 /// Errors: more blocks than a grid holds.
 pub(crate) fn vec8_config(n: usize) -> Result<LaunchConfig> {
     let blocks = n.div_ceil(8).div_ceil(256).max(1);
-    let blocks = u32::try_from(blocks)
-        .map_err(|_| candle_core::Error::Msg(format!("{n} elements is too many for one launch")))?;
+    if blocks > i32::MAX as usize {
+        candle_core::bail!("{n} elements is too many for one launch");
+    }
+    let blocks = blocks as u32;
     Ok(LaunchConfig {
         grid_dim: (blocks, 1, 1),
         block_dim: (256, 1, 1),

@@ -308,15 +308,12 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     let forward = phase("forward", &kept, fwd_ws, 0);
     // Loss backward (`ChunkedCrossEntropy::grad`): one chunk's logits and their gradient,
     // with the hidden-state gradient assembled from the chunks and concatenated.
-    // Soft-capped (`with_softcap`): the chunk as cuBLAS writes it and five f32 copies at the
-    // gradient's peak (`z'`, the row gradient, `z' / cap`, `1 - (z' / cap)^2`, their product),
-    // in chunks of a quarter of the rows.
+    // Soft-capped (`with_softcap`): five f32 copies of a chunk at the gradient's peak (`z'`,
+    // the row gradient, `z' / cap`, `1 - (z' / cap)^2`, their product; the raw chunk is gone
+    // by then, and while capping it lives beside four f32 copies at most), in chunks of a
+    // quarter of the rows.
     let loss_ws = match s.capped_chunk32 {
-        Some(c32) => vec![
-            Alloc::new(1, s.loss_chunk),
-            Alloc::new(5, c32),
-            Alloc::new(2, s.nh),
-        ],
+        Some(c32) => vec![Alloc::new(5, c32), Alloc::new(2, s.nh)],
         None => vec![Alloc::new(2, s.loss_chunk), Alloc::new(2, s.nh)],
     };
     let loss_backward = phase("loss backward", &kept, loss_ws, 0);

@@ -30,8 +30,8 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Number of logit elements (rows x vocab) materialised at once: 32 Mi f32 = 128 MiB.
 const CHUNK_ELEMS: usize = 32 << 20;
 
-/// Soft-capped chunks hold `CHUNK_ELEMS / CAPPED_CHUNK_DIV` logits: the chunk in the compute
-/// dtype, its f32 copy, `z'`, the row gradient and the cap's derivative are alive together.
+/// Soft-capped chunks hold `CHUNK_ELEMS / CAPPED_CHUNK_DIV` logits: up to five f32 copies of a
+/// chunk are alive together (`z'`, the row gradient, the cap's derivative and its parts).
 pub const CAPPED_CHUNK_DIV: usize = 4;
 
 /// Logit elements (rows x vocab) per chunk for a vocabulary of `vocab` (soft-capped or not):
