@@ -37,10 +37,6 @@
 #                the transformers fixtures on CUDA, LORASCOPE_VEC8=0 against the default at bf16
 #                2 x 2048 (checkpointing) and 1 x 512 (loss curves and tokens/s), then Unsloth and
 #                lorascope on the four 1.5B points as PART=unsloth (CHUNKS default "512 0")
-#   PART=rowcopy the strided row copy of attention's views: selftest engine, the fixtures,
-#                LORASCOPE_ROW_COPY=0 against the default at bf16 2 x 2048 and 1 x 512 (loss
-#                curves and tokens/s), the four 1.5B points (scripts/gpu_bench.sh, chunks of 512
-#                and 0), then the memory check (scripts/gpu_memory_check.sh)
 #   PART=final   this round's kernels in one sitting: selftest engine, the fixtures (default and
 #                chunks of 5), bf16 2 x 2048 and 1 x 512 direct runs with every new kernel off
 #                (LORASCOPE_VEC8=0 LORASCOPE_ROW_COPY=0 LORASCOPE_NF4_DEQUANT8=0), the first two
@@ -96,6 +92,43 @@ print(m.group(1) if m else 0)' "$OUT/edge/max.json" 2>> "$OUT/edge/found.txt")
       echo "direct batch $b run $rep: exit $? $(grep -c '"type":"step"' "$OUT/edge/b$b-$rep.jsonl") steps $(grep -o '"oom_retries":[0-9]*' "$OUT/edge/b$b-$rep.jsonl") $(grep -o '"tokens_per_s":[0-9]*' "$OUT/edge/b$b-$rep.jsonl") $(tail -1 "$OUT/edge/b$b-$rep.err" | cut -c1-160)"
     done
   done
+}
+# The transformers fixtures on CUDA into $OUT/fixtures-cuda$1.txt with the environment
+# assignments in $3 (e.g. LORASCOPE_ATTN_CHUNK=5), printed as "fixtures$2 exit ...: PASS, FAIL".
+fixtures() {
+  local f=$OUT/fixtures-cuda$1.txt
+  env $3 timeout 100 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$f" 2>&1
+  echo "fixtures$2 exit $?: $(grep -c PASS "$f") PASS, $(grep -c FAIL "$f") FAIL ($((SECONDS - T0)) s)"
+}
+# selftest engine on CUDA, then the fixtures (unless FIXTURES=0; with CHUNK5=1 also in chunks of
+# 5 positions).
+selftests() {
+  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
+  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  [ "${FIXTURES:-1}" = 1 ] || return 0
+  fixtures "" "" ""
+  [ "${CHUNK5:-0}" = 1 ] || return 0
+  fixtures -chunk5 ", chunks of 5," LORASCOPE_ATTN_CHUNK=5
+}
+# One 20-step direct run (5 warm-up) of Qwen2.5-1.5B nf4 bf16, dropout 0.05, at batch $2 x seq $3
+# ($4: extra flags such as --grad-checkpointing) with the environment assignments in $5, into
+# $OUT/$1-b$2-s$3.jsonl; prints its tokens/s and final loss.
+direct() {
+  local f=$OUT/$1-b$2-s$3
+  env $5 $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+    --precision bf16 $4 --batch-size $2 --seq-len $3 --steps 20 --warmup-steps 5 \
+    --lora-dropout 0.05 --json > "$f.jsonl" 2> "$f.err"
+  echo "$1 bf16 $2 x $3: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$f.jsonl" | tail -1) $(grep -o '"final_loss":[0-9.]*' "$f.jsonl" | tail -1)"
+}
+# The loss curves of two direct runs: steps, how many identical, largest relative difference.
+curves() {
+  python3 - "$1" "$2" <<'PY'
+import json, sys
+a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
+same = sum(x == y for x, y in zip(a, b))
+d = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan"))
+print(f"  loss curves: {len(a)} / {len(b)} steps, {same} identical, last {a[-1] if a else '-'} / {b[-1] if b else '-'}, max rel diff {d:.1e}")
+PY
 }
 T0=$SECONDS
 case "${PART:-checks}" in
@@ -210,12 +243,7 @@ speed)
   # The chunked attention (src/engine/ops/attention/, LORASCOPE_ATTN_CHUNK=0: one chunk) on CUDA: the
   # fixtures with chunks of 5 positions, 30-step loss curves of both at bf16 2 x 2048, and the
   # four 1.5B points through the orchestrator with each; then the edge check again.
-  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
-  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
-  $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
-  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
-  LORASCOPE_ATTN_CHUNK=5 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
-  echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  CHUNK5=1 selftests
   for c in 0 512; do
     LORASCOPE_ATTN_CHUNK=$c $L train --model qwen2.5-1.5b --data .carry/alpaca_en_demo.json --device cuda:0 \
       --quant nf4 --precision bf16 --grad-checkpointing --batch-size 2 --seq-len 2048 --steps 30 \
@@ -246,16 +274,10 @@ PY
   for c in 0 512; do echo "== chunk $c"; cat "$OUT/ab$c/lorascope.md"; done
   ;;
 kernels)
-  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
-  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
+  FIXTURES=0 selftests
   for pt in "2 2048 --grad-checkpointing" "1 512"; do
     set -- $pt
-    for v in 0 1; do
-      LORASCOPE_NF4_DEQUANT8=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
-        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
-        --lora-dropout 0.05 --json > "$OUT/dq$v-b$1-s$2.jsonl" 2> "$OUT/dq$v-b$1-s$2.err"
-      echo "dequant8=$v bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/dq$v-b$1-s$2.jsonl" | tail -1) $(grep -o '"final_loss":[0-9.]*' "$OUT/dq$v-b$1-s$2.jsonl" | tail -1)"
-    done
+    for v in 0 1; do direct "dq$v" "$1" "$2" "${3:-}" "LORASCOPE_NF4_DEQUANT8=$v"; done
   done
   NCU_TIMEOUT=150 OUT=$OUT/kern bash scripts/gpu_kernels.sh > "$OUT/kern.log" 2>&1
   echo "kernel table exit $? ($((SECONDS - T0)) s)"
@@ -267,29 +289,16 @@ kernels)
   cat "$OUT/kern.log"
   ;;
 final)
-  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
-  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
-  timeout 100 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
-  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
-  LORASCOPE_ATTN_CHUNK=5 timeout 100 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
-  echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
+  CHUNK5=1 selftests
   for pt in "2 2048 --grad-checkpointing" "1 512"; do
     set -- $pt
-    for cfg in "all-off:LORASCOPE_VEC8=0 LORASCOPE_ROW_COPY=0 LORASCOPE_NF4_DEQUANT8=0" \
-               "vec8-off:LORASCOPE_VEC8=0" "rowcopy-off:LORASCOPE_ROW_COPY=0" \
-               "all-on:LORASCOPE_NONE=1"; do
-      [ "$2" = 512 ] && [ "${cfg%%:*}" != all-off ] && [ "${cfg%%:*}" != all-on ] && continue
-      env ${cfg#*:} $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
-        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
-        --lora-dropout 0.05 --json > "$OUT/${cfg%%:*}-b$1-s$2.jsonl" 2> "$OUT/${cfg%%:*}-b$1-s$2.err"
-      echo "${cfg%%:*} bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/${cfg%%:*}-b$1-s$2.jsonl" | tail -1)"
-    done
-    python3 - "$OUT/all-off-b$1-s$2.jsonl" "$OUT/all-on-b$1-s$2.jsonl" <<'PY'
-import json, sys
-a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
-d = max((abs(x - y) / abs(x) for x, y in zip(a, b)), default=float("nan"))
-print(f"  loss curves all-off / all-on: {len(a)} / {len(b)} steps, last {a[-1] if a else '-'} / {b[-1] if b else '-'}, max rel diff {d:.1e}")
-PY
+    direct all-off "$1" "$2" "${3:-}" "LORASCOPE_VEC8=0 LORASCOPE_ROW_COPY=0 LORASCOPE_NF4_DEQUANT8=0"
+    if [ "$2" != 512 ]; then
+      direct vec8-off "$1" "$2" "${3:-}" LORASCOPE_VEC8=0
+      direct rowcopy-off "$1" "$2" "${3:-}" LORASCOPE_ROW_COPY=0
+    fi
+    direct all-on "$1" "$2" "${3:-}" ""
+    curves "$OUT/all-off-b$1-s$2.jsonl" "$OUT/all-on-b$1-s$2.jsonl"
   done
   # The host's issue time per section (no synchronisation): near the step's wall time = host-bound.
   LORASCOPE_PROFILE=host $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
@@ -300,64 +309,18 @@ PY
   grep -E "row copy|swiglu|dropout|rms|rope|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
   tail -22 "$OUT/host-profile.err"
   ;;
-rowcopy)
-  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
-  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
-  timeout 150 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
-  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
-  for pt in "2 2048 --grad-checkpointing" "1 512"; do
-    set -- $pt
-    for v in 0 1; do
-      LORASCOPE_ROW_COPY=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
-        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
-        --lora-dropout 0.05 --json > "$OUT/r$v-b$1-s$2.jsonl" 2> "$OUT/r$v-b$1-s$2.err"
-      echo "row_copy=$v bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/r$v-b$1-s$2.jsonl" | tail -1)"
-    done
-    python3 - "$OUT/r0-b$1-s$2.jsonl" "$OUT/r1-b$1-s$2.jsonl" <<'PY'
-import json, sys
-a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
-same = sum(x == y for x, y in zip(a, b))
-print(f"  loss curves: {len(a)} / {len(b)} steps, {same} identical, last {a[-1] if a else '-'} / {b[-1] if b else '-'}")
-PY
-  done
-  for c in 512 0; do
-    LORASCOPE_ATTN_CHUNK=$c POINTS=$P4 OUT=$OUT/again$c SKIP_REF=1 WHL=.whl bash scripts/gpu_bench.sh > "$OUT/again$c.log" 2>&1
-    echo "lorascope, chunk $c ($((SECONDS - T0)) s)"
-  done
-  OUT=$OUT/mem bash scripts/gpu_memory_check.sh > "$OUT/mem.log" 2>&1
-  echo "memory check exit $? ($((SECONDS - T0)) s)"
-  grep -E "row copy|elementwise|swiglu|dropout|FAIL" "$OUT/selftest-engine.txt"
-  for c in 512 0; do echo "== chunk $c"; grep -E "^\| [0-9]" "$OUT/again$c/lorascope.md"; done
-  tail -4 "$OUT/mem.log"
-  ;;
 vec8)
-  $L selftest engine --device cuda:0 > "$OUT/selftest-engine.txt" 2>&1
-  echo "selftest engine exit $? ($((SECONDS - T0)) s)"
-  timeout 150 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda.txt" 2>&1
-  echo "fixtures exit $?: $(grep -c PASS "$OUT/fixtures-cuda.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda.txt") FAIL ($((SECONDS - T0)) s)"
+  selftests
   for pt in "2 2048 --grad-checkpointing" "1 512"; do
     set -- $pt
-    for v in 0 1; do
-      LORASCOPE_VEC8=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
-        --precision bf16 ${3:-} --batch-size $1 --seq-len $2 --steps 20 --warmup-steps 5 \
-        --lora-dropout 0.05 --json > "$OUT/v$v-b$1-s$2.jsonl" 2> "$OUT/v$v-b$1-s$2.err"
-      echo "vec8=$v bf16 $1 x $2: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/v$v-b$1-s$2.jsonl" | tail -1)"
-    done
-    python3 - "$OUT/v0-b$1-s$2.jsonl" "$OUT/v1-b$1-s$2.jsonl" <<'PY'
-import json, sys
-a, b = ([json.loads(l)["loss"] for l in open(p) if '"type":"step"' in l] for p in sys.argv[1:3])
-same = sum(x == y for x, y in zip(a, b))
-print(f"  loss curves: {len(a)} / {len(b)} steps, {same} identical, last {a[-1] if a else '-'} / {b[-1] if b else '-'}")
-PY
+    for v in 0 1; do direct "v$v" "$1" "$2" "${3:-}" "LORASCOPE_VEC8=$v"; done
+    curves "$OUT/v0-b$1-s$2.jsonl" "$OUT/v1-b$1-s$2.jsonl"
   done
   CHUNKS=${CHUNKS:-"512 0"} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   grep -E "elementwise|swiglu|dropout|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
   ;;
 unsloth)
-  if [ -z "${SKIP_FIXTURES:-}" ]; then
-    LORASCOPE_ATTN_CHUNK=5 $L selftest engine --device cuda:0 --fixtures tests/fixtures/hf > "$OUT/fixtures-cuda-chunk5.txt" 2>&1
-    echo "fixtures, chunks of 5, exit $?: $(grep -c PASS "$OUT/fixtures-cuda-chunk5.txt") PASS, $(grep -c FAIL "$OUT/fixtures-cuda-chunk5.txt") FAIL ($((SECONDS - T0)) s)"
-  fi
+  [ -n "${SKIP_FIXTURES:-}" ] || fixtures -chunk5 ", chunks of 5," LORASCOPE_ATTN_CHUNK=5
   POINTS="fp16,1,512,0 bf16,1,512,0 fp16,2,2048,1 bf16,2,2048,1" STACKS=unsloth BUDGET_S=${BUDGET_S:-300} \
     OUT=$OUT/peers bash .carry/bench/peers/run.sh > "$OUT/peers.log" 2>&1
   echo "unsloth ($((SECONDS - T0)) s)"
