@@ -215,17 +215,29 @@ pub(crate) fn grid_stride(n: usize, max_blocks: usize) -> LaunchConfig {
 /// thread per eight elements, 16-byte loads and stores) over these buffers: every address
 /// 16-byte aligned, and `LORASCOPE_VEC8` not `0` (read once; `0` keeps the 1-wide kernels, for
 /// A/B timing: both compute the same bits).
-pub(crate) fn vec8(bufs: &[&Buf]) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("LORASCOPE_VEC8").is_none_or(|v| v != "0"))
-        && bufs.iter().all(|b| b.ptr().is_multiple_of(16))
+pub(crate) fn vec8<'a>(bufs: impl IntoIterator<Item = &'a Buf>) -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    super::kernel_switch(&ON, "LORASCOPE_VEC8")
+        && bufs.into_iter().all(|b| b.ptr().is_multiple_of(16))
+}
+
+/// The name of the 8-wide kernel `<root>8_<dtype>` when `wide`, else of the 1-wide
+/// `<root>_<dtype>`; `what` names the op in errors.
+///
+/// Errors: a dtype without a kernel.
+pub(crate) fn name8(root: &str, dt: DType, what: &str, wide: bool) -> Result<String> {
+    if wide {
+        super::kernel_name(&format!("{root}8"), dt, what)
+    } else {
+        super::kernel_name(root, dt, what)
+    }
 }
 
 /// Launch configuration of an 8-wide kernel over `n` elements: 256 threads per block, one per
 /// eight elements (the last thread of a length not divisible by 8 does the tail one by one).
 ///
 /// Errors: more blocks than a grid holds.
-pub(crate) fn vec8_config(n: usize) -> Result<LaunchConfig> {
+fn vec8_config(n: usize) -> Result<LaunchConfig> {
     let blocks = n.div_ceil(8).div_ceil(256).max(1);
     if blocks > i32::MAX as usize {
         candle_core::bail!("{n} elements is too many for one launch");
@@ -236,6 +248,24 @@ pub(crate) fn vec8_config(n: usize) -> Result<LaunchConfig> {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     })
+}
+
+/// The elementwise kernel to launch over `n` elements of `dt`: the 8-wide `<root>8_<dtype>`
+/// with [`vec8_config`] when the op's own condition `wide` holds and [`vec8`] allows `bufs`,
+/// else `<root>_<dtype>` with `one` (the 1-wide kernel's configuration). `what` names the op
+/// in errors.
+///
+/// Errors: a dtype without a kernel, a grid too large.
+pub(crate) fn vec8_or(
+    (root, dt, what): (&str, DType, &str),
+    n: usize,
+    wide: bool,
+    bufs: &[&Buf],
+    one: impl FnOnce() -> Result<LaunchConfig>,
+) -> Result<(String, LaunchConfig)> {
+    let wide = wide && vec8(bufs.iter().copied());
+    let cfg = if wide { vec8_config(n)? } else { one()? };
+    Ok((name8(root, dt, what, wide)?, cfg))
 }
 
 /// A device buffer as a kernel argument: its address and dtype, and the storage that owns it

@@ -69,7 +69,14 @@ fn has_kernel(dtype: DType) -> bool {
 /// `LORASCOPE_FUSED` is not `0` (read once per process).
 fn fused_kernels_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED").as_deref() != Ok("0"))
+    kernel_switch(&ON, "LORASCOPE_FUSED")
+}
+
+/// A kernel switch: on unless the environment variable `name` is `0`, read once into `cell`
+/// (one `static` per switch: `LORASCOPE_FUSED`, `LORASCOPE_VEC8`, `LORASCOPE_ROW_COPY`,
+/// `LORASCOPE_NF4_DEQUANT8`).
+pub(crate) fn kernel_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
+    *cell.get_or_init(|| std::env::var(name).as_deref() != Ok("0"))
 }
 
 /// The kernel-name suffix of the float dtypes the kernels are instantiated for (`f32`, `f16`,

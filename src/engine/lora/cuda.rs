@@ -20,7 +20,7 @@
 //! matmuls), inputs and outputs in the compute dtype except the f32 adapter gradients.
 
 use super::{BaseLinear, HashDropout, LoraProjection};
-use crate::engine::cuda::launch::{Arg, Buf, Module, err, grid_stride, launch, vec8, vec8_config};
+use crate::engine::cuda::launch::{Arg, Buf, Module, err, grid_stride, launch, vec8_or};
 use crate::engine::cuda::{kernel_name, source};
 use crate::engine::ops::cuda_buf;
 use candle_core::backend::BackendStorage;
@@ -132,24 +132,22 @@ fn dropout_into(dev: &CudaDevice, d: &HashDropout, x: &Buf, out: &Buf, n: usize)
         Arg::U64(thr),
         Arg::F32(inv),
     ];
-    elementwise_or_8(dev, "hash_dropout", &[x, out], n, &args)
+    elementwise_or_8(dev, "hash_dropout", (true, &[x, out]), n, &args)
 }
 
-/// [`elementwise`], or its 8-wide twin `root8_<dtype>` when every buffer in `bufs` allows
-/// ([`vec8`]); the dtype is the first buffer's.
+/// [`elementwise`], or its 8-wide twin `root8_<dtype>` when `wide` holds and every buffer in
+/// `bufs` allows ([`vec8_or`]); the dtype is the first buffer's.
 fn elementwise_or_8(
     dev: &CudaDevice,
     root: &str,
-    bufs: &[&Buf],
+    (wide, bufs): (bool, &[&Buf]),
     n: usize,
     args: &[Arg],
 ) -> Result<()> {
     let dt = bufs.first().map_or(DType::F32, |b| b.dtype());
-    if vec8(bufs) {
-        let name = kernel_name(&format!("{root}8"), dt, "lora projection")?;
-        return launch(dev, &MODULE, &name, vec8_config(n)?, args);
-    }
-    elementwise(dev, root, dt, n, args)
+    let one = || Ok(grid_stride(n, MAX_BLOCKS));
+    let (name, cfg) = vec8_or((root, dt, "lora projection"), n, wide, bufs, one)?;
+    launch(dev, &MODULE, &name, cfg, args)
 }
 
 /// `A` (r, in) or `s B` (out, r), f32 masters, in the compute dtype.
@@ -230,11 +228,8 @@ pub(crate) fn forward(
             let n = tokens * out;
             let args = [y.arg(), b.arg(), Arg::U64(n as u64), Arg::U64(out as u64)];
             // Eight at a time needs whole groups of 8 per row.
-            if out.is_multiple_of(8) {
-                elementwise_or_8(&dev, "lora_bias_rows", &[&y, &b], n, &args)?;
-            } else {
-                elementwise(&dev, "lora_bias_rows", dt, n, &args)?;
-            }
+            let wide = out.is_multiple_of(8);
+            elementwise_or_8(&dev, "lora_bias_rows", (wide, &[&y, &b]), n, &args)?;
             1.0
         }
         None => 0.0,
@@ -362,7 +357,7 @@ pub(crate) fn backward(
             Arg::U64(thr),
             Arg::F32(inv),
         ];
-        elementwise_or_8(dev, "lora_dropout_add", &[&dx, &t], n, &args)?;
+        elementwise_or_8(dev, "lora_dropout_add", (true, &[&dx, &t]), n, &args)?;
     } else {
         gemm(dev, (tokens, inp, r), &du, false, &ac, false, &dx, 1.0, 1.0)?;
     }

@@ -42,7 +42,7 @@ type In<'a> = (&'a CudaStorage, &'a Layout);
 /// one-byte-per-thread kernel, for A/B timing; both give the same bits). Read once.
 fn eight_per_thread() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("LORASCOPE_NF4_DEQUANT8").is_none_or(|v| v != "0"))
+    crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_NF4_DEQUANT8")
 }
 
 /// [`Dequant`] of (packed, qabsmax, absmax2), each a whole storage from offset 0: `op.n`

@@ -333,8 +333,8 @@ mod generic {
 #[cfg(feature = "cuda")]
 mod cuda {
     //! Launchers of `cuda/kernels/rms_norm.cu` (the row in registers, `*8_*`, when it allows).
-    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row, vec8};
-    use crate::engine::cuda::{kernel_name, source};
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, name8, per_row, vec8};
+    use crate::engine::cuda::source;
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Result};
 
@@ -362,18 +362,8 @@ mod cuda {
             bufs.push(Buf::view(g, range)?);
         }
         // Rows of up to 8 values x 256 threads x RMS_GROUPS (4) in registers.
-        let wide = n.is_multiple_of(8)
-            && n <= 8 * 256 * 4
-            && vec8(&bufs.iter().chain([&out]).collect::<Vec<_>>());
-        let name = kernel_name(
-            &if wide {
-                format!("{root}8")
-            } else {
-                root.to_string()
-            },
-            dt,
-            "rms-norm-fused",
-        )?;
+        let wide = n.is_multiple_of(8) && n <= 8 * 256 * 4 && vec8(bufs.iter().chain([&out]));
+        let name = name8(root, dt, "rms-norm-fused", wide)?;
         let mut args: Vec<Arg> = bufs.iter().map(Buf::arg).collect();
         args.extend([
             out.arg(),

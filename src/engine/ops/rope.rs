@@ -261,8 +261,8 @@ mod generic {
 mod cuda {
     //! Launcher of `cuda/kernels/rope.cu`: one thread per element, grid-stride.
     use super::super::cuda_buf;
-    use crate::engine::cuda::launch::{Arg, Buf, Module, grid_stride, launch, vec8, vec8_config};
-    use crate::engine::cuda::{kernel_name, source};
+    use crate::engine::cuda::launch::{Arg, Buf, Module, grid_stride, launch, vec8_or};
+    use crate::engine::cuda::source;
     use candle_core::backend::BackendStorage;
     use candle_core::{CudaStorage, Result, Tensor};
 
@@ -288,13 +288,10 @@ mod cuda {
         let xb = Buf::view(x, (a, b))?;
         // Eight elements per thread need whole groups of 8 in each half row and n a multiple
         // of d (whole rows).
-        let wide = d.is_multiple_of(16) && n.is_multiple_of(d) && vec8(&[&xb, &c, &s, &out]);
-        let name = kernel_name(if wide { "rope8" } else { "rope" }, dt, "rope")?;
-        let cfg = if wide {
-            vec8_config(n)?
-        } else {
-            grid_stride(n, 1 << 20)
-        };
+        let wide = d.is_multiple_of(16) && n.is_multiple_of(d);
+        let (name, cfg) = vec8_or(("rope", dt, "rope"), n, wide, &[&xb, &c, &s, &out], || {
+            Ok(grid_stride(n, 1 << 20))
+        })?;
         let args = [
             xb.arg(),
             c.arg(),

@@ -69,7 +69,7 @@ mod cuda {
     /// `LORASCOPE_ROW_COPY=0` leaves every copy to candle (A/B timing; same values). Read once.
     pub(super) fn enabled() -> bool {
         static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ON.get_or_init(|| std::env::var_os("LORASCOPE_ROW_COPY").is_none_or(|v| v != "0"))
+        crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_ROW_COPY")
     }
 
     /// (dims, strides, offset) of a 4-D view the kernel copies: unit stride on the last

@@ -205,8 +205,8 @@ mod cuda {
     //! Launchers of `cuda/kernels/swiglu.cu`: eight elements per thread on aligned buffers,
     //! else one.
     use super::super::cuda_buf;
-    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, vec8, vec8_config};
-    use crate::engine::cuda::{kernel_name, source};
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, vec8_or};
+    use crate::engine::cuda::source;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     use candle_core::{CudaStorage, Result, Tensor};
@@ -231,12 +231,13 @@ mod cuda {
         let dev = g.device();
         let out = Buf::alloc(dev, g.dtype(), n)?;
         let (gb, ub) = (Buf::view(g, r1)?, Buf::view(u, r2)?);
-        let (root, cfg) = if vec8(&[&gb, &ub, &out]) {
-            ("swiglu_fwd8", vec8_config(n)?)
-        } else {
-            ("swiglu_fwd", cfg(n)?)
-        };
-        let name = kernel_name(root, g.dtype(), "swiglu")?;
+        let (name, cfg) = vec8_or(
+            ("swiglu_fwd", g.dtype(), "swiglu"),
+            n,
+            true,
+            &[&gb, &ub, &out],
+            || cfg(n),
+        )?;
         let args = [gb.arg(), ub.arg(), out.arg(), Arg::U64(n as u64)];
         launch(dev, &MODULE, &name, cfg, &args)?;
         out.into_storage()
@@ -254,12 +255,8 @@ mod cuda {
         }
         let (dg, du) = (Buf::alloc(dev, dt, n)?, Buf::alloc(dev, dt, n)?);
         let (gb, ub, db) = (cuda_buf(g, w)?, cuda_buf(u, w)?, cuda_buf(dy, w)?);
-        let (root, cfg) = if vec8(&[&gb, &ub, &db, &dg, &du]) {
-            ("swiglu_bwd8", vec8_config(n)?)
-        } else {
-            ("swiglu_bwd", cfg(n)?)
-        };
-        let name = kernel_name(root, dt, "swiglu")?;
+        let bufs = [&gb, &ub, &db, &dg, &du];
+        let (name, cfg) = vec8_or(("swiglu_bwd", dt, "swiglu"), n, true, &bufs, || cfg(n))?;
         let args = [
             gb.arg(),
             ub.arg(),

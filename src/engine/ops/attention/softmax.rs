@@ -216,8 +216,8 @@ mod cpu {
 mod cuda {
     //! Launchers of `cuda/kernels/attention.cu`: one 256-thread block per score row, the
     //! row in registers with 16-byte accesses when it allows (`*8_*`).
-    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, per_row, vec8};
-    use crate::engine::cuda::{kernel_name, source};
+    use crate::engine::cuda::launch::{Arg, Buf, Module, launch, name8, per_row, vec8};
+    use crate::engine::cuda::source;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
     use candle_core::{CudaStorage, Result};
@@ -242,13 +242,11 @@ mod cuda {
     /// Keys per row the 8-wide kernels hold: 8 values x 256 threads x `SM_GROUPS` (4).
     const MAX_KEYS8: usize = 8 * 256 * 4;
 
-    /// `root8` when rows of `keys` allow it and every buffer is aligned ([`vec8`]), else `root`.
-    fn root(root: &str, keys: usize, bufs: &[&Buf]) -> String {
-        if keys.is_multiple_of(8) && keys <= MAX_KEYS8 && vec8(bufs) {
-            format!("{root}8")
-        } else {
-            root.to_string()
-        }
+    /// The kernel `root8_<dtype>` when rows of `keys` allow it and every buffer is aligned
+    /// ([`vec8`]), else `root_<dtype>`.
+    fn kernel(root: &str, dt: candle_core::DType, keys: usize, bufs: &[&Buf]) -> Result<String> {
+        let wide = keys.is_multiple_of(8) && keys <= MAX_KEYS8 && vec8(bufs.iter().copied());
+        name8(root, dt, "causal softmax", wide)
     }
 
     fn i32s((t, keys, q0): Rows) -> [Arg; 3] {
@@ -264,11 +262,7 @@ mod cuda {
         let dev = s.device();
         let out = Buf::alloc(dev, s.dtype(), range.1 - range.0)?;
         let x = Buf::view(s, range)?;
-        let name = kernel_name(
-            &root("causal_softmax", r.1, &[&x, &out]),
-            s.dtype(),
-            "causal softmax",
-        )?;
+        let name = kernel("causal_softmax", s.dtype(), r.1, &[&x, &out])?;
         let [t, keys, q0] = i32s(r);
         let args = [
             x.arg(),
@@ -296,11 +290,7 @@ mod cuda {
         let dev = p.device();
         let out = Buf::alloc(dev, p.dtype(), pr.1 - pr.0)?;
         let (pb, dpb) = (Buf::view(p, pr)?, Buf::view(dp, dpr)?);
-        let name = kernel_name(
-            &root("causal_softmax_grad", r.1, &[&pb, &dpb, &out]),
-            p.dtype(),
-            "causal softmax",
-        )?;
+        let name = kernel("causal_softmax_grad", p.dtype(), r.1, &[&pb, &dpb, &out])?;
         let [t, keys, q0] = i32s(r);
         let args = [
             pb.arg(),
