@@ -411,37 +411,25 @@ fn selftest_engine_on_cpu_compares_half_precision_with_f32() {
         "{stdout}\n{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    // NF4 quantisation on the device against the host loops: on the CPU both are the host
-    // loops, so nothing may differ.
-    let quant: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("nf4 quantize"))
-        .collect();
-    assert_eq!(quant.len(), 3, "{stdout}");
-    for l in &quant {
-        assert!(
-            l.contains(" 0 packed bytes and 0 block absmax values differ") && l.ends_with("ok"),
-            "{stdout}"
-        );
-    }
-    // NF4 dequantisation and the kernel checks (SwiGLU, dropout, RMSNorm, RoPE, the row
-    // copy): on the CPU both sides are the CPU code, so nothing may differ.
-    let dequant: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("nf4 dequantize"))
-        .collect();
-    assert_eq!(dequant.len(), 3, "{stdout}");
-    assert!(
-        dequant
-            .iter()
-            .all(|l| l.contains(" 0 values differ") && l.ends_with("ok")),
-        "{stdout}"
+    // The lines `pick` selects: `count` of them, each saying `says` and ending in `ok`.
+    let checked = |pick: fn(&str) -> bool, count: usize, says: &str| -> Vec<&str> {
+        let lines: Vec<&str> = stdout.lines().filter(|l| pick(l)).collect();
+        assert_eq!(lines.len(), count, "{stdout}");
+        for l in &lines {
+            assert!(l.contains(says) && l.ends_with("ok"), "{stdout}");
+        }
+        lines
+    };
+    // NF4 quantisation and dequantisation on the device against the host loops, and the kernel
+    // checks (SwiGLU, dropout, RMSNorm, RoPE, the row copy): on the CPU both sides are the CPU
+    // code, so nothing may differ.
+    checked(
+        |l| l.starts_with("nf4 quantize"),
+        3,
+        " 0 packed bytes and 0 block absmax values differ",
     );
-    let kernels: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.contains("max rel error"))
-        .collect();
-    assert_eq!(kernels.len(), 19, "{stdout}");
+    checked(|l| l.starts_with("nf4 dequantize"), 3, " 0 values differ");
+    let kernels = checked(|l| l.contains("max rel error"), 19, "max rel error 0.0e0");
     for name in [
         "swiglu fwd",
         "swiglu bwd",
@@ -455,12 +443,6 @@ fn selftest_engine_on_cpu_compares_half_precision_with_f32() {
             "{name}: {stdout}"
         );
     }
-    assert!(
-        kernels
-            .iter()
-            .all(|l| l.contains("max rel error 0.0e0") && l.ends_with("ok")),
-        "{stdout}"
-    );
     let rows: Vec<Vec<&str>> = stdout
         .lines()
         .skip(1)
