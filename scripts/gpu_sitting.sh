@@ -41,6 +41,10 @@
 #                chunks of 5), bf16 2 x 2048 and 1 x 512 direct runs with every new kernel off
 #                (LORASCOPE_VEC8=0 LORASCOPE_ROW_COPY=0 LORASCOPE_NF4_DEQUANT8=0), the first two
 #                alone off, and all on; the host's issue time (LORASCOPE_PROFILE=host); then Unsloth and lorascope on the four 1.5B points (CHUNKS "512 0")
+#   PART=launches fewer launches per step: selftest engine and the fixtures, selftest optim (the
+#                multi-tensor optimizer against the CPU), bf16 2 x 2048 (checkpointing) and 1 x 512
+#                direct runs with LORASCOPE_MULTI_TENSOR=0 LORASCOPE_LAYER_CASTS=0, each alone off,
+#                and all on (loss curves must be identical), then the host's issue time
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -307,6 +311,26 @@ final)
   echo "host profile exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/host-profile.jsonl" | tail -1) ($((SECONDS - T0)) s)"
   CHUNKS=${CHUNKS:-"512 0"} BUDGET_S=${BUDGET_S:-230} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   grep -E "row copy|swiglu|dropout|rms|rope|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
+  tail -22 "$OUT/host-profile.err"
+  ;;
+launches)
+  selftests
+  $L selftest optim --steps 20 > "$OUT/selftest-optim.txt" 2>&1
+  echo "selftest optim exit $? ($((SECONDS - T0)) s)"
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    direct both-off "$1" "$2" "${3:-}" "LORASCOPE_MULTI_TENSOR=0 LORASCOPE_LAYER_CASTS=0"
+    direct multi-off "$1" "$2" "${3:-}" LORASCOPE_MULTI_TENSOR=0
+    direct casts-off "$1" "$2" "${3:-}" LORASCOPE_LAYER_CASTS=0
+    direct all-on "$1" "$2" "${3:-}" ""
+    curves "$OUT/both-off-b$1-s$2.jsonl" "$OUT/all-on-b$1-s$2.jsonl"
+  done
+  LORASCOPE_PROFILE=host $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+    --precision bf16 --grad-checkpointing --batch-size 2 --seq-len 2048 --steps 12 --warmup-steps 4 \
+    --lora-dropout 0.05 --json > "$OUT/host-profile.jsonl" 2> "$OUT/host-profile.err"
+  echo "host profile exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/host-profile.jsonl" | tail -1) ($((SECONDS - T0)) s)"
+  grep -E "FAIL" "$OUT/selftest-engine.txt" | head -5
+  grep -vE '^ *$' "$OUT/selftest-optim.txt" | tail -16
   tail -22 "$OUT/host-profile.err"
   ;;
 vec8)

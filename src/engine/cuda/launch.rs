@@ -364,6 +364,16 @@ impl Buf {
         }
     }
 
+    /// Elements `offset..` of this buffer, borrowed (the original keeps ownership; the caller
+    /// keeps the range inside it).
+    pub(crate) fn offset(&self, offset: usize) -> Self {
+        Self {
+            ptr: self.ptr + (offset * self.dt.size_in_bytes()) as u64,
+            dt: self.dt,
+            owned: None,
+        }
+    }
+
     /// The address as a kernel argument.
     pub(crate) fn arg(&self) -> Arg {
         Arg::Ptr(self.ptr)
@@ -398,6 +408,85 @@ impl Buf {
             false,
         ))
     }
+}
+
+/// The per-tensor rows of a multi-tensor kernel (one launch over a list of tensors instead of
+/// one launch each): `stride - 1` u64 fields per tensor (addresses, lengths, ...) followed by
+/// the tensor's first block in the grid, which [`TensorTable::push`] computes. The kernels find
+/// a block's row with `table_row` (`kernels/prelude.cuh`).
+pub(crate) struct TensorTable {
+    rows: Vec<u64>,
+    stride: usize,
+    blocks: u64,
+}
+
+impl TensorTable {
+    /// An empty table of rows of `fields` fields (plus the first-block column).
+    pub(crate) fn new(fields: usize) -> Self {
+        Self {
+            rows: Vec::new(),
+            stride: fields + 1,
+            blocks: 0,
+        }
+    }
+
+    /// Append a tensor's `fields` that takes `blocks` blocks of the grid.
+    ///
+    /// Errors: a row of the wrong length.
+    pub(crate) fn push(&mut self, fields: &[u64], blocks: u64) -> Result<()> {
+        if fields.len() + 1 != self.stride {
+            candle_core::bail!(
+                "tensor table: {} fields in a row of {}",
+                fields.len(),
+                self.stride - 1
+            );
+        }
+        self.rows.extend_from_slice(fields);
+        self.rows.push(self.blocks);
+        self.blocks += blocks;
+        Ok(())
+    }
+
+    /// Rows so far.
+    pub(crate) fn len(&self) -> usize {
+        self.rows.len() / self.stride
+    }
+
+    /// Whether no tensor has been added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+
+    /// Copy the table to `dev` for one launch of `threads`-thread blocks over every row's
+    /// blocks: the device copy (keep it alive until the launch is queued; freeing is ordered on
+    /// the stream), the row count as an `unsigned int` argument, and the launch configuration.
+    ///
+    /// Errors: more blocks or rows than one launch takes, a copy failure.
+    pub(crate) fn upload(
+        &self,
+        dev: &CudaDevice,
+        threads: u32,
+    ) -> Result<(cudarc::driver::CudaSlice<u64>, Arg, LaunchConfig)> {
+        if self.blocks > i32::MAX as u64 || self.len() > i32::MAX as usize {
+            candle_core::bail!(
+                "{} blocks over {} tensors is too many for one launch",
+                self.blocks,
+                self.len()
+            );
+        }
+        let table = dev.clone_htod(self.rows.as_slice())?;
+        let cfg = LaunchConfig {
+            grid_dim: (self.blocks.max(1) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        Ok((table, Arg::I32(self.len() as i32), cfg))
+    }
+}
+
+/// The device address of a `u64` table from [`TensorTable::upload`].
+pub(crate) fn table_arg(dev: &CudaDevice, t: &cudarc::driver::CudaSlice<u64>) -> Arg {
+    Arg::Ptr(t.device_ptr(&dev.cuda_stream()).0)
 }
 
 /// A CUDA C++ declaration of a constant f32 table for a generated module header:

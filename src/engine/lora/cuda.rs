@@ -20,12 +20,15 @@
 //! matmuls), inputs and outputs in the compute dtype except the f32 adapter gradients.
 
 use super::{BaseLinear, HashDropout, LoraProjection};
-use crate::engine::cuda::launch::{Arg, Buf, Module, err, grid_stride, launch, vec8_or};
+use crate::engine::cuda::launch::{
+    Arg, Buf, Module, TensorTable, err, grid_stride, launch, table_arg, vec8_or,
+};
 use crate::engine::cuda::{kernel_name, source};
 use crate::engine::ops::cuda_buf;
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor};
+use std::sync::Arc;
 
 /// The LoRA family's kernels (`cuda/kernels/lora.cu`), the dropout kernel included.
 static MODULE: Module = Module::new("lorascope_lora", source::LORA);
@@ -169,6 +172,116 @@ fn cast(dev: &CudaDevice, src: &Buf, n: usize, dt: DType, scale: f64) -> Result<
     Ok(out)
 }
 
+/// One layer pass's adapter masters in the compute dtype: `A` and `s B` of every adapter of
+/// a decoder layer in one buffer, written by one `lora_cast_multi_*` launch instead of two
+/// `lora_cast_*` launches per projection per pass (the same arithmetic: `dt(master * scale)`).
+/// Owned by the layer's [`super::CastScope`]; projections hold [`AdapterCasts`] (weak), so the
+/// casts are used only while the scope that made them lives, in which nothing updates the
+/// masters.
+pub(crate) struct LayerCasts {
+    buf: Buf,
+    dt: DType,
+}
+
+/// One adapter's share of a [`LayerCasts`]: offsets and lengths (elements) of `A` (r, in) and
+/// `s B` (out, r).
+#[derive(Clone)]
+pub(crate) struct AdapterCasts {
+    layer: std::sync::Weak<LayerCasts>,
+    a: (usize, usize),
+    b: (usize, usize),
+}
+
+impl std::fmt::Debug for AdapterCasts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AdapterCasts {{ a: {:?}, b: {:?} }}", self.a, self.b)
+    }
+}
+
+impl AdapterCasts {
+    /// `(A, s B)` in `dt` for masters of `a_len` and `b_len` elements, with the layer buffer
+    /// that holds them; None when the scope has ended or anything differs.
+    fn get(&self, dt: DType, a_len: usize, b_len: usize) -> Option<(Arc<LayerCasts>, Buf, Buf)> {
+        let layer = self.layer.upgrade()?;
+        if layer.dt != dt || self.a.1 != a_len || self.b.1 != b_len {
+            return None;
+        }
+        let (a, b) = (layer.buf.offset(self.a.0), layer.buf.offset(self.b.0));
+        Some((layer, a, b))
+    }
+}
+
+/// Cast every adapter of `adapters` (f32 masters on `dev`) to `dt` in one launch: the layer
+/// buffer and each adapter's share, in order.
+///
+/// Errors: masters that are not f32 CUDA tensors, device errors.
+pub(crate) fn cast_layer(
+    dev: &CudaDevice,
+    dt: DType,
+    adapters: &[&super::LoraAdapter],
+) -> Result<(Arc<LayerCasts>, Vec<AdapterCasts>)> {
+    let total: usize = adapters
+        .iter()
+        .map(|ad| ad.a.elem_count() + ad.b.elem_count())
+        .sum();
+    let buf = Buf::alloc(dev, dt, total)?;
+    let mut table = TensorTable::new(4);
+    let mut spans = Vec::with_capacity(adapters.len());
+    let mut offset = 0;
+    for ad in adapters {
+        let mut span = [(0, 0); 2];
+        for (k, (t, scale)) in [(ad.a.as_tensor(), 1.0), (ad.b.as_tensor(), ad.scale)]
+            .into_iter()
+            .enumerate()
+        {
+            if t.dtype() != DType::F32 {
+                candle_core::bail!("lora cuda: adapter weights must be f32 masters");
+            }
+            let n = t.elem_count();
+            let src = cuda_buf(t, "lora master")?.ptr();
+            let dst = buf.offset(offset).ptr();
+            let bits = u64::from((scale as f32).to_bits());
+            table.push(&[src, dst, n as u64, bits], n.div_ceil(256).max(1) as u64)?;
+            span[k] = (offset, n);
+            offset += n;
+        }
+        spans.push((span[0], span[1]));
+    }
+    if !table.is_empty() {
+        let (rows, count, cfg) = table.upload(dev, 256)?;
+        let name = kernel_name("lora_cast_multi", dt, "lora projection")?;
+        launch(dev, &MODULE, &name, cfg, &[table_arg(dev, &rows), count])?;
+    }
+    let layer = Arc::new(LayerCasts { buf, dt });
+    let casts = spans
+        .into_iter()
+        .map(|(a, b)| AdapterCasts {
+            layer: Arc::downgrade(&layer),
+            a,
+            b,
+        })
+        .collect();
+    Ok((layer, casts))
+}
+
+/// `(A, s B)` in `dt`: the layer pass's casts when `op` holds live ones, else two fresh casts
+/// of the masters `a` (r x in elements) and `b` (out x r), and the layer buffer to keep alive
+/// while they are used.
+fn adapter_casts(
+    dev: &CudaDevice,
+    op: &LoraProjection,
+    (a, a_len): (&Buf, usize),
+    (b, b_len): (&Buf, usize),
+    dt: DType,
+) -> Result<(Option<Arc<LayerCasts>>, Buf, Buf)> {
+    if let Some((layer, ac, bc)) = op.casts.as_ref().and_then(|c| c.get(dt, a_len, b_len)) {
+        return Ok((Some(layer), ac, bc));
+    }
+    let ac = cast(dev, a, a_len, dt, 1.0)?;
+    let bc = cast(dev, b, b_len, dt, op.scale)?;
+    Ok((None, ac, bc))
+}
+
 /// `d(x)`, or `x` itself (borrowed) without dropout.
 fn dropped(dev: &CudaDevice, op: &LoraProjection, x: &Buf, n: usize) -> Result<Buf> {
     if op.dropout <= 0.0 {
@@ -246,14 +359,11 @@ pub(crate) fn forward(
         beta,
     )?;
     drop(w);
-    let ac = cast(&dev, &Buf::view(sa, contiguous(la)?)?, r * inp, dt, 1.0)?;
-    let bc = cast(
-        &dev,
-        &Buf::view(sb, contiguous(lb)?)?,
-        out * r,
-        dt,
-        op.scale,
-    )?;
+    let (a, b) = (
+        Buf::view(sa, contiguous(la)?)?,
+        Buf::view(sb, contiguous(lb)?)?,
+    );
+    let (_held, ac, bc) = adapter_casts(&dev, op, (&a, r * inp), (&b, out * r), dt)?;
     let xd = dropped(&dev, op, &x, tokens * inp)?;
     let u = Buf::alloc(&dev, dt, tokens * r)?;
     gemm(&dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
@@ -312,8 +422,8 @@ pub(crate) fn backward(
         0.0,
     )?;
     drop(w);
-    let ac = cast(dev, &cuda_buf(&a, "lora A")?, r * inp, dt, 1.0)?;
-    let bc = cast(dev, &cuda_buf(&b, "lora B")?, out * r, dt, op.scale)?;
+    let (a, b) = (cuda_buf(&a, "lora A")?, cuda_buf(&b, "lora B")?);
+    let (_held, ac, bc) = adapter_casts(dev, op, (&a, r * inp), (&b, out * r), dt)?;
     let xd = dropped(dev, op, &xb, tokens * inp)?;
     let u = Buf::alloc(dev, dt, tokens * r)?;
     gemm(dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;

@@ -17,6 +17,13 @@ mod projection;
 pub use dropout::{HashDropout, dropout_keep, splitmix64};
 pub use projection::LoraProjection;
 
+#[cfg(feature = "cuda")]
+pub(crate) use cuda::AdapterCasts;
+/// Without CUDA there are no layer casts (the type has no values).
+#[cfg(not(feature = "cuda"))]
+#[derive(Debug, Clone)]
+pub(crate) enum AdapterCasts {}
+
 use super::nf4::Nf4Linear;
 use super::ops::FrozenLinear;
 use crate::spec::{LoraModule, LoraTarget};
@@ -71,6 +78,74 @@ pub struct LoraAdapter {
     pub scale: f64,
     /// Input dropout probability.
     pub dropout: f64,
+    /// The current layer pass's compute-dtype casts of `a` and `s b`, while a [`CastScope`]
+    /// is open (CUDA direct path only).
+    pub(crate) casts: CastCell,
+}
+
+/// Where a [`CastScope`] leaves an adapter's casts for the projections built during it.
+#[derive(Default)]
+pub struct CastCell(Mutex<Option<Box<AdapterCasts>>>);
+
+impl CastCell {
+    fn get(&self) -> Option<AdapterCasts> {
+        self.0.lock().ok().and_then(|c| c.as_deref().cloned())
+    }
+
+    fn set(&self, v: Option<AdapterCasts>) {
+        if let Ok(mut c) = self.0.lock() {
+            *c = v.map(Box::new);
+        }
+    }
+}
+
+/// One pass of a decoder layer with its adapters' masters cast to the compute dtype once, in
+/// one launch ([`cast_scope`]), instead of twice per projection: projections built while the
+/// scope lives ([`LoraLinear::fixed`]) use those casts, for their forward and, in a
+/// checkpointed layer's recompute, their backward. Dropping the scope frees the casts; a
+/// projection that runs later (the autograd backward of a recorded pass) casts for itself.
+/// Nothing updates the masters while a scope lives (the optimizer runs after the backward).
+pub struct CastScope<'a> {
+    adapters: Vec<&'a LoraAdapter>,
+    #[cfg(feature = "cuda")]
+    _layer: Option<std::sync::Arc<cuda::LayerCasts>>,
+}
+
+impl Drop for CastScope<'_> {
+    fn drop(&mut self) {
+        for ad in &self.adapters {
+            ad.casts.set(None);
+        }
+    }
+}
+
+/// Open a [`CastScope`] over `adapters` for input `x`: on the direct CUDA path (fused kernels
+/// on, `LORASCOPE_LAYER_CASTS` not `0`) the casts are made now; elsewhere the scope is empty.
+///
+/// Errors: device errors while casting.
+pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<CastScope<'a>> {
+    #[cfg(feature = "cuda")]
+    {
+        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let on = crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_LAYER_CASTS");
+        if on && !adapters.is_empty() && crate::engine::cuda::fused_path(x.dtype(), x.device()) {
+            let dev = x.device().as_cuda_device()?;
+            let (layer, casts) = cuda::cast_layer(dev, x.dtype(), &adapters)?;
+            for (ad, c) in adapters.iter().zip(casts) {
+                ad.casts.set(Some(c));
+            }
+            return Ok(CastScope {
+                adapters,
+                _layer: Some(layer),
+            });
+        }
+    }
+    let _ = x;
+    Ok(CastScope {
+        adapters: Vec::new(),
+        #[cfg(feature = "cuda")]
+        _layer: None,
+    })
 }
 
 /// The frozen base of a projection: dense in the compute dtype, or NF4 (QLoRA).
@@ -219,6 +294,7 @@ impl LoraLinear {
             scale: ad.scale,
             dropout: p,
             seed,
+            casts: ad.casts.get(),
         }))
     }
 
@@ -280,6 +356,7 @@ pub fn new_adapter(
         b,
         scale: cfg.scale(),
         dropout: cfg.dropout,
+        casts: CastCell::default(),
     })
 }
 

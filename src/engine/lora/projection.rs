@@ -35,6 +35,8 @@ pub struct LoraProjection {
     pub(crate) dropout: f64,
     /// Seed of the regenerable dropout mask ([`super::dropout_keep`]); 0 without dropout.
     pub(crate) seed: u64,
+    /// The layer pass's casts of the masters ([`super::CastScope`]), used while they live.
+    pub(crate) casts: Option<super::AdapterCasts>,
 }
 
 impl LoraProjection {
@@ -235,6 +237,7 @@ mod tests {
             scale,
             dropout: p,
             seed,
+            casts: None,
         };
         let x = Var::from_tensor(&rand((n, inp), 3)).unwrap();
         let a = Var::from_tensor(&rand((r, inp), 4)).unwrap();

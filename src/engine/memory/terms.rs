@@ -305,6 +305,15 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     } else {
         vec![Alloc::new(1, dequant), Alloc::new(1, s.ni)]
     };
+    // On CUDA each layer pass casts its adapters to the compute dtype in one buffer
+    // (`lora::CastScope`), alive through the pass.
+    let layer_casts: usize = if p.device == DeviceKind::Cuda {
+        adapter_tensors(p).iter().map(|&(_, n)| n * e).sum()
+    } else {
+        0
+    };
+    let mut fwd_ws = fwd_ws;
+    fwd_ws.push(Alloc::new(1, layer_casts));
     let forward = phase("forward", &kept, fwd_ws, 0);
     // Loss backward (`ChunkedCrossEntropy::grad`): one chunk's logits and their gradient,
     // with the hidden-state gradient assembled from the chunks and concatenated.
@@ -328,6 +337,7 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     if p.quant == crate::spec::Quant::Nf4 {
         ws.push(Alloc::new(1, dequant));
     }
+    ws.push(Alloc::new(1, layer_casts));
     let grads = sum(&adapters(p));
     let layer_backward = phase("layer backward", &kept, ws, grads);
     [forward, loss_backward, layer_backward]

@@ -106,6 +106,8 @@ impl InputGradOp for LayerCheckpoint {
         profiler::note_used("max at ckpt-layer bwd start", x.device());
         let rng = self.snapshot.clone().map(|s| DropoutRng(Mutex::new(s)));
         let x = x.detach();
+        // One cast of the adapters for the recompute and the backward.
+        let _casts = layer.cast_scope(&x)?;
         let saved = profiler::section("ckpt-layer", "recompute", x.device(), || {
             layer.record(&x, layout, rng.as_ref())
         })?;

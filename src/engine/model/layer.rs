@@ -20,7 +20,8 @@ use super::attention::{Attention, AttentionSaved, Qkv};
 use super::mlp::{GateUp, Mlp, MlpSaved};
 use crate::engine::config::{ModelConfig, Projection};
 use crate::engine::lora::{
-    BaseLinear, DropoutRng, LoraConfig, LoraLinear, LoraProjection, new_adapter,
+    BaseLinear, CastScope, DropoutRng, LoraConfig, LoraLinear, LoraProjection, cast_scope,
+    new_adapter,
 };
 use crate::engine::nf4::{Nf4Linear, Nf4Weight};
 use crate::engine::ops::{AttentionSpec, FrozenLinear, InputGradOp, RmsNorm};
@@ -345,6 +346,19 @@ impl DecoderLayer {
         v
     }
 
+    /// A [`CastScope`] over this layer's adapters for input `x`: open it around one pass (a
+    /// forward, or a checkpointed layer's recompute and backward).
+    ///
+    /// Errors: device errors while casting.
+    pub(crate) fn cast_scope(&self, x: &Tensor) -> Result<CastScope<'_>> {
+        let adapters = self
+            .projections()
+            .into_iter()
+            .filter_map(|(_, l)| l.adapter.as_ref())
+            .collect();
+        cast_scope(adapters, x)
+    }
+
     /// The layer's norms with their checkpoint names (see [`LayerNames::norms`]).
     pub(crate) fn norms(&self, names: &LayerNames) -> Vec<(String, &RmsNorm)> {
         let mut v = vec![(names.input_norm(), &self.input_norm)];
@@ -398,6 +412,7 @@ impl DecoderLayer {
         rng: Option<&DropoutRng>,
         pass: Pass,
     ) -> Result<Tensor> {
+        let _casts = self.cast_scope(x)?;
         let t = self.trunk(x, s, rng, pass)?;
         let (m, _) = project(&self.mlp.down, &t.mlp.act, rng, pass)?;
         &t.x1 + maybe_norm(&self.mlp_out_norm, &m)?

@@ -24,7 +24,9 @@
 
 use super::AdamWConfig;
 use super::state::{STATE_BLOCK, StateBytes, state_is_paged, state_is_quantized};
-use crate::engine::cuda::launch::{Arg, Buf, Module, constant_table, err, launch, per_row};
+use crate::engine::cuda::launch::{
+    Arg, Buf, Module, TensorTable, constant_table, err, launch, per_row, table_arg,
+};
 use crate::engine::cuda::source;
 use crate::engine::cuda::vram::{RawBuf, mib};
 use crate::engine::nf4::blockwise::dynamic_map;
@@ -75,6 +77,37 @@ pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
     }
     let partials = dev.alloc_zeros::<f64>(total_blocks.max(1))?;
     let base = partials.device_ptr(&dev.cuda_stream()).0;
+    if multi_tensor() {
+        // One launch: partial[j] is what the per-tensor launch below writes for block j.
+        let mut table = TensorTable::new(3);
+        let mut keep = Vec::with_capacity(grads.len());
+        for g in grads {
+            let g = g.contiguous()?;
+            let ptr = {
+                let (s, l) = g.storage_and_layout();
+                let candle_core::Storage::Cuda(c) = &*s else {
+                    candle_core::bail!("sum_squares: expected CUDA tensors");
+                };
+                let (a, b) = range(l, l.shape().elem_count(), "gradient")?;
+                Buf::view(c, (a, b))?.ptr()
+            };
+            let n = g.elem_count();
+            let blocks = blocks_of(n) as u64;
+            table.push(&[ptr, n as u64, blocks], blocks)?;
+            keep.push(g);
+        }
+        let (rows, count, cfg) = table.upload(dev, 256)?;
+        let args = [
+            table_arg(dev, &rows),
+            count,
+            Arg::F64(factor),
+            Arg::Ptr(base),
+        ];
+        launch(dev, &MODULE, "lorascope_sumsq_multi", cfg, &args)?;
+        let host = dev.clone_dtoh(&partials)?;
+        drop(keep);
+        return Ok(host.iter().sum());
+    }
     let mut offset = 0;
     for g in grads {
         let g = g.contiguous()?;
@@ -288,6 +321,10 @@ impl GpuStates {
 
     /// Update every variable of `vars` (index `i` owning state slot `i`) that has a gradient
     /// in `grads`, in place; the others stay as they are.
+    ///
+    /// By default in at most two launches (one over the f32-state tensors, one over the
+    /// 8-bit ones: [`TensorTable`] kernels computing per element exactly what the per-tensor
+    /// kernels compute); with `LORASCOPE_MULTI_TENSOR=0`, one launch per tensor.
     pub(crate) fn step_all(
         &self,
         vars: &[Var],
@@ -295,11 +332,90 @@ impl GpuStates {
         math: Math,
         h: &Hyper,
     ) -> Result<()> {
-        for (i, var) in vars.iter().enumerate() {
-            if let Some(g) = grads.get(var.as_tensor()) {
-                self.step_var(i, var, g, math, h)?;
+        if !multi_tensor() {
+            for (i, var) in vars.iter().enumerate() {
+                if let Some(g) = grads.get(var.as_tensor()) {
+                    self.step_var(i, var, g, math, h)?;
+                }
             }
+            return Ok(());
         }
+        let Some(first) = vars.first() else {
+            return Ok(());
+        };
+        let dev = first.device().as_cuda_device()?.clone();
+        let stream = dev.cuda_stream();
+        let mut f32_rows = TensorTable::new(5);
+        let mut q8_rows = TensorTable::new(7);
+        // The f32 gradients stay alive until both launches are queued.
+        let mut keep = Vec::with_capacity(vars.len());
+        for (i, var) in vars.iter().enumerate() {
+            let Some(grad) = grads.get(var.as_tensor()) else {
+                continue;
+            };
+            let n = var.elem_count();
+            let g = grad.to_dtype(DType::F32)?.contiguous()?;
+            let gp = device_ptr(&g, n, "gradient")?;
+            // The kernel writes the parameter in place, as `StepOp` does through candle's
+            // `InplaceOp2`: no host-side reference to its data exists meanwhile.
+            let pp = device_ptr(var.as_tensor(), n, "parameter")?;
+            let slot = &self.slots[i];
+            for b in slot.bufs() {
+                b.prefetch(&stream).map_err(err)?;
+            }
+            let blocks = n.div_ceil(256).max(1) as u64;
+            match slot {
+                Slot::F32 { m, v } => {
+                    f32_rows.push(&[pp, gp, m.ptr(), v.ptr(), n as u64], blocks)?
+                }
+                Slot::Q8 { mc, ma, vc, va } => q8_rows.push(
+                    &[pp, gp, mc.ptr(), ma.ptr(), vc.ptr(), va.ptr(), n as u64],
+                    n.div_ceil(STATE_BLOCK).max(1) as u64,
+                )?,
+            }
+            keep.push(g);
+        }
+        let decay = 1.0 - h.lr * h.weight_decay;
+        if !f32_rows.is_empty() {
+            let (rows, count, cfg) = f32_rows.upload(&dev, 256)?;
+            let mut args = vec![table_arg(&dev, &rows), count];
+            let kernel = match math {
+                Math::F32 => {
+                    let f = |x: f64| Arg::F32(x as f32);
+                    args.extend([
+                        f(h.grad_scale),
+                        f(h.beta1),
+                        f(1.0 - h.beta1),
+                        f(h.beta2),
+                        f(1.0 - h.beta2),
+                        f(1.0 / h.bc1),
+                        f(1.0 / h.bc2),
+                        f(h.eps),
+                        f(decay),
+                        f(h.lr),
+                    ]);
+                    "lorascope_adamw32_multi"
+                }
+                Math::F64 => {
+                    args.extend(f64_scalars(h, decay));
+                    "lorascope_adamw_f32state_multi"
+                }
+            };
+            launch(&dev, &MODULE, kernel, cfg, &args)?;
+        }
+        if !q8_rows.is_empty() {
+            let (rows, count, cfg) = q8_rows.upload(&dev, STATE_BLOCK as u32)?;
+            let mut args = vec![table_arg(&dev, &rows), count];
+            args.extend(f64_scalars(h, decay));
+            launch(
+                &dev,
+                &MODULE,
+                "lorascope_adamw8_blockwise_multi",
+                cfg,
+                &args,
+            )?;
+        }
+        drop(keep);
         Ok(())
     }
 
@@ -314,6 +430,45 @@ impl GpuStates {
         };
         var.as_tensor().inplace_op2(&g, &op)
     }
+}
+
+/// Whether the optimizer and the gradient norm run as multi-tensor launches (on unless
+/// `LORASCOPE_MULTI_TENSOR=0`, read once; both forms compute the same bits).
+fn multi_tensor() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_MULTI_TENSOR")
+}
+
+/// The f64 kernels' scalars after the tensors: gradient scale, beta1, 1 - beta1, beta2,
+/// 1 - beta2, the two bias corrections, eps, the decay factor and the learning rate.
+fn f64_scalars(h: &Hyper, decay: f64) -> [Arg; 10] {
+    [
+        h.grad_scale,
+        h.beta1,
+        1.0 - h.beta1,
+        h.beta2,
+        1.0 - h.beta2,
+        h.bc1,
+        h.bc2,
+        h.eps,
+        decay,
+        h.lr,
+    ]
+    .map(Arg::F64)
+}
+
+/// The device address of the contiguous f32 CUDA tensor `t` of `n` elements.
+///
+/// Errors: another device or dtype, a layout that is not contiguous with `n` elements.
+fn device_ptr(t: &Tensor, n: usize, what: &str) -> Result<u64> {
+    let (s, l) = t.storage_and_layout();
+    let candle_core::Storage::Cuda(c) = &*s else {
+        candle_core::bail!("optimizer: the {what} is not on a CUDA device");
+    };
+    if c.dtype() != DType::F32 {
+        candle_core::bail!("optimizer: the {what} must be f32");
+    }
+    Ok(Buf::view(c, range(l, n, what)?)?.ptr())
 }
 
 /// The in-place update of one parameter tensor (dst) from its gradient (src).
@@ -386,19 +541,7 @@ impl InplaceOp2 for StepOp<'_> {
                 launch(&dev, &MODULE, "lorascope_adamw32", elementwise, &args)?;
             }
             (slot, _) => {
-                let scalars = [
-                    h.grad_scale,
-                    h.beta1,
-                    1.0 - h.beta1,
-                    h.beta2,
-                    1.0 - h.beta2,
-                    h.bc1,
-                    h.bc2,
-                    h.eps,
-                    decay,
-                    h.lr,
-                ]
-                .map(Arg::F64);
+                let scalars = f64_scalars(&h, decay);
                 match slot {
                     Slot::F32 { m, v } => {
                         let mut args = vec![p, g, Arg::Ptr(m.ptr()), Arg::Ptr(v.ptr()), n];

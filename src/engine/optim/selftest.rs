@@ -123,6 +123,70 @@ pub fn selftest(ordinal: usize, steps: usize) -> Result<Vec<SelftestCase>> {
             }
         }
     }
+    // Many tensors in one optimizer: the multi-tensor launches (one per state kind) find each
+    // block's tensor; sizes straddle the 256-element blocks, and adamw8bit mixes f32 state
+    // (under 4,096 elements) with 8-bit state.
+    let sizes = [1usize, 255, 256, 257, 1000, 4096, 5000, 300_000];
+    for (oi, name) in ["adamw", "adamw8bit"].into_iter().enumerate() {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(500 + oi as u64);
+        let mut vc = Vec::new();
+        let mut vg = Vec::new();
+        for &n in &sizes {
+            let x0: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+            vc.push(Var::from_vec(x0.clone(), n, &Device::Cpu)?);
+            vg.push(Var::from_vec(x0, n, &gpu)?);
+        }
+        let (mut a32, mut a8) = (None, None);
+        if oi == 0 {
+            a32 = Some((AdamW::new(vc.clone(), cfg)?, AdamW::new(vg.clone(), cfg)?));
+        } else {
+            a8 = Some((
+                AdamW8bit::new(vc.clone(), cfg)?,
+                AdamW8bit::new(vg.clone(), cfg)?,
+            ));
+        }
+        for step in 0..steps {
+            let (mut lc, mut lg) = (Vec::new(), Vec::new());
+            for (i, &n) in sizes.iter().enumerate() {
+                let c: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect();
+                let gc = Tensor::from_vec(c.clone(), n, &Device::Cpu)?;
+                let gg = Tensor::from_vec(c, n, &gpu)?;
+                lc.push((vc[i].as_tensor() * &gc)?.sum_all()?);
+                lg.push((vg[i].as_tensor() * &gg)?.sum_all()?);
+            }
+            let grads_c = Tensor::stack(&lc, 0)?.sum_all()?.backward()?;
+            let grads_g = Tensor::stack(&lg, 0)?.sum_all()?.backward()?;
+            let lr = cfg.lr * (1.0 + step as f64) / steps as f64;
+            if let Some((c, g)) = &mut a32 {
+                c.step(&grads_c, lr, 0.5)?;
+                g.step(&grads_g, lr, 0.5)?;
+            }
+            if let Some((c, g)) = &mut a8 {
+                c.step(&grads_c, lr, 0.5)?;
+                g.step(&grads_g, lr, 0.5)?;
+            }
+        }
+        let (mut max_abs, mut max_rel) = (0f64, 0f64);
+        for (c, g) in vc.iter().zip(&vg) {
+            let a: Vec<f32> = c.as_tensor().to_vec1()?;
+            let b: Vec<f32> = g.as_tensor().to_device(&Device::Cpu)?.to_vec1()?;
+            for (x, y) in a.iter().zip(&b) {
+                let d = (*x as f64 - *y as f64).abs();
+                let d = if d.is_nan() { f64::INFINITY } else { d };
+                max_abs = max_abs.max(d);
+                max_rel = max_rel.max(d / (x.abs() as f64).max(1e-3));
+            }
+        }
+        out.push(SelftestCase {
+            optimizer: name,
+            paged: false,
+            elems: sizes.iter().sum(),
+            placement: format!("{} tensors in one optimizer", sizes.len()),
+            max_abs,
+            max_rel,
+            pass: max_abs <= SELFTEST_TOL && max_rel <= SELFTEST_TOL,
+        });
+    }
     // The gradient norm's sum of squares: GPU (f64 accumulation) against an f64 host sum over
     // three tensors with a factor, and an inf element must give inf.
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(99);

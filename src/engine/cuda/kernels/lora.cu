@@ -1,6 +1,7 @@
 // The LoRA family (lora/): the dropout hash `keep` (mirrored by lora/dropout.rs
 // `dropout_keep`), inverted dropout with that mask, and the elementwise steps of the direct
-// LoRA projection (f32 master cast, bias rows, masked accumulate). One thread per element,
+// LoRA projection (f32 master cast, bias rows, masked accumulate); `lora_cast_multi_*` casts a
+// table of masters at once (rows: src, dst, n, scale as f32 bits, first block). One thread per element,
 // grid-stride; the dropout and masked accumulate also eight per thread with 16-byte accesses
 // (`*8_*`, aligned buffers; the launcher picks), the same mask and arithmetic per element.
 __device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long i,
@@ -18,6 +19,13 @@ __device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long
 extern "C" __global__ void lora_cast_##SUF(const float* src, T* dst, unsigned long long n,     \
                                            float scale) {                                      \
     GRID_STRIDE(i, n) st(dst + i, src[i] * scale);                                             \
+}                                                                                              \
+extern "C" __global__ void lora_cast_multi_##SUF(const unsigned long long* table,              \
+                                                 unsigned int count) {                         \
+    const unsigned long long* r = table + 5ull * table_row(table, 5, count, blockIdx.x);      \
+    unsigned long long i = ((unsigned long long)blockIdx.x - r[4]) * blockDim.x + threadIdx.x; \
+    if (i < r[2])                                                                              \
+        st((T*)r[1] + i, ((const float*)r[0])[i] * __uint_as_float((unsigned int)r[3]));     \
 }                                                                                              \
 extern "C" __global__ void lora_bias_rows_##SUF(T* y, const T* b, unsigned long long n,        \
                                                 unsigned long long cols) {                     \

@@ -58,3 +58,17 @@ HALF8(bf16_t)
     unsigned long long i = 8ull * ((unsigned long long)blockIdx.x * blockDim.x + threadIdx.x); \
     if (i >= (n)) return;
 #define VEC8_FULL(i, n) ((i) + 8 <= (n))
+// Multi-tensor kernels (one launch over a list of tensors, `launch::TensorTable`): the table is
+// `count` rows of `stride` u64 fields, the last field of each row the row's first block in the
+// grid (ascending). The row that owns `block`: the last whose first block is <= `block`
+// (binary search; a row of zero blocks is never picked).
+__device__ __forceinline__ unsigned int table_row(const unsigned long long* table,
+                                                  unsigned int stride, unsigned int count,
+                                                  unsigned long long block) {
+    unsigned int lo = 0, hi = count;
+    while (hi - lo > 1) {
+        unsigned int mid = (lo + hi) >> 1;
+        if (table[(unsigned long long)mid * stride + stride - 1] <= block) lo = mid; else hi = mid;
+    }
+    return lo;
+}
