@@ -45,6 +45,10 @@
 #                multi-tensor optimizer against the CPU), bf16 2 x 2048 (checkpointing) and 1 x 512
 #                direct runs with LORASCOPE_MULTI_TENSOR=0 LORASCOPE_LAYER_CASTS=0, each alone off,
 #                and all on (loss curves must be identical), then the host's issue time
+#   PART=attn    the direct attention (ops/attention/direct.rs): selftest engine, the fixtures
+#                (default chunks and chunks of 5), bf16 2 x 2048 (checkpointing) and 1 x 512 direct
+#                runs with LORASCOPE_ATTN_DIRECT=0 and the default (loss curves), the host's issue
+#                time
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -311,6 +315,23 @@ final)
   echo "host profile exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/host-profile.jsonl" | tail -1) ($((SECONDS - T0)) s)"
   CHUNKS=${CHUNKS:-"512 0"} BUDGET_S=${BUDGET_S:-230} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   grep -E "row copy|swiglu|dropout|rms|rope|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
+  tail -22 "$OUT/host-profile.err"
+  ;;
+attn)
+  CHUNK5=1 selftests
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    direct attn-off "$1" "$2" "${3:-}" LORASCOPE_ATTN_DIRECT=0
+    direct attn-on "$1" "$2" "${3:-}" ""
+    curves "$OUT/attn-off-b$1-s$2.jsonl" "$OUT/attn-on-b$1-s$2.jsonl"
+  done
+  direct attn-on-again 2 2048 --grad-checkpointing ""
+  LORASCOPE_PROFILE=host $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+    --precision bf16 --grad-checkpointing --batch-size 2 --seq-len 2048 --steps 12 --warmup-steps 4 \
+    --lora-dropout 0.05 --json > "$OUT/host-profile.jsonl" 2> "$OUT/host-profile.err"
+  echo "host profile exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$OUT/host-profile.jsonl" | tail -1) ($((SECONDS - T0)) s)"
+  echo "nsys: $(command -v nsys || echo none), ncu: $(command -v ncu || echo none)"
+  grep -E "FAIL" "$OUT/selftest-engine.txt" "$OUT"/fixtures-cuda*.txt | head -8
   tail -22 "$OUT/host-profile.err"
   ;;
 launches)

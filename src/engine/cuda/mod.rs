@@ -14,6 +14,8 @@
 //! Imports: nothing above this module (ops, nf4, lora, optim import it).
 
 #[cfg(feature = "cuda")]
+pub(crate) mod blas;
+#[cfg(feature = "cuda")]
 pub(crate) mod launch;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) mod ptx_cache;

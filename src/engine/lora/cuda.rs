@@ -20,13 +20,13 @@
 //! matmuls), inputs and outputs in the compute dtype except the f32 adapter gradients.
 
 use super::{BaseLinear, HashDropout, LoraProjection};
+use crate::engine::cuda::blas::gemm;
 use crate::engine::cuda::launch::{
-    Arg, Buf, Module, TensorTable, err, grid_stride, launch, table_arg, vec8_or,
+    Arg, Buf, Module, TensorTable, grid_stride, launch, table_arg, vec8_or,
 };
 use crate::engine::cuda::{kernel_name, source};
 use crate::engine::ops::cuda_buf;
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::cublas::{result as blas, sys as bsys};
 use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor};
 use std::sync::Arc;
 
@@ -36,72 +36,6 @@ static MODULE: Module = Module::new("lorascope_lora", source::LORA);
 /// At most this many 256-thread blocks per elementwise launch (grid-stride loops cover the
 /// rest).
 const MAX_BLOCKS: usize = 65_535 * 16;
-
-fn blas_type(dt: DType) -> Result<bsys::cudaDataType> {
-    Ok(match dt {
-        DType::F32 => bsys::cudaDataType::CUDA_R_32F,
-        DType::F16 => bsys::cudaDataType::CUDA_R_16F,
-        DType::BF16 => bsys::cudaDataType::CUDA_R_16BF,
-        other => candle_core::bail!("lora cuda: unsupported dtype {other:?}"),
-    })
-}
-
-/// Row-major `C (m x n) = alpha op(A) op(B) + beta C` with f32 accumulation; `op(A)` is
-/// (m x k), stored (k x m) when `ta`; `op(B)` is (k x n), stored (n x k) when `tb`. All three
-/// contiguous. cuBLAS is column-major, so this computes `C^T = op(B)^T op(A)^T`.
-#[allow(clippy::too_many_arguments)]
-fn gemm(
-    dev: &CudaDevice,
-    (m, n, k): (usize, usize, usize),
-    a: &Buf,
-    ta: bool,
-    b: &Buf,
-    tb: bool,
-    c: &Buf,
-    alpha: f32,
-    beta: f32,
-) -> Result<()> {
-    use bsys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
-    let dim = |v: usize| i32::try_from(v).map_err(err);
-    let (transa, lda) = if tb {
-        (CUBLAS_OP_T, k)
-    } else {
-        (CUBLAS_OP_N, n)
-    };
-    let (transb, ldb) = if ta {
-        (CUBLAS_OP_T, m)
-    } else {
-        (CUBLAS_OP_N, k)
-    };
-    let blas_handle = dev.cublas_handle();
-    // SAFETY: the buffers hold (m x k), (k x n) and (m x n) elements of their dtypes (checked by
-    // the callers' shapes) and live until the stream has run the call; alpha/beta are f32 as
-    // CUBLAS_COMPUTE_32F requires.
-    unsafe {
-        blas::gemm_ex(
-            *blas_handle.handle(),
-            transa,
-            transb,
-            dim(n)?,
-            dim(m)?,
-            dim(k)?,
-            &alpha as *const f32 as *const _,
-            b.ptr() as *const _,
-            blas_type(b.dtype())?,
-            dim(lda)?,
-            a.ptr() as *const _,
-            blas_type(a.dtype())?,
-            dim(ldb)?,
-            &beta as *const f32 as *const _,
-            c.ptr() as *mut _,
-            blas_type(c.dtype())?,
-            dim(n)?,
-            bsys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            bsys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-        )
-    }
-    .map_err(err)
-}
 
 /// Launch the grid-stride elementwise kernel `root_<dtype>` over `n` elements with `args`.
 fn elementwise(dev: &CudaDevice, root: &str, dt: DType, n: usize, args: &[Arg]) -> Result<()> {

@@ -177,8 +177,12 @@ struct Shapes {
     scores: usize,
     /// Whether attention runs in more than one query chunk: `dK` and `dV` are then summed
     /// in f32 (n, kv width x 4 bytes: the two running sums, the chunk's two padded copies
-    /// and a new sum, five at the add) and `dQ`'s chunks are concatenated.
+    /// and a new sum, five at the add; on the direct CUDA path, `ops/attention/direct.rs`,
+    /// the GEMMs add into the two sums) and `dQ`'s chunks are concatenated.
     chunked: bool,
+    /// f32 copies of (n, kv width) alive at the chunked backward's peak: 5, or 2 on the
+    /// direct CUDA path (no score soft-capping).
+    kv_sums: usize,
     /// (n, kv_heads * head_dim) in f32.
     nk32: usize,
     /// Rows of one loss chunk times vocab, in the compute dtype.
@@ -206,6 +210,11 @@ impl Shapes {
             ni: n * c.intermediate_size * e,
             scores: p.batch_size * c.num_attention_heads * tq * p.seq_len * e,
             chunked: tq < p.seq_len,
+            kv_sums: if p.device == DeviceKind::Cuda && c.attn_softcap.is_none() {
+                2
+            } else {
+                5
+            },
             nk32: n * c.num_key_value_heads * c.head_dim * 4,
             loss_chunk: rows * c.vocab_size * loss_e,
             capped_chunk32: capped.then_some(rows * c.vocab_size * 4),
@@ -249,7 +258,7 @@ impl Shapes {
         let mlp = [Alloc::new(3, self.ni), Alloc::new(2, self.nh)];
         let mut attn = vec![Alloc::new(3, self.scores), Alloc::new(3, self.nq)];
         if self.chunked {
-            attn.extend([Alloc::new(1, self.nq), Alloc::new(5, self.nk32)]);
+            attn.extend([Alloc::new(1, self.nq), Alloc::new(self.kv_sums, self.nk32)]);
         }
         let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
         if sum(&mlp) >= sum(&attn) {

@@ -27,6 +27,8 @@
 //! attention as it is): CUDA launches `cuda/kernels/attention.cu`, the CPU runs their loops.
 //! `generic` (tests only) is attention from differentiable candle primitives, the reference.
 
+#[cfg(feature = "cuda")]
+mod direct;
 mod softmax;
 #[cfg(test)]
 mod tests;
@@ -241,6 +243,10 @@ impl Attention {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if direct::applies(self, q) {
+            return direct::forward(self, q, k, v);
+        }
         let (b, qh, _, d) = q.dims4()?;
         let kvh = k.dim(1)?;
         let mut outs = Vec::new();
@@ -261,6 +267,11 @@ impl Attention {
         v: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if direct::applies(self, q) {
+            let (dq, dk, dv) = direct::backward(self, q, k, v, grad)?;
+            return Ok((Some(dq), Some(dk), Some(dv)));
+        }
         let (b, qh, t, d) = q.dims4()?;
         let kvh = k.dim(1)?;
         let g = qh / kvh;

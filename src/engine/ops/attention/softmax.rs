@@ -213,14 +213,14 @@ mod cpu {
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(super) mod cuda {
     //! Launchers of `cuda/kernels/attention.cu`: one 256-thread block per score row, the
     //! row in registers with 16-byte accesses when it allows (`*8_*`).
     use crate::engine::cuda::launch::{Arg, Buf, Module, launch, name8, per_row, vec8};
     use crate::engine::cuda::source;
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::LaunchConfig;
-    use candle_core::{CudaStorage, Result};
+    use candle_core::{CudaDevice, CudaStorage, Result};
 
     static MODULE: Module = Module::new("lorascope_attention", source::ATTENTION);
 
@@ -259,10 +259,13 @@ mod cuda {
 
     /// [`super::CausalSoftmax`] over `rows` score rows laid out as `r`, window `w` (0: none).
     pub fn softmax((s, range): In, rows: usize, r: Rows, w: usize) -> Result<CudaStorage> {
-        let dev = s.device();
-        let out = Buf::alloc(dev, s.dtype(), range.1 - range.0)?;
-        let x = Buf::view(s, range)?;
-        let name = kernel("causal_softmax", s.dtype(), r.1, &[&x, &out])?;
+        softmax_buf(s.device(), &Buf::view(s, range)?, rows, r, w)?.into_storage()
+    }
+
+    /// [`softmax`] of the scores `x` (`rows` x `r.1` elements) into a fresh buffer.
+    pub fn softmax_buf(dev: &CudaDevice, x: &Buf, rows: usize, r: Rows, w: usize) -> Result<Buf> {
+        let out = Buf::alloc(dev, x.dtype(), rows * r.1)?;
+        let name = kernel("causal_softmax", x.dtype(), r.1, &[x, &out])?;
         let [t, keys, q0] = i32s(r);
         let args = [
             x.arg(),
@@ -273,7 +276,7 @@ mod cuda {
             Arg::I32(w.min(i32::MAX as usize) as i32),
         ];
         launch(dev, &MODULE, &name, cfg(rows)?, &args)?;
-        out.into_storage()
+        Ok(out)
     }
 
     /// [`super::CausalSoftmaxGrad`] of `P`, `dP` (`rows` rows laid out as `r`).
@@ -284,13 +287,25 @@ mod cuda {
         (r, w): (Rows, usize),
         scale: f32,
     ) -> Result<CudaStorage> {
-        if p.dtype() != dp.dtype() {
+        let (pb, dpb) = (Buf::view(p, pr)?, Buf::view(dp, dpr)?);
+        softmax_grad_buf(p.device(), &pb, &dpb, rows, (r, w), scale)?.into_storage()
+    }
+
+    /// [`softmax_grad`] of the buffers `pb`, `dpb` (`rows` x `r.1` elements each) into a fresh
+    /// buffer.
+    pub fn softmax_grad_buf(
+        dev: &CudaDevice,
+        pb: &Buf,
+        dpb: &Buf,
+        rows: usize,
+        (r, w): (Rows, usize),
+        scale: f32,
+    ) -> Result<Buf> {
+        if pb.dtype() != dpb.dtype() {
             candle_core::bail!("causal-softmax-grad: P and dP dtypes differ");
         }
-        let dev = p.device();
-        let out = Buf::alloc(dev, p.dtype(), pr.1 - pr.0)?;
-        let (pb, dpb) = (Buf::view(p, pr)?, Buf::view(dp, dpr)?);
-        let name = kernel("causal_softmax_grad", p.dtype(), r.1, &[&pb, &dpb, &out])?;
+        let out = Buf::alloc(dev, pb.dtype(), rows * r.1)?;
+        let name = kernel("causal_softmax_grad", pb.dtype(), r.1, &[pb, dpb, &out])?;
         let [t, keys, q0] = i32s(r);
         let args = [
             pb.arg(),
@@ -303,6 +318,6 @@ mod cuda {
             Arg::I32(w.min(i32::MAX as usize) as i32),
         ];
         launch(dev, &MODULE, &name, cfg(rows)?, &args)?;
-        out.into_storage()
+        Ok(out)
     }
 }
