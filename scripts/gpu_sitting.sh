@@ -49,6 +49,14 @@
 #                (default chunks and chunks of 5), bf16 2 x 2048 (checkpointing) and 1 x 512 direct
 #                runs with LORASCOPE_ATTN_DIRECT=0 and the default (loss curves), the host's issue
 #                time
+#   PART=sitting this round's speed sitting: 1 x 512 direct runs with LORASCOPE_ATTN_DIRECT=0 and
+#                the default, alternating twice; start-up (process start to the first step record)
+#                of Qwen2.5-1.5B and the Qwen2.5-7B shape; then Unsloth and lorascope on the four
+#                1.5B points as PART=unsloth (CHUNKS "512")
+#   PART=grid    1 x 512 with LORASCOPE_ATTN_DIRECT=0 and the default, alternating twice; NVML GPU
+#                utilization over bf16 2 x 2048 and 1 x 512 runs; sweep efficiency: `lorascope run
+#                profiles/h200-grid.toml` wall time against the sum of its points' timed windows;
+#                then the model presets at 1 x 1024 (issue 16) until the deadline
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -127,6 +135,19 @@ direct() {
     --precision bf16 $4 --batch-size $2 --seq-len $3 --steps 20 --warmup-steps 5 \
     --lora-dropout 0.05 --json > "$f.jsonl" 2> "$f.err"
   echo "$1 bf16 $2 x $3: exit $? $(grep -o '"tokens_per_s":[0-9.]*' "$f.jsonl" | tail -1) $(grep -o '"final_loss":[0-9.]*' "$f.jsonl" | tail -1)"
+}
+# Start-up of one run ($2: model and shape flags): seconds from process start to its first step
+# record on stdout (nf4, bf16, synthetic weights, 4 steps).
+startup() {
+  local f=$OUT/startup-$1.jsonl
+  $L train $2 --data sample --device cuda:0 --quant nf4 --precision bf16 --steps 4 \
+    --warmup-steps 1 --json 2> "${f%.jsonl}.err" | python3 -c '
+import sys, time
+t0 = float(sys.argv[1])
+for line in sys.stdin:
+    sys.stdout.write(f"{time.time() - t0:.3f}\t{line}")
+' "$(date +%s.%N)" > "$f"
+  echo "start-up $1: first step after $(grep -m1 '"type":"step"' "$f" | cut -f1) s"
 }
 # The loss curves of two direct runs: steps, how many identical, largest relative difference.
 curves() {
@@ -316,6 +337,58 @@ final)
   CHUNKS=${CHUNKS:-"512 0"} BUDGET_S=${BUDGET_S:-230} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   grep -E "row copy|swiglu|dropout|rms|rope|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
   tail -22 "$OUT/host-profile.err"
+  ;;
+sitting)
+  for rep in 1 2; do
+    for v in 0 1; do direct "a$v-r$rep" 1 512 "" "LORASCOPE_ATTN_DIRECT=$v"; done
+  done
+  startup 15b "--model qwen2.5-1.5b --batch-size 2 --seq-len 2048 --grad-checkpointing"
+  startup 7b "--model qwen2.5-7b --batch-size 1 --seq-len 1024 --grad-checkpointing"
+  CHUNKS=${CHUNKS:-512} BUDGET_S=${BUDGET_S:-270} PART=unsloth SKIP_FIXTURES=1 bash "$0"
+  ;;
+grid)
+  for rep in 1 2; do
+    for v in 0 1; do direct "a$v-r$rep" 1 512 "" "LORASCOPE_ATTN_DIRECT=$v"; done
+  done
+  # GPU busy time (NVML utilization: the share of each sample period with a kernel running,
+  # polled every 100 ms) over 40-step direct runs: near 100% = the GPU bounds the step.
+  for pt in "2 2048 --grad-checkpointing" "1 512"; do
+    set -- $pt
+    ( while sleep 0.1; do nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits; done ) > "$OUT/util-b$1-s$2.txt" 2>/dev/null &
+    poll=$!
+    $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 --precision bf16 ${3:-} \
+      --batch-size $1 --seq-len $2 --steps 40 --warmup-steps 5 --lora-dropout 0.05 --json > "$OUT/util-b$1-s$2.jsonl" 2>/dev/null
+    kill $poll 2>/dev/null; wait $poll 2>/dev/null
+    python3 - "$OUT/util-b$1-s$2.txt" "$1 x $2" "$(grep -o '"tokens_per_s":[0-9.]*' "$OUT/util-b$1-s$2.jsonl" | tail -1)" <<'PY'
+import sys
+v = [int(x) for x in open(sys.argv[1]).read().split() if x.isdigit()]
+# The middle half of the samples: past start-up and warm-up, before the end.
+m = v[len(v) // 4: 3 * len(v) // 4] or v
+print(f"GPU utilization {sys.argv[2]}: median {sorted(m)[len(m) // 2]}%, mean {sum(m) / len(m):.0f}% over {len(m)} samples; {sys.argv[3]}")
+PY
+  done
+  mkdir -p "$OUT/grid"
+  t=$SECONDS
+  $L run profiles/h200-grid.toml --headless --db "$OUT/grid/grid.db" > "$OUT/grid/run.log" 2>&1
+  echo "h200-grid exit $? wall $((SECONDS - t)) s"
+  $L report --db "$OUT/grid/grid.db" --format json > "$OUT/grid/report.json" 2>&1
+  python3 - "$OUT/grid/report.json" <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+total = 0.0
+for run in r["runs"]:
+    b, s, tps = run.get("batch_size"), run.get("seq_len"), run.get("tokens_per_s")
+    tps = tps.get("median") if isinstance(tps, dict) else tps
+    if b and s and tps:
+        w = 60 * b * s / tps
+        total += w
+        print(f"  {run.get('label')}: {tps:,.0f} tok/s, timed window {w:.1f} s, status {run.get('status')}")
+print(f"sum of timed windows {total:.1f} s")
+PY
+  export LORASCOPE_STATE_DIR=$OUT/state
+  DEADLINE=$((540 - (SECONDS - T0))) STEPS=6 WARMUP=2 OUT=$OUT/presets bash scripts/gpu_presets.sh > "$OUT/presets.log" 2>&1
+  echo "presets ($((SECONDS - T0)) s)"
+  grep -E "^\|" "$OUT/presets.log"
   ;;
 attn)
   CHUNK5=1 selftests

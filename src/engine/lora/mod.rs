@@ -140,7 +140,7 @@ pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<Cast
             });
         }
     }
-    let _ = x;
+    let _ = (x, adapters);
     Ok(CastScope {
         adapters: Vec::new(),
         #[cfg(feature = "cuda")]

@@ -35,7 +35,9 @@ pub struct LoraProjection {
     pub(crate) dropout: f64,
     /// Seed of the regenerable dropout mask ([`super::dropout_keep`]); 0 without dropout.
     pub(crate) seed: u64,
-    /// The layer pass's casts of the masters ([`super::CastScope`]), used while they live.
+    /// The layer pass's casts of the masters ([`super::CastScope`]), used while they live
+    /// (CUDA builds; always None without CUDA).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     pub(crate) casts: Option<super::AdapterCasts>,
 }
 

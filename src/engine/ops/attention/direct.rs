@@ -149,8 +149,9 @@ pub(super) fn backward(
     let single = chunks.len() == 1;
     // dK, dV: in the compute dtype for one chunk; else f32 sums over the chunks.
     let acc = if single { dt } else { DType::F32 };
+    // Allocated where the candle-op path makes them: each just before its first product.
     let n_kv = s.groups() * s.t * s.d;
-    let (dk, dv) = (Buf::alloc(&dev, acc, n_kv)?, Buf::alloc(&dev, acc, n_kv)?);
+    let (mut dk, mut dv): (Option<Buf>, Option<Buf>) = (None, None);
     let mut dqs = Vec::with_capacity(chunks.len());
     for (i, &(q0, tq)) in chunks.iter().enumerate().rev() {
         let (rows_g, keys) = (s.g() * tq, q0 + tq);
@@ -163,9 +164,16 @@ pub(super) fn backward(
             cuda_buf(&go_t, "attention grad")?,
         );
         let p = probs(&dev, att, &s, (&qc, &kb), (q0, tq))?;
-        let kv_out = |buf: &Buf| (buf.borrow(), s.d, s.t * s.d);
+        let kv_out = |slot: &mut Option<Buf>| -> Result<(Buf, usize, usize)> {
+            if slot.is_none() {
+                *slot = Some(Buf::alloc(&dev, acc, n_kv)?);
+            }
+            let buf = slot.as_ref().map(Buf::borrow);
+            let buf = buf.ok_or_else(|| candle_core::Error::Msg("attention: no dK/dV".into()))?;
+            Ok((buf, s.d, s.t * s.d))
+        };
         // dV[0..keys] (+)= P^T dO
-        let (c, ldc, sc) = kv_out(&dv);
+        let (c, ldc, sc) = kv_out(&mut dv)?;
         gemm_batched(
             &dev,
             (keys, s.d, rows_g),
@@ -211,7 +219,7 @@ pub(super) fn backward(
             0.0,
         )?;
         // dK[0..keys] (+)= dS'^T Q
-        let (c, ldc, sc) = kv_out(&dk);
+        let (c, ldc, sc) = kv_out(&mut dk)?;
         gemm_batched(
             &dev,
             (keys, s.d, rows_g),
@@ -230,6 +238,9 @@ pub(super) fn backward(
         _ => Tensor::cat(&dqs, 2)?,
     };
     let shape = (s.b, s.kvh, s.t, s.d);
+    let (Some(dk), Some(dv)) = (dk, dv) else {
+        candle_core::bail!("attention backward: no query chunk");
+    };
     let (dk, dv) = (dk.into_tensor(shape)?, dv.into_tensor(shape)?);
     Ok((dq, dk.to_dtype(dt)?, dv.to_dtype(dt)?))
 }
