@@ -57,6 +57,10 @@
 #                utilization over bf16 2 x 2048 and 1 x 512 runs; sweep efficiency: `lorascope run
 #                profiles/h200-grid.toml` wall time against the sum of its points' timed windows;
 #                then the model presets at 1 x 1024 (issue 16) until the deadline
+#   PART=mem8b   where the 8B presets' memory goes: llama-3.1-8b and qwen3-8b at 1 x 1024 (the
+#                presets' settings, 6 steps) with each of this round's switches off in turn
+#                (LORASCOPE_ATTN_DIRECT, _LAYER_CASTS, _MULTI_TENSOR) and all on: NVML's process
+#                peak against the pool's bytes in use and reservation
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -345,6 +349,27 @@ sitting)
   startup 15b "--model qwen2.5-1.5b --batch-size 2 --seq-len 2048 --grad-checkpointing"
   startup 7b "--model qwen2.5-7b --batch-size 1 --seq-len 1024 --grad-checkpointing"
   CHUNKS=${CHUNKS:-512} BUDGET_S=${BUDGET_S:-270} PART=unsloth SKIP_FIXTURES=1 bash "$0"
+  ;;
+mem8b)
+  for m in llama-3.1-8b qwen3-8b; do
+    for v in "" LORASCOPE_ATTN_DIRECT=0 LORASCOPE_LAYER_CASTS=0 LORASCOPE_MULTI_TENSOR=0; do
+      f=$OUT/mem-$m-${v:-default}
+      ( while sleep 0.1; do nvidia-smi --query-compute-apps=used_memory --format=csv,noheader,nounits; done ) > "$f.smi" 2>/dev/null &
+      poll=$!
+      env $v $L train --model $m --data sample --device cuda:0 --quant nf4 --precision bf16 \
+        --grad-checkpointing --optimizer paged_adamw8bit --batch-size 1 --seq-len 1024 --steps 6 \
+        --warmup-steps 2 --lora-dropout 0.05 --json > "$f.jsonl" 2> "$f.err"
+      kill $poll 2>/dev/null; wait $poll 2>/dev/null
+      python3 - "$f.jsonl" "$f.smi" "$m ${v:-all on}" <<'PY'
+import json, sys
+s = [json.loads(l) for l in open(sys.argv[1]) if '"type":"summary"' in l]
+m = (s[-1].get("device_memory") or {}) if s else {}
+smi = [int(x) for x in open(sys.argv[2]).read().split() if x.isdigit()]
+g = lambda k: (m.get(k) or 0) / 2**30
+print(f"{sys.argv[3]}: NVML peak {max(smi, default=0) / 1024:.2f} GiB, pool in use {g('resident_bytes') + g('activations_peak_bytes'):.2f} GiB (resident {g('resident_bytes'):.2f}), pool reserved peak {g('pool_reserved_peak_bytes'):.2f} GiB, {s[-1].get('tokens_per_s', 0) if s else 0:.0f} tok/s")
+PY
+    done
+  done
   ;;
 grid)
   for rep in 1 2; do
