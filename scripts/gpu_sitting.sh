@@ -61,6 +61,10 @@
 #                presets' settings, 6 steps) with each of this round's switches off in turn
 #                (LORASCOPE_ATTN_DIRECT, _LAYER_CASTS, _MULTI_TENSOR) and all on: NVML's process
 #                peak against the pool's bytes in use and reservation
+#   PART=load8b  when the 8B preset's NVML peak happens: llama-3.1-8b at the presets' settings three
+#                times (or LOADS="model:ENV=value ..."), process memory polled every 20 ms with
+#                timestamps against the run's phases;
+#                then the presets named in PRESETS (scripts/gpu_presets.sh, 6 steps), if any
 # Run from the repository root with carry [".carry", ".whl", ".whl-peers"]; `.carry/` holds
 # lorascope.gz (bash ../shared/cuda/pack.sh target/release/lorascope), alpaca_en_demo.json,
 # peft_qlora_baseline.py, qwen/config.json, qwen7b/config.json and bench/ + models/ (copies of
@@ -350,6 +354,54 @@ sitting)
   startup 7b "--model qwen2.5-7b --batch-size 1 --seq-len 1024 --grad-checkpointing"
   CHUNKS=${CHUNKS:-512} BUDGET_S=${BUDGET_S:-270} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   ;;
+load8b)
+  for rep in ${LOADS:-1 2 3}; do
+    IFS=: read -r m env_v <<< "${rep}"
+    case "$m" in [0-9]*) m=llama-3.1-8b; env_v="";; esac
+    f=$OUT/load-${rep//[:=]/-}
+    t0=$(date +%s.%N)
+    nvidia-smi --query-compute-apps=used_memory --format=csv,noheader,nounits -lms 20 2>/dev/null | python3 -c '
+import sys, time
+t0 = float(sys.argv[1])
+for line in sys.stdin:
+    sys.stdout.write(f"{time.time() - t0:.3f} {line}"); sys.stdout.flush()
+' "$t0" > "$f.smi" &
+    poll=$!
+    env $env_v $L train --model $m --data sample --device cuda:0 --quant nf4 --precision bf16 \
+      --grad-checkpointing --optimizer paged_adamw8bit --batch-size 1 --seq-len 1024 --steps 6 \
+      --warmup-steps 2 --lora-dropout 0.05 --json 2> "$f.err" | python3 -c '
+import sys, time
+t0 = float(sys.argv[1])
+for line in sys.stdin:
+    sys.stdout.write(f"{time.time() - t0:.3f}\t{line}")
+' "$t0" > "$f.jsonl"
+    sleep 0.3; kill $poll 2>/dev/null; pkill -f "nvidia-smi --query-compute-apps" 2>/dev/null; wait $poll 2>/dev/null
+    python3 - "$f.jsonl" "$f.smi" "$rep" <<'PY'
+import json, sys
+ev = []
+for l in open(sys.argv[1]):
+    t, _, rec = l.partition("\t")
+    e = json.loads(rec)
+    if e.get("type") in ("phase", "header", "summary") or (e.get("type") == "step" and e.get("step") == 1):
+        ev.append((float(t), e.get("type"), e.get("phase") or e.get("step")))
+smi = []
+for l in open(sys.argv[2]):
+    p = l.split()
+    if len(p) == 2 and p[1].isdigit():
+        smi.append((float(p[0]), int(p[1])))
+peak = max(smi, key=lambda x: x[1], default=(0, 0))
+first_step = next((t for t, k, _ in ev if k == "step"), None)
+before = max((m for t, m in smi if first_step is None or t < first_step), default=0)
+after = max((m for t, m in smi if first_step is not None and t >= first_step), default=0)
+print(f"run {sys.argv[3]}: NVML peak {peak[1]} MiB at {peak[0]:.2f} s; before the first step {before} MiB, from it on {after} MiB; events {[(round(t, 2), k, p) for t, k, p in ev]}")
+PY
+  done
+  if [ -n "${PRESETS:-}" ]; then
+    export LORASCOPE_STATE_DIR=$OUT/state
+    STEPS=6 WARMUP=2 OUT=$OUT/presets bash scripts/gpu_presets.sh > "$OUT/presets.log" 2>&1
+    grep -E "^\|" "$OUT/presets.log"
+  fi
+  ;;
 mem8b)
   for m in llama-3.1-8b qwen3-8b; do
     for v in "" LORASCOPE_ATTN_DIRECT=0 LORASCOPE_LAYER_CASTS=0 LORASCOPE_MULTI_TENSOR=0; do
@@ -388,7 +440,7 @@ grid)
 import sys
 v = [int(x) for x in open(sys.argv[1]).read().split() if x.isdigit()]
 # The middle half of the samples: past start-up and warm-up, before the end.
-m = v[len(v) // 4: 3 * len(v) // 4] or v
+m = v[len(v) // 4: 3 * len(v) // 4] or v or [0]
 print(f"GPU utilization {sys.argv[2]}: median {sorted(m)[len(m) // 2]}%, mean {sum(m) / len(m):.0f}% over {len(m)} samples; {sys.argv[3]}")
 PY
   done

@@ -74,9 +74,26 @@ fn fused_kernels_on() -> bool {
     kernel_switch(&ON, "LORASCOPE_FUSED")
 }
 
+/// Whether attention takes its direct CUDA path (`ops/attention/direct.rs`) where it applies
+/// (CUDA, no score soft-capping): the fused kernels on and `LORASCOPE_ATTN_DIRECT` not `0`. The
+/// memory model sizes attention's backward with it.
+pub fn direct_attention_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    fused_kernels_on() && kernel_switch(&ON, "LORASCOPE_ATTN_DIRECT")
+}
+
+/// Whether each decoder-layer pass on CUDA casts its adapters once (`lora::CastScope`): the
+/// fused kernels on and `LORASCOPE_LAYER_CASTS` not `0`. The memory model counts the casts
+/// with it.
+pub fn layer_casts_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    fused_kernels_on() && kernel_switch(&ON, "LORASCOPE_LAYER_CASTS")
+}
+
 /// A kernel switch: on unless the environment variable `name` is `0`, read once into `cell`
 /// (one `static` per switch: `LORASCOPE_FUSED`, `LORASCOPE_VEC8`, `LORASCOPE_ROW_COPY`,
-/// `LORASCOPE_NF4_DEQUANT8`).
+/// `LORASCOPE_NF4_DEQUANT8`, `LORASCOPE_MULTI_TENSOR`, `LORASCOPE_LAYER_CASTS`,
+/// `LORASCOPE_ATTN_DIRECT`).
 pub(crate) fn kernel_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var(name).as_deref() != Ok("0"))
 }

@@ -6,7 +6,8 @@
 //! host took 364 ms to issue a 365 ms step). Each candle op costs the host tens of
 //! microseconds (tensor bookkeeping, layout copies, a fresh allocation), and the adapted
 //! projection was ~11 of them forward and ~18 backward, plus a device copy of its input and
-//! output at the custom-op boundary. Here forward is 5-7 launches and backward 9-10, the
+//! output at the custom-op boundary. Here forward is 5-7 launches and backward 9-10 (two fewer
+//! each inside a layer pass's [`super::CastScope`], which casts the masters once), the
 //! scaling and residual adds ride on cuBLAS's `alpha`/`beta`, and the adapter gradients come
 //! out of cuBLAS in f32 directly (PEFT: f32 master weights, fp32 gradient accumulation).
 //!

@@ -126,8 +126,7 @@ impl Drop for CastScope<'_> {
 pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<CastScope<'a>> {
     #[cfg(feature = "cuda")]
     {
-        static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let on = crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_LAYER_CASTS");
+        let on = crate::engine::cuda::layer_casts_on();
         if on && !adapters.is_empty() && crate::engine::cuda::fused_path(x.dtype(), x.device()) {
             let dev = x.device().as_cuda_device()?;
             let (layer, casts) = cuda::cast_layer(dev, x.dtype(), &adapters)?;

@@ -181,7 +181,7 @@ struct Shapes {
     /// the GEMMs add into the two sums) and `dQ`'s chunks are concatenated.
     chunked: bool,
     /// f32 copies of (n, kv width) alive at the chunked backward's peak: 5, or 2 on the
-    /// direct CUDA path (no score soft-capping).
+    /// direct CUDA path (no score soft-capping, [`crate::engine::cuda::direct_attention_on`]).
     kv_sums: usize,
     /// (n, kv_heads * head_dim) in f32.
     nk32: usize,
@@ -210,7 +210,10 @@ impl Shapes {
             ni: n * c.intermediate_size * e,
             scores: p.batch_size * c.num_attention_heads * tq * p.seq_len * e,
             chunked: tq < p.seq_len,
-            kv_sums: if p.device == DeviceKind::Cuda && c.attn_softcap.is_none() {
+            kv_sums: if p.device == DeviceKind::Cuda
+                && c.attn_softcap.is_none()
+                && crate::engine::cuda::direct_attention_on()
+            {
                 2
             } else {
                 5
@@ -315,12 +318,15 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
         vec![Alloc::new(1, dequant), Alloc::new(1, s.ni)]
     };
     // On CUDA each layer pass casts its adapters to the compute dtype in one buffer
-    // (`lora::CastScope`), alive through the pass.
-    let layer_casts: usize = if p.device == DeviceKind::Cuda {
-        adapter_tensors(p).iter().map(|&(_, n)| n * e).sum()
-    } else {
-        0
-    };
+    // (`lora::CastScope`), alive through the pass (counted in the backward also without
+    // checkpointing, where the recorded projections cast for themselves: one layer's worth,
+    // a slight over-count).
+    let layer_casts: usize =
+        if p.device == DeviceKind::Cuda && crate::engine::cuda::layer_casts_on() {
+            adapter_tensors(p).iter().map(|&(_, n)| n * e).sum()
+        } else {
+            0
+        };
     let mut fwd_ws = fwd_ws;
     fwd_ws.push(Alloc::new(1, layer_casts));
     let forward = phase("forward", &kept, fwd_ws, 0);

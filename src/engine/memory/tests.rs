@@ -134,6 +134,29 @@ fn peak_adds_up() {
     );
 }
 
+/// On CUDA each layer pass holds one layer's adapters cast to the compute dtype
+/// (`lora::CastScope`): r = 8 on all seven projections is 36,352 parameters per layer, 145,408
+/// f32 bytes, in the forward's and the layer backward's working sets. At 2 x 2048 (attention in
+/// query chunks) the direct attention's backward keeps two f32 sums of dK/dV (n x kv width x
+/// 4 = 4,096 x 64 x 4 = 1,048,576 bytes each) where the candle-op path of the CPU keeps five.
+#[test]
+fn cuda_layer_casts_and_kv_sums_by_hand() {
+    let c = tiny();
+    let mut p = point(&c, Quant::None, Optimizer::AdamW, true);
+    let cpu = terms::phases(&p);
+    p.device = DeviceKind::Cuda;
+    let cuda = terms::phases(&p);
+    let casts = 145_408;
+    assert!(crate::engine::cuda::layer_casts_on() && crate::engine::cuda::direct_attention_on());
+    assert_eq!(cuda[0].transient - cpu[0].transient, casts);
+    assert_eq!(cuda[2].transient - cpu[2].transient, casts);
+    p.seq_len = 2048;
+    let cuda = terms::phases(&p)[2].transient;
+    p.device = DeviceKind::Cpu;
+    let cpu = terms::phases(&p)[2].transient;
+    assert_eq!(cuda + 3 * 1_048_576, cpu + casts);
+}
+
 /// Pool rounding: tensors of 1 MiB or more round up to 2 MiB pages, smaller ones are exact.
 #[test]
 fn rounding_to_pool_pages() {

@@ -12,10 +12,14 @@
 //!   (unsigned dynamic map), updates in f64, the block reduces the new absolute maxima, and
 //!   each thread requantises to the nearest map entry (binary search, ties to the lower
 //!   entry, NaN as 0) and writes its code; thread 0 writes the two absmax values.
+//! - `*_multi`: each of the three over a table of tensors in one launch
+//!   ([`crate::engine::cuda::launch::TensorTable`]), the same device function per element or
+//!   quantisation block; [`GpuStates::step_all`] uses them unless `LORASCOPE_MULTI_TENSOR=0`.
 //!
 //! The module is compiled with `--fmad=false`, so no multiply-add is contracted and the GPU
-//! arithmetic rounds as the CPU's does: the self-test (`lorascope selftest optim`) expects
-//! identical parameters.
+//! arithmetic rounds as the CPU's does: the self-test (`lorascope selftest optim`) measures 0
+//! difference from the CPU optimizers (its pass threshold, 1e-5, leaves room for an 8-bit
+//! code landing on the other side of a tie).
 //!
 //! Parameters are updated in place through candle's `InplaceOp2` (no copy of the variable).
 //! State lives in [`RawBuf`]s: ordinary device memory, or CUDA unified memory for the paged
@@ -53,9 +57,10 @@ fn header() -> String {
 /// Thread blocks per gradient in [`sum_squares`] (fewer for small tensors).
 const SUMSQ_MAX_BLOCKS: usize = 64;
 
-/// `sum((g * factor)^2)` over every element of the f32 CUDA tensors `grads`, in f64: one kernel
-/// launch per tensor writes one partial sum per thread block, and the host adds the partials in
-/// order after a single read-back, so the result is the same on every run (no atomics). The
+/// `sum((g * factor)^2)` over every element of the f32 CUDA tensors `grads`, in f64: one
+/// multi-tensor launch (one per tensor with `LORASCOPE_MULTI_TENSOR=0`; the same partials)
+/// writes one partial sum per thread block, and the host adds the partials in order after a
+/// single read-back, so the result is the same on every run (no atomics). The
 /// global gradient norm's square, for clipping and overflow detection; inf/NaN gradients give
 /// inf/NaN.
 ///

@@ -1,8 +1,8 @@
 // The LoRA family (lora/): the dropout hash `keep` (mirrored by lora/dropout.rs
 // `dropout_keep`), inverted dropout with that mask, and the elementwise steps of the direct
 // LoRA projection (f32 master cast, bias rows, masked accumulate); `lora_cast_multi_*` casts a
-// table of masters at once (rows: src, dst, n, scale as f32 bits, first block). One thread per element,
-// grid-stride; the dropout and masked accumulate also eight per thread with 16-byte accesses
+// table of masters at once (rows: src, dst, n, scale as f32 bits, first block; one thread per
+// element, no stride loop). The others: one thread per element, grid-stride; the dropout and masked accumulate also eight per thread with 16-byte accesses
 // (`*8_*`, aligned buffers; the launcher picks), the same mask and arithmetic per element.
 __device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long i,
                                      unsigned long long thr) {

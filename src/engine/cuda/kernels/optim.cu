@@ -100,9 +100,8 @@ extern "C" __global__ void lorascope_adamw_f32state_multi(
                     gs, b1, omb1, b2, omb2, bc1, bc2, eps, decay, lr);
 }
 
-// Launched with STATE_BLOCK threads per block, one block per STATE_BLOCK-element quantisation
-// block.
-// Quantisation block b of one tensor (the body of both launch forms below).
+// Quantisation block b of one tensor (the body of both launch forms below, each launched with
+// STATE_BLOCK threads per block, one block per STATE_BLOCK-element quantisation block).
 __device__ __forceinline__ void adamw8_block(
     float* p, const float* g,
     unsigned char* mc, float* mabs, unsigned char* vc, float* vabs,
@@ -177,9 +176,6 @@ extern "C" __global__ void lorascope_adamw8_blockwise_multi(
                  gs, b1, omb1, b2, omb2, bc1, bc2, eps, decay, lr);
 }
 
-// partial[blockIdx.x] = this block's share of sum((g[i] * factor)^2) over n f32 elements, in
-// f64: grid-stride partial sums, then a warp and block reduction in a fixed order. No atomics,
-// so the host's in-order sum of the partials is the same on every run.
 // One block's partial of sum((g[i] * factor)^2), i over `blocks` blocks' grid-stride share
 // of n elements (`block`: this block's index among them), reduced in a fixed order.
 __device__ __forceinline__ double sumsq_block(const float* g, unsigned long long n, double factor,

@@ -61,7 +61,8 @@ HALF8(bf16_t)
 // Multi-tensor kernels (one launch over a list of tensors, `launch::TensorTable`): the table is
 // `count` rows of `stride` u64 fields, the last field of each row the row's first block in the
 // grid (ascending). The row that owns `block`: the last whose first block is <= `block`
-// (binary search; a row of zero blocks is never picked).
+// (binary search; a row of zero blocks is never picked unless every row has none, and the
+// kernels guard on the row's length).
 __device__ __forceinline__ unsigned int table_row(const unsigned long long* table,
                                                   unsigned int stride, unsigned int count,
                                                   unsigned long long block) {

@@ -1,5 +1,5 @@
 //! The CUDA path of [`super::Attention`] without candle ops between the kernels: each query
-//! chunk's five matrix products are strided-batched cuBLAS calls on the grouped layout
+//! chunk's matrix products (two forward, five backward) are strided-batched cuBLAS calls on the grouped layout
 //! ([`crate::engine::cuda::blas`]), the softmax kernels run on the buffers, the logit scale
 //! rides on the score GEMM's `alpha`, and in backward `dK`, `dV` accumulate over the chunks in
 //! f32 through the GEMMs' `beta` (chunks taken last first, so the first, which covers every
@@ -7,7 +7,7 @@
 //! candle-op path takes about twenty (scaling, padding, casts and adds of its own).
 //!
 //! Same mathematics as the candle-op path (`LORASCOPE_ATTN_DIRECT=0`), which stays the path on
-//! the CPU and for soft-capped scores; rounding differs slightly: the scale is applied in the
+//! the CPU, for soft-capped scores, for f64 and with `LORASCOPE_FUSED=0`; rounding differs slightly: the scale is applied in the
 //! f32 accumulator instead of to the 16-bit queries, and each chunk's `dK`/`dV` is added in f32
 //! without first rounding to the compute dtype.
 
@@ -22,10 +22,9 @@ use candle_core::{CudaDevice, DType, Result, Tensor};
 /// dtype with kernels, `LORASCOPE_FUSED` on), no score soft-capping, and
 /// `LORASCOPE_ATTN_DIRECT` is not `0`.
 pub(super) fn applies(att: &Attention, q: &Tensor) -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     att.spec.softcap.is_none()
         && crate::engine::cuda::fused_path(q.dtype(), q.device())
-        && crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_ATTN_DIRECT")
+        && crate::engine::cuda::direct_attention_on()
 }
 
 /// The shapes of one call: batch, query heads, kv heads, positions, head size.
