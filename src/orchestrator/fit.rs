@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
-use crate::engine::EngineError;
 use crate::engine::config::{ModelConfig, ModelSource};
 use crate::engine::memory::{self, MemoryEstimate, MemoryPoint, gib, host};
+use crate::engine::weights::WeightSource;
 use crate::grid::RunSpec;
 use crate::orchestrator::RunResult;
 use crate::profile::AXIS_MAX;
@@ -179,11 +179,13 @@ impl Prediction {
     }
 }
 
-/// The memory model's view of `spec` on a model of `cfg`.
+/// The memory model's view of `spec` on a model of `cfg`, whose weights are drawn at random
+/// when `synthetic_weights` (no checkpoint).
 pub fn memory_point<'a>(
     spec: &'a RunSpec,
     cfg: &'a ModelConfig,
     cuda_context: Option<u64>,
+    synthetic_weights: bool,
 ) -> MemoryPoint<'a> {
     let c = &spec.config;
     let p = &c.point;
@@ -199,6 +201,7 @@ pub fn memory_point<'a>(
         grad_checkpointing: p.grad_checkpointing,
         device: c.device_kind,
         cuda_context,
+        synthetic_weights,
     }
 }
 
@@ -241,20 +244,24 @@ pub fn predict_all(
     cuda_context: Option<u64>,
     gpu_total: Option<u64>,
 ) -> Vec<Result<Prediction, String>> {
-    let mut models: HashMap<String, Result<ModelConfig, String>> = HashMap::new();
+    let mut models: HashMap<String, Result<(ModelConfig, bool), String>> = HashMap::new();
     specs
         .iter()
         .map(|s| {
-            let cfg = models
+            let (cfg, synthetic) = models
                 .entry(s.model_arg.clone())
                 .or_insert_with(|| {
-                    ModelSource::resolve(&s.model_arg)
-                        .map(|m| m.config)
-                        .map_err(|e: EngineError| e.to_string())
+                    let m = ModelSource::resolve(&s.model_arg).map_err(|e| e.to_string())?;
+                    // Synthetic unless the directory holds a checkpoint `train` would read.
+                    let synthetic = match m.dir.as_deref() {
+                        None => true,
+                        Some(d) => !matches!(WeightSource::open_dir(d), Ok(Some(_))),
+                    };
+                    Ok((m.config, synthetic))
                 })
                 .clone()?;
             let limit = limit(s, gpu_total);
-            let mut point = memory_point(s, &cfg, cuda_context);
+            let mut point = memory_point(s, &cfg, cuda_context, synthetic);
             let mut max_cap = 0;
             let resolved = match MaxAxis::of(s) {
                 None => None,

@@ -264,7 +264,7 @@ mod sweep {
         let base = specs("[1]", "vram_limit = \"8GiB\"");
         let cfg = ModelSource::resolve("tiny").unwrap().config;
         let at = |b: usize| {
-            let mut p = memory_point(&base[0], &cfg, None);
+            let mut p = memory_point(&base[0], &cfg, None, true);
             p.batch_size = b;
             lorascope::engine::memory::estimate(&p).peak
         };

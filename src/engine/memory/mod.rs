@@ -92,6 +92,9 @@ pub struct MemoryPoint<'a> {
     pub device: DeviceKind,
     /// The measured CUDA context of the GPU, bytes (None: [`DEFAULT_CUDA_CONTEXT`]).
     pub cuda_context: Option<u64>,
+    /// Weights drawn at random (a preset, or a directory without safetensors) rather than read
+    /// from a checkpoint: on CUDA their f32 draws can peak above the step.
+    pub synthetic_weights: bool,
 }
 
 /// One term of an estimate.
@@ -132,7 +135,9 @@ pub struct MemoryEstimate {
     /// Whether `overhead` is a measurement of this GPU (CUDA) rather than the default.
     pub overhead_measured: bool,
     /// CPU: the transient of loading the largest weight beyond the weight itself (an f32
-    /// copy, and the dense tensor under NF4), where it exceeds the peak phase; else 0.
+    /// copy, and the dense tensor under NF4), where it exceeds the peak phase; CUDA with
+    /// synthetic weights: the f32 draws' excess over the loaded model (an untied `lm_head`'s,
+    /// typically), where it exceeds what the step adds; else 0.
     pub loading: u64,
     /// The predicted peak: process VRAM (CUDA) or peak RSS (CPU).
     pub peak: u64,
@@ -232,8 +237,10 @@ pub fn estimate(p: &MemoryPoint) -> MemoryEstimate {
     } else {
         (HOST_BASELINE, false)
     };
+    // Loading peaks above the step when its transient exceeds what the step adds on top of
+    // the weights and adapters (the optimizer state is made after the model).
     let loading = if cuda {
-        0
+        terms::device_loading_excess(p).saturating_sub(opt_b + peak_phase.total())
     } else {
         terms::loading_transient(p).saturating_sub(peak_phase.total())
     };

@@ -371,6 +371,47 @@ fn phase(name: &'static str, kept: &[Alloc], ws: Vec<Alloc>, grads: u64) -> Phas
     }
 }
 
+/// CUDA device bytes of loading synthetic weights beyond the loaded model (`weights.rs`
+/// `synth`): each weight is drawn in f32 on the GPU and cast to the compute dtype, so while
+/// tensor `t` of `n` elements is made, `(4 + e) n` bytes are alive on top of everything loaded
+/// before it (NF4: the dense copy then becomes codes). Over the load order (embedding, each
+/// layer's projections, `lm_head` unless tied; norms and biases are too small to matter), the
+/// largest excess over the final weights is `(4 + e) n_t` minus the final bytes of `t` and of
+/// every tensor after it: at an untied `lm_head`, the last, its f32 draw, `4 n` (2.1 GB at
+/// Llama-3.1-8B). 0 for fp32 (the draw is the tensor) and for weights read from a checkpoint.
+pub(super) fn device_loading_excess(p: &MemoryPoint) -> u64 {
+    if !p.synthetic_weights || p.precision == Precision::Fp32 {
+        return 0;
+    }
+    let c = p.config;
+    let e = dtype_bytes(p.precision);
+    let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
+    // (elements drawn, final bytes) in load order.
+    let embed = c.vocab_size * c.hidden_size;
+    let mut order = vec![(embed, (embed * e) as u64)];
+    for _ in 0..c.num_hidden_layers {
+        for &m in c.projections() {
+            let (out, inp) = c.projection_dims(m);
+            let n = out * inp;
+            let fin = match p.quant {
+                crate::spec::Quant::None => (n * e) as u64,
+                crate::spec::Quant::Nf4 => sum(&nf4_allocs(n)),
+            };
+            order.push((n, fin));
+        }
+    }
+    if !c.tie_word_embeddings {
+        order.push((embed, (embed * e) as u64));
+    }
+    let mut after = 0u64;
+    let mut excess = 0u64;
+    for &(n, fin) in order.iter().rev() {
+        after += fin;
+        excess = excess.max((((4 + e) * n) as u64).saturating_sub(after));
+    }
+    excess
+}
+
 /// Host bytes of loading one weight beyond the model itself (`weights.rs`, `nf4/mod.rs`),
 /// the largest over the tensors: each is read or synthesised in f32 and becomes the weight as
 /// is in fp32 (no extra); converted to fp16/bf16 the f32 copy is extra; a projection quantised

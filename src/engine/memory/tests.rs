@@ -27,6 +27,7 @@ fn point(cfg: &ModelConfig, quant: Quant, optimizer: Optimizer, ckpt: bool) -> M
         grad_checkpointing: ckpt,
         device: DeviceKind::Cpu,
         cuda_context: None,
+        synthetic_weights: true,
     }
 }
 
@@ -155,6 +156,33 @@ fn cuda_layer_casts_and_kv_sums_by_hand() {
     p.device = DeviceKind::Cpu;
     let cpu = terms::phases(&p)[2].transient;
     assert_eq!(cuda + 3 * 1_048_576, cpu + casts);
+}
+
+/// Synthetic weights on CUDA are drawn in f32 and cast: the largest excess over the loaded
+/// model is the last tensor's f32 draw. Tied (tiny as shipped) the last is the last layer's
+/// down projection, 704 x 256 = 180,224 elements: 4 x 180,224 = 720,896 bytes; untied it is
+/// `lm_head`, 512 x 256: 524,288 bytes (the down projection then has `lm_head`'s 262,144 bf16
+/// bytes after it: 6 x 180,224 - 2 x 180,224 - 262,144 = 458,752, less). None in fp32 or from
+/// a checkpoint.
+#[test]
+fn synthetic_load_excess_by_hand() {
+    let mut c = tiny();
+    let mut p = point(&c, Quant::None, Optimizer::AdamW, true);
+    p.precision = Precision::Bf16;
+    p.device = DeviceKind::Cuda;
+    assert_eq!(terms::device_loading_excess(&p), 720_896);
+    c.tie_word_embeddings = false;
+    let mut u = point(&c, Quant::None, Optimizer::AdamW, true);
+    u.precision = Precision::Bf16;
+    u.device = DeviceKind::Cuda;
+    assert_eq!(terms::device_loading_excess(&u), 524_288);
+    // Small next to the step here, so the estimate adds nothing.
+    assert_eq!(estimate(&u).loading, 0);
+    u.synthetic_weights = false;
+    assert_eq!(terms::device_loading_excess(&u), 0);
+    u.synthetic_weights = true;
+    u.precision = Precision::Fp32;
+    assert_eq!(terms::device_loading_excess(&u), 0);
 }
 
 /// Pool rounding: tensors of 1 MiB or more round up to 2 MiB pages, smaller ones are exact.

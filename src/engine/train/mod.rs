@@ -121,11 +121,13 @@ pub fn parse_device(s: &str) -> Result<Device, EngineError> {
 }
 
 /// The memory model's view of a run of `opts` on a model of `cfg`; `cuda_context` is the
-/// measured context of the GPU, if known.
+/// measured context of the GPU, if known; `synthetic_weights` whether the weights are drawn
+/// at random (no checkpoint).
 pub fn memory_point<'a>(
     opts: &'a TrainOptions,
     cfg: &'a ModelConfig,
     cuda_context: Option<u64>,
+    synthetic_weights: bool,
 ) -> MemoryPoint<'a> {
     MemoryPoint {
         config: cfg,
@@ -143,6 +145,7 @@ pub fn memory_point<'a>(
             DeviceKind::Cuda
         },
         cuda_context,
+        synthetic_weights,
     }
 }
 
@@ -151,14 +154,18 @@ pub fn memory_point<'a>(
 /// orchestrator, which knows the measured context and `run.verify_oom`.
 ///
 /// Errors: [`EngineError::InsufficientMemory`], one line.
-fn check_host_memory(opts: &TrainOptions, cfg: &ModelConfig) -> Result<(), EngineError> {
+fn check_host_memory(
+    opts: &TrainOptions,
+    cfg: &ModelConfig,
+    synthetic_weights: bool,
+) -> Result<(), EngineError> {
     if opts.device != "cpu" {
         return Ok(());
     }
     let Some(avail) = host::available() else {
         return Ok(());
     };
-    let est = memory::estimate(&memory_point(opts, cfg, None));
+    let est = memory::estimate(&memory_point(opts, cfg, None, synthetic_weights));
     host::check_fits(&est, &avail, opts.precision, opts.quant)
 }
 
@@ -215,7 +222,9 @@ pub fn prepare_reporting(
             opts.seq_len, cfg.max_position_embeddings, src.name
         )));
     }
-    check_host_memory(opts, cfg)?;
+    // A directory without safetensors is synthetic too (found when the weights are opened);
+    // this only matters on CUDA, which this check skips.
+    check_host_memory(opts, cfg, src.dir.is_none())?;
     let device = parse_device(&opts.device)?;
     if opts.precision == Precision::Bf16
         && let Some((major, minor)) = profiler::compute_capability(&device)
