@@ -120,14 +120,23 @@ impl Drop for CastScope<'_> {
 }
 
 /// Open a [`CastScope`] over `adapters` for input `x`: on the direct CUDA path (fused kernels
-/// on, `LORASCOPE_LAYER_CASTS` not `0`) the casts are made now; elsewhere the scope is empty.
+/// on, `LORASCOPE_LAYER_CASTS` not `0`, f32 masters) the casts are made now; elsewhere the
+/// scope is empty.
 ///
 /// Errors: device errors while casting.
 pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<CastScope<'a>> {
     #[cfg(feature = "cuda")]
     {
         let on = crate::engine::cuda::layer_casts_on();
-        if on && !adapters.is_empty() && crate::engine::cuda::fused_path(x.dtype(), x.device()) {
+        // f32 masters only: the direct projection path takes no other (it falls back).
+        let f32_masters = adapters
+            .iter()
+            .all(|ad| ad.a.dtype() == DType::F32 && ad.b.dtype() == DType::F32);
+        if on
+            && f32_masters
+            && !adapters.is_empty()
+            && crate::engine::cuda::fused_path(x.dtype(), x.device())
+        {
             let dev = x.device().as_cuda_device()?;
             let (layer, casts) = cuda::cast_layer(dev, x.dtype(), &adapters)?;
             for (ad, c) in adapters.iter().zip(casts) {
