@@ -116,7 +116,19 @@ impl Drop for CastScope<'_> {
         for ad in &self.adapters {
             ad.casts.set(None);
         }
+        OPEN_SCOPES.with(|n| n.set(n.get().saturating_sub(1)));
     }
+}
+
+thread_local! {
+    /// [`CastScope`]s open on this thread (a layer pass runs on the thread that steps).
+    static OPEN_SCOPES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many [`CastScope`]s are open on this thread: the optimizer refuses to step while any
+/// is ([`crate::engine::optim::AnyOptimizer::step`]), since a pass's casts would then go stale.
+pub fn open_cast_scopes() -> usize {
+    OPEN_SCOPES.with(|n| n.get())
 }
 
 /// Open a [`CastScope`] over `adapters` for input `x`: on the direct CUDA path (fused kernels
@@ -125,6 +137,10 @@ impl Drop for CastScope<'_> {
 ///
 /// Errors: device errors while casting.
 pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<CastScope<'a>> {
+    OPEN_SCOPES.with(|n| n.set(n.get() + 1));
+    // From here the scope is counted: every return below hands out a `CastScope`, whose drop
+    // uncounts it; on an error, uncount here.
+    let uncount = || OPEN_SCOPES.with(|n| n.set(n.get().saturating_sub(1)));
     #[cfg(feature = "cuda")]
     {
         let on = crate::engine::cuda::layer_casts_on();
@@ -137,8 +153,11 @@ pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<Cast
             && !adapters.is_empty()
             && crate::engine::cuda::fused_path(x.dtype(), x.device())
         {
-            let dev = x.device().as_cuda_device()?;
-            let (layer, casts) = cuda::cast_layer(dev, x.dtype(), &adapters)?;
+            let made = x
+                .device()
+                .as_cuda_device()
+                .and_then(|dev| cuda::cast_layer(dev, x.dtype(), &adapters));
+            let (layer, casts) = made.inspect_err(|_| uncount())?;
             for (ad, c) in adapters.iter().zip(casts) {
                 ad.casts.set(Some(c));
             }
@@ -148,7 +167,7 @@ pub fn cast_scope<'a>(adapters: Vec<&'a LoraAdapter>, x: &Tensor) -> Result<Cast
             });
         }
     }
-    let _ = (x, adapters);
+    let _ = (x, adapters, uncount);
     Ok(CastScope {
         adapters: Vec::new(),
         #[cfg(feature = "cuda")]
@@ -435,6 +454,37 @@ pub fn save_peft(
 mod tests {
     use super::*;
     use crate::engine::testutil::rand_uniform;
+
+    /// The optimizer refuses to step while a layer pass's cast scope is open on this thread
+    /// (its casts would go stale), and steps once it is closed.
+    #[test]
+    fn no_optimizer_step_inside_a_cast_scope() {
+        use crate::engine::optim::{AdamWConfig, AnyOptimizer};
+        let cfg = LoraConfig::default();
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let ad = new_adapter("p".into(), 4, 8, &cfg, &mut rng, &Device::Cpu).unwrap();
+        let mut opt = AnyOptimizer::new(
+            crate::spec::Optimizer::AdamW,
+            vec![ad.a.clone(), ad.b.clone()],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        let x = Tensor::ones((2, 8), DType::F32, &Device::Cpu).unwrap();
+        let loss = |ad: &LoraAdapter| {
+            (ad.a.as_tensor().sum_all().unwrap() + ad.b.as_tensor().sum_all().unwrap())
+                .unwrap()
+                .backward()
+                .unwrap()
+        };
+        let before = open_cast_scopes();
+        let scope = cast_scope(vec![&ad], &x).unwrap();
+        assert_eq!(open_cast_scopes(), before + 1);
+        let err = opt.step(&loss(&ad), 1e-3, 1.0).unwrap_err().to_string();
+        assert!(err.contains("inside a decoder-layer pass"), "{err}");
+        drop(scope);
+        assert_eq!(open_cast_scopes(), before);
+        opt.step(&loss(&ad), 1e-3, 1.0).unwrap();
+    }
 
     /// PEFT's initialisation: A uniform in +-1/sqrt(in), B zero, both f32 of the right shapes.
     #[test]

@@ -114,7 +114,15 @@ impl AnyOptimizer {
     }
 
     /// One update (see [`AdamW::step`]).
+    ///
+    /// Errors: as the optimizer's, and a step while a decoder-layer pass holds its adapters'
+    /// casts on this thread ([`crate::engine::lora::open_cast_scopes`]).
     pub fn step(&mut self, grads: &GradStore, lr: f64, grad_scale: f64) -> Result<()> {
+        if crate::engine::lora::open_cast_scopes() > 0 {
+            candle_core::bail!(
+                "optimizer step inside a decoder-layer pass: the pass's adapter casts would go stale; step after the backward"
+            );
+        }
         match self {
             Self::AdamW(o) => o.step(grads, lr, grad_scale),
             Self::AdamW8bit(o) => o.step(grads, lr, grad_scale),
