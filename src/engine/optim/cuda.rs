@@ -88,15 +88,8 @@ pub(crate) fn sum_squares(grads: &[&Tensor], factor: f64) -> Result<f64> {
         let mut keep = Vec::with_capacity(grads.len());
         for g in grads {
             let g = g.contiguous()?;
-            let ptr = {
-                let (s, l) = g.storage_and_layout();
-                let candle_core::Storage::Cuda(c) = &*s else {
-                    candle_core::bail!("sum_squares: expected CUDA tensors");
-                };
-                let (a, b) = range(l, l.shape().elem_count(), "gradient")?;
-                Buf::view(c, (a, b))?.ptr()
-            };
             let n = g.elem_count();
+            let ptr = device_ptr(&g, n, "gradient")?;
             let blocks = blocks_of(n) as u64;
             table.push(&[ptr, n as u64, blocks], blocks)?;
             keep.push(g);
@@ -380,29 +373,16 @@ impl GpuStates {
             }
             keep.push(g);
         }
-        let decay = 1.0 - h.lr * h.weight_decay;
         if !f32_rows.is_empty() {
             let (rows, count, cfg) = f32_rows.upload(&dev, 256)?;
             let mut args = vec![table_arg(&dev, &rows), count];
             let kernel = match math {
                 Math::F32 => {
-                    let f = |x: f64| Arg::F32(x as f32);
-                    args.extend([
-                        f(h.grad_scale),
-                        f(h.beta1),
-                        f(1.0 - h.beta1),
-                        f(h.beta2),
-                        f(1.0 - h.beta2),
-                        f(1.0 / h.bc1),
-                        f(1.0 / h.bc2),
-                        f(h.eps),
-                        f(decay),
-                        f(h.lr),
-                    ]);
+                    args.extend(f32_scalars(h));
                     "lorascope_adamw32_multi"
                 }
                 Math::F64 => {
-                    args.extend(f64_scalars(h, decay));
+                    args.extend(f64_scalars(h));
                     "lorascope_adamw_f32state_multi"
                 }
             };
@@ -411,7 +391,7 @@ impl GpuStates {
         if !q8_rows.is_empty() {
             let (rows, count, cfg) = q8_rows.upload(&dev, STATE_BLOCK as u32)?;
             let mut args = vec![table_arg(&dev, &rows), count];
-            args.extend(f64_scalars(h, decay));
+            args.extend(f64_scalars(h));
             launch(
                 &dev,
                 &MODULE,
@@ -444,9 +424,30 @@ fn multi_tensor() -> bool {
     crate::engine::cuda::kernel_switch(&ON, "LORASCOPE_MULTI_TENSOR")
 }
 
+/// The f32 kernels' (`lorascope_adamw32*`) scalars after the tensors: gradient scale, beta1,
+/// 1 - beta1, beta2, 1 - beta2, the reciprocals of the two bias corrections, eps, the decay
+/// factor `1 - lr * weight_decay` and the learning rate, each rounded to f32.
+fn f32_scalars(h: &Hyper) -> [Arg; 10] {
+    [
+        h.grad_scale,
+        h.beta1,
+        1.0 - h.beta1,
+        h.beta2,
+        1.0 - h.beta2,
+        1.0 / h.bc1,
+        1.0 / h.bc2,
+        h.eps,
+        1.0 - h.lr * h.weight_decay,
+        h.lr,
+    ]
+    .map(|x| Arg::F32(x as f32))
+}
+
 /// The f64 kernels' scalars after the tensors: gradient scale, beta1, 1 - beta1, beta2,
-/// 1 - beta2, the two bias corrections, eps, the decay factor and the learning rate.
-fn f64_scalars(h: &Hyper, decay: f64) -> [Arg; 10] {
+/// 1 - beta2, the two bias corrections, eps, the decay factor `1 - lr * weight_decay` and the
+/// learning rate.
+fn f64_scalars(h: &Hyper) -> [Arg; 10] {
+    let decay = 1.0 - h.lr * h.weight_decay;
     [
         h.grad_scale,
         h.beta1,
@@ -519,34 +520,17 @@ impl InplaceOp2 for StepOp<'_> {
         let p = Buf::view_mut_f32(s1, (pa, pb))?.arg();
         let n = Arg::U64(self.n as u64);
         let h = self.h;
-        let decay = 1.0 - h.lr * h.weight_decay;
         // One thread per element, grid-stride beyond 2^30 elements.
         let elementwise = LaunchConfig::for_num_elems((self.n.min(1 << 30) as u32).max(1));
         match (self.slot, self.math) {
             (Slot::F32 { m, v }, Math::F32) => {
-                let f = |x: f64| Arg::F32(x as f32);
-                let args = [
-                    p,
-                    g,
-                    Arg::Ptr(m.ptr()),
-                    Arg::Ptr(v.ptr()),
-                    n,
-                    f(h.grad_scale),
-                    f(h.beta1),
-                    f(1.0 - h.beta1),
-                    f(h.beta2),
-                    f(1.0 - h.beta2),
-                    f(1.0 / h.bc1),
-                    f(1.0 / h.bc2),
-                    f(h.eps),
-                    f(decay),
-                    f(h.lr),
-                ];
+                let mut args = vec![p, g, Arg::Ptr(m.ptr()), Arg::Ptr(v.ptr()), n];
+                args.extend(f32_scalars(&h));
                 // m and v hold n f32 each; work is ordered on candle's stream.
                 launch(&dev, &MODULE, "lorascope_adamw32", elementwise, &args)?;
             }
             (slot, _) => {
-                let scalars = f64_scalars(&h, decay);
+                let scalars = f64_scalars(&h);
                 match slot {
                     Slot::F32 { m, v } => {
                         let mut args = vec![p, g, Arg::Ptr(m.ptr()), Arg::Ptr(v.ptr()), n];

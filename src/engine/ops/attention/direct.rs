@@ -163,26 +163,25 @@ pub(super) fn backward(
             cuda_buf(&go_t, "attention grad")?,
         );
         let p = probs(&dev, att, &s, (&qc, &kb), (q0, tq))?;
-        let kv_out = |slot: &mut Option<Buf>| -> Result<(Buf, usize, usize)> {
-            if slot.is_none() {
-                *slot = Some(Buf::alloc(&dev, acc, n_kv)?);
-            }
-            let buf = slot.as_ref().map(Buf::borrow);
-            let buf = buf.ok_or_else(|| candle_core::Error::Msg("attention: no dK/dV".into()))?;
-            Ok((buf, s.d, s.t * s.d))
+        // Rows 0..keys of the sum in `slot` (+)= X^T Y, X (groups, g*tq, keys) and Y (groups,
+        // g*tq, d): dV from P and dO, dK from dS' and Q.
+        let add_kv = |slot: &mut Option<Buf>, x: &Buf, y: &Buf| -> Result<()> {
+            let c = match slot {
+                Some(c) => c,
+                None => slot.insert(Buf::alloc(&dev, acc, n_kv)?),
+            };
+            gemm_batched(
+                &dev,
+                (keys, s.d, rows_g),
+                s.groups(),
+                Operand::new(x, true, keys, rows_g * keys),
+                Operand::new(y, false, s.d, rows_g * s.d),
+                (c, s.d, s.t * s.d),
+                1.0,
+                beta,
+            )
         };
-        // dV[0..keys] (+)= P^T dO
-        let (c, ldc, sc) = kv_out(&mut dv)?;
-        gemm_batched(
-            &dev,
-            (keys, s.d, rows_g),
-            s.groups(),
-            Operand::new(&p, true, keys, rows_g * keys),
-            Operand::new(&go, false, s.d, rows_g * s.d),
-            (&c, ldc, sc),
-            1.0,
-            beta,
-        )?;
+        add_kv(&mut dv, &p, &go)?;
         // dP = dO V^T
         let dp = Buf::alloc(&dev, dt, s.groups() * rows_g * keys)?;
         gemm_batched(
@@ -217,18 +216,7 @@ pub(super) fn backward(
             1.0,
             0.0,
         )?;
-        // dK[0..keys] (+)= dS'^T Q
-        let (c, ldc, sc) = kv_out(&mut dk)?;
-        gemm_batched(
-            &dev,
-            (keys, s.d, rows_g),
-            s.groups(),
-            Operand::new(&ds, true, keys, rows_g * keys),
-            Operand::new(&qc, false, s.d, rows_g * s.d),
-            (&c, ldc, sc),
-            1.0,
-            beta,
-        )?;
+        add_kv(&mut dk, &ds, &qc)?;
         dqs.push(dq.into_tensor((s.b, s.qh, tq, s.d))?);
     }
     dqs.reverse();
