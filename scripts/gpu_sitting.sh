@@ -61,6 +61,10 @@
 #                presets' settings, 6 steps) with each of this round's switches off in turn
 #                (LORASCOPE_ATTN_DIRECT, _LAYER_CASTS, _MULTI_TENSOR) and all on: NVML's process
 #                peak against the pool's bytes in use and reservation
+#   PART=inplace the checkpointed MLP's in-place backward: selftest engine and the fixtures, bf16
+#                2 x 2048 (checkpointing) and 1 x 512 direct runs with LORASCOPE_INPLACE_MLP=0 and
+#                the default (memdirect: NVML polled every 20 ms, the pool's in-use and reserved
+#                peaks; loss curves), then the model presets at 1 x 1024 until DEADLINE_S (540)
 #   PART=load8b  when the 8B preset's NVML peak happens: llama-3.1-8b at the presets' settings three
 #                times (or LOADS="model:ENV=value ..."), process memory polled every 20 ms with
 #                timestamps against the run's phases;
@@ -156,6 +160,28 @@ for line in sys.stdin:
     sys.stdout.write(f"{time.time() - t0:.3f}\t{line}")
 ' "$(date +%s.%N)" > "$f"
   echo "start-up $1: first step after $(grep -m1 '"type":"step"' "$f" | cut -f1) s"
+}
+# direct (same arguments) with the process's NVML memory polled every 20 ms: prints tokens/s,
+# the final loss, NVML's peak and the pool's bytes in use and reservation peak (the summary's
+# device_memory).
+memdirect() {
+  local f=$OUT/$1-b$2-s$3
+  nvidia-smi --query-compute-apps=used_memory --format=csv,noheader,nounits -lms 20 > "$f.smi" 2>/dev/null &
+  local poll=$!
+  env $5 $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
+    --precision bf16 $4 --batch-size $2 --seq-len $3 --steps 20 --warmup-steps 5 \
+    --lora-dropout 0.05 --json > "$f.jsonl" 2> "$f.err"
+  local rc=$?
+  sleep 0.2; kill $poll 2>/dev/null; wait $poll 2>/dev/null
+  python3 - "$f.jsonl" "$f.smi" "$1 bf16 $2 x $3 (exit $rc)" <<'PY'
+import json, sys
+s = [json.loads(l) for l in open(sys.argv[1]) if '"type":"summary"' in l]
+s = s[-1] if s else {}
+m = s.get("device_memory") or {}
+smi = [int(x) for x in open(sys.argv[2]).read().split() if x.isdigit()]
+g = lambda k: (m.get(k) or 0) / 2**30
+print(f"{sys.argv[3]}: {s.get('tokens_per_s', 0):.0f} tok/s, final loss {s.get('final_loss')}, NVML peak {max(smi, default=0) / 1024:.3f} GiB, pool in use {g('resident_bytes') + g('activations_peak_bytes'):.3f} GiB, reserved peak {g('pool_reserved_peak_bytes'):.3f} GiB")
+PY
 }
 # The loss curves of two direct runs: steps, how many identical, largest relative difference.
 curves() {
@@ -513,6 +539,23 @@ vec8)
   done
   CHUNKS=${CHUNKS:-"512 0"} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   grep -E "elementwise|swiglu|dropout|nf4 (de)?quantize|FAIL" "$OUT/selftest-engine.txt"
+  ;;
+inplace)
+  selftests
+  for rep in 1 2; do
+    for v in 0 1; do memdirect "ip$v-r$rep" 2 2048 --grad-checkpointing "LORASCOPE_INPLACE_MLP=$v"; done
+  done
+  curves "$OUT/ip0-r1-b2-s2048.jsonl" "$OUT/ip1-r1-b2-s2048.jsonl"
+  for v in 0 1; do memdirect "ip$v" 1 512 "" "LORASCOPE_INPLACE_MLP=$v"; done
+  curves "$OUT/ip0-b1-s512.jsonl" "$OUT/ip1-b1-s512.jsonl"
+  export LORASCOPE_STATE_DIR=$OUT/state
+  DEADLINE=$((${DEADLINE_S:-540} - (SECONDS - T0))) STEPS=6 WARMUP=2 OUT=$OUT/presets bash scripts/gpu_presets.sh > "$OUT/presets.log" 2>&1
+  echo "presets ($((SECONDS - T0)) s)"
+  python3 scripts/gpu_memory_diag.py "$OUT/presets" > "$OUT/diag.txt" 2>&1
+  tail -20 "$OUT/diag.txt"
+  grep -E "in place|FAIL" "$OUT/selftest-engine.txt" | head -8
+  grep -E "FAIL" "$OUT/fixtures-cuda.txt" | head -5
+  grep -E "^\|" "$OUT/presets.log"
   ;;
 unsloth)
   [ -n "${SKIP_FIXTURES:-}" ] || fixtures -chunk5 ", chunks of 5," LORASCOPE_ATTN_CHUNK=5

@@ -43,7 +43,7 @@ pub mod source {
     /// `ce_rows_loss_*`, `ce_rows_grad_*` (`ops::ChunkedCrossEntropy`).
     pub const CROSS_ENTROPY: &str = include_str!("kernels/cross_entropy.cu");
     /// The dropout hash `keep`, `hash_dropout_*` and the LoRA projection's `lora_cast_*`,
-    /// `lora_bias_rows_*`, `lora_dropout_add_*` (`lora`).
+    /// `lora_bias_rows_*` (`lora`).
     pub const LORA: &str = include_str!("kernels/lora.cu");
     /// `nf4_dequant_*` (`nf4`); needs the header of NF4 and dynamic-map tables.
     pub const NF4: &str = include_str!("kernels/nf4.cu");
@@ -90,10 +90,19 @@ pub fn layer_casts_on() -> bool {
     fused_kernels_on() && kernel_switch(&ON, "LORASCOPE_LAYER_CASTS")
 }
 
+/// Whether the checkpointed layer's hand-written MLP backward on CUDA reuses buffers it owns
+/// (`model/mlp.rs`): the down projection's dropout written over its input, the SwiGLU
+/// gradients over gate and up. The fused kernels on and `LORASCOPE_INPLACE_MLP` not `0`. The
+/// memory model sizes the MLP's backward with it.
+pub fn in_place_mlp_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    fused_kernels_on() && kernel_switch(&ON, "LORASCOPE_INPLACE_MLP")
+}
+
 /// A kernel switch: on unless the environment variable `name` is `0`, read once into `cell`
 /// (one `static` per switch: `LORASCOPE_FUSED`, `LORASCOPE_VEC8`, `LORASCOPE_ROW_COPY`,
 /// `LORASCOPE_NF4_DEQUANT8`, `LORASCOPE_MULTI_TENSOR`, `LORASCOPE_LAYER_CASTS`,
-/// `LORASCOPE_ATTN_DIRECT`).
+/// `LORASCOPE_ATTN_DIRECT`, `LORASCOPE_INPLACE_MLP`).
 pub(crate) fn kernel_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var(name).as_deref() != Ok("0"))
 }

@@ -309,10 +309,18 @@ pub(crate) fn forward(
 /// Backward on detached CUDA tensors: `x` (tokens, in), `a` (r, in) f32, `b` (out, r) f32,
 /// `dy` (tokens, out). Returns `(dx, dA, dB)`: `dx` in `x`'s dtype, `dA`, `dB` f32.
 ///
+/// The adapter gradients come first, from `d(x)`; `d(x)` and `x` are then dropped, and `dx`
+/// is built in one buffer (with dropout: `inv du A`, masked in place, then `+= dy W` through
+/// the GEMM's `beta`), so at most two (tokens, in) buffers are alive at once: `x` and `d(x)`,
+/// then `x` and `dx`. With `exclusive` the caller hands over the only handle on `x`'s storage:
+/// `d(x)` is written over `x` and `x` is freed before `dx` exists, so one (tokens, in) buffer
+/// is alive at a time. Not exclusive, `x` is left as it was.
+///
 /// Errors: shapes that do not match, unsupported dtypes, device errors.
 pub(crate) fn backward(
     op: &LoraProjection,
-    x: &Tensor,
+    x: Tensor,
+    exclusive: bool,
     a: &Tensor,
     b: &Tensor,
     dy: &Tensor,
@@ -320,7 +328,10 @@ pub(crate) fn backward(
     let candle_core::Device::Cuda(dev) = x.device() else {
         candle_core::bail!("lora cuda: expected a CUDA tensor");
     };
+    let dev = dev.clone();
+    let dev = &dev;
     let dt = x.dtype();
+    // Not contiguous: a fresh copy, which is this function's alone.
     let x = x.contiguous()?;
     let dy = dy.to_dtype(dt)?.contiguous()?;
     let (a, b) = (a.contiguous()?, b.contiguous()?);
@@ -342,8 +353,69 @@ pub(crate) fn backward(
             b.shape()
         );
     }
-    let (xb, dyb) = (cuda_buf(&x, "lora input")?, cuda_buf(&dy, "lora gradient")?);
-    let dx = Buf::alloc(dev, dt, tokens * inp)?;
+    let n = tokens * inp;
+    let dyb = cuda_buf(&dy, "lora gradient")?;
+    let (a, b) = (cuda_buf(&a, "lora A")?, cuda_buf(&b, "lora B")?);
+    let (_held, ac, bc) = adapter_casts(dev, op, (&a, r * inp), (&b, out * r), dt)?;
+    // 1. dB and dA from d(x).
+    let (du, da, db) = {
+        let xb = cuda_buf(&x, "lora input")?;
+        let xd = if exclusive && op.dropout > 0.0 {
+            dropout_into(dev, &op.hash_dropout(), &xb, &xb, n)?;
+            xb.borrow()
+        } else {
+            dropped(dev, op, &xb, n)?
+        };
+        let u = Buf::alloc(dev, dt, tokens * r)?;
+        gemm(dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
+        let du = Buf::alloc(dev, dt, tokens * r)?;
+        gemm(
+            dev,
+            (tokens, r, out),
+            &dyb,
+            false,
+            &bc,
+            false,
+            &du,
+            1.0,
+            0.0,
+        )?;
+        let db = Buf::alloc(dev, DType::F32, out * r)?;
+        gemm(
+            dev,
+            (out, r, tokens),
+            &dyb,
+            true,
+            &u,
+            false,
+            &db,
+            op.scale as f32,
+            0.0,
+        )?;
+        let da = Buf::alloc(dev, DType::F32, r * inp)?;
+        gemm(dev, (r, inp, tokens), &du, true, &xd, false, &da, 1.0, 0.0)?;
+        (du, da, db)
+    };
+    drop(x);
+    // 2. dx = dy W + mask * (du A) / (1 - p).
+    let dx = Buf::alloc(dev, dt, n)?;
+    let beta = if op.dropout > 0.0 {
+        let (seed, thr, inv) = op.hash_dropout().kernel_args();
+        gemm(dev, (tokens, inp, r), &du, false, &ac, false, &dx, inv, 0.0)?;
+        // The mask alone (scale 1): `inv` rode on the GEMM's alpha.
+        let args = [
+            dx.arg(),
+            dx.arg(),
+            Arg::U64(n as u64),
+            Arg::U64(seed),
+            Arg::U64(thr),
+            Arg::F32(1.0),
+        ];
+        elementwise_or_8(dev, "hash_dropout", (true, &[&dx, &dx]), n, &args)?;
+        1.0
+    } else {
+        0.0
+    };
     let w = op.base.weight(dt)?.contiguous()?;
     gemm(
         dev,
@@ -354,56 +426,10 @@ pub(crate) fn backward(
         false,
         &dx,
         1.0,
-        0.0,
+        beta,
     )?;
     drop(w);
-    let (a, b) = (cuda_buf(&a, "lora A")?, cuda_buf(&b, "lora B")?);
-    let (_held, ac, bc) = adapter_casts(dev, op, (&a, r * inp), (&b, out * r), dt)?;
-    let xd = dropped(dev, op, &xb, tokens * inp)?;
-    let u = Buf::alloc(dev, dt, tokens * r)?;
-    gemm(dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
-    let du = Buf::alloc(dev, dt, tokens * r)?;
-    gemm(
-        dev,
-        (tokens, r, out),
-        &dyb,
-        false,
-        &bc,
-        false,
-        &du,
-        1.0,
-        0.0,
-    )?;
-    let db = Buf::alloc(dev, DType::F32, out * r)?;
-    gemm(
-        dev,
-        (out, r, tokens),
-        &dyb,
-        true,
-        &u,
-        false,
-        &db,
-        op.scale as f32,
-        0.0,
-    )?;
-    let da = Buf::alloc(dev, DType::F32, r * inp)?;
-    gemm(dev, (r, inp, tokens), &du, true, &xd, false, &da, 1.0, 0.0)?;
-    drop(xd);
-    if op.dropout > 0.0 {
-        let t = Buf::alloc(dev, dt, tokens * inp)?;
-        gemm(dev, (tokens, inp, r), &du, false, &ac, false, &t, 1.0, 0.0)?;
-        let (seed, thr, inv) = op.hash_dropout().kernel_args();
-        let n = tokens * inp;
-        let args = [
-            dx.arg(),
-            t.arg(),
-            Arg::U64(n as u64),
-            Arg::U64(seed),
-            Arg::U64(thr),
-            Arg::F32(inv),
-        ];
-        elementwise_or_8(dev, "lora_dropout_add", (true, &[&dx, &t]), n, &args)?;
-    } else {
+    if op.dropout <= 0.0 {
         gemm(dev, (tokens, inp, r), &du, false, &ac, false, &dx, 1.0, 1.0)?;
     }
     Ok((

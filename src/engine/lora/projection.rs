@@ -95,11 +95,34 @@ impl LoraProjection {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if Self::direct_path(x.dtype(), x.device(), a.dtype(), b.dtype()) {
-            let (dx, da, db) = super::cuda::backward(self, x, a, b, dy)?;
+            let (dx, da, db) = super::cuda::backward(self, x.clone(), false, a, b, dy)?;
             return Ok((Some(dx), Some(da), Some(db)));
         }
         let (dx, da, db) = generic::backward(self, x, a, b, dy)?;
         Ok((Some(dx), Some(da), Some(db)))
+    }
+
+    /// [`Self::backward`] taking the input by value: the caller hands over the only handle on
+    /// `x`'s storage (nothing else may read it afterwards). On the direct CUDA path with
+    /// [`crate::engine::cuda::in_place_mlp_on`], `d(x)` is then written over `x` and `x` freed
+    /// before `dx` is allocated (`lora/cuda.rs` `backward`), one (tokens, in) buffer fewer at
+    /// the peak; elsewhere the same as [`Self::backward`]. Same results either way.
+    ///
+    /// Errors: as [`Self::backward`].
+    pub(crate) fn backward_owned(
+        &self,
+        x: Tensor,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        #[cfg(feature = "cuda")]
+        if Self::direct_path(x.dtype(), x.device(), a.dtype(), b.dtype()) {
+            let exclusive = crate::engine::cuda::in_place_mlp_on();
+            let (dx, da, db) = super::cuda::backward(self, x, exclusive, a, b, dy)?;
+            return Ok((Some(dx), Some(da), Some(db)));
+        }
+        self.backward(&x, a, b, dy)
     }
 }
 

@@ -23,7 +23,8 @@
 //! - **transient peak**: the largest working set on top of that: attention scores and
 //!   probabilities (batch, q_heads, query chunk, seq) in the compute dtype (three of them in
 //!   backward, `ops/attention/`; the chunk is 512 positions or the whole row), the loss chunk (`ops/cross_entropy.rs`: 32 Mi
-//!   logits and their gradient; soft-capped, 8 Mi in five f32 copies), a dequantised NF4 weight, the MLP's backward buffers;
+//!   logits and their gradient; soft-capped, 8 Mi in five f32 copies), a dequantised NF4 weight, the MLP's backward buffers
+//!   (with checkpointing on CUDA written over the recorded gate, up and act: `model/mlp.rs`);
 //! - **pool rounding** (CUDA): candle allocates from the driver's stream-ordered pool, which
 //!   maps memory in 2 MiB pages; every tensor of at least 1 MiB is rounded up to the page;
 //! - **CUDA context**: the driver context, cuBLAS workspace and loaded modules; not derivable

@@ -189,6 +189,13 @@ struct Shapes {
     loss_chunk: usize,
     /// With final-logit soft-capping: the same chunk's elements times 4 (one f32 copy).
     capped_chunk32: Option<usize>,
+    /// (intermediate)-sized buffers the MLP's backward allocates beside the layer's recorded
+    /// gate, up and act: 3, or with checkpointing on CUDA with
+    /// [`crate::engine::cuda::in_place_mlp_on`] and SwiGLU (`model/mlp.rs`: the SwiGLU
+    /// gradients written over gate and up, the down projection's dropout over act and act
+    /// freed before `dact`) 0, 1 when down has no adapter (then `dact` is allocated while act
+    /// is still alive).
+    mlp_ni: usize,
 }
 
 impl Shapes {
@@ -221,6 +228,16 @@ impl Shapes {
             nk32: n * c.num_key_value_heads * c.head_dim * 4,
             loss_chunk: rows * c.vocab_size * loss_e,
             capped_chunk32: capped.then_some(rows * c.vocab_size * 4),
+            mlp_ni: if p.device == DeviceKind::Cuda
+                && p.grad_checkpointing
+                && c.hidden_act == crate::engine::config::Activation::Silu
+                && crate::engine::cuda::in_place_mlp_on()
+            {
+                let down = crate::spec::LoraTarget::Down;
+                usize::from(!LoraModule::expand(p.lora_targets).contains(&down))
+            } else {
+                3
+            },
         }
     }
 
@@ -252,13 +269,19 @@ impl Shapes {
     }
 
     /// The largest backward working set inside one layer: the MLP's (the output gradient, the
-    /// SwiGLU input gradients and the gradient of the down input: intermediate x 3, plus
-    /// the hidden gradient), or attention's (`ops/attention/`: probabilities, their
+    /// SwiGLU input gradients and the gradient of the down input: intermediate x
+    /// [`Self::mlp_ni`], plus the hidden gradient; written in place, the gate and up
+    /// projections' three hidden-sized buffers: `d(h2)` or one input gradient, the other, and
+    /// their sum), or attention's (`ops/attention/`: probabilities, their
     /// gradient and the score gradient, three score matrices, with the grouped queries and
     /// the output gradient; with query chunks, also `dQ`'s chunks and the f32 sums of `dK`
     /// and `dV`).
     fn layer_backward_ws(&self) -> Vec<Alloc> {
-        let mlp = [Alloc::new(3, self.ni), Alloc::new(2, self.nh)];
+        let mlp = if self.mlp_ni == 3 {
+            [Alloc::new(3, self.ni), Alloc::new(2, self.nh)]
+        } else {
+            [Alloc::new(self.mlp_ni, self.ni), Alloc::new(3, self.nh)]
+        };
         let mut attn = vec![Alloc::new(3, self.scores), Alloc::new(3, self.nq)];
         if self.chunked {
             attn.extend([Alloc::new(1, self.nq), Alloc::new(self.kv_sums, self.nk32)]);

@@ -150,12 +150,49 @@ fn cuda_layer_casts_and_kv_sums_by_hand() {
     let casts = 145_408;
     assert!(crate::engine::cuda::layer_casts_on() && crate::engine::cuda::direct_attention_on());
     assert_eq!(cuda[0].transient - cpu[0].transient, casts);
-    assert_eq!(cuda[2].transient - cpu[2].transient, casts);
+    // The MLP's in-place backward as well (`cuda_in_place_mlp_backward_by_hand`).
+    assert_eq!(
+        cuda[2].transient + (1_343_488 - 1_179_648),
+        cpu[2].transient + casts
+    );
     p.seq_len = 2048;
     let cuda = terms::phases(&p)[2].transient;
     p.device = DeviceKind::Cpu;
     let cpu = terms::phases(&p)[2].transient;
     assert_eq!(cuda + 3 * 1_048_576, cpu + casts);
+}
+
+/// With checkpointing on CUDA the MLP's backward works in place (`cuda::in_place_mlp_on`):
+/// tiny fp32 at 2 x 64 (n = 128 tokens; intermediate 704 x 128 x 4 = 360,448 bytes, hidden
+/// 131,072) keeps no intermediate-sized buffer beside gate, up and act, so the MLP's 3 x
+/// 360,448 + 2 x 131,072 = 1,343,488 bytes give way to attention's 3 scores (2 x 8 x 64 x 64 x
+/// 4) + 3 q-width = 1,179,648 as the layer's working set. With intermediate 4,096 and no
+/// adapter on down, the MLP keeps one (2,097,152) plus three hidden-sized: 2,490,368 against
+/// 3 x 2,097,152 + 2 x 131,072 = 6,553,600 on the CPU; the casts are then those of q, k, v,
+/// o, gate and up: 82,944 x 4 = 331,776 bytes. Without checkpointing nothing changes.
+#[test]
+fn cuda_in_place_mlp_backward_by_hand() {
+    assert!(crate::engine::cuda::in_place_mlp_on());
+    let c = tiny();
+    let mut p = point(&c, Quant::None, Optimizer::AdamW, true);
+    let cpu = terms::phases(&p)[2].transient;
+    p.device = DeviceKind::Cuda;
+    let cuda = terms::phases(&p)[2].transient;
+    assert_eq!(cuda + (1_343_488 - 1_179_648), cpu + 145_408);
+    let mut wide = tiny();
+    wide.intermediate_size = 4096;
+    use crate::spec::LoraTarget::*;
+    let targets: Vec<LoraModule> = [Q, K, V, O, Gate, Up].map(LoraModule::One).to_vec();
+    let mut p = point(&wide, Quant::None, Optimizer::AdamW, true);
+    p.lora_targets = &targets;
+    let cpu = terms::phases(&p)[2].transient;
+    p.device = DeviceKind::Cuda;
+    let cuda = terms::phases(&p)[2].transient;
+    assert_eq!(cuda + (6_553_600 - 2_490_368), cpu + 331_776);
+    p.grad_checkpointing = false;
+    let cuda = terms::phases(&p)[2].transient;
+    p.device = DeviceKind::Cpu;
+    assert_eq!(cuda, terms::phases(&p)[2].transient + 331_776);
 }
 
 /// Synthetic weights on CUDA are drawn in f32 and cast: the largest excess over the loaded

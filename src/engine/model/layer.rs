@@ -189,6 +189,35 @@ pub(crate) fn project_backward(
     }
 }
 
+/// [`project_backward`] taking the input by value, for an intermediate the caller holds the
+/// only handle on (the MLP's `act`): the projection may reuse its buffer
+/// ([`LoraProjection::backward_owned`]) and frees it before the input gradient is allocated.
+pub(crate) fn project_backward_owned(
+    lin: &LoraLinear,
+    op: &Option<LoraProjection>,
+    x: Tensor,
+    dy: &Tensor,
+    grads: &mut dyn FnMut(TensorId, Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    match (op, &lin.adapter) {
+        (Some(op), Some(ad)) => {
+            let (at, bt) = (ad.a.as_tensor(), ad.b.as_tensor());
+            let dev = x.device().clone();
+            let (dx, da, db) = profiler::section("lora-projection", "bwd", &dev, || {
+                op.backward_owned(x, at, bt, &dy.contiguous()?)
+            })?;
+            if let Some(da) = da {
+                grads(at.id(), da)?;
+            }
+            if let Some(db) = db {
+                grads(bt.id(), db)?;
+            }
+            dx.ok_or_else(|| candle_core::Error::Msg("projection gave no dx".into()))
+        }
+        _ => project_backward(lin, op, &x, dy, grads),
+    }
+}
+
 /// Input gradient of RMSNorm `n` at `x` for output gradient `g`.
 pub(crate) fn norm_backward(n: &RmsNorm, x: &Tensor, g: &Tensor) -> Result<Tensor> {
     let g = profiler::section("rms-norm", "bwd", x.device(), || {

@@ -2,10 +2,10 @@
 //! [`crate::engine::ops::swiglu`]) or tanh-GELU (GeGLU, [`crate::engine::ops::geglu`]), gate
 //! and up separate or Phi-3's fused `gate_up_proj` (output `[gate | up]`).
 
-use super::layer::{Pass, project, project_backward};
+use super::layer::{Pass, project, project_backward, project_backward_owned};
 use crate::engine::config::Activation;
 use crate::engine::lora::{DropoutRng, LoraLinear, LoraProjection};
-use crate::engine::ops::{geglu, geglu_backward, swiglu, swiglu_backward};
+use crate::engine::ops::{geglu, geglu_backward, swiglu, swiglu_backward_owned};
 use candle_core::{Result, Tensor, TensorId};
 
 /// gate and up as the checkpoint stores them.
@@ -93,13 +93,15 @@ impl Mlp {
             gate_up_ops,
             down_op,
         } = saved;
-        let dact = project_backward(&self.down, &down_op, &act, dy, grads)?;
-        drop(act);
+        // `act`, `gate` and `up` are this function's alone: the down projection may write its
+        // dropout over `act` and frees it before `dact` exists, the SwiGLU gradients may be
+        // written over gate and up (`cuda::in_place_mlp_on`).
+        let dact = project_backward_owned(&self.down, &down_op, act, dy, grads)?;
         let (dgate, dup) = match self.act {
-            Activation::Silu => swiglu_backward(&gate, &up, &dact)?,
+            Activation::Silu => swiglu_backward_owned(gate, up, &dact)?,
             Activation::GeluTanh => geglu_backward(&gate, &up, &dact)?,
         };
-        drop((gate, up, dact));
+        drop(dact);
         match &self.gate_up {
             GateUp::Split { gate, up } => {
                 let op = |i: usize| gate_up_ops.get(i).cloned().flatten();

@@ -55,7 +55,7 @@ pub use rope::{apply_rope, rope_tables};
 pub use row_copy::row_copy;
 pub use softcap::softcap;
 pub use swiglu::swiglu;
-pub(crate) use swiglu::swiglu_backward;
+pub(crate) use swiglu::{swiglu_backward, swiglu_backward_owned};
 
 use candle_core::op::BackpropOp;
 use candle_core::{

@@ -67,6 +67,31 @@ pub(crate) fn swiglu_backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Te
     })
 }
 
+/// [`swiglu_backward`] taking gate and up by value, for a caller that holds the only handles
+/// on their storages (the checkpointed MLP's backward, `model/mlp.rs`): on the fused CUDA path
+/// with [`crate::engine::cuda::in_place_mlp_on`], `dg` is written over `g` and `du` over `u`
+/// (the kernel reads each element of the three inputs before it writes it), so no (tokens,
+/// intermediate) buffer is allocated; elsewhere as [`swiglu_backward`]. Same values either way.
+///
+/// Errors: as [`swiglu`].
+pub(crate) fn swiglu_backward_owned(g: Tensor, u: Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if g.device().is_cuda()
+        && uses_custom_op(&g)
+        && crate::engine::cuda::in_place_mlp_on()
+        && u.dtype() == g.dtype()
+    {
+        return profiler::section("swiglu", "bwd", &g.device().clone(), || {
+            let dy = dy.to_dtype(g.dtype())?.contiguous()?;
+            // Not contiguous: fresh copies, this function's alone.
+            let (g, u) = (g.contiguous()?, u.contiguous()?);
+            cuda::backward_in_place(&g, &u, &dy)?;
+            Ok((g, u))
+        });
+    }
+    swiglu_backward(&g, &u, dy)
+}
+
 /// The custom op's backward on detached inputs of one dtype: `(dg, du)`, the CUDA kernel or
 /// the CPU loop.
 fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -248,14 +273,41 @@ mod cuda {
         let candle_core::Device::Cuda(dev) = g.device() else {
             candle_core::bail!("swiglu backward: expected CUDA tensors");
         };
-        let n = g.elem_count();
-        let (dt, w) = (g.dtype(), "swiglu backward");
+        let n = check(g, u, dy)?;
+        let (dg, du) = (
+            Buf::alloc(dev, g.dtype(), n)?,
+            Buf::alloc(dev, g.dtype(), n)?,
+        );
+        run(g, u, dy, (&dg, &du))?;
+        Ok((dg.into_tensor(g.shape())?, du.into_tensor(g.shape())?))
+    }
+
+    /// `(dg, du)` written over `g` and `u` (contiguous CUDA tensors of one shape and dtype
+    /// with `dy`); the caller must hold the only handles on their storages.
+    pub fn backward_in_place(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<()> {
+        check(g, u, dy)?;
+        let w = "swiglu backward";
+        let (gb, ub) = (cuda_buf(g, w)?, cuda_buf(u, w)?);
+        run(g, u, dy, (&gb, &ub))
+    }
+
+    /// The element count of `g`, `u`, `dy`, erroring unless they share length and dtype.
+    fn check(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<usize> {
+        let (n, dt) = (g.elem_count(), g.dtype());
         if u.dtype() != dt || dy.dtype() != dt || u.elem_count() != n || dy.elem_count() != n {
             candle_core::bail!("swiglu backward: g, u, dy differ in dtype or length");
         }
-        let (dg, du) = (Buf::alloc(dev, dt, n)?, Buf::alloc(dev, dt, n)?);
+        Ok(n)
+    }
+
+    /// Launch `swiglu_bwd*` reading `g`, `u`, `dy` and writing `dg`, `du`.
+    fn run(g: &Tensor, u: &Tensor, dy: &Tensor, (dg, du): (&Buf, &Buf)) -> Result<()> {
+        let candle_core::Device::Cuda(dev) = g.device() else {
+            candle_core::bail!("swiglu backward: expected CUDA tensors");
+        };
+        let (n, dt, w) = (g.elem_count(), g.dtype(), "swiglu backward");
         let (gb, ub, db) = (cuda_buf(g, w)?, cuda_buf(u, w)?, cuda_buf(dy, w)?);
-        let bufs = [&gb, &ub, &db, &dg, &du];
+        let bufs = [&gb, &ub, &db, dg, du];
         let (name, cfg) = vec8_or(("swiglu_bwd", dt, "swiglu"), n, true, &bufs, || cfg(n))?;
         let args = [
             gb.arg(),
@@ -265,8 +317,7 @@ mod cuda {
             du.arg(),
             Arg::U64(n as u64),
         ];
-        launch(dev, &MODULE, &name, cfg, &args)?;
-        Ok((dg.into_tensor(g.shape())?, du.into_tensor(g.shape())?))
+        launch(dev, &MODULE, &name, cfg, &args)
     }
 }
 

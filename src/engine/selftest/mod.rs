@@ -215,7 +215,8 @@ type ViewFn = fn(&Tensor) -> candle_core::Result<Tensor>;
 /// an elementwise relative error would measure the cancellation, not the kernel).
 pub const ELEMENTWISE_TOL: f64 = 1e-5;
 
-/// The elementwise and row kernels (SwiGLU forward and backward, the LoRA dropout, RMSNorm
+/// The elementwise and row kernels (SwiGLU forward and backward, also written over its
+/// inputs, the LoRA dropout, RMSNorm
 /// forward and backward, RoPE and its adjoint, the strided row copy of attention's views) on `dev` against the CPU, in f32, over lengths that take the 8-wide kernels with and without a tail
 /// (`8k`, `8k + 5`) and a view at an odd offset (the 1-wide kernels). Returns one
 /// `(name, max |a - b| / max |b|)` per case; an element zero in one and not the other (a
@@ -224,7 +225,7 @@ pub const ELEMENTWISE_TOL: f64 = 1e-5;
 /// Errors: device copies or the ops failing.
 pub fn elementwise_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>> {
     use crate::engine::lora::HashDropout;
-    use crate::engine::ops::{swiglu, swiglu_backward};
+    use crate::engine::ops::{swiglu, swiglu_backward, swiglu_backward_owned};
     let cpu = Device::Cpu;
     let err = |a: &Tensor, b: &Tensor| -> candle_core::Result<f64> {
         let a: Vec<f32> = a.to_device(&cpu)?.flatten_all()?.to_vec1()?;
@@ -271,6 +272,12 @@ pub fn elementwise_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>
         out.push((
             format!("lora dropout, {tag}"),
             err(&gd.apply_op1_no_bwd(&d)?, &g.apply_op1_no_bwd(&d)?)?,
+        ));
+        // Last: the in-place backward writes over gd and ud.
+        let (a, b) = swiglu_backward_owned(gd, ud, &dyd)?;
+        out.push((
+            format!("swiglu bwd in place, {tag}"),
+            err(&a, &ra)?.max(err(&b, &rb)?),
         ));
     }
     // RMSNorm (forward and, through a Var, backward) over rows of 64 (8 wide) and 60 (1 wide);

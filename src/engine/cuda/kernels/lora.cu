@@ -1,9 +1,11 @@
 // The LoRA family (lora/): the dropout hash `keep` (mirrored by lora/dropout.rs
 // `dropout_keep`), inverted dropout with that mask, and the elementwise steps of the direct
-// LoRA projection (f32 master cast, bias rows, masked accumulate); `lora_cast_multi_*` casts a
-// table of masters at once (rows: src, dst, n, scale as f32 bits, first block; one thread per
-// element, no stride loop). The others: one thread per element, grid-stride; the dropout and masked accumulate also eight per thread with 16-byte accesses
-// (`*8_*`, aligned buffers; the launcher picks), the same mask and arithmetic per element.
+// LoRA projection (f32 master cast, bias rows); `lora_cast_multi_*` casts a table of masters
+// at once (rows: src, dst, n, scale as f32 bits, first block; one thread per element, no
+// stride loop). The others: one thread per element, grid-stride; the dropout and the bias rows
+// also eight per thread with 16-byte accesses (`*8_*`, aligned buffers; the launcher picks),
+// the same mask and arithmetic per element. `hash_dropout_*` may write over its input
+// (`x == y`: each element is read before it is written).
 __device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long i,
                                      unsigned long long thr) {
     unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;
@@ -35,10 +37,6 @@ extern "C" __global__ void hash_dropout_##SUF(const T* x, T* y, unsigned long lo
         unsigned long long seed, unsigned long long thr, float inv) {                          \
     GRID_STRIDE(i, n) st(y + i, keep(seed, i, thr) ? ld(x[i]) * inv : 0.f);                    \
 }                                                                                              \
-extern "C" __global__ void lora_dropout_add_##SUF(T* acc, const T* t, unsigned long long n,    \
-        unsigned long long seed, unsigned long long thr, float inv) {                          \
-    GRID_STRIDE(i, n) if (keep(seed, i, thr)) st(acc + i, ld(acc[i]) + ld(t[i]) * inv);        \
-}                                                                                              \
 extern "C" __global__ void lora_bias_rows8_##SUF(T* y, const T* b, unsigned long long n,       \
                                                  unsigned long long cols) {                    \
     VEC8_INDEX(i, n)                                                                           \
@@ -56,19 +54,6 @@ extern "C" __global__ void hash_dropout8_##SUF(const T* x, T* y, unsigned long l
     } else {                                                                                   \
         for (unsigned long long k = i; k < n; ++k)                                             \
             st(y + k, keep(seed, k, thr) ? ld(x[k]) * inv : 0.f);                              \
-    }                                                                                          \
-}                                                                                              \
-extern "C" __global__ void lora_dropout_add8_##SUF(T* acc, const T* t, unsigned long long n,   \
-        unsigned long long seed, unsigned long long thr, float inv) {                          \
-    VEC8_INDEX(i, n)                                                                           \
-    if (VEC8_FULL(i, n)) {                                                                     \
-        float a[8], b[8];                                                                      \
-        ld8(acc + i, a); ld8(t + i, b);                                                        \
-        _Pragma("unroll") for (int j = 0; j < 8; ++j) if (keep(seed, i + j, thr)) a[j] = a[j] + b[j] * inv; \
-        st8(acc + i, a);                                                                       \
-    } else {                                                                                   \
-        for (unsigned long long k = i; k < n; ++k)                                             \
-            if (keep(seed, k, thr)) st(acc + k, ld(acc[k]) + ld(t[k]) * inv);                  \
     }                                                                                          \
 }
 LORA_KERNELS(f32, float)
