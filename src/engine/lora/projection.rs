@@ -54,6 +54,37 @@ impl LoraProjection {
         }
     }
 
+    /// Untracked forward of a CUDA storage `x` (tokens, in) as a custom op receives it, with
+    /// adapter weights `a`, `b` (constants): on the direct path ([`super::cuda`]) a fresh
+    /// (tokens, out) storage in `x`'s dtype, without copying `x`; None off it.
+    ///
+    /// Errors: shape, dtype or device errors.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_cuda_storage(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        a: &Tensor,
+        b: &Tensor,
+    ) -> Result<Option<candle_core::CudaStorage>> {
+        use candle_core::Storage;
+        use candle_core::backend::BackendStorage;
+        let dev = candle_core::Device::Cuda(x.0.device().clone());
+        if !Self::direct_path(x.0.dtype(), &dev, a.dtype(), b.dtype()) {
+            return Ok(None);
+        }
+        let (sa, la) = a.storage_and_layout();
+        let (sb, lb) = b.storage_and_layout();
+        match (&*sa, &*sb) {
+            (Storage::Cuda(ca), Storage::Cuda(cb)) => {
+                profiler::section("lora-projection", "fwd", &dev, || {
+                    super::cuda::forward(self, x, (ca, la), (cb, lb))
+                })
+                .map(Some)
+            }
+            _ => candle_core::bail!("lora projection: adapter weights not on the CUDA device"),
+        }
+    }
+
     /// Untracked forward on tensors (the CPU path, and CUDA off the direct path).
     fn forward(&self, x: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
         generic::forward(self, x, a, b)

@@ -245,14 +245,15 @@ impl Shapes {
     /// candle keeps every op's inputs, so every intermediate lives until backward: the input,
     /// `h1`, the o output, `x1`, `h2` and the down output (hidden); q as projected, as heads
     /// and after RoPE, the attention output as heads and flattened (q width); k as projected,
-    /// as heads and after RoPE, v as projected and as heads (kv width); gate, up and their
-    /// SwiGLU (intermediate).
-    fn graph_layer(&self) -> Vec<Alloc> {
+    /// as heads and after RoPE, v as projected and as heads (kv width); gate and up
+    /// (intermediate), and their product unless activation and down are one node
+    /// (`model/mlp.rs` `GatedDown`, `ni_kept` 2).
+    fn graph_layer(&self, ni_kept: usize) -> Vec<Alloc> {
         vec![
             Alloc::new(6, self.nh),
             Alloc::new(5, self.nq),
             Alloc::new(5, self.nk),
-            Alloc::new(3, self.ni),
+            Alloc::new(ni_kept, self.ni),
         ]
     }
 
@@ -312,10 +313,20 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     };
     // What the forward pass keeps: every layer's graph, or each checkpointed layer's input;
     // plus the final norm's input and output.
+    // Without checkpointing the MLP's product is not kept where gate or up carry a graph
+    // (`Mlp::forward_graph`): in every layer, except the first when only down has an adapter
+    // (nothing before it is tracked there).
     let kept: Vec<Alloc> = if p.grad_checkpointing {
         vec![Alloc::new(l + 2, s.nh)]
+    } else if crate::engine::model::gated_down_on() {
+        let targets = LoraModule::expand(p.lora_targets);
+        let only_down = targets == [crate::spec::LoraTarget::Down];
+        let mut v = scale(s.graph_layer(2), l);
+        v.push(Alloc::new(2, s.nh));
+        v.push(Alloc::new(usize::from(only_down), s.ni));
+        v
     } else {
-        let mut v = scale(s.graph_layer(), l);
+        let mut v = scale(s.graph_layer(3), l);
         v.push(Alloc::new(2, s.nh));
         v
     };

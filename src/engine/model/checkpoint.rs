@@ -99,7 +99,7 @@ impl InputGradOp for LayerCheckpoint {
     const NAME: &'static str = "checkpointed-decoder-layer";
     fn plain(&self, x: &Tensor) -> Result<Tensor> {
         self.layer
-            .forward(x, &self.layout, self.rng.as_deref(), Pass::Detached)
+            .forward(x, &self.layout, self.rng.as_deref(), Pass::Detached, None)
     }
     fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let (layer, layout) = (&self.layer, &self.layout);

@@ -17,6 +17,7 @@
 //! backward, so gradient checkpointing builds no candle graph when it recomputes a layer.
 
 use super::attention::{Attention, AttentionSaved, Qkv};
+use super::checkpoint::GradStash;
 use super::mlp::{GateUp, Mlp, MlpSaved};
 use crate::engine::config::{ModelConfig, Projection};
 use crate::engine::lora::{
@@ -31,6 +32,7 @@ use crate::engine::{CandleContext, EngineError};
 use crate::spec::{LoraTarget, Quant};
 use candle_core::{Device, Result, Tensor, TensorId};
 use rand_chacha::ChaCha8Rng;
+use std::sync::Arc;
 
 /// One decoder layer: frozen norms and projections in the compute dtype (projections
 /// optionally NF4), f32 adapters on the targeted projections.
@@ -406,6 +408,24 @@ impl DecoderLayer {
         v
     }
 
+    /// Attention and the residual after it, the MLP's input norm: attention's intermediates,
+    /// the attention output when it has its own norm, `x1` and `h2`.
+    #[allow(clippy::type_complexity)] // four named parts of one dataflow
+    fn attention_half(
+        &self,
+        x: &Tensor,
+        s: &HeadLayout,
+        rng: Option<&DropoutRng>,
+        pass: Pass,
+    ) -> Result<(AttentionSaved, Option<Tensor>, Tensor, Tensor)> {
+        let h1 = self.input_norm.forward(x)?;
+        let (a, attn) = self.attn.forward(&h1, s, rng, pass)?;
+        let x1 = (x + maybe_norm(&self.attn_out_norm, &a)?)?;
+        let attn_out = self.attn_out_norm.is_some().then_some(a);
+        let h2 = self.mlp_in_norm.forward(&x1)?;
+        Ok((attn, attn_out, x1, h2))
+    }
+
     /// The dataflow up to the MLP's down projection, shared by every pass: everything but
     /// `mlp.down_op`, the MLP output and the layer output.
     fn trunk(
@@ -415,11 +435,7 @@ impl DecoderLayer {
         rng: Option<&DropoutRng>,
         pass: Pass,
     ) -> Result<LayerSaved> {
-        let h1 = self.input_norm.forward(x)?;
-        let (a, attn) = self.attn.forward(&h1, s, rng, pass)?;
-        let x1 = (x + maybe_norm(&self.attn_out_norm, &a)?)?;
-        let attn_out = self.attn_out_norm.is_some().then_some(a);
-        let h2 = self.mlp_in_norm.forward(&x1)?;
+        let (attn, attn_out, x1, h2) = self.attention_half(x, s, rng, pass)?;
         let mlp = self.mlp.gated(&h2, rng, pass)?;
         Ok(LayerSaved {
             attn,
@@ -431,7 +447,9 @@ impl DecoderLayer {
     }
 
     /// The layer's output for `x` (b*t, hidden) in the compute dtype: (b*t, hidden). `rng`
-    /// enables LoRA dropout (one seed drawn per adapted projection).
+    /// enables LoRA dropout (one seed drawn per adapted projection). In [`Pass::Graph`] with
+    /// a `stash`, the MLP's activation and down projection are one graph node
+    /// ([`Mlp::forward_graph`]) whose adapter gradients go to `stash`.
     ///
     /// Errors: shape, dtype or device errors (including out of memory).
     pub(crate) fn forward(
@@ -440,8 +458,14 @@ impl DecoderLayer {
         s: &HeadLayout,
         rng: Option<&DropoutRng>,
         pass: Pass,
+        stash: Option<&Arc<GradStash>>,
     ) -> Result<Tensor> {
         let _casts = self.cast_scope(x)?;
+        if let (Pass::Graph, Some(stash)) = (pass, stash) {
+            let (_, _, x1, h2) = self.attention_half(x, s, rng, pass)?;
+            let m = self.mlp.forward_graph(&h2, rng, stash)?;
+            return &x1 + maybe_norm(&self.mlp_out_norm, &m)?;
+        }
         let t = self.trunk(x, s, rng, pass)?;
         let (m, _) = project(&self.mlp.down, &t.mlp.act, rng, pass)?;
         &t.x1 + maybe_norm(&self.mlp_out_norm, &m)?

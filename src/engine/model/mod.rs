@@ -24,6 +24,7 @@ mod attention;
 mod checkpoint;
 mod layer;
 mod mlp;
+pub(crate) use mlp::gated_down_on;
 mod peft;
 
 use checkpoint::{GradStash, LayerCheckpoint};
@@ -182,8 +183,9 @@ impl Model {
     }
 
     /// Backward from a scalar `loss` built by this model: `loss.backward()` plus the adapter
-    /// gradients computed while recomputing checkpointed layers. Use this rather than
-    /// `loss.backward()` whenever checkpointing may be on.
+    /// gradients that graph nodes of the model's own compute outside candle's store (layers
+    /// recomputed under checkpointing, and the MLP's down projection, `mlp.rs` `GatedDown`,
+    /// in every pass). Always use this rather than `loss.backward()`, which misses those.
     ///
     /// Errors: from candle's backward pass (including out of memory).
     pub fn backward(&self, loss: &Tensor) -> Result<GradStore> {
@@ -357,7 +359,7 @@ impl Model {
         } else {
             let rng = train.then_some(&*self.dropout_rng);
             for (layer, layout) in self.layers.iter().zip(&layouts) {
-                x = layer.forward(&x, layout, rng, Pass::Graph)?;
+                x = layer.forward(&x, layout, rng, Pass::Graph, Some(&self.stash))?;
                 profiler::trace("after layer fwd", &self.device);
             }
         }

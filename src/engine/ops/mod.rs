@@ -55,6 +55,8 @@ pub use rope::{apply_rope, rope_tables};
 pub use row_copy::row_copy;
 pub use softcap::softcap;
 pub use swiglu::swiglu;
+#[cfg(feature = "cuda")]
+pub(crate) use swiglu::swiglu_storages;
 pub(crate) use swiglu::{swiglu_backward, swiglu_backward_owned};
 
 use candle_core::op::BackpropOp;

@@ -92,6 +92,27 @@ pub(crate) fn swiglu_backward_owned(g: Tensor, u: Tensor, dy: &Tensor) -> Result
     swiglu_backward(&g, &u, dy)
 }
 
+/// `silu(gate) * up` on two CUDA storages as a custom op receives them, by the fused kernel
+/// (for [`crate::engine::model`]'s gated down projection, which keeps gate and up, not the
+/// product): a fresh contiguous storage of `l1`'s shape; None off the fused path.
+///
+/// Errors: mismatched shapes, a non-contiguous layout, device errors.
+#[cfg(feature = "cuda")]
+pub(crate) fn swiglu_storages(
+    (s1, l1): (&candle_core::CudaStorage, &Layout),
+    (s2, l2): (&candle_core::CudaStorage, &Layout),
+) -> Result<Option<candle_core::CudaStorage>> {
+    use candle_core::backend::BackendStorage;
+    let dev = candle_core::Device::Cuda(s1.device().clone());
+    if !fused_path(s1.dtype(), &dev) || s2.dtype() != s1.dtype() {
+        return Ok(None);
+    }
+    same_shape(l1, l2)?;
+    let r1 = super::contiguous_range(l1, "swiglu")?;
+    let r2 = super::contiguous_range(l2, "swiglu")?;
+    profiler::section("swiglu", "fwd", &dev, || cuda::forward((s1, r1), (s2, r2))).map(Some)
+}
+
 /// The custom op's backward on detached inputs of one dtype: `(dg, du)`, the CUDA kernel or
 /// the CPU loop.
 fn backward(g: &Tensor, u: &Tensor, dy: &Tensor) -> Result<(Tensor, Tensor)> {
