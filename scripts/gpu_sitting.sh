@@ -61,10 +61,14 @@
 #                presets' settings, 6 steps) with each of this round's switches off in turn
 #                (LORASCOPE_ATTN_DIRECT, _LAYER_CASTS, _MULTI_TENSOR) and all on: NVML's process
 #                peak against the pool's bytes in use and reservation
-#   PART=inplace the checkpointed MLP's in-place backward: selftest engine and the fixtures, bf16
-#                2 x 2048 (checkpointing) and 1 x 512 direct runs with LORASCOPE_INPLACE_MLP=0 and
-#                the default (memdirect: NVML polled every 20 ms, the pool's in-use and reserved
-#                peaks; loss curves), then the model presets at 1 x 1024 until DEADLINE_S (540)
+#   PART=inplace the MLP's smaller backward: selftest engine and the fixtures, bf16 2 x 2048
+#                (checkpointing) with LORASCOPE_INPLACE_MLP=0 and the default, 1 x 512 with
+#                LORASCOPE_GATED_DOWN=0 and the default, alternating twice (memdirect: NVML
+#                polled every 20 ms, the pool's in-use and reserved peaks; loss curves), then
+#                the model presets at 1 x 1024 until DEADLINE_S (540)
+#   PART=round3  selftest engine (its synthetic-weights line), the 8B-class loads with candle's
+#                f32 draws (LORASCOPE_SYNTH_KERNEL=0) and the synthetic kernel (PART=load8b, 20 ms
+#                polling), then Unsloth and lorascope on the four 1.5B points (PART=unsloth, CHUNKS 512)
 #   PART=load8b  when the 8B preset's NVML peak happens: llama-3.1-8b at the presets' settings three
 #                times (or LOADS="model:ENV=value ..."), process memory polled every 20 ms with
 #                timestamps against the run's phases;
@@ -546,8 +550,10 @@ inplace)
     for v in 0 1; do memdirect "ip$v-r$rep" 2 2048 --grad-checkpointing "LORASCOPE_INPLACE_MLP=$v"; done
   done
   curves "$OUT/ip0-r1-b2-s2048.jsonl" "$OUT/ip1-r1-b2-s2048.jsonl"
-  for v in 0 1; do memdirect "ip$v" 1 512 "" "LORASCOPE_INPLACE_MLP=$v"; done
-  curves "$OUT/ip0-b1-s512.jsonl" "$OUT/ip1-b1-s512.jsonl"
+  for rep in 1 2; do
+    for v in 0 1; do memdirect "gd$v-r$rep" 1 512 "" "LORASCOPE_GATED_DOWN=$v"; done
+  done
+  curves "$OUT/gd0-r1-b1-s512.jsonl" "$OUT/gd1-r1-b1-s512.jsonl"
   export LORASCOPE_STATE_DIR=$OUT/state
   DEADLINE=$((${DEADLINE_S:-540} - (SECONDS - T0))) STEPS=6 WARMUP=2 OUT=$OUT/presets bash scripts/gpu_presets.sh > "$OUT/presets.log" 2>&1
   echo "presets ($((SECONDS - T0)) s)"
@@ -556,6 +562,13 @@ inplace)
   grep -E "in place|FAIL" "$OUT/selftest-engine.txt" | head -8
   grep -E "FAIL" "$OUT/fixtures-cuda.txt" | head -5
   grep -E "^\|" "$OUT/presets.log"
+  ;;
+round3)
+  FIXTURES=0 selftests
+  grep -E "synthetic|FAIL" "$OUT/selftest-engine.txt"
+  LOADS="llama-3.1-8b:LORASCOPE_SYNTH_KERNEL=0 llama-3.1-8b: qwen2.5-7b:LORASCOPE_SYNTH_KERNEL=0 qwen2.5-7b:" \
+    PART=load8b bash "$0"
+  CHUNKS=512 BUDGET_S=${BUDGET_S:-270} PART=unsloth SKIP_FIXTURES=1 bash "$0"
   ;;
 unsloth)
   [ -n "${SKIP_FIXTURES:-}" ] || fixtures -chunk5 ", chunks of 5," LORASCOPE_ATTN_CHUNK=5

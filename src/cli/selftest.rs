@@ -103,6 +103,7 @@ fn selftest_engine(device: &str) -> i32 {
             let mut ok = cases.iter().all(|c| c.pass);
             ok &= nf4_quantize_check(device);
             ok &= elementwise_check(device);
+            ok &= synthetic_weights_check(device);
             if ok { 0 } else { 1 }
         }
         Err(e) => {
@@ -131,6 +132,31 @@ fn elementwise_check(device: &str) -> bool {
         }),
         Err(e) => {
             println!("elementwise kernels: error: {e}  FAIL");
+            false
+        }
+    }
+}
+
+/// The synthetic weights `device` draws: mean and standard deviation against N(0, std0)
+/// ([`crate::engine::selftest::synthetic_weights_check`]); one line, true when both are within
+/// 3e-3 (about six standard errors of 4 Mi draws).
+fn synthetic_weights_check(device: &str) -> bool {
+    let r = crate::engine::train::parse_device(device)
+        .map_err(|e| e.to_string())
+        .and_then(|d| {
+            crate::engine::selftest::synthetic_weights_check(&d).map_err(|e| e.to_string())
+        });
+    match r {
+        Ok((mean, std)) => {
+            let pass = mean <= 3e-3 && std <= 3e-3;
+            println!(
+                "synthetic weights bf16, 4 Mi draws      |mean| / std0 {mean:.1e}, |std / std0 - 1| {std:.1e}  {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+            pass
+        }
+        Err(e) => {
+            println!("synthetic weights: error: {e}  FAIL");
             false
         }
     }

@@ -412,7 +412,7 @@ fn name_seed(seed: u64, name: &str) -> u64 {
     h
 }
 
-fn synth(
+pub(crate) fn synth(
     name: &str,
     shape: &[usize],
     cfg: &ModelConfig,
@@ -444,6 +444,21 @@ fn synth(
             .and_then(|t| t.to_dtype(dtype))
             .map_err(ctx)
     } else {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(dev) = device
+            && crate::engine::cuda::synth_kernel_on()
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+        {
+            let std = cfg.initializer_range as f32;
+            return crate::engine::cuda::synth::normal(
+                dev,
+                shape,
+                dtype,
+                name_seed(seed, name),
+                std,
+            )
+            .map_err(ctx);
+        }
         device.set_seed(name_seed(seed, name)).map_err(ctx)?;
         Tensor::randn(0f32, cfg.initializer_range as f32, shape, device)
             .and_then(|t| t.to_dtype(dtype))

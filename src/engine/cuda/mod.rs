@@ -19,6 +19,8 @@ pub(crate) mod blas;
 pub(crate) mod launch;
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) mod ptx_cache;
+#[cfg(feature = "cuda")]
+pub(crate) mod synth;
 pub mod vram;
 
 use candle_core::{DType, Device};
@@ -36,6 +38,8 @@ pub mod source {
     pub const ROPE: &str = include_str!("kernels/rope.cu");
     /// `causal_softmax_*`, `causal_softmax_grad_*` (`ops::causal_attention`).
     pub const ATTENTION: &str = include_str!("kernels/attention.cu");
+    /// `synth_normal_*` (synthetic weights, `synth`).
+    pub const SYNTH: &str = include_str!("kernels/synth.cu");
     /// `swiglu_fwd_*`, `swiglu_bwd_*` (`ops::swiglu`).
     pub const SWIGLU: &str = include_str!("kernels/swiglu.cu");
     /// `row_copy8_*` (`ops::row_copy`).
@@ -99,10 +103,18 @@ pub fn in_place_mlp_on() -> bool {
     fused_kernels_on() && kernel_switch(&ON, "LORASCOPE_INPLACE_MLP")
 }
 
+/// Whether synthetic weights on CUDA are drawn by the project's kernel straight into the
+/// compute dtype (`synth`): `LORASCOPE_SYNTH_KERNEL` not `0` (then candle's f32 `randn` and a
+/// cast, as before). Independent of `LORASCOPE_FUSED`. The memory model sizes the load with it.
+pub fn synth_kernel_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    kernel_switch(&ON, "LORASCOPE_SYNTH_KERNEL")
+}
+
 /// A kernel switch: on unless the environment variable `name` is `0`, read once into `cell`
 /// (one `static` per switch: `LORASCOPE_FUSED`, `LORASCOPE_VEC8`, `LORASCOPE_ROW_COPY`,
 /// `LORASCOPE_NF4_DEQUANT8`, `LORASCOPE_MULTI_TENSOR`, `LORASCOPE_LAYER_CASTS`,
-/// `LORASCOPE_ATTN_DIRECT`, `LORASCOPE_INPLACE_MLP`).
+/// `LORASCOPE_ATTN_DIRECT`, `LORASCOPE_INPLACE_MLP`, `LORASCOPE_SYNTH_KERNEL`).
 pub(crate) fn kernel_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var(name).as_deref() != Ok("0"))
 }

@@ -406,14 +406,29 @@ fn phase(name: &'static str, kept: &[Alloc], ws: Vec<Alloc>, grads: u64) -> Phas
 }
 
 /// CUDA device bytes of loading synthetic weights beyond the loaded model (`weights.rs`
-/// `synth`): each weight is drawn in f32 on the GPU and cast to the compute dtype, so while
-/// tensor `t` of `n` elements is made, `(4 + e) n` bytes are alive on top of everything loaded
-/// before it (NF4: the dense copy then becomes codes). Over the load order (embedding, each
-/// layer's projections, `lm_head` unless tied; norms and biases are too small to matter), the
-/// largest excess over the final weights is `(4 + e) n_t` minus the final bytes of `t` and of
-/// every tensor after it: at an untied `lm_head`, the last, its f32 draw, `4 n` (2.1 GB at
-/// Llama-3.1-8B). 0 for fp32 (the draw is the tensor) and for weights read from a checkpoint.
+/// `synth`). Drawn by the project's kernel ([`crate::engine::cuda::synth_kernel_on`]) a
+/// weight is made in the compute dtype, `e n` bytes for `n` elements; with candle's `randn`
+/// it is drawn in f32 and cast, `(4 + e) n`. Either way NF4 then turns the dense copy into
+/// codes. While tensor `t` is made those bytes are alive on top of everything loaded before
+/// it; over the load order (embedding, each layer's projections, `lm_head` unless tied; norms
+/// and biases are too small to matter), the largest excess over the final weights is the
+/// draw of `t` minus the final bytes of `t` and of every tensor after it. With the kernel
+/// only an NF4 projection's dense copy shows (largest near the end of the load: the last
+/// layer's, Llama-3.1-8B's down projection 117 MB, less the tensors after it); with `randn`
+/// an untied `lm_head`, loaded last, adds its f32 draw, `4 n` (2.1 GB at Llama-3.1-8B). 0 for
+/// fp32 (the draw is the tensor) and for weights read from a checkpoint.
 pub(super) fn device_loading_excess(p: &MemoryPoint) -> u64 {
+    let e = dtype_bytes(p.precision);
+    let draw = if crate::engine::cuda::synth_kernel_on() {
+        e
+    } else {
+        4 + e
+    };
+    loading_excess_drawing(p, draw)
+}
+
+/// [`device_loading_excess`] with `draw` bytes alive per element while a weight is made.
+pub(super) fn loading_excess_drawing(p: &MemoryPoint, draw: usize) -> u64 {
     if !p.synthetic_weights || p.precision == Precision::Fp32 {
         return 0;
     }
@@ -441,7 +456,7 @@ pub(super) fn device_loading_excess(p: &MemoryPoint) -> u64 {
     let mut excess = 0u64;
     for &(n, fin) in order.iter().rev() {
         after += fin;
-        excess = excess.max((((4 + e) * n) as u64).saturating_sub(after));
+        excess = excess.max(((draw * n) as u64).saturating_sub(after));
     }
     excess
 }

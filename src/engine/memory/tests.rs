@@ -200,31 +200,40 @@ fn cuda_in_place_mlp_backward_by_hand() {
     assert_eq!(cuda, terms::phases(&p)[2].transient + 331_776);
 }
 
-/// Synthetic weights on CUDA are drawn in f32 and cast: the largest excess over the loaded
-/// model is the last tensor's f32 draw. Tied (tiny as shipped) the last is the last layer's
-/// down projection, 704 x 256 = 180,224 elements: 4 x 180,224 = 720,896 bytes; untied it is
-/// `lm_head`, 512 x 256: 524,288 bytes (the down projection then has `lm_head`'s 262,144 bf16
-/// bytes after it: 6 x 180,224 - 2 x 180,224 - 262,144 = 458,752, less). None in fp32 or from
-/// a checkpoint.
+/// Synthetic weights on CUDA, bf16. Drawn by candle's `randn` in f32 and cast (6 bytes per
+/// element while made), the largest excess over the loaded model is the last tensor's f32 draw.
+/// Tied (tiny as shipped) the last is the last layer's down projection, 704 x 256 = 180,224
+/// elements: 4 x 180,224 = 720,896 bytes; untied it is `lm_head`, 512 x 256: 524,288 bytes
+/// (the down projection then has `lm_head`'s 262,144 bf16 bytes after it: 6 x 180,224 - 2 x
+/// 180,224 - 262,144 = 458,752, less). Drawn by the kernel straight into bf16 (the default), a
+/// dense weight is its own draw: nothing; NF4 keeps the last down projection's dense copy
+/// (2 x 180,224) beside its codes (92,976): 267,472 tied, and untied less `lm_head`'s 262,144
+/// after it: 5,328. None in fp32 or from a checkpoint.
 #[test]
 fn synthetic_load_excess_by_hand() {
+    assert!(crate::engine::cuda::synth_kernel_on());
     let mut c = tiny();
     let mut p = point(&c, Quant::None, Optimizer::AdamW, true);
     p.precision = Precision::Bf16;
     p.device = DeviceKind::Cuda;
-    assert_eq!(terms::device_loading_excess(&p), 720_896);
+    assert_eq!(terms::loading_excess_drawing(&p, 6), 720_896);
+    assert_eq!(terms::device_loading_excess(&p), 0);
+    p.quant = Quant::Nf4;
+    assert_eq!(terms::device_loading_excess(&p), 267_472);
     c.tie_word_embeddings = false;
     let mut u = point(&c, Quant::None, Optimizer::AdamW, true);
     u.precision = Precision::Bf16;
     u.device = DeviceKind::Cuda;
-    assert_eq!(terms::device_loading_excess(&u), 524_288);
+    assert_eq!(terms::loading_excess_drawing(&u, 6), 524_288);
+    u.quant = Quant::Nf4;
+    assert_eq!(terms::device_loading_excess(&u), 5_328);
     // Small next to the step here, so the estimate adds nothing.
     assert_eq!(estimate(&u).loading, 0);
     u.synthetic_weights = false;
-    assert_eq!(terms::device_loading_excess(&u), 0);
+    assert_eq!(terms::loading_excess_drawing(&u, 6), 0);
     u.synthetic_weights = true;
     u.precision = Precision::Fp32;
-    assert_eq!(terms::device_loading_excess(&u), 0);
+    assert_eq!(terms::loading_excess_drawing(&u, 6), 0);
 }
 
 /// Pool rounding: tensors of 1 MiB or more round up to 2 MiB pages, smaller ones are exact.
