@@ -66,6 +66,8 @@
 #                LORASCOPE_GATED_DOWN=0 and the default, alternating twice (memdirect: NVML
 #                polled every 20 ms, the pool's in-use and reserved peaks; loss curves), then
 #                the model presets at 1 x 1024 until DEADLINE_S (540)
+#   PART=mem3    the memory check (scripts/gpu_memory_check.sh), then PART=presets (every preset at
+#                1 x 1024 and the diagnosis over both) until DEADLINE_S (520)
 #   PART=round3  selftest engine (its synthetic-weights line), the 8B-class loads with candle's
 #                f32 draws (LORASCOPE_SYNTH_KERNEL=0) and the synthetic kernel (PART=load8b, 20 ms
 #                polling), then Unsloth and lorascope on the four 1.5B points (PART=unsloth, CHUNKS 512)
@@ -562,6 +564,12 @@ inplace)
   grep -E "in place|FAIL" "$OUT/selftest-engine.txt" | head -8
   grep -E "FAIL" "$OUT/fixtures-cuda.txt" | head -5
   grep -E "^\|" "$OUT/presets.log"
+  ;;
+mem3)
+  OUT=$OUT/mem bash scripts/gpu_memory_check.sh > "$OUT/mem.log" 2>&1
+  echo "memory check exit $? ($((SECONDS - T0)) s)"
+  DEADLINE=$((${DEADLINE_S:-520} - (SECONDS - T0))) PART=presets bash "$0"
+  grep -E "within|batch|largest" "$OUT/mem.log"
   ;;
 round3)
   FIXTURES=0 selftests

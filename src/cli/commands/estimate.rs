@@ -101,7 +101,7 @@ fn row(s: &RunSpec, e: &MemoryEstimate, p: &Prediction, lw: usize) -> String {
         g(e.adapter_grads),
         g(e.activations),
         g(e.transient),
-        g(e.pool_rounding),
+        g(e.pool_cache),
         g(e.overhead + e.loading),
         limit,
     )
@@ -170,7 +170,7 @@ pub fn run(path: &Path, json: bool) -> Result<()> {
         "grads",
         "activations",
         "transient",
-        "rounding",
+        "pool",
         "overhead",
         "limit"
     )?;

@@ -1,7 +1,7 @@
 //! The terms of the memory model, each as the list of tensors the engine allocates for it
 //! (shapes from the code named in each function's doc).
 
-use super::{MemoryPoint, POOL_PAGE};
+use super::MemoryPoint;
 use crate::engine::nf4::{ABSMAX_BLOCK, NF4_BLOCK};
 use crate::engine::optim::{MIN_8BIT_SIZE, STATE_BLOCK};
 use crate::spec::{DeviceKind, LoraModule, Optimizer, Precision};
@@ -25,16 +25,6 @@ impl Alloc {
     pub fn bytes(&self) -> u64 {
         self.count * self.bytes
     }
-}
-
-/// Pool page rounding of `allocs`: tensors of at least 1 MiB are mapped in whole
-/// [`POOL_PAGE`]s; smaller ones are sub-allocated and counted exactly.
-pub(super) fn rounding(allocs: &[Alloc]) -> u64 {
-    allocs
-        .iter()
-        .filter(|a| a.bytes >= 1 << 20)
-        .map(|a| a.count * (a.bytes.div_ceil(POOL_PAGE) * POOL_PAGE - a.bytes))
-        .sum()
 }
 
 /// Bytes per element of the compute dtype.
@@ -147,18 +137,12 @@ pub(super) struct Phase {
     pub transient: u64,
     /// Adapter gradients alive.
     pub grads: u64,
-    allocs: Vec<Alloc>,
 }
 
 impl Phase {
     /// All bytes of the phase.
     pub fn total(&self) -> u64 {
         self.kept + self.transient + self.grads
-    }
-
-    /// Its tensors (for pool rounding).
-    pub fn all(&self) -> Vec<Alloc> {
-        self.allocs.clone()
     }
 }
 
@@ -394,14 +378,11 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
 
 fn phase(name: &'static str, kept: &[Alloc], ws: Vec<Alloc>, grads: u64) -> Phase {
     let sum = |a: &[Alloc]| a.iter().map(Alloc::bytes).sum::<u64>();
-    let mut allocs = kept.to_vec();
-    allocs.extend(ws.iter().copied());
     Phase {
         name,
         kept: sum(kept),
         transient: sum(&ws),
         grads,
-        allocs,
     }
 }
 
