@@ -66,6 +66,8 @@
 #                LORASCOPE_GATED_DOWN=0 and the default, alternating twice (memdirect: NVML
 #                polled every 20 ms, the pool's in-use and reserved peaks; loss curves), then
 #                the model presets at 1 x 1024 until DEADLINE_S (540)
+#   PART=final3  the edge check (PART=edge's first half) and the Qwen2.5-7B shape beside PEFT +
+#                bitsandbytes at POINTS7 (scripts/gpu_bench.sh)
 #   PART=mem3    the memory check (scripts/gpu_memory_check.sh), then PART=presets (every preset at
 #                1 x 1024 and the diagnosis over both) until DEADLINE_S (520)
 #   PART=round3  selftest engine (its synthetic-weights line), the 8B-class loads with candle's
@@ -564,6 +566,21 @@ inplace)
   grep -E "in place|FAIL" "$OUT/selftest-engine.txt" | head -8
   grep -E "FAIL" "$OUT/fixtures-cuda.txt" | head -5
   grep -E "^\|" "$OUT/presets.log"
+  ;;
+final3)
+  edge
+  POINTS7=${POINTS7:-"1,1024,bf16,nf4,1 2,2048,bf16,nf4,1"}
+  POINTS=$POINTS7 MODEL=$PWD/.carry/qwen7b REFCFG=.carry/qwen7b OUT=$OUT/q7 WHL=.whl \
+    bash scripts/gpu_bench.sh > "$OUT/q7.log" 2>&1
+  echo "7B bench ($((SECONDS - T0)) s)"
+  cat "$OUT/q7/lorascope.md"
+  grep -hE '^\{' "$OUT"/q7/reference-ckpt*.jsonl | python3 -c '
+import json, sys
+for l in sys.stdin:
+    r = json.loads(l)
+    print("PEFT + bnb", r.get("precision"), r.get("batch"), r.get("seq"), r.get("status"),
+          round(r.get("tokens_per_s") or 0), "tok/s", r.get("peak_process_gib"), "GiB",
+          r.get("j_per_token"), "J/tok")'
   ;;
 mem3)
   OUT=$OUT/mem bash scripts/gpu_memory_check.sh > "$OUT/mem.log" 2>&1
