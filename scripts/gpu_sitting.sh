@@ -66,6 +66,8 @@
 #                LORASCOPE_GATED_DOWN=0 and the default, alternating twice (memdirect: NVML
 #                polled every 20 ms, the pool's in-use and reserved peaks; loss curves), then
 #                the model presets at 1 x 1024 until DEADLINE_S (540)
+#   PART=quick   the fixtures, bf16 2 x 2048 with LORASCOPE_INPLACE_MLP=0 and the default, 1 x 512
+#                (memdirect), for a short last call
 #   PART=final3  the edge check (PART=edge's first half) and the Qwen2.5-7B shape beside PEFT +
 #                bitsandbytes at POINTS7 (scripts/gpu_bench.sh)
 #   PART=mem3    the memory check (scripts/gpu_memory_check.sh), then PART=presets (every preset at
@@ -566,6 +568,12 @@ inplace)
   grep -E "in place|FAIL" "$OUT/selftest-engine.txt" | head -8
   grep -E "FAIL" "$OUT/fixtures-cuda.txt" | head -5
   grep -E "^\|" "$OUT/presets.log"
+  ;;
+quick)
+  fixtures "" "" ""
+  for v in 0 1; do memdirect "ip$v" 2 2048 --grad-checkpointing "LORASCOPE_INPLACE_MLP=$v"; done
+  curves "$OUT/ip0-b2-s2048.jsonl" "$OUT/ip1-b2-s2048.jsonl"
+  memdirect gd1 1 512 "" ""
   ;;
 final3)
   edge

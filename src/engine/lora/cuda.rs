@@ -331,8 +331,13 @@ pub(crate) fn backward(
     let dev = dev.clone();
     let dev = &dev;
     let dt = x.dtype();
-    // Not contiguous: a fresh copy, which is this function's alone.
-    let x = x.contiguous()?;
+    // Moved, not shadowed: a shadowed `x` would keep its storage alive to the end of the
+    // function, past `drop(x)` below. Not contiguous: a fresh copy, this function's alone.
+    let x = if x.is_contiguous() {
+        x
+    } else {
+        x.contiguous()?
+    };
     let dy = dy.to_dtype(dt)?.contiguous()?;
     let (a, b) = (a.contiguous()?, b.contiguous()?);
     let (tokens, inp) = x.dims2()?;

@@ -299,7 +299,8 @@ pub(super) fn phases(p: &MemoryPoint) -> [Phase; 3] {
     // plus the final norm's input and output.
     // Without checkpointing the MLP's product is not kept where gate or up carry a graph
     // (`Mlp::forward_graph`): in every layer, except the first when only down has an adapter
-    // (nothing before it is tracked there).
+    // (nothing before it is tracked there; that layer then keeps less than `graph_layer`
+    // counts, as gate, up, q, k and v carry no graph: an over-count of the first layer).
     let kept: Vec<Alloc> = if p.grad_checkpointing {
         vec![Alloc::new(l + 2, s.nh)]
     } else if crate::engine::model::gated_down_on() {

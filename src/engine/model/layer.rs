@@ -173,16 +173,10 @@ pub(crate) fn project_backward(
     match (op, &lin.adapter) {
         (Some(op), Some(ad)) => {
             let (at, bt) = (ad.a.as_tensor(), ad.b.as_tensor());
-            let (dx, da, db) = profiler::section("lora-projection", "bwd", x.device(), || {
+            let out = profiler::section("lora-projection", "bwd", x.device(), || {
                 op.backward(x, at, bt, &dy.contiguous()?)
             })?;
-            if let Some(da) = da {
-                grads(at.id(), da)?;
-            }
-            if let Some(db) = db {
-                grads(bt.id(), db)?;
-            }
-            dx.ok_or_else(|| candle_core::Error::Msg("projection gave no dx".into()))
+            hand_over(ad, out, grads)
         }
         _ => lin
             .base
@@ -205,19 +199,29 @@ pub(crate) fn project_backward_owned(
         (Some(op), Some(ad)) => {
             let (at, bt) = (ad.a.as_tensor(), ad.b.as_tensor());
             let dev = x.device().clone();
-            let (dx, da, db) = profiler::section("lora-projection", "bwd", &dev, || {
+            let out = profiler::section("lora-projection", "bwd", &dev, || {
                 op.backward_owned(x, at, bt, &dy.contiguous()?)
             })?;
-            if let Some(da) = da {
-                grads(at.id(), da)?;
-            }
-            if let Some(db) = db {
-                grads(bt.id(), db)?;
-            }
-            dx.ok_or_else(|| candle_core::Error::Msg("projection gave no dx".into()))
+            hand_over(ad, out, grads)
         }
         _ => project_backward(lin, op, &x, dy, grads),
     }
+}
+
+/// An adapted projection's `(dx, dA, dB)`: the adapter gradients to `grads` under the
+/// variables' ids, `dx` returned.
+fn hand_over(
+    ad: &crate::engine::lora::LoraAdapter,
+    (dx, da, db): (Option<Tensor>, Option<Tensor>, Option<Tensor>),
+    grads: &mut dyn FnMut(TensorId, Tensor) -> Result<()>,
+) -> Result<Tensor> {
+    if let Some(da) = da {
+        grads(ad.a.as_tensor().id(), da)?;
+    }
+    if let Some(db) = db {
+        grads(ad.b.as_tensor().id(), db)?;
+    }
+    dx.ok_or_else(|| candle_core::Error::Msg("projection gave no dx".into()))
 }
 
 /// Input gradient of RMSNorm `n` at `x` for output gradient `g`.

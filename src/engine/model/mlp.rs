@@ -277,6 +277,8 @@ impl candle_core::CustomOp2 for GatedDown {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        // An input without a graph gets no gradient (candle would keep it in the store).
+        let (g_tracked, u_tracked) = (g.track_op(), u.track_op());
         // Detached: see `ops::InputGradCustomOp::bwd`.
         let (g, u, grad) = (g.detach(), u.detach(), grad.detach().contiguous()?);
         profiler::section("gated-down", "bwd", g.device(), || {
@@ -302,7 +304,7 @@ impl candle_core::CustomOp2 for GatedDown {
                 Activation::Silu => swiglu_backward(&g, &u, &dact)?,
                 Activation::GeluTanh => geglu_backward(&g, &u, &dact)?,
             };
-            Ok((Some(dg), Some(du)))
+            Ok((g_tracked.then_some(dg), u_tracked.then_some(du)))
         })
     }
 }
