@@ -124,13 +124,7 @@ impl LoraProjection {
         b: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        #[cfg(feature = "cuda")]
-        if Self::direct_path(x.dtype(), x.device(), a.dtype(), b.dtype()) {
-            let (dx, da, db) = super::cuda::backward(self, x.clone(), false, a, b, dy)?;
-            return Ok((Some(dx), Some(da), Some(db)));
-        }
-        let (dx, da, db) = generic::backward(self, x, a, b, dy)?;
-        Ok((Some(dx), Some(da), Some(db)))
+        self.backward_with(x.clone(), false, a, b, dy)
     }
 
     /// [`Self::backward`] taking the input by value: the caller hands over the only handle on
@@ -147,13 +141,27 @@ impl LoraProjection {
         b: &Tensor,
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.backward_with(x, crate::engine::cuda::in_place_mlp_on(), a, b, dy)
+    }
+
+    /// The direct CUDA backward (`exclusive`: `x` may be overwritten and freed early), else
+    /// the generic one.
+    fn backward_with(
+        &self,
+        x: Tensor,
+        exclusive: bool,
+        a: &Tensor,
+        b: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         #[cfg(feature = "cuda")]
         if Self::direct_path(x.dtype(), x.device(), a.dtype(), b.dtype()) {
-            let exclusive = crate::engine::cuda::in_place_mlp_on();
             let (dx, da, db) = super::cuda::backward(self, x, exclusive, a, b, dy)?;
             return Ok((Some(dx), Some(da), Some(db)));
         }
-        self.backward(&x, a, b, dy)
+        let _ = exclusive;
+        let (dx, da, db) = generic::backward(self, &x, a, b, dy)?;
+        Ok((Some(dx), Some(da), Some(db)))
     }
 }
 
