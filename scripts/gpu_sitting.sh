@@ -68,6 +68,11 @@
 #                the model presets at 1 x 1024 until DEADLINE_S (540)
 #   PART=quick   the fixtures, bf16 2 x 2048 with LORASCOPE_INPLACE_MLP=0 and the default, 1 x 512
 #                (memdirect), for a short last call
+#   PART=mma     the fused dropout + LoRA A kernel (lora_mma.cu): selftest engine (its lora A
+#                lines) and the fixtures, then bf16 2 x 2048 ckpt and 1 x 512 with
+#                LORASCOPE_FUSED_LORA_A=0 and 1, alternating twice; PART=mma2 the same with the
+#                fixtures also under LORASCOPE_FUSED_LORA_A=1, then 2 x 2048 at dropout 0 (the
+#                dropout's whole cost)
 #   PART=final3  the edge check (PART=edge's first half) and the Qwen2.5-7B shape beside PEFT +
 #                bitsandbytes at POINTS7 (scripts/gpu_bench.sh)
 #   PART=mem3    the memory check (scripts/gpu_memory_check.sh), then PART=presets (every preset at
@@ -180,7 +185,7 @@ memdirect() {
   local poll=$!
   env $5 $L train --model qwen2.5-1.5b --data sample --device cuda:0 --quant nf4 \
     --precision bf16 $4 --batch-size $2 --seq-len $3 --steps 20 --warmup-steps 5 \
-    --lora-dropout 0.05 --json > "$f.jsonl" 2> "$f.err"
+    --lora-dropout ${DROPOUT:-0.05} --json > "$f.jsonl" 2> "$f.err"
   local rc=$?
   sleep 0.2; kill $poll 2>/dev/null; wait $poll 2>/dev/null
   python3 - "$f.jsonl" "$f.smi" "$1 bf16 $2 x $3 (exit $rc)" <<'PY'
@@ -574,6 +579,28 @@ quick)
   for v in 0 1; do memdirect "ip$v" 2 2048 --grad-checkpointing "LORASCOPE_INPLACE_MLP=$v"; done
   curves "$OUT/ip0-b2-s2048.jsonl" "$OUT/ip1-b2-s2048.jsonl"
   memdirect gd1 1 512 "" ""
+  ;;
+mma)
+  selftests
+  grep -E "lora A|FAIL" "$OUT/selftest-engine.txt"
+  for i in 1 2; do
+    for v in 0 1; do memdirect "fa$v-$i" 2 2048 --grad-checkpointing "LORASCOPE_FUSED_LORA_A=$v"; done
+  done
+  curves "$OUT/fa0-1-b2-s2048.jsonl" "$OUT/fa1-1-b2-s2048.jsonl"
+  for i in 1 2; do
+    for v in 0 1; do memdirect "fs$v-$i" 1 512 "" "LORASCOPE_FUSED_LORA_A=$v"; done
+  done
+  curves "$OUT/fs0-1-b1-s512.jsonl" "$OUT/fs1-1-b1-s512.jsonl"
+  ;;
+mma2)
+  selftests
+  grep -E "lora A|FAIL" "$OUT/selftest-engine.txt"
+  fixtures -fa1 ", fused lora A," LORASCOPE_FUSED_LORA_A=1
+  for i in 1 2; do
+    for v in 0 1; do memdirect "fa$v-$i" 2 2048 --grad-checkpointing "LORASCOPE_FUSED_LORA_A=$v"; done
+    DROPOUT=0 memdirect "nodrop-$i" 2 2048 --grad-checkpointing ""
+  done
+  curves "$OUT/fa0-1-b2-s2048.jsonl" "$OUT/fa1-1-b2-s2048.jsonl"
   ;;
 final3)
   edge

@@ -103,6 +103,7 @@ fn selftest_engine(device: &str) -> i32 {
             let mut ok = cases.iter().all(|c| c.pass);
             ok &= nf4_quantize_check(device);
             ok &= elementwise_check(device);
+            ok &= lora_a_check(device);
             ok &= synthetic_weights_check(device);
             if ok { 0 } else { 1 }
         }
@@ -132,6 +133,30 @@ fn elementwise_check(device: &str) -> bool {
         }),
         Err(e) => {
             println!("elementwise kernels: error: {e}  FAIL");
+            false
+        }
+    }
+}
+
+/// The fused LoRA `d(x) A^T` kernel on `device` against the dropout kernel and cuBLAS
+/// ([`crate::engine::selftest::lora_a_check`]); one line per case (none where the kernel does
+/// not apply), true when all are within [`crate::engine::selftest::LORA_A_TOL`].
+fn lora_a_check(device: &str) -> bool {
+    use crate::engine::selftest::{LORA_A_TOL, lora_a_check};
+    let cases = crate::engine::train::parse_device(device)
+        .map_err(|e| e.to_string())
+        .and_then(|d| lora_a_check(&d).map_err(|e| e.to_string()));
+    match cases {
+        Ok(cases) => cases.iter().fold(true, |ok, (name, e)| {
+            let pass = *e <= LORA_A_TOL;
+            println!(
+                "{name:<40} max rel error {e:.1e}  {}",
+                if pass { "ok" } else { "FAIL" }
+            );
+            ok && pass
+        }),
+        Err(e) => {
+            println!("fused lora A kernel: error: {e}  FAIL");
             false
         }
     }

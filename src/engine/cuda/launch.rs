@@ -25,7 +25,8 @@ pub(crate) fn err(e: impl std::fmt::Display) -> candle_core::Error {
 }
 
 /// One NVRTC module: [`PRELUDE`], an optional generated header (tables and constants computed
-/// in Rust), then a `.cu` source; compiled with NVRTC's defaults, or `--fmad=false`.
+/// in Rust), then a `.cu` source; compiled with NVRTC's defaults, or `--fmad=false`, or for a
+/// named virtual architecture.
 pub(crate) struct Module {
     /// candle's key for the loaded module on each device (unique per module).
     name: &'static str,
@@ -35,6 +36,9 @@ pub(crate) struct Module {
     header: Option<fn() -> String>,
     /// Whether NVRTC may contract multiply-adds (its default); false passes `--fmad=false`.
     fmad: bool,
+    /// NVRTC's `--gpu-architecture` (e.g. `compute_80` for `mma.sync` with bf16), or its
+    /// default.
+    arch: Option<&'static str>,
     /// This module's entry of the PTX cache, once compiled.
     ptx: OnceLock<&'static str>,
 }
@@ -47,6 +51,7 @@ impl Module {
             source,
             header: None,
             fmad: true,
+            arch: None,
             ptx: OnceLock::new(),
         }
     }
@@ -64,6 +69,13 @@ impl Module {
         self
     }
 
+    /// The same module compiled for the virtual architecture `arch` (`compute_80`: the
+    /// kernels use instructions of sm_80 and newer; launch them only on such a GPU).
+    pub(crate) const fn for_arch(mut self, arch: &'static str) -> Self {
+        self.arch = Some(arch);
+        self
+    }
+
     /// The full text handed to NVRTC.
     fn full_source(&self) -> String {
         let header = self.header.map(|h| h()).unwrap_or_default();
@@ -73,6 +85,7 @@ impl Module {
     fn options(&self) -> CompileOptions {
         CompileOptions {
             fmad: (!self.fmad).then_some(false),
+            arch: self.arch,
             ..CompileOptions::default()
         }
     }

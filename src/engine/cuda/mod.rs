@@ -46,9 +46,15 @@ pub mod source {
     pub const ROW_COPY: &str = include_str!("kernels/row_copy.cu");
     /// `ce_rows_loss_*`, `ce_rows_grad_*` (`ops::ChunkedCrossEntropy`).
     pub const CROSS_ENTROPY: &str = include_str!("kernels/cross_entropy.cu");
-    /// The dropout hash `keep`, `hash_dropout_*` and the LoRA projection's `lora_cast_*`,
-    /// `lora_bias_rows_*` (`lora`).
+    /// `hash_dropout_*` and the LoRA projection's `lora_cast_*`, `lora_bias_rows_*`
+    /// (`lora`); needs the header [`DROPOUT_KEEP`].
     pub const LORA: &str = include_str!("kernels/lora.cu");
+    /// `lora_a_dropout_*`: the LoRA projection's `d(x) A^T` with the dropout fused in, on
+    /// tensor cores (`lora`); needs the header [`DROPOUT_KEEP`] and NVRTC arch `compute_80`.
+    pub const LORA_MMA: &str = include_str!("kernels/lora_mma.cu");
+    /// The dropout mask's hash `keep` (mirrored by `lora::dropout_keep`), the header of
+    /// [`LORA`] and [`LORA_MMA`].
+    pub const DROPOUT_KEEP: &str = include_str!("kernels/dropout_keep.cuh");
     /// `nf4_dequant_*` (`nf4`); needs the header of NF4 and dynamic-map tables.
     pub const NF4: &str = include_str!("kernels/nf4.cu");
     /// `nf4_absmax_*`, `nf4_codes_*` (`nf4::quantize`); needs the header of the NF4 table,
@@ -111,10 +117,24 @@ pub fn synth_kernel_on() -> bool {
     kernel_switch(&ON, "LORASCOPE_SYNTH_KERNEL")
 }
 
+/// Whether the LoRA projection's forward on CUDA computes `d(x) A^T` in one tensor-core kernel
+/// with the dropout fused in (`lora_mma.cu`), where it applies (compute capability 8.0 or
+/// newer, f16/bf16, dropout on, `in % 32 == 0`, rank <= 64, aligned buffers; otherwise the
+/// dropout kernel and a cuBLAS GEMM): the fused kernels on and `LORASCOPE_FUSED_LORA_A=1`.
+/// Off by default: on an H200 it measured no faster (BENCHMARKS.md, third session of
+/// 2026-12-04), the dropout hash and not the `d(x)` traffic being what costs. The forward
+/// then writes no `d(x)` copy.
+pub fn fused_lora_a_on() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    fused_kernels_on()
+        && *ON.get_or_init(|| std::env::var("LORASCOPE_FUSED_LORA_A").as_deref() == Ok("1"))
+}
+
 /// A kernel switch: on unless the environment variable `name` is `0`, read once into `cell`
 /// (one `static` per switch: `LORASCOPE_FUSED`, `LORASCOPE_VEC8`, `LORASCOPE_ROW_COPY`,
 /// `LORASCOPE_NF4_DEQUANT8`, `LORASCOPE_MULTI_TENSOR`, `LORASCOPE_LAYER_CASTS`,
-/// `LORASCOPE_ATTN_DIRECT`, `LORASCOPE_INPLACE_MLP`, `LORASCOPE_SYNTH_KERNEL`).
+/// `LORASCOPE_ATTN_DIRECT`, `LORASCOPE_INPLACE_MLP`, `LORASCOPE_SYNTH_KERNEL`; the opt-in
+/// `LORASCOPE_FUSED_LORA_A` is the other way round).
 pub(crate) fn kernel_switch(cell: &'static std::sync::OnceLock<bool>, name: &str) -> bool {
     *cell.get_or_init(|| std::env::var(name).as_deref() != Ok("0"))
 }

@@ -23,7 +23,7 @@
 use super::{BaseLinear, HashDropout, LoraProjection};
 use crate::engine::cuda::blas::gemm;
 use crate::engine::cuda::launch::{
-    Arg, Buf, Module, TensorTable, grid_stride, launch, table_arg, vec8_or,
+    Arg, Buf, Module, TensorTable, grid_stride, launch, per_row, table_arg, vec8_or,
 };
 use crate::engine::cuda::{kernel_name, source};
 use crate::engine::ops::cuda_buf;
@@ -32,7 +32,77 @@ use candle_core::{CudaDevice, CudaStorage, DType, Layout, Result, Tensor};
 use std::sync::Arc;
 
 /// The LoRA family's kernels (`cuda/kernels/lora.cu`), the dropout kernel included.
-static MODULE: Module = Module::new("lorascope_lora", source::LORA);
+static MODULE: Module = Module::new("lorascope_lora", source::LORA).with_header(keep_header);
+
+/// `lora_a_dropout_*` (`cuda/kernels/lora_mma.cu`): `d(x) A^T` on tensor cores, sm_80 and newer.
+static MMA_MODULE: Module = Module::new("lorascope_lora_mma", source::LORA_MMA)
+    .with_header(keep_header)
+    .for_arch("compute_80");
+
+/// The dropout hash both LoRA modules share.
+fn keep_header() -> String {
+    format!("{}\n", source::DROPOUT_KEEP)
+}
+
+/// Whether `dev` has tensor-core `mma.sync` for f16/bf16 (compute capability 8.0 or newer).
+fn has_mma(dev: &CudaDevice) -> bool {
+    dev.cuda_stream()
+        .context()
+        .compute_capability()
+        .is_ok_and(|(major, _)| major >= 8)
+}
+
+/// `u = d(x) A^T` (tokens, r) in one `lora_a_dropout_*` launch where it applies (see
+/// [`crate::engine::cuda::fused_lora_a_on`], which the caller checks); `None` where it does
+/// not (the caller takes the dropout kernel and a GEMM). `x` (tokens, in) and `ac` (r, in) in
+/// the compute dtype.
+///
+/// Errors: device errors.
+fn fused_lora_a(
+    dev: &CudaDevice,
+    d: &HashDropout,
+    (x, ac): (&Buf, &Buf),
+    (tokens, inp, r): (usize, usize, usize),
+) -> Result<Option<Buf>> {
+    let dt = x.dtype();
+    let aligned = |b: &Buf| b.ptr().is_multiple_of(16);
+    if d.p <= 0.0
+        || !matches!(dt, DType::F16 | DType::BF16)
+        || ac.dtype() != dt
+        || inp % 32 != 0
+        || r == 0
+        || r > 64
+        || tokens == 0
+        || !aligned(x)
+        || !aligned(ac)
+        || !has_mma(dev)
+    {
+        return Ok(None);
+    }
+    let u = Buf::alloc(dev, dt, tokens * r)?;
+    let (seed, thr, inv) = d.kernel_args();
+    let args = [
+        x.arg(),
+        ac.arg(),
+        u.arg(),
+        Arg::U64(tokens as u64),
+        Arg::U64(inp as u64),
+        Arg::I32(r as i32),
+        Arg::U64(seed),
+        Arg::U64(thr),
+        Arg::F32(inv),
+    ];
+    let name = kernel_name("lora_a_dropout", dt, "lora projection")?;
+    // One 256-thread block per 16 rows.
+    launch(
+        dev,
+        &MMA_MODULE,
+        &name,
+        per_row(tokens.div_ceil(16), 256),
+        &args,
+    )?;
+    Ok(Some(u))
+}
 
 /// At most this many 256-thread blocks per elementwise launch (grid-stride loops cover the
 /// rest).
@@ -217,6 +287,80 @@ fn adapter_casts(
     Ok((None, ac, bc))
 }
 
+/// The selftest of [`fused_lora_a`] (`lorascope selftest`): on a GPU with tensor-core `mma`
+/// (whether or not `LORASCOPE_FUSED_LORA_A` turns it on for training), `u = d(x) A^T` from the fused kernel against the dropout kernel and the
+/// cuBLAS GEMM it replaces, in f16 and bf16, over shapes with a partial last row block, fewer
+/// k chunks than warps, ranks that are not a multiple of 8, and the largest rank. Returns one
+/// `(name, max |fused - reference| / max |reference|)` per case; none where the fused kernel
+/// does not apply to this GPU.
+///
+/// Errors: the fused kernel declining a case it should take, device errors.
+pub(crate) fn fused_lora_a_check(dev: &CudaDevice) -> Result<Vec<(String, f64)>> {
+    use rand::{Rng, SeedableRng};
+    if !has_mma(dev) {
+        return Ok(Vec::new());
+    }
+    let device = candle_core::Device::Cuda(dev.clone());
+    let cpu = candle_core::Device::Cpu;
+    let mut out = Vec::new();
+    for dt in [DType::BF16, DType::F16] {
+        for (tokens, inp, r) in [(100, 96, 8), (300, 1536, 16), (37, 512, 24), (64, 8960, 64)] {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((tokens * inp + r) as u64);
+            let mut v = |n: usize| -> Result<Tensor> {
+                let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();
+                Tensor::from_vec(v, n, &cpu)?
+                    .to_dtype(dt)?
+                    .to_device(&device)
+            };
+            let (x, a) = (v(tokens * inp)?, v(r * inp)?);
+            let (xb, ab) = (
+                crate::engine::ops::cuda_buf(&x, "lora A check")?,
+                crate::engine::ops::cuda_buf(&a, "lora A check")?,
+            );
+            let d = HashDropout { p: 0.1, seed: 7 };
+            let fused = fused_lora_a(dev, &d, (&xb, &ab), (tokens, inp, r))?.ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "lora A check: the fused kernel declined {tokens} x {inp}, rank {r}"
+                ))
+            })?;
+            let xd = Buf::alloc(dev, dt, tokens * inp)?;
+            dropout_into(dev, &d, &xb, &xd, tokens * inp)?;
+            let reference = Buf::alloc(dev, dt, tokens * r)?;
+            gemm(
+                dev,
+                (tokens, r, inp),
+                &xd,
+                false,
+                &ab,
+                true,
+                &reference,
+                1.0,
+                0.0,
+            )?;
+            let host = |b: Buf| -> Result<Vec<f32>> {
+                b.into_tensor(tokens * r)?
+                    .to_dtype(DType::F32)?
+                    .to_device(&cpu)?
+                    .to_vec1()
+            };
+            let (f, g) = (host(fused)?, host(reference)?);
+            let scale = g
+                .iter()
+                .fold(0f64, |m, y| m.max(y.abs() as f64))
+                .max(f64::MIN_POSITIVE);
+            let e = f
+                .iter()
+                .zip(&g)
+                .fold(0f64, |m, (p, q)| m.max((p - q).abs() as f64 / scale));
+            out.push((
+                format!("lora A + dropout, {dt:?}, {tokens}x{inp}, r {r}"),
+                e,
+            ));
+        }
+    }
+    Ok(out)
+}
+
 /// `d(x)`, or `x` itself (borrowed) without dropout.
 fn dropped(dev: &CudaDevice, op: &LoraProjection, x: &Buf, n: usize) -> Result<Buf> {
     if op.dropout <= 0.0 {
@@ -299,9 +443,20 @@ pub(crate) fn forward(
         Buf::view(sb, contiguous(lb)?)?,
     );
     let (_held, ac, bc) = adapter_casts(&dev, op, (&a, r * inp), (&b, out * r), dt)?;
-    let xd = dropped(&dev, op, &x, tokens * inp)?;
-    let u = Buf::alloc(&dev, dt, tokens * r)?;
-    gemm(&dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
+    let fused = if crate::engine::cuda::fused_lora_a_on() {
+        fused_lora_a(&dev, &op.hash_dropout(), (&x, &ac), (tokens, inp, r))?
+    } else {
+        None
+    };
+    let u = match fused {
+        Some(u) => u,
+        None => {
+            let xd = dropped(&dev, op, &x, tokens * inp)?;
+            let u = Buf::alloc(&dev, dt, tokens * r)?;
+            gemm(&dev, (tokens, r, inp), &xd, false, &ac, true, &u, 1.0, 0.0)?;
+            u
+        }
+    };
     gemm(&dev, (tokens, out, r), &u, false, &bc, true, &y, 1.0, 1.0)?;
     y.into_storage()
 }

@@ -10,7 +10,7 @@
 //! regenerable hash ([`dropout_keep`], `dropout.rs`).
 
 #[cfg(feature = "cuda")]
-mod cuda;
+pub(crate) mod cuda;
 mod dropout;
 mod projection;
 

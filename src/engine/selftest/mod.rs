@@ -244,6 +244,26 @@ pub fn synthetic_weights_check(dev: &Device) -> Result<(f64, f64), EngineError> 
     Ok(((mean / s0).abs(), (var.sqrt() / s0 - 1.0).abs()))
 }
 
+/// The fused LoRA `d(x) A^T` kernel against the dropout kernel and cuBLAS (see
+/// `lora::cuda::fused_lora_a_check`): one `(name, max relative error)` per case, none on the
+/// CPU or on a GPU older than compute capability 8.0 (checked whether or not
+/// `LORASCOPE_FUSED_LORA_A=1` turns the kernel on for training). Each case is within [`LORA_A_TOL`] when right: the kernels sum
+/// the same products in f32 in another order, and each rounds its output to the 16-bit dtype.
+///
+/// Errors: the kernel declining a case it should take, device errors.
+pub fn lora_a_check(dev: &Device) -> candle_core::Result<Vec<(String, f64)>> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = dev {
+        return crate::engine::lora::cuda::fused_lora_a_check(d);
+    }
+    let _ = dev;
+    Ok(Vec::new())
+}
+
+/// Tolerance of [`lora_a_check`]: two bf16 rounding steps (2^-8 each) of the largest output,
+/// relative to it.
+pub const LORA_A_TOL: f64 = 8e-3;
+
 /// The elementwise and row kernels (SwiGLU forward and backward, also written over its
 /// inputs, the LoRA dropout, RMSNorm
 /// forward and backward, RoPE and its adjoint, the strided row copy of attention's views) on `dev` against the CPU, in f32, over lengths that take the 8-wide kernels with and without a tail

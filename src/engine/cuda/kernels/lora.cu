@@ -1,19 +1,11 @@
-// The LoRA family (lora/): the dropout hash `keep` (mirrored by lora/dropout.rs
-// `dropout_keep`), inverted dropout with that mask, and the elementwise steps of the direct
+// The LoRA family (lora/): inverted dropout with the mask of the hash `keep` (dropout_keep.cuh,
+// mirrored by lora/dropout.rs `dropout_keep`), and the elementwise steps of the direct
 // LoRA projection (f32 master cast, bias rows); `lora_cast_multi_*` casts a table of masters
 // at once (rows: src, dst, n, scale as f32 bits, first block; one thread per element, no
 // stride loop). The others: one thread per element, grid-stride; the dropout and the bias rows
 // also eight per thread with 16-byte accesses (`*8_*`, aligned buffers; the launcher picks),
 // the same mask and arithmetic per element. `hash_dropout_*` may write over its input
 // (`x == y`: each element is read before it is written).
-__device__ __forceinline__ bool keep(unsigned long long seed, unsigned long long i,
-                                     unsigned long long thr) {
-    unsigned long long z = seed + (i + 1ull) * 0x9E3779B97F4A7C15ull;
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    z ^= z >> 31;
-    return (z >> 40) >= thr;
-}
 #define GRID_STRIDE(i, n) \
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; \
          i < (n); i += (unsigned long long)gridDim.x * blockDim.x)
