@@ -73,6 +73,8 @@
 #                LORASCOPE_FUSED_LORA_A=0 and 1, alternating twice; PART=mma2 the same with the
 #                fixtures also under LORASCOPE_FUSED_LORA_A=1, then 2 x 2048 at dropout 0 (the
 #                dropout's whole cost)
+#   PART=rank20  the same kernel at LoRA rank 20 (a partial n8 tile): selftest engine's lora A
+#                lines, then 12 steps of bf16 2 x 1024 ckpt with it off and on, curves compared
 #   PART=final3  the edge check (PART=edge's first half) and the Qwen2.5-7B shape beside PEFT +
 #                bitsandbytes at POINTS7 (scripts/gpu_bench.sh)
 #   PART=mem3    the memory check (scripts/gpu_memory_check.sh), then PART=presets (every preset at
@@ -601,6 +603,20 @@ mma2)
     DROPOUT=0 memdirect "nodrop-$i" 2 2048 --grad-checkpointing ""
   done
   curves "$OUT/fa0-1-b2-s2048.jsonl" "$OUT/fa1-1-b2-s2048.jsonl"
+  ;;
+rank20)
+  # the fused LoRA A kernel at a rank that is not a multiple of 8: the selftest's rank-20 case,
+  # then 12 training steps at rank 20 with the kernel off and on (the loss curves compared).
+  FIXTURES=0 selftests
+  grep -E "lora A|FAIL" "$OUT/selftest-engine.txt"
+  for v in 0 1; do
+    LORASCOPE_FUSED_LORA_A=$v $L train --model qwen2.5-1.5b --data sample --device cuda:0 \
+      --quant nf4 --precision bf16 --grad-checkpointing --batch-size 2 --seq-len 1024 \
+      --steps 12 --warmup-steps 2 --lora-rank 20 --lora-alpha 40 --lora-dropout 0.05 --json \
+      > "$OUT/r20-$v.jsonl" 2> "$OUT/r20-$v.err"
+    echo "rank 20, LORASCOPE_FUSED_LORA_A=$v: exit $?"
+  done
+  curves "$OUT/r20-0.jsonl" "$OUT/r20-1.jsonl"
   ;;
 final3)
   edge

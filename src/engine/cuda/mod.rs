@@ -122,8 +122,8 @@ pub fn synth_kernel_on() -> bool {
 /// newer, f16/bf16, dropout on, `in % 32 == 0`, rank <= 64, aligned buffers; otherwise the
 /// dropout kernel and a cuBLAS GEMM): the fused kernels on and `LORASCOPE_FUSED_LORA_A=1`.
 /// Off by default: on an H200 it measured no faster (BENCHMARKS.md, third session of
-/// 2026-12-04), the dropout hash and not the `d(x)` traffic being what costs. The forward
-/// then writes no `d(x)` copy.
+/// 2026-12-04), which suggests the dropout hash rather than the `d(x)` traffic is what costs
+/// (the hash was not timed apart). The forward then writes no `d(x)` copy.
 pub fn fused_lora_a_on() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     fused_kernels_on()

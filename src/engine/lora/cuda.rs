@@ -69,7 +69,7 @@ fn fused_lora_a(
     if d.p <= 0.0
         || !matches!(dt, DType::F16 | DType::BF16)
         || ac.dtype() != dt
-        || inp % 32 != 0
+        || !inp.is_multiple_of(32)
         || r == 0
         || r > 64
         || tokens == 0
@@ -290,7 +290,8 @@ fn adapter_casts(
 /// The selftest of [`fused_lora_a`] (`lorascope selftest`): on a GPU with tensor-core `mma`
 /// (whether or not `LORASCOPE_FUSED_LORA_A` turns it on for training), `u = d(x) A^T` from the fused kernel against the dropout kernel and the
 /// cuBLAS GEMM it replaces, in f16 and bf16, over shapes with a partial last row block, fewer
-/// k chunks than warps, ranks that are not a multiple of 8, and the largest rank. Returns one
+/// k chunks than warps, a rank that is not a multiple of 8 (20: a partial n8 tile), and the
+/// largest rank (64). Returns one
 /// `(name, max |fused - reference| / max |reference|)` per case; none where the fused kernel
 /// does not apply to this GPU.
 ///
@@ -304,7 +305,13 @@ pub(crate) fn fused_lora_a_check(dev: &CudaDevice) -> Result<Vec<(String, f64)>>
     let cpu = candle_core::Device::Cpu;
     let mut out = Vec::new();
     for dt in [DType::BF16, DType::F16] {
-        for (tokens, inp, r) in [(100, 96, 8), (300, 1536, 16), (37, 512, 24), (64, 8960, 64)] {
+        for (tokens, inp, r) in [
+            (100, 96, 8),
+            (300, 1536, 16),
+            (37, 512, 24),
+            (33, 256, 20),
+            (64, 8960, 64),
+        ] {
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64((tokens * inp + r) as u64);
             let mut v = |n: usize| -> Result<Tensor> {
                 let v: Vec<f32> = (0..n).map(|_| rng.random_range(-2.0..2.0)).collect();

@@ -133,11 +133,13 @@ mod tests {
         assert_eq!(threshold(0.3), 5_033_165);
     }
 
-    /// The CUDA `keep` in `lora.cu` is the same SplitMix64: the same constants and shifts.
+    /// The CUDA `keep` in `dropout_keep.cuh` (the header of `lora.cu` and `lora_mma.cu`) is the
+    /// same SplitMix64: the same constants and shifts.
     #[test]
     fn the_cuda_hash_uses_the_same_constants() {
-        let cu = crate::engine::cuda::source::LORA;
-        let keep = &cu[cu.find("bool keep(").expect("keep() in lora.cu")..];
+        use crate::engine::cuda::source;
+        let cu = source::DROPOUT_KEEP;
+        let keep = &cu[cu.find("bool keep(").expect("keep() in dropout_keep.cuh")..];
         let keep = &keep[..keep.find('}').expect("end of keep()")];
         for k in [GOLDEN_GAMMA, MIX1, MIX2] {
             let lit = format!("{k:#X}ull").replace("0X", "0x");
@@ -152,8 +154,15 @@ mod tests {
         ] {
             assert!(keep.contains(shift), "{shift:?} not in keep(): {keep}");
         }
-        // One hash: no other copy of the constants in the kernels.
+        // One hash: no other copy of the constants in the kernels that use it.
         assert_eq!(cu.matches("0x9E3779B97F4A7C15ull").count(), 1);
+        for module in [source::LORA, source::LORA_MMA] {
+            assert!(!module.contains("0x9E3779B97F4A7C15ull"));
+            assert!(
+                module.contains("keep("),
+                "a LoRA module that no longer uses keep()"
+            );
+        }
     }
 
     /// On a GPU (CUDA builds with a device), the kernel's mask equals the CPU's.
