@@ -72,6 +72,7 @@ fn run_prints_table_and_report_formats() {
     assert!(json["meta"]["cpu_model"].is_string() || json["meta"]["host"].is_string());
     let md = report("md");
     assert!(md.contains("| # | id | batch |"), "{md}");
+    assert!(md.starts_with("## sweep 1 (p)\n\n"), "{md}");
     let narrow = bin()
         .args(["report", "--width", "80", "--db"])
         .arg(&db)

@@ -103,7 +103,19 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             );
             format!("{head}\n{}", table.render_text(width))
         }
-        Format::Md => table.render_md(),
+        Format::Md => {
+            // The sweep named as `table` names it, as a heading (Markdown's specials escaped).
+            let name = format!("sweep {} ({})", rep.sweep.id, rep.sweep.name);
+            let name: String = name
+                .chars()
+                .flat_map(|c| match c {
+                    '\n' | '\r' => vec![' '],
+                    '*' | '_' | '`' | '|' | '#' | '\\' => vec!['\\', c],
+                    c => vec![c],
+                })
+                .collect();
+            format!("## {name}\n\n{}", table.render_md())
+        }
         Format::Csv => export::csv(&rep.meta, &rep.rows),
         Format::Json => export::json(&rep.meta, &rep.rows),
         Format::Html => html::render(&rep.meta, &table, &data).map_err(anyhow::Error::msg)?,
