@@ -25,6 +25,7 @@ pub mod winners;
 pub use axes::{Axes, Axis};
 pub use charts::{ChartData, ChartKind, RunCurves};
 pub use meta::SweepMeta;
+pub(crate) use render::md_escape;
 pub use rows::{PointRow, rows};
 pub use table::{Table, TableOptions};
 

@@ -74,11 +74,7 @@ impl Table {
 
     /// The table as Markdown: every column in full, then the winner lines, notes and legend.
     pub fn render_md(&self) -> String {
-        let esc = |s: &str| {
-            s.replace(['\n', '\r'], " ")
-                .replace('|', "\\|")
-                .replace('*', "\\*")
-        };
+        let esc = md_escape;
         let mut out = String::new();
         if let Some(h) = self.axes.header_line() {
             out.push_str(&format!("{}\n\n", esc(&h)));
@@ -106,4 +102,12 @@ impl Table {
         }
         out
     }
+}
+
+/// `s` as one line of Markdown text: line breaks become spaces, `|` and `*` are escaped (so a
+/// label neither splits a table cell nor starts emphasis).
+pub(crate) fn md_escape(s: &str) -> String {
+    s.replace(['\n', '\r'], " ")
+        .replace('|', "\\|")
+        .replace('*', "\\*")
 }

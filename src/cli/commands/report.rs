@@ -7,7 +7,7 @@ use std::io::{IsTerminal, Write};
 use anyhow::{Context, Result, bail};
 
 use crate::cli::ReportArgs;
-use crate::report::{ChartData, Format, SweepReport, charts, export, html};
+use crate::report::{ChartData, Format, SweepReport, charts, export, html, md_escape};
 use crate::store::Store;
 
 /// The width of `--format table` when `--width` is not given: the terminal's columns when
@@ -94,28 +94,15 @@ pub fn run(args: &ReportArgs) -> Result<()> {
             dir.display()
         );
     }
+    // The sweep as the table and Markdown formats name it.
+    let title = format!("sweep {} ({})", rep.sweep.id, rep.sweep.name);
     let text = match args.format {
         Format::Table => {
             let width = args.width.map(usize::from).unwrap_or_else(default_width);
-            let head = crate::report::table::cut(
-                &format!("sweep {} ({})", rep.sweep.id, rep.sweep.name),
-                width,
-            );
+            let head = crate::report::table::cut(&title, width);
             format!("{head}\n{}", table.render_text(width))
         }
-        Format::Md => {
-            // The sweep named as `table` names it, as a heading (Markdown's specials escaped).
-            let name = format!("sweep {} ({})", rep.sweep.id, rep.sweep.name);
-            let name: String = name
-                .chars()
-                .flat_map(|c| match c {
-                    '\n' | '\r' => vec![' '],
-                    '*' | '_' | '`' | '|' | '#' | '\\' => vec!['\\', c],
-                    c => vec![c],
-                })
-                .collect();
-            format!("## {name}\n\n{}", table.render_md())
-        }
+        Format::Md => format!("## {}\n\n{}", md_escape(&title), table.render_md()),
         Format::Csv => export::csv(&rep.meta, &rep.rows),
         Format::Json => export::json(&rep.meta, &rep.rows),
         Format::Html => html::render(&rep.meta, &table, &data).map_err(anyhow::Error::msg)?,

@@ -288,10 +288,10 @@ fn adapter_casts(
 }
 
 /// The selftest of [`fused_lora_a`] (`lorascope selftest`): on a GPU with tensor-core `mma`
-/// (whether or not `LORASCOPE_FUSED_LORA_A` turns it on for training), `u = d(x) A^T` from the fused kernel against the dropout kernel and the
-/// cuBLAS GEMM it replaces, in f16 and bf16, over shapes with a partial last row block, fewer
-/// k chunks than warps, a rank that is not a multiple of 8 (20: a partial n8 tile), and the
-/// largest rank (64). Returns one
+/// (whether or not `LORASCOPE_FUSED_LORA_A` turns it on for training), `u = d(x) A^T` from the
+/// fused kernel against the dropout kernel and the cuBLAS GEMM it replaces, in f16 and bf16,
+/// over shapes with a partial last row block, fewer k chunks than warps, a rank that is not a
+/// multiple of 8 (20: a partial n8 tile), and the largest rank (64). Returns one
 /// `(name, max |fused - reference| / max |reference|)` per case; none where the fused kernel
 /// does not apply to this GPU.
 ///
